@@ -1,0 +1,412 @@
+"""Reading source checkpoints tensor by tensor, and writing / validating AWQ checkpoints.
+
+Only safetensors and JSON are ever read: no pickle, so a checkpoint cannot run
+code. Source shards are memory-mapped and read one tensor at a time, which is
+what lets the quantizer hold a single decoder block in memory.
+
+An AWQ checkpoint is a transformers folder whose quantized linear layers store
+``<prefix>.qweight``, ``<prefix>.qzeros`` and ``<prefix>.scales`` (layout in
+:mod:`awq_plugin.pack`) instead of ``<prefix>.weight``, and whose config.json
+carries ``quantization_config`` (see :mod:`awq_plugin.config`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from awq_plugin.config import AwqQuantConfig, load_quant_config
+from awq_plugin.errors import CheckpointError, ConfigError
+from awq_plugin.fsutil import atomic_write_json, dir_size_bytes
+from awq_plugin.pack import PACK_FACTOR
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Files copied verbatim from the source folder into a quantized checkpoint.
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object file, naming the file in any error."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+class SafetensorsReader:
+    """Tensor-by-tensor access to a folder of safetensors shards (single file or indexed).
+
+    Every shard's header is opened and checked up front, so a missing, truncated
+    or corrupted shard is reported by name before any work starts.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"model folder {self.folder} does not exist")
+        self._where: dict[str, str] = {}
+        self._handles: dict[str, Any] = {}
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index} has no 'weight_map' object")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+                    raise CheckpointError(f"{index} names an invalid shard file {shard!r}")
+                if not (self.folder / shard).is_file():
+                    raise CheckpointError(
+                        f"shard {shard} is listed in {INDEX_FILE} but missing from {self.folder}"
+                    )
+        elif (self.folder / SINGLE_FILE).is_file():
+            shards, weight_map = [SINGLE_FILE], None
+        else:
+            pickles = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(
+                p.name for p in self.folder.glob("*.pt")
+            )
+            hint = (
+                f" (found {pickles}: pickle files are never loaded, convert them to safetensors)"
+                if pickles
+                else ""
+            )
+            raise CheckpointError(f"{self.folder} holds no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        for shard in shards:
+            handle = self._open(shard)
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not dicts
+                if weight_map is not None and weight_map.get(name) != shard:
+                    continue
+                self._where[name] = shard
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._where))
+            if missing:
+                raise CheckpointError(
+                    f"{len(missing)} tensors listed in {INDEX_FILE} are not in their shards, e.g. {missing[0]!r}"
+                )
+
+    def _open(self, shard: str) -> Any:
+        if shard not in self._handles:
+            path = self.folder / shard
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+        return self._handles[shard]
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shard_of(self, name: str) -> str:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor, naming it (and its file) if it cannot be read."""
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
+        shard = self._where[name]
+        try:
+            tensor = self._open(shard).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"tensor {name!r} in {self.folder / shard} cannot be read: {exc}") from None
+        return tensor
+
+    def get_slice_shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, read from the header without loading the data."""
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+
+    def get_dtype(self, name: str) -> str:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
+        return str(self._open(self._where[name]).get_slice(name).get_dtype())
+
+    def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors whose name starts with ``prefix``, keyed by the rest of the name."""
+        return {name[len(prefix) :]: self.get(name) for name in self.keys() if name.startswith(prefix)}
+
+    def total_bytes(self) -> int:
+        return sum((self.folder / shard).stat().st_size for shard in set(self._where.values()))
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Split tensor names (in sorted order) into shards of at most ``max_shard_bytes``."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name in sorted(sizes):
+        size = sizes[name]
+        if shards[-1] and current + size > max_shard_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += size
+    return shards
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def write_sharded(
+    folder: Path,
+    tensor_sources: Mapping[str, Any],
+    load: Any,
+    sizes: Mapping[str, int],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[str]:
+    """Write tensors to ``folder`` as HF-style shards plus index (or one file).
+
+    ``tensor_sources`` maps each tensor name to whatever ``load(source, name)``
+    needs to produce it, so a shard's tensors are loaded only while that shard is
+    written: memory stays bounded by one shard. Output is deterministic: names are
+    sorted, metadata is fixed.
+    """
+    groups = plan_shards(sizes, max_shard_bytes)
+    names = (
+        [SINGLE_FILE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
+    weight_map: dict[str, str] = {}
+    for file_name, group in zip(names, groups, strict=True):
+        tensors = {name: load(tensor_sources[name], name).contiguous() for name in group}
+        save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file_name))
+        del tensors
+    if len(groups) > 1:
+        atomic_write_json(
+            folder / INDEX_FILE,
+            {"metadata": {"total_size": int(sum(sizes.values()))}, "weight_map": weight_map},
+        )
+    return names
+
+
+def copy_side_files(source: Path, dest: Path) -> list[str]:
+    """Copy tokenizer and generation files that exist in ``source`` to ``dest``."""
+    copied = []
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_config(source_config: Mapping[str, Any], dest: Path, quant: AwqQuantConfig) -> None:
+    """Write config.json: the source's, with our ``quantization_config`` and fp16 as dtype."""
+    config = dict(source_config)
+    config["quantization_config"] = quant.to_quantization_config()
+    config["torch_dtype"] = "float16"
+    config.pop("dtype", None)
+    atomic_write_json(dest / "config.json", config)
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointSummary:
+    """What ``awq-plugin inspect`` reports about a valid AWQ checkpoint."""
+
+    path: str
+    architecture: str
+    quant: dict[str, Any]
+    quantized_layers: int
+    unquantized_tensors: int
+    decoder_layers: int | None
+    disk_bytes: int
+    fp16_equivalent_bytes: int
+    quantized_params: int
+    other_params: int
+    layer_names: list[str] = field(default_factory=list)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.fp16_equivalent_bytes / max(self.disk_bytes, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "layer_names"}
+        data["compression_ratio"] = round(self.compression_ratio, 3)
+        return data
+
+    def render(self) -> str:
+        q = self.quant
+        lines = [
+            f"AWQ checkpoint   {self.path}",
+            f"architecture     {self.architecture} ({self.decoder_layers} decoder layers)",
+            f"scheme           {q['scheme']}: {q['bits']}-bit, group {q['group_size']}, "
+            f"{'asymmetric (zero points)' if q['zero_point'] else 'symmetric'}, layout {q['version']}",
+            f"quantized        {self.quantized_layers} linear layers, {self.quantized_params / 1e6:.1f}M weights",
+            f"not quantized    {self.unquantized_tensors} tensors, {self.other_params / 1e6:.1f}M values",
+            f"size on disk     {self.disk_bytes / 2**20:.1f} MiB "
+            f"(fp16 would be {self.fp16_equivalent_bytes / 2**20:.1f} MiB: {self.compression_ratio:.2f}x smaller)",
+        ]
+        return "\n".join(lines)
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckpointError(message)
+
+
+def validate_quantized_layer(
+    reader: SafetensorsReader, prefix: str, quant: AwqQuantConfig
+) -> tuple[int, int]:
+    """Check one layer's three tensors for dtype and consistent shapes; return (K, N)."""
+    for suffix in QUANT_SUFFIXES:
+        _expect(f"{prefix}.{suffix}" in reader, f"layer {prefix}: tensor {prefix}.{suffix} is missing")
+    qweight, qzeros, scales = (f"{prefix}.{s}" for s in QUANT_SUFFIXES)
+    for name, dtype in ((qweight, "I32"), (qzeros, "I32"), (scales, "F16")):
+        actual = reader.get_dtype(name)
+        _expect(actual == dtype, f"tensor {name} has dtype {actual}, expected {dtype}")
+    qw_shape = reader.get_slice_shape(qweight)
+    _expect(len(qw_shape) == 2, f"tensor {qweight} has shape {list(qw_shape)}, expected 2-D [K, N/8]")
+    k, n = qw_shape[0], qw_shape[1] * PACK_FACTOR
+    group = k if quant.group_size == -1 else quant.group_size
+    _expect(
+        k % group == 0,
+        f"layer {prefix}: in_features K={k} is not divisible by group_size={quant.group_size}",
+    )
+    n_groups = k // group
+    expected = {qzeros: (n_groups, n // PACK_FACTOR), scales: (n_groups, n)}
+    for name, shape in expected.items():
+        actual = reader.get_slice_shape(name)
+        _expect(
+            tuple(actual) == shape,
+            f"tensor {name} has shape {list(actual)}, expected {list(shape)} (K={k}, N={n}, group_size={group})",
+        )
+    return k, n
+
+
+def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Parameter shapes of the architecture, built on the meta device (None if unknown)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception:  # an architecture transformers cannot build: fall back to the generic checks
+        return None
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if getattr(hf_config, "tie_word_embeddings", False):
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("lm_head.")}
+    return shapes
+
+
+def validate_checkpoint(folder: str | Path, check_architecture: bool = True) -> CheckpointSummary:
+    """Validate an AWQ checkpoint folder; raise :class:`CheckpointError` naming the first problem.
+
+    Checks config.json and its quantization_config, every quantized layer's three
+    tensors (presence, dtype, shapes, K divisible by the group size) and, when the
+    architecture can be built by transformers, that every parameter the model has
+    is present with the right shape (as a dense weight or as a quantized layer).
+    """
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    try:
+        quant = load_quant_config(config, str(folder / "config.json"))
+        quant.check_packable()
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    reader = SafetensorsReader(folder)
+    names = reader.keys()
+    prefixes = sorted({n.rsplit(".", 1)[0] for n in names if n.rsplit(".", 1)[-1] in QUANT_SUFFIXES})
+    _expect(
+        bool(prefixes), f"{folder} has a quantization_config but no quantized layers (no '*.qweight' tensors)"
+    )
+    quantized_params = 0
+    dense_shapes: dict[str, tuple[int, ...]] = {}
+    layer_shapes: dict[str, tuple[int, int]] = {}
+    for prefix in prefixes:
+        k, n = validate_quantized_layer(reader, prefix, quant)
+        layer_shapes[prefix] = (k, n)
+        quantized_params += k * n
+    other_params = 0
+    for name in names:
+        if name.rsplit(".", 1)[0] in layer_shapes and name.rsplit(".", 1)[-1] in QUANT_SUFFIXES:
+            continue
+        shape = reader.get_slice_shape(name)
+        dense_shapes[name] = shape
+        other_params += int(torch.Size(shape).numel())
+    if check_architecture:
+        expected = _meta_model_shapes(config)
+        if expected is not None:
+            _check_against_architecture(expected, dense_shapes, layer_shapes)
+    disk = dir_size_bytes(folder)
+    return CheckpointSummary(
+        path=str(folder),
+        architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
+        quant={**quant.to_quantization_config(), "scheme": quant.scheme},
+        quantized_layers=len(prefixes),
+        unquantized_tensors=len(dense_shapes),
+        decoder_layers=config.get("num_hidden_layers"),
+        disk_bytes=disk,
+        fp16_equivalent_bytes=2 * (quantized_params + other_params),
+        quantized_params=quantized_params,
+        other_params=other_params,
+        layer_names=prefixes,
+    )
+
+
+def _check_against_architecture(
+    expected: Mapping[str, tuple[int, ...]],
+    dense: Mapping[str, tuple[int, ...]],
+    quantized: Mapping[str, tuple[int, int]],
+) -> None:
+    for name, shape in expected.items():
+        prefix, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        if prefix in quantized and leaf == "weight":
+            k, n = quantized[prefix]
+            _expect(
+                (n, k) == tuple(shape),
+                f"quantized layer {prefix} is [K={k}, N={n}] but the architecture expects "
+                f"in_features={shape[1]}, out_features={shape[0]}",
+            )
+            continue
+        _expect(name in dense, f"tensor {name} (shape {list(shape)}) is missing from the checkpoint")
+        _expect(
+            tuple(dense[name]) == tuple(shape),
+            f"tensor {name} has shape {list(dense[name])}, the architecture expects {list(shape)}",
+        )
+
+
+def iter_quantized_prefixes(names: Iterable[str]) -> Iterator[str]:
+    seen = set()
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "qweight" and prefix not in seen:
+            seen.add(prefix)
+            yield prefix

@@ -1,0 +1,232 @@
+"""Building transformers models for our own use: empty skeletons, AWQ loading, packing.
+
+This is the one core module that constructs models with transformers. It never
+uses transformers' quantizer machinery (that lives in ``integrations/``): an AWQ
+checkpoint is loaded by swapping ``nn.Linear`` for :class:`AwqLinear` in an empty
+skeleton and assigning the stored tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_plugin.checkpoint import (
+    QUANT_SUFFIXES,
+    SafetensorsReader,
+    copy_side_files,
+    iter_quantized_prefixes,
+    read_json,
+    validate_checkpoint,
+    write_model_config,
+    write_sharded,
+)
+from awq_plugin.config import AwqQuantConfig, load_quant_config
+from awq_plugin.errors import CheckpointError
+from awq_plugin.fsutil import atomic_output_dir
+from awq_plugin.pack import AwqPacked, pack
+from awq_plugin.qlinear import AwqLinear
+from awq_plugin.quant_ref import quantize
+
+log = logging.getLogger(__name__)
+
+
+def hf_config_from_dict(config: Mapping[str, Any], trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError("config.json has no 'model_type'")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"config.json: transformers cannot build model_type {model_type!r}: {exc}"
+        ) from None
+
+
+def build_empty_model(hf_config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with parameters on the meta device and buffers (rotary tables) real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model.eval()
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(f"model has no module {path!r}") from None
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def swap_in_awq_linears(
+    model: nn.Module, prefixes: Iterable[str], group_size: int, backend: str | None, dtype: torch.dtype
+) -> None:
+    """Replace each ``nn.Linear`` named in ``prefixes`` by an empty :class:`AwqLinear`."""
+    for prefix in prefixes:
+        old = get_submodule(model, prefix)
+        if not isinstance(old, nn.Linear):
+            raise CheckpointError(
+                f"checkpoint quantizes {prefix!r}, which is a {type(old).__name__}, not a Linear"
+            )
+        new = AwqLinear(
+            old.in_features, old.out_features, group_size, old.bias is not None, backend=backend, dtype=dtype
+        )
+        replace_module(model, prefix, new)
+
+
+def load_awq_model(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+    validate: bool = True,
+) -> nn.Module:
+    """Load an AWQ checkpoint into a transformers model whose quantized linears are :class:`AwqLinear`.
+
+    ``backend`` picks the kernel (None: the fastest available; "reference": the
+    pure-PyTorch math). Non-quantized tensors are cast to ``dtype``.
+    """
+    folder = Path(folder)
+    if validate:
+        validate_checkpoint(folder)
+    config = read_json(folder / "config.json")
+    quant = load_quant_config(config, str(folder / "config.json"))
+    reader = SafetensorsReader(folder)
+    hf_config = hf_config_from_dict(config)
+    model = build_empty_model(hf_config, dtype)
+    prefixes = list(iter_quantized_prefixes(reader.keys()))
+    swap_in_awq_linears(model, prefixes, quant.group_size, backend, dtype)
+    state = {}
+    for name in reader.keys():
+        tensor = reader.get(name)
+        if name.rsplit(".", 1)[-1] not in QUANT_SUFFIXES and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise CheckpointError(f"{folder}: tensors missing for {len(missing)} parameters, e.g. {missing[0]!r}")
+    if result.unexpected_keys:
+        raise CheckpointError(f"{folder}: unexpected tensor {result.unexpected_keys[0]!r}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def load_fp_model(
+    folder: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> nn.Module:
+    """Load a full-precision transformers folder from safetensors only (no pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).eval()
+
+
+def is_awq_checkpoint(folder: str | Path) -> bool:
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return False
+    qc = read_json(config_path).get("quantization_config")
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
+
+
+def load_model(
+    folder: str | Path, dtype: torch.dtype = torch.float32, backend: str | None = None
+) -> nn.Module:
+    """Load either kind of folder: AWQ checkpoints through our path, others through transformers."""
+    if is_awq_checkpoint(folder):
+        return load_awq_model(folder, dtype=dtype, backend=backend)
+    return load_fp_model(folder, dtype=dtype)
+
+
+# ---- packing an in-memory model --------------------------------------------------------------
+
+
+def pack_linear(
+    linear: nn.Linear, quant: AwqQuantConfig, clip_max: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear (``qweight``, ``qzeros``, ``scales``, ``bias``)."""
+    quant.check_packable()
+    gq = quantize(linear.weight.detach(), quant.bits, quant.group_size, quant.zero_point, clip_max=clip_max)
+    packed: AwqPacked = pack(gq)
+    tensors = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
+    if linear.bias is not None:
+        tensors["bias"] = linear.bias.detach().to(torch.float16)
+    return tensors
+
+
+def quantized_state_dict(
+    model: nn.Module,
+    linear_names: Iterable[str],
+    quant: AwqQuantConfig,
+    clip: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model's state dict with the named linears packed and everything else in fp16."""
+    names = set(linear_names)
+    state: dict[str, torch.Tensor] = {}
+    for name in names:
+        module = get_submodule(model, name)
+        for leaf, tensor in pack_linear(module, quant, (clip or {}).get(name)).items():
+            state[f"{name}.{leaf}"] = tensor
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for key, tensor in model.state_dict().items():
+        prefix = key.rsplit(".", 1)[0]
+        if prefix in names or (tied and key == "lm_head.weight"):
+            continue
+        state[key] = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor.detach()
+    return state
+
+
+def default_linear_names(
+    model: nn.Module, decoder_layers: str, quant: AwqQuantConfig, skip: Iterable[str] = ()
+) -> list[str]:
+    """Every ``nn.Linear`` inside the decoder layers, less ``skip`` and modules_to_not_convert."""
+    skip_patterns = tuple(skip)
+    layers = get_submodule(model, decoder_layers)
+    names = []
+    for name, module in layers.named_modules():
+        full = f"{decoder_layers}.{name}"
+        if not isinstance(module, nn.Linear):
+            continue
+        if quant.skips_module(full) or any(p in full for p in skip_patterns):
+            continue
+        names.append(full)
+    return names
+
+
+def save_awq_checkpoint(
+    out_dir: str | Path,
+    state: Mapping[str, torch.Tensor],
+    source_config: Mapping[str, Any],
+    quant: AwqQuantConfig,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete AWQ checkpoint atomically (staging directory, then rename)."""
+    out = Path(out_dir)
+    with atomic_output_dir(out, overwrite=overwrite) as staging:
+        sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+        write_sharded(staging, state, lambda tensor, _name: tensor, sizes)
+        write_model_config(source_config, staging, quant)
+        if source_dir is not None:
+            copy_side_files(Path(source_dir), staging)
+        validate_checkpoint(staging)
+    return out

@@ -1,0 +1,93 @@
+"""Random-weight models of any architecture, built from a transformers config.
+
+Right for kernels, formats, loading, serving and speed; wrong for quality. Each
+preset is plain data: a model_type and the config fields that shape it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from awq_plugin.fsutil import atomic_output_dir
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for unit tests; hidden and intermediate are multiples of 64.
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,  # the default model's tokenizer
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    ),
+    # The TinyLlama-1.1B shape: weights (2.2 GB in bf16) far exceed the 260 MiB L3.
+    "llama-1.1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def make_config(preset: str | dict[str, Any], **overrides: Any) -> Any:
+    """A transformers config from a preset name (or a dict of fields) plus overrides."""
+    from transformers import AutoConfig
+
+    fields = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
+    fields.update(overrides)
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def make_model(config: Any, seed: int = 0, weight_std: float | None = None) -> torch.nn.Module:
+    """A model with seeded random weights.
+
+    ``weight_std`` rescales every Linear/Embedding weight to that std: at the
+    usual 0.02 a tiny random model's logits are nearly uniform, so greedy tokens
+    would hinge on rounding; a larger std gives decisive top-1 choices.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if weight_std is not None:
+        generator = torch.Generator().manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                fan_in = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else 1
+                std = weight_std if isinstance(module, torch.nn.Embedding) else weight_std / fan_in**0.5
+                module.weight.data = torch.randn(module.weight.shape, generator=generator) * std
+    return model.eval()
+
+
+def write_model(
+    out_dir: str | Path,
+    model: torch.nn.Module,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = True,
+) -> Path:
+    """Save ``model`` (in ``dtype``) and, if given, the tokenizer files of ``tokenizer_dir``."""
+    from awq_plugin.checkpoint import copy_side_files
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out, overwrite=overwrite) as staging:
+        model.to(dtype).save_pretrained(staging)
+        if tokenizer_dir is not None:
+            copy_side_files(Path(tokenizer_dir), staging)
+            (staging / "generation_config.json").unlink(missing_ok=True)
+            model.generation_config.save_pretrained(staging)
+    return out
