@@ -123,6 +123,9 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return sorted(self._where)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
     def __contains__(self, name: str) -> bool:
         return name in self._where
 

@@ -112,7 +112,7 @@ def load_awq_model(
     prefixes = list(iter_quantized_prefixes(reader.keys()))
     swap_in_awq_linears(model, prefixes, quant.group_size, backend, dtype)
     state = {}
-    for name in reader.keys():
+    for name in reader:
         tensor = reader.get(name)
         if name.rsplit(".", 1)[-1] not in QUANT_SUFFIXES and tensor.is_floating_point():
             tensor = tensor.to(dtype)
