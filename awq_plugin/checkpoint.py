@@ -13,6 +13,7 @@ carries ``quantization_config`` (see :mod:`awq_plugin.config`).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -249,19 +250,28 @@ class CheckpointSummary:
     quantized_layers: int
     unquantized_tensors: int
     decoder_layers: int | None
-    disk_bytes: int
+    disk_bytes: int  # the safetensors files
+    folder_bytes: int  # everything in the folder, tokenizer included
     fp16_equivalent_bytes: int
     quantized_params: int
     other_params: int
+    quantized_layer_bytes: int  # bytes the packed layers take (qweight + qzeros + scales)
     layer_names: list[str] = field(default_factory=list)
 
     @property
     def compression_ratio(self) -> float:
+        """fp16 size of all weights over the size of the weight files."""
         return self.fp16_equivalent_bytes / max(self.disk_bytes, 1)
+
+    @property
+    def layer_compression_ratio(self) -> float:
+        """fp16 size of the quantized layers over their packed size."""
+        return 2 * self.quantized_params / max(self.quantized_layer_bytes, 1)
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "layer_names"}
         data["compression_ratio"] = round(self.compression_ratio, 3)
+        data["layer_compression_ratio"] = round(self.layer_compression_ratio, 3)
         return data
 
     def render(self) -> str:
@@ -271,10 +281,12 @@ class CheckpointSummary:
             f"architecture     {self.architecture} ({self.decoder_layers} decoder layers)",
             f"scheme           {q['scheme']}: {q['bits']}-bit, group {q['group_size']}, "
             f"{'asymmetric (zero points)' if q['zero_point'] else 'symmetric'}, layout {q['version']}",
-            f"quantized        {self.quantized_layers} linear layers, {self.quantized_params / 1e6:.1f}M weights",
+            f"quantized        {self.quantized_layers} linear layers, {self.quantized_params / 1e6:.1f}M weights "
+            f"in {self.quantized_layer_bytes / 2**20:.1f} MiB ({self.layer_compression_ratio:.2f}x smaller than fp16)",
             f"not quantized    {self.unquantized_tensors} tensors, {self.other_params / 1e6:.1f}M values",
-            f"size on disk     {self.disk_bytes / 2**20:.1f} MiB "
-            f"(fp16 would be {self.fp16_equivalent_bytes / 2**20:.1f} MiB: {self.compression_ratio:.2f}x smaller)",
+            f"weights on disk  {self.disk_bytes / 2**20:.1f} MiB "
+            f"(fp16 would be {self.fp16_equivalent_bytes / 2**20:.1f} MiB: {self.compression_ratio:.2f}x smaller); "
+            f"folder {self.folder_bytes / 2**20:.1f} MiB",
         ]
         return "\n".join(lines)
 
@@ -351,12 +363,16 @@ def validate_checkpoint(folder: str | Path, check_architecture: bool = True) -> 
         bool(prefixes), f"{folder} has a quantization_config but no quantized layers (no '*.qweight' tensors)"
     )
     quantized_params = 0
+    quantized_bytes = 0
     dense_shapes: dict[str, tuple[int, ...]] = {}
     layer_shapes: dict[str, tuple[int, int]] = {}
     for prefix in prefixes:
         k, n = validate_quantized_layer(reader, prefix, quant)
         layer_shapes[prefix] = (k, n)
         quantized_params += k * n
+        quantized_bytes += 4 * k * n // PACK_FACTOR + sum(
+            2 * math.prod(reader.get_slice_shape(f"{prefix}.{s}")) for s in ("qzeros", "scales")
+        )
     other_params = 0
     for name in names:
         if name.rsplit(".", 1)[0] in layer_shapes and name.rsplit(".", 1)[-1] in QUANT_SUFFIXES:
@@ -368,7 +384,6 @@ def validate_checkpoint(folder: str | Path, check_architecture: bool = True) -> 
         expected = _meta_model_shapes(config)
         if expected is not None:
             _check_against_architecture(expected, dense_shapes, layer_shapes)
-    disk = dir_size_bytes(folder)
     return CheckpointSummary(
         path=str(folder),
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
@@ -376,10 +391,12 @@ def validate_checkpoint(folder: str | Path, check_architecture: bool = True) -> 
         quantized_layers=len(prefixes),
         unquantized_tensors=len(dense_shapes),
         decoder_layers=config.get("num_hidden_layers"),
-        disk_bytes=disk,
+        disk_bytes=reader.total_bytes(),
+        folder_bytes=dir_size_bytes(folder),
         fp16_equivalent_bytes=2 * (quantized_params + other_params),
         quantized_params=quantized_params,
         other_params=other_params,
+        quantized_layer_bytes=quantized_bytes,
         layer_names=prefixes,
     )
 

@@ -51,12 +51,15 @@ def make_config(preset: str | dict[str, Any], **overrides: Any) -> Any:
     return AutoConfig.for_model(model_type, **fields)
 
 
-def make_model(config: Any, seed: int = 0, weight_std: float | None = None) -> torch.nn.Module:
+def make_model(
+    config: Any, seed: int = 0, weight_std: float | None = None, logit_gain: float = 1.0
+) -> torch.nn.Module:
     """A model with seeded random weights.
 
     ``weight_std`` rescales every Linear/Embedding weight to that std: at the
     usual 0.02 a tiny random model's logits are nearly uniform, so greedy tokens
     would hinge on rounding; a larger std gives decisive top-1 choices.
+    ``logit_gain`` further multiplies the output head, widening top-1 margins.
     """
     from transformers import AutoModelForCausalLM
 
@@ -69,6 +72,9 @@ def make_model(config: Any, seed: int = 0, weight_std: float | None = None) -> t
                 fan_in = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else 1
                 std = weight_std if isinstance(module, torch.nn.Embedding) else weight_std / fan_in**0.5
                 module.weight.data = torch.randn(module.weight.shape, generator=generator) * std
+    head = model.get_output_embeddings()
+    if logit_gain != 1.0 and head is not None and not getattr(config, "tie_word_embeddings", False):
+        head.weight.data *= logit_gain
     return model.eval()
 
 

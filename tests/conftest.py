@@ -1,0 +1,48 @@
+"""Shared fixtures: the default model and tiny random checkpoints, built once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Keep vLLM's KV cache small and its logs quiet in every process the tests start.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, written as an fp16 transformers folder."""
+    from awq_plugin.default_model import write_default_model
+
+    return write_default_model(tmp_path_factory.mktemp("models") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A 2-layer random Llama (hidden 256) with the default model's tokenizer, in fp16."""
+    from awq_plugin import synthetic
+
+    model = synthetic.make_model(synthetic.make_config("tiny-llama"), seed=0, weight_std=1.0)
+    return synthetic.write_model(tmp_path_factory.mktemp("tiny") / "tiny-llama-fp", model, default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_awq(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) -> Path:
+    """``tiny_llama_fp`` quantized by plain rounding (uint4, group 64) and written by our writer."""
+    from awq_plugin import modeling
+    from awq_plugin.config import AwqQuantConfig
+
+    quant = AwqQuantConfig(bits=4, group_size=64)
+    model = modeling.load_fp_model(tiny_llama_fp, dtype=torch.float32)
+    names = modeling.default_linear_names(model, "model.layers", quant)
+    state = modeling.quantized_state_dict(model, names, quant)
+    config = json.loads((tiny_llama_fp / "config.json").read_text())
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama-awq"
+    return modeling.save_awq_checkpoint(out, state, config, quant, source_dir=tiny_llama_fp)
