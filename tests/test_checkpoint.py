@@ -164,7 +164,9 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path: Path, tiny_llama_awq: Pa
         shutil.copy(tiny_llama_awq / side, out / side)
     assert validate_checkpoint(out).quantized_layers == 14
     (out / names[1]).unlink()
-    with pytest.raises(CheckpointError, match=f"shard {names[1]} is listed in model.safetensors.index.json but missing"):
+    with pytest.raises(
+        CheckpointError, match=f"shard {names[1]} is listed in model.safetensors.index.json but missing"
+    ):
         validate_checkpoint(out)
 
 

@@ -103,10 +103,16 @@ def test_scheme_names(scheme: str, expected: tuple[int, int, bool]) -> None:
         ({"bits": 5, "group_size": 64}, r"'bits' = 5 is invalid; allowed: one of \[2, 3, 4, 8\]"),
         ({"bits": "4", "group_size": 64}, r"'bits' = '4' is invalid"),
         ({"bits": 4, "group_size": 48}, r"'group_size' = 48 is invalid; allowed: one of \[32, 64, 128, -1\]"),
-        ({"bits": 4, "group_size": 64, "zero_point": "yes"}, r"'zero_point' = 'yes' is invalid; allowed: true or false"),
+        (
+            {"bits": 4, "group_size": 64, "zero_point": "yes"},
+            r"'zero_point' = 'yes' is invalid; allowed: true or false",
+        ),
         ({"bits": 4, "group_size": 64, "version": "exllama"}, r"'version' = 'exllama' is invalid"),
         ({"bits": 4, "group_size": 64, "modules_to_not_convert": "lm_head"}, r"'modules_to_not_convert'"),
-        ({"bits": 4, "group_size": 64, "quant_method": "gptq"}, r"'quant_method' = 'gptq' is invalid; allowed: 'awq'"),
+        (
+            {"bits": 4, "group_size": 64, "quant_method": "gptq"},
+            r"'quant_method' = 'gptq' is invalid; allowed: 'awq'",
+        ),
         ({"group_size": 64}, r"missing the field 'bits'"),
         ({"bits": 4}, r"missing the field 'group_size'"),
         ({"bits": 4, "w_bit": 8, "group_size": 64}, r"gives 'bits' twice"),
@@ -141,8 +147,12 @@ def test_config_is_frozen() -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format", "x"]),
-        st.one_of(st.none(), st.booleans(), st.integers(-300, 300), st.text(max_size=6), st.lists(st.integers())),
+        st.sampled_from(
+            ["bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format", "x"]
+        ),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(-300, 300), st.text(max_size=6), st.lists(st.integers())
+        ),
     )
 )
 def test_fuzzed_dicts_either_parse_or_raise_config_error(data) -> None:
