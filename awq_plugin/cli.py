@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("default-model", help="write the embedded default model (SmolLM2-135M-Instruct) to a folder")
+    p = sub.add_parser(
+        "default-model", help="write the embedded default model (SmolLM2-135M-Instruct) to a folder"
+    )
     p.add_argument("out_dir", metavar="DIR")
     p.set_defaults(func=_cmd_default_model)
 
@@ -67,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON and draw a PNG")
-    p.add_argument("what", choices=["kernels"], help="kernels: INT4 GEMM against dense bf16, aten int4 and vLLM")
+    p.add_argument(
+        "what", choices=["kernels"], help="kernels: INT4 GEMM against dense bf16, aten int4 and vLLM"
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     p.set_defaults(func=_cmd_bench)
     return parser

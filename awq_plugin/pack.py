@@ -88,7 +88,7 @@ def unpack_int4_columns(packed: torch.Tensor) -> torch.Tensor:
 def pack(gq: GroupQuantized) -> AwqPacked:
     """Pack a :class:`GroupQuantized` weight (``q`` is ``[N, K]``) into the AWQ layout."""
     check_packable(gq.bits)
-    n, k = gq.q.shape
+    n = gq.q.shape[0]
     if n % PACK_FACTOR != 0:
         raise ValueError(f"out_features={n} is not a multiple of 8; AWQ packing needs that")
     return AwqPacked(

@@ -131,7 +131,7 @@ def test_bad_configs_are_named(ckpt: Path, case: str) -> None:
 
 def test_malformed_config_json(ckpt: Path) -> None:
     (ckpt / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
         validate_checkpoint(ckpt)
 
 
@@ -139,7 +139,7 @@ def test_truncated_safetensors(ckpt: Path) -> None:
     path = ckpt / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
         validate_checkpoint(ckpt)
 
 

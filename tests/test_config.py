@@ -132,7 +132,7 @@ def test_unknown_scheme(scheme: str) -> None:
 
 
 def test_missing_and_malformed_quantization_config_name_the_file() -> None:
-    with pytest.raises(ConfigError, match="x/config.json has no 'quantization_config'"):
+    with pytest.raises(ConfigError, match=r"x/config\.json has no 'quantization_config'"):
         load_quant_config({"model_type": "llama"}, "x/config.json")
     with pytest.raises(ConfigError, match=r"x/config.json: quantization config field 'bits' = 7"):
         load_quant_config({"quantization_config": {"bits": 7, "group_size": 64}}, "x/config.json")
