@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from awq_plugin.config import AwqQuantConfig, load_quant_config
@@ -61,11 +60,99 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+# safetensors dtype names -> (torch dtype, bytes per element)
+_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+_MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in a safetensors file, as its header says (validated)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate a safetensors header without mapping the file.
+
+    Checks what a truncated, corrupted or hostile file could get wrong: header
+    length, JSON syntax, dtypes, shapes, offsets inside the file and sizes that
+    match ``numel * itemsize``. Returns the entries and the ``__metadata__`` dict.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path} is not a readable safetensors file: shorter than 8 bytes")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(_MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(
+                    f"{path} is not a readable safetensors file: header length {header_len} exceeds the file"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: bad header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file: header is not a JSON object")
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file: '__metadata__' is not an object")
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        where = f"{path} is not a readable safetensors file: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where} has no description")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{where} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * _ST_DTYPES[dtype][1]
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(f"{where} spans {offsets[1] - offsets[0]} bytes, its shape needs {nbytes}")
+        if data_start + offsets[1] > size:
+            raise CheckpointError(f"{where} ends past the end of the file (truncated?)")
+        entries[name] = TensorEntry(dtype, tuple(shape), data_start + offsets[0], nbytes)
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
 class SafetensorsReader:
     """Tensor-by-tensor access to a folder of safetensors shards (single file or indexed).
 
-    Every shard's header is opened and checked up front, so a missing, truncated
-    or corrupted shard is reported by name before any work starts.
+    Every shard's header is read and validated up front, so a missing, truncated
+    or corrupted shard is reported by name before any work starts. Tensors are
+    read with plain positional reads, not memory maps: the process holds only
+    the tensors it asked for, which keeps the quantizer's resident memory
+    bounded by one block (a mapped shard counts toward RSS once touched).
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -73,15 +160,15 @@ class SafetensorsReader:
         if not self.folder.is_dir():
             raise CheckpointError(f"model folder {self.folder} does not exist")
         self._where: dict[str, str] = {}
-        self._handles: dict[str, Any] = {}
+        self._entries: dict[str, TensorEntry] = {}
         index = self.folder / INDEX_FILE
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no 'weight_map' object")
-            shards = sorted(set(weight_map.values()))
-            for shard in shards:
-                if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+            shards = sorted({str(v) for v in weight_map.values()})
+            for shard in set(weight_map.values()):
+                if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
                     raise CheckpointError(f"{index} names an invalid shard file {shard!r}")
                 if not (self.folder / shard).is_file():
                     raise CheckpointError(
@@ -100,26 +187,18 @@ class SafetensorsReader:
             )
             raise CheckpointError(f"{self.folder} holds no {SINGLE_FILE} or {INDEX_FILE}{hint}")
         for shard in shards:
-            handle = self._open(shard)
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not dicts
+            entries, _ = read_safetensors_header(self.folder / shard)
+            for name, entry in entries.items():
                 if weight_map is not None and weight_map.get(name) != shard:
                     continue
                 self._where[name] = shard
+                self._entries[name] = entry
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._where))
             if missing:
                 raise CheckpointError(
                     f"{len(missing)} tensors listed in {INDEX_FILE} are not in their shards, e.g. {missing[0]!r}"
                 )
-
-    def _open(self, shard: str) -> Any:
-        if shard not in self._handles:
-            path = self.folder / shard
-            try:
-                self._handles[shard] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-        return self._handles[shard]
 
     def keys(self) -> list[str]:
         return sorted(self._where)
@@ -133,27 +212,35 @@ class SafetensorsReader:
     def shard_of(self, name: str) -> str:
         return self._where[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor, naming it (and its file) if it cannot be read."""
-        if name not in self._where:
+    def _entry(self, name: str) -> TensorEntry:
+        if name not in self._entries:
             raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
-        shard = self._where[name]
+        return self._entries[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a private copy), naming it and its file if it cannot be read."""
+        entry = self._entry(name)
+        path = self.folder / self._where[name]
+        buffer = bytearray(entry.nbytes)
         try:
-            tensor = self._open(shard).get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"tensor {name!r} in {self.folder / shard} cannot be read: {exc}") from None
-        return tensor
+            with open(path, "rb") as handle:
+                handle.seek(entry.start)
+                got = handle.readinto(buffer)
+        except OSError as exc:
+            raise CheckpointError(f"tensor {name!r} in {path} cannot be read: {exc}") from None
+        if got != entry.nbytes:
+            raise CheckpointError(f"tensor {name!r} in {path} is truncated ({got} of {entry.nbytes} bytes)")
+        dtype = _ST_DTYPES[entry.dtype][0]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
     def get_slice_shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, read from the header without loading the data."""
-        if name not in self._where:
-            raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
-        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+        return self._entry(name).shape
 
     def get_dtype(self, name: str) -> str:
-        if name not in self._where:
-            raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
-        return str(self._open(self._where[name]).get_slice(name).get_dtype())
+        return self._entry(name).dtype
 
     def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors whose name starts with ``prefix``, keyed by the rest of the name."""
