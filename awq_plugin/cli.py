@@ -40,6 +40,109 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _awq_options(args: argparse.Namespace):
+    from awq_plugin.awq import AwqOptions
+
+    search_tokens = None if args.search_tokens == 0 else args.search_tokens
+    return AwqOptions(
+        duo_scaling=args.duo_scaling,
+        clip=not args.no_clip,
+        search_tokens=search_tokens,
+        clip_tokens=search_tokens,
+        seed=args.seed,
+    )
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib", default="enwiki", help="built-in set (enwiki, news, pydoc) or a .txt/.jsonl file"
+    )
+    p.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--template", help="architecture template JSON (default: the shipped one for the model)")
+    p.add_argument("--duo-scaling", action="store_true", help="scale by activation AND weight magnitude")
+    p.add_argument("--no-clip", action="store_true", help="skip the clip (max-range shrink) search")
+    p.add_argument(
+        "--search-tokens",
+        type=int,
+        default=4096,
+        help="seeded token subsample for the search losses (0 = all tokens; statistics always use all)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and subsamples")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline import quantize_checkpoint
+
+    _set_threads(args.threads)
+    report = quantize_checkpoint(
+        args.source,
+        args.out,
+        AwqQuantConfig.from_scheme(args.scheme),
+        method=args.method,
+        calib=args.calib,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        template=args.template,
+        options=_awq_options(args),
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(report.render())
+    if args.json:
+        from awq_plugin.fsutil import atomic_write_json
+
+        atomic_write_json(args.json, report.to_dict())
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from awq_plugin.api import evaluate_perplexity, fake_quantize_model
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.modeling import is_awq_checkpoint, load_model
+
+    _set_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, dtype=torch.float32, backend=args.backend)
+    label = "awq-checkpoint" if is_awq_checkpoint(args.model) else "full-precision"
+    if args.fake_quant:
+        quant = AwqQuantConfig.from_scheme(args.fake_quant)
+        fake_quantize_model(
+            model,
+            quant,
+            args.calib,
+            tokenizer=tokenizer,
+            method=args.method,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            template=args.template,
+            options=_awq_options(args),
+        )
+        label = f"fake-quant {quant.scheme} ({args.method})"
+    result = evaluate_perplexity(
+        model, tokenizer, args.text, args.windows, args.eval_seq_len, progress=not args.json
+    )
+    if args.json:
+        print(
+            json.dumps({"model": str(args.model), "label": label, "text": str(args.text), **result.to_dict()})
+        )
+    else:
+        print(f"{label}: perplexity {result.ppl:.3f} on {result.tokens} tokens of {args.text}")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     runners: dict[str, Callable[[list[str]], int]] = {}
     if args.what == "kernels":
@@ -67,6 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("quantize", help="quantize a transformers folder into an AWQ checkpoint (resumable)")
+    p.add_argument("source", metavar="SRC", help="full-precision transformers folder (safetensors)")
+    p.add_argument("out", metavar="OUT", help="output folder (written atomically)")
+    p.add_argument(
+        "--scheme", default="uint4_wo_128", help="uint4_wo_128 (default), uint4_wo_64, int4_wo_128, ..."
+    )
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or plain rounding")
+    _add_calibration_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds a model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="FILE", help="also write the run's report as JSON")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a full-precision folder or an AWQ checkpoint")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--text", default="enwiki-heldout", help="enwiki-heldout (default), news, pydoc or a file")
+    p.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--fake-quant", metavar="SCHEME", help="fake-quantize first (any bits, e.g. uint3_wo_64)")
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="with --fake-quant: awq or rtn")
+    p.add_argument("--backend", help="kernel for AWQ checkpoints: auto, cpu or reference")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_calibration_args(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON and draw a PNG")
     p.add_argument(

@@ -1,0 +1,200 @@
+"""The Python API: quantize a model or a checkpoint, fake-quantize for studies, evaluate.
+
+``quantize`` takes either a folder (streamed block by block into a checkpoint)
+or an in-memory transformers model (quantized in place: its linears become
+:class:`~awq_plugin.qlinear.AwqLinear`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_plugin.awq import AwqOptions, AwqResults, quantized_linear_names, run_awq
+from awq_plugin.calib import calibration_windows, evaluation_windows
+from awq_plugin.config import AwqQuantConfig
+from awq_plugin.errors import ConfigError
+from awq_plugin.evaluate import PerplexityResult, perplexity
+from awq_plugin.pipeline import METHODS, QuantizeReport, quantize_checkpoint
+from awq_plugin.quant_ref import fake_quantize
+from awq_plugin.templates import resolve_template
+
+CalibSource = str | Path | Sequence[str] | torch.Tensor
+
+
+def as_quant_config(config: AwqQuantConfig | str | dict[str, Any] | None) -> AwqQuantConfig:
+    """A config from a config object, a scheme name (``uint4_wo_64``) or a dict in any dialect."""
+    if config is None:
+        return AwqQuantConfig()
+    if isinstance(config, AwqQuantConfig):
+        return config
+    if isinstance(config, str):
+        return AwqQuantConfig.from_scheme(config)
+    if isinstance(config, dict):
+        return AwqQuantConfig.from_dict(config)
+    raise ConfigError(f"expected an AwqQuantConfig, a scheme name or a dict, got {type(config).__name__}")
+
+
+def _calib_ids(calib: CalibSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    if isinstance(calib, torch.Tensor):
+        return calib
+    if tokenizer is None:
+        raise ConfigError("calibration text needs a tokenizer: pass tokenizer=..., or token ids as a tensor")
+    return calibration_windows(tokenizer, calib, n_samples, seq_len, seed)
+
+
+def quantize(
+    model: nn.Module | str | Path,
+    config: AwqQuantConfig | str | dict[str, Any] | None = None,
+    calib_data: CalibSource = "enwiki",
+    *,
+    out_dir: str | Path | None = None,
+    tokenizer: Any = None,
+    method: str = "awq",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    template: str | Path | dict[str, Any] | None = None,
+    options: AwqOptions | None = None,
+    backend: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> nn.Module | QuantizeReport:
+    """Quantize with AWQ (or plain rounding with ``method="rtn"``).
+
+    - ``model`` a folder: streamed into an AWQ checkpoint at ``out_dir`` (required);
+      returns the :class:`QuantizeReport`.
+    - ``model`` an ``nn.Module``: searched, scaled and packed in place (its linears
+      become ``AwqLinear`` running ``backend``); returns the model. ``tokenizer`` is
+      needed unless ``calib_data`` is already token ids ``[n, seq_len]``.
+    """
+    quant = as_quant_config(config)
+    options = options or AwqOptions()
+    if isinstance(model, (str, Path)):
+        if out_dir is None:
+            raise ConfigError("quantizing a folder writes a checkpoint: pass out_dir=...")
+        return quantize_checkpoint(
+            model,
+            out_dir,
+            quant,
+            method=method,
+            calib=calib_data,
+            n_samples=n_samples,
+            seq_len=seq_len,
+            template=template,
+            options=options,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    return quantize_model(
+        model,
+        quant,
+        calib_data,
+        tokenizer=tokenizer,
+        method=method,
+        n_samples=n_samples,
+        seq_len=seq_len,
+        template=template,
+        options=options,
+        backend=backend,
+    )
+
+
+def quantize_model(
+    model: nn.Module,
+    quant: AwqQuantConfig,
+    calib_data: CalibSource = "enwiki",
+    *,
+    tokenizer: Any = None,
+    method: str = "awq",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    template: str | Path | dict[str, Any] | None = None,
+    options: AwqOptions | None = None,
+    backend: str | None = None,
+) -> nn.Module:
+    """In-memory quantization: AWQ search (unless rtn), then pack every quantized linear."""
+    from awq_plugin.modeling import pack_linear, replace_module
+    from awq_plugin.pack import AwqPacked
+    from awq_plugin.qlinear import AwqLinear
+
+    quant.check_packable()
+    resolved = _scale_model(
+        model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
+    )
+    layers = model.get_submodule(resolved.decoder_layers)
+    for i, block in enumerate(layers):
+        groups = resolved.block(i)
+        for name in quantized_linear_names(block, groups, quant):
+            linear = block.get_submodule(name)
+            tensors = pack_linear(linear, quant)
+            packed = AwqPacked(tensors["qweight"], tensors["qzeros"], tensors["scales"])
+            bias = linear.bias.detach() if linear.bias is not None else None
+            replace_module(block, name, AwqLinear.from_packed(packed, bias, backend=backend))
+    return model
+
+
+def _scale_model(
+    model: nn.Module,
+    quant: AwqQuantConfig,
+    calib_data: CalibSource,
+    tokenizer: Any,
+    method: str,
+    n_samples: int,
+    seq_len: int,
+    template: Any,
+    options: AwqOptions | None,
+) -> Any:
+    if method not in METHODS:
+        raise ConfigError(f"quantization method {method!r} is unknown; choose one of {list(METHODS)}")
+    options = options or AwqOptions()
+    if method == "awq":
+        ids = _calib_ids(calib_data, tokenizer, n_samples, seq_len, options.seed)
+        results: AwqResults = run_awq(model, quant, ids, template, options)
+        model.awq_results = results  # kept for inspection / saving alongside the model
+        return resolve_template(model, results.template)
+    return resolve_template(model, template)
+
+
+def fake_quantize_model(
+    model: nn.Module,
+    quant: AwqQuantConfig,
+    calib_data: CalibSource = "enwiki",
+    *,
+    tokenizer: Any = None,
+    method: str = "awq",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    template: Any = None,
+    options: AwqOptions | None = None,
+) -> nn.Module:
+    """Replace every quantized linear's weight by its quantize-dequantize (any bit width: 2/3/4/8).
+
+    This is how schemes that cannot be packed (2- and 3-bit) are studied.
+    """
+    resolved = _scale_model(
+        model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
+    )
+    layers = model.get_submodule(resolved.decoder_layers)
+    with torch.no_grad():
+        for i, block in enumerate(layers):
+            for name in quantized_linear_names(block, resolved.block(i), quant):
+                weight = block.get_submodule(name).weight
+                weight.copy_(fake_quantize(weight.float(), quant.bits, quant.group_size, quant.zero_point))
+    return model
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str | Path | Sequence[str] = "enwiki-heldout",
+    n_windows: int | None = 40,
+    seq_len: int = 512,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity on the first ``n_windows`` windows of held-out text (the same windows every time)."""
+    windows = evaluation_windows(tokenizer, text, n_windows, seq_len)
+    return perplexity(model, windows, progress=progress)
