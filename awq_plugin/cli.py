@@ -143,6 +143,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from awq_plugin.demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     runners: dict[str, Callable[[list[str]], int]] = {}
     if args.what == "kernels":
@@ -195,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_calibration_args(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="default model -> AWQ -> perplexity table -> vLLM chat (see --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the demo (awq-plugin demo -- --help)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON and draw a PNG")
     p.add_argument(

@@ -209,8 +209,9 @@ def _compile_checks() -> dict[str, str]:
     """Lower the kernel with the real compiler (no GPU needed) and check the result."""
     import triton
     import triton.language as tl
-    from awq_plugin.kernels import triton_awq
     from triton.backends.compiler import GPUTarget
+
+    from awq_plugin.kernels import triton_awq
 
     kernel = triton_awq._awq_gemm_kernel
     out: dict[str, str] = {}
