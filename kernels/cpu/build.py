@@ -1,0 +1,122 @@
+"""Build the CPU kernel on first use, cached per source, flags, torch and CPU.
+
+Nothing here runs at import time: :func:`load_extension` compiles
+``awq_gemm.cpp`` with ``torch.utils.cpp_extension.load`` the first time it is
+called, into ``$AWQ_PLUGIN_CACHE`` (default ``~/.cache/awq_plugin/kernels``)
+under a directory named by a hash of everything that changes the binary. A
+file lock serialises concurrent builds (two test workers, or a server's
+processes) so that nobody loads a half-written ``.so``.
+
+The build uses the torch that is already imported; it never installs
+anything, so it cannot pull a different (CUDA) torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("awq_gemm.cpp")
+EXTENSION_NAME = "awq_plugin_cpu_kernels"
+CACHE_ENV = "AWQ_PLUGIN_CACHE"
+
+# The instruction sets the AVX-512 path needs (names as in /proc/cpuinfo).
+AVX512_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_avx512_vnni(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU runs the AVX-512 VNNI kernel."""
+    flags = cpu_flags() if flags is None else flags
+    return all(f in flags for f in AVX512_VNNI_FLAGS)
+
+
+def compile_flags(flags: frozenset[str] | None = None) -> list[str]:
+    """Compiler flags for this CPU.
+
+    ``-march=native`` would tie the cache to the build host anyway; the
+    explicit ``-m`` flags make the chosen instruction set visible and part of
+    the cache key. Without AVX-512 VNNI the portable path is compiled (and the
+    auto backend chooses the reference instead, see ``kernels.choose_backend``).
+    """
+    flags = cpu_flags() if flags is None else flags
+    out = ["-O3", "-fopenmp", "-DNDEBUG"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        if has_avx512_vnni(flags):
+            out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+            if "avx512_bf16" in flags:
+                out.append("-mavx512bf16")
+        elif "avx2" in flags:
+            out += ["-mavx2", "-mfma", "-mf16c"]
+    return out
+
+
+def cache_root() -> Path:
+    """Where built kernels live: ``$AWQ_PLUGIN_CACHE`` or ``~/.cache/awq_plugin/kernels``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "awq_plugin" / "kernels"
+
+
+def build_key(cflags: list[str]) -> str:
+    """Hash of everything that changes the binary: source, flags, torch, Python, CPU."""
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update(" ".join(cflags).encode())
+    h.update(torch.__version__.encode())
+    h.update(platform.python_version().encode())
+    h.update(platform.machine().encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@functools.cache
+def load_extension(verbose: bool = False) -> ModuleType:
+    """Compile (first call per cache key) and import the CPU kernel extension.
+
+    Raises whatever the compiler raises; callers that want a fallback catch it
+    (see ``kernels.cpu_kernel_available``).
+    """
+    from torch.utils import cpp_extension
+
+    cflags = compile_flags()
+    build_dir = cache_root() / build_key(cflags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(build_dir / "build.lock"):
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
