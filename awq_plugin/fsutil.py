@@ -65,11 +65,30 @@ def publish_dir(staging: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove staging dirs of ``out`` left by processes that were killed (their pid is gone)."""
+    for candidate in out.parent.glob(f".{out.name}.tmp-*"):
+        suffix = candidate.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and not _pid_alive(int(suffix)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh staging directory; on success it becomes ``out``, on error it is removed."""
     out = Path(out)
     check_output_dir(out, overwrite)
+    remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -1,0 +1,261 @@
+"""The streaming quantizer end to end: resumable byte-identical runs, clean interrupts, bad input.
+
+Runs the real console script in subprocesses on a 4-layer random Llama so that
+SIGKILL and SIGINT hit a real process at real points of its work.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from awq_plugin import synthetic
+from awq_plugin.config import AwqQuantConfig
+from awq_plugin.errors import CalibrationError, CheckpointError, OutputExistsError, TemplateError
+from awq_plugin.pipeline import quantize_checkpoint
+
+CLI = str(Path(sys.executable).parent / "awq-plugin")
+FAST = ["--scheme", "uint4_wo_64", "--n-samples", "8", "--seq-len", "64", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    config = synthetic.make_config(
+        "tiny-llama", num_hidden_layers=4, hidden_size=128, intermediate_size=256, num_attention_heads=4
+    )
+    model = synthetic.make_model(config, seed=1, weight_std=1.0)
+    return synthetic.write_model(tmp_path_factory.mktemp("src") / "tiny4", model, default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    proc = subprocess.run(
+        [CLI, "quantize", str(source), str(out), *FAST], capture_output=True, text=True, cwd="/"
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _work_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.awq-work")
+
+
+def _wait_for_blocks(proc: subprocess.Popen, work: Path, blocks: int, timeout: float = 300) -> bool:
+    """Wait until the run has finished ``blocks`` blocks; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    progress = work / "progress.json"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if json.loads(progress.read_text()).get("done", 0) >= blocks:
+                return True
+        except (OSError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"no progress to {blocks} blocks within {timeout} s")
+
+
+def test_same_inputs_give_the_same_bytes(tmp_path: Path, source: Path, reference_run: Path) -> None:
+    out = tmp_path / "again"
+    subprocess.run([CLI, "quantize", str(source), str(out), *FAST], check=True, capture_output=True, cwd="/")
+    assert _tree_bytes(out) == _tree_bytes(reference_run)
+    assert (reference_run / "awq_plugin" / "awq_results.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kill_after_blocks", [0, 1, 3])
+def test_sigkill_then_rerun_is_byte_identical(
+    tmp_path: Path, source: Path, reference_run: Path, kill_after_blocks: int
+) -> None:
+    out = tmp_path / "out"
+    command = [CLI, "quantize", str(source), str(out), *FAST]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    reached = _wait_for_blocks(proc, _work_dir(out), kill_after_blocks)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert reached, "the run finished before it could be killed"
+    assert not out.exists(), "a killed run must not leave a (partial) output folder"
+    rerun = subprocess.run(command, capture_output=True, text=True, cwd="/")
+    assert rerun.returncode == 0, rerun.stderr
+    if kill_after_blocks:
+        assert f"resumed after block {kill_after_blocks - 1}" in rerun.stdout or "resumed" in rerun.stdout
+    assert _tree_bytes(out) == _tree_bytes(reference_run)
+    assert not _work_dir(out).exists()
+
+
+def test_sigint_stops_cleanly_with_a_message(tmp_path: Path, source: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [CLI, "quantize", str(source), str(out), *FAST],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+    )
+    assert _wait_for_blocks(proc, _work_dir(out), 1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert b"interrupted" in stderr and b"resume" in stderr
+    assert not out.exists()
+
+
+# ---- bad input: a clear error and nothing written --------------------------------------------
+
+
+def _quantize(source: Path, out: Path, **kwargs) -> None:
+    kwargs.setdefault("n_samples", 4)
+    kwargs.setdefault("seq_len", 64)
+    quantize_checkpoint(source, out, AwqQuantConfig(bits=4, group_size=64), progress=False, **kwargs)
+
+
+def _no_leftovers(parent: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_existing_model_is_refused_without_overwrite(
+    tmp_path: Path, source: Path, reference_run: Path
+) -> None:
+    before = _tree_bytes(reference_run)
+    with pytest.raises(OutputExistsError, match="already holds a model; pass --overwrite"):
+        _quantize(source, reference_run)
+    assert _tree_bytes(reference_run) == before
+    proc = subprocess.run(
+        [CLI, "quantize", str(source), str(reference_run), *FAST], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_read_only_location_is_refused_before_work(tmp_path: Path, source: Path, monkeypatch) -> None:
+    # CI runs as root, for whom permission bits do not bind, so the unwritable parent is
+    # simulated through os.access, which is what the check consults.
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
+    )
+    with pytest.raises(PermissionError, match=f"parent directory {tmp_path} is not writable"):
+        _quantize(source, tmp_path / "out")
+    _no_leftovers(tmp_path, tmp_path / "out")
+
+
+def test_disk_full_during_write_leaves_nothing(tmp_path: Path, source: Path, monkeypatch) -> None:
+    import awq_plugin.checkpoint as checkpoint
+
+    real_save = checkpoint.save_file
+
+    def full_disk(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        _quantize(source, out, method="rtn")
+    _no_leftovers(tmp_path, out)
+
+
+def test_nan_weight_is_named(tmp_path: Path, source: Path) -> None:
+    broken = Path(shutil.copytree(source, tmp_path / "nan-src"))
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.up_proj\.weight contains NaN or Inf"):
+        _quantize(broken, out, method="rtn")
+    _no_leftovers(tmp_path, out)
+
+
+def test_inf_in_embeddings_is_named(tmp_path: Path, source: Path) -> None:
+    broken = Path(shutil.copytree(source, tmp_path / "inf-src"))
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.embed_tokens.weight"][7, 0] = float("inf")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight contains NaN or Inf"):
+        _quantize(broken, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("calib", "message"),
+    [
+        ([], "holds no text"),
+        (["   ", "\n"], "holds no text"),
+        (["just a few words"], r"gives only 0 windows of 64 tokens, fewer than the 4 samples"),
+    ],
+)
+def test_empty_or_short_calibration_text(tmp_path: Path, source: Path, calib, message: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(CalibrationError, match=message):
+        _quantize(source, out, calib=calib)
+    _no_leftovers(tmp_path, out)
+
+
+def test_missing_calibration_file(tmp_path: Path, source: Path) -> None:
+    with pytest.raises(CalibrationError, match="neither a built-in set"):
+        _quantize(source, tmp_path / "out", calib=str(tmp_path / "nope.txt"))
+
+
+def test_template_naming_a_missing_module(tmp_path: Path, source: Path) -> None:
+    from awq_plugin.templates import load_shipped_templates
+
+    template = json.loads(json.dumps(load_shipped_templates()["llama"]))
+    template["scaling_layers"][0]["layers"][0] = "self_attn.q_projj"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(template))
+    with pytest.raises(TemplateError, match=r"self_attn\.q_projj.*close matches.*self_attn\.q_proj"):
+        _quantize(source, tmp_path / "out", template=str(path))
+
+
+def test_unknown_scheme_and_unpackable_bits_via_cli(tmp_path: Path, source: Path) -> None:
+    for scheme, message in (
+        ("uint4_wo_48x", "unknown scheme"),
+        ("uint3_wo_64", "'bits' = 3 cannot be packed"),
+    ):
+        proc = subprocess.run(
+            [CLI, "quantize", str(source), str(tmp_path / "o"), "--scheme", scheme],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_size_not_dividing_k(tmp_path: Path, default_model_dir: Path) -> None:
+    config = synthetic.make_config("tiny-llama", hidden_size=96, intermediate_size=192, num_attention_heads=4)
+    model = synthetic.make_model(config, seed=0)
+    src = synthetic.write_model(tmp_path / "k96", model, default_model_dir)
+    with pytest.raises(ValueError, match="in_features=96, not a multiple of group_size=64"):
+        _quantize(src, tmp_path / "out", method="rtn")
+    _no_leftovers(tmp_path, tmp_path / "out")
+
+
+def test_already_quantized_source_is_refused(tmp_path: Path, reference_run: Path) -> None:
+    with pytest.raises(Exception, match="already quantized"):
+        _quantize(reference_run, tmp_path / "out")
+
+
+def test_rtn_pipeline_matches_reference_math(tmp_path: Path, source: Path) -> None:
+    from awq_plugin import modeling, quant_ref
+
+    out = tmp_path / "rtn"
+    _quantize(source, out, method="rtn")
+    quantized = modeling.load_awq_model(out, backend="reference")
+    fp = modeling.load_fp_model(source)
+    name = "model.layers.1.mlp.down_proj"
+    expected = quant_ref.fake_quantize(fp.get_submodule(name).weight.float(), 4, 64)
+    assert torch.equal(quantized.get_submodule(name).dequantized_weight(), expected)
