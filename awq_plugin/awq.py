@@ -1,0 +1,616 @@
+"""AWQ, block by block: search scales and clips, apply them, return them as plain data.
+
+The public pieces, in the order a driver uses them::
+
+    resolved = resolve_template(model)                        # awq_plugin.templates
+    captured = capture_decoder_inputs(model, layers, ids)     # awq_plugin.capture
+    inputs = captured.for_layer(0)
+    for i, block in enumerate(layers):
+        result, next_hidden = awq_block_step(block, resolved.block(i), inputs, quant_config, options)
+        ...                                                   # quantize + pack block i, save result
+        inputs = captured.for_layer(i + 1, next_hidden.hidden_states)
+
+Per block (the order of llm-awq / AutoAWQ): one full-precision pass records the
+activation statistics (all tokens) and seeded samples of the layer inputs;
+every scaling group's scale is searched on the unmodified block; all scales
+are folded in (exact in full precision); then the clip search runs per linear
+on the rescaled inputs and the weights are clamped. :func:`apply_awq_block`
+re-applies a saved :class:`BlockAwqResult` to a fresh full-precision block and
+produces the same bits.
+
+Everything runs in fp32 on the block's device (a block stored in fp16/bf16 is
+upcast for the duration and cast back at the end) and is deterministic: the
+samples come from a seeded generator and all reductions run in a fixed order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from awq_plugin.capture import (
+    BlockInputs,
+    InputRecorder,
+    RecordedInputs,
+    capture_decoder_inputs,
+    first_output,
+    forward_block,
+    plan_samples,
+)
+from awq_plugin.clip import search_clip_max
+from awq_plugin.fsutil import atomic_write_bytes
+from awq_plugin.quant_ref import fake_quantize
+from awq_plugin.scale import apply_group_scales, clamp_weight
+from awq_plugin.search import ScaleSearchResult, replaced_weights, search_best_scale
+from awq_plugin.templates import BlockTemplate, ResolvedTemplate, ScalingGroup, resolve_template
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "awq_plugin.awq_results"
+RESULTS_VERSION = 1
+SEARCH_CHUNK_ROWS = 8192  # token rows per forward of a token-wise module in the search (memory bound)
+PROPAGATE_CHOICES = ("fp", "quantized")
+SEARCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class QuantConfigLike(Protocol):
+    """What the algorithm reads from a quantization config (``AwqQuantConfig`` has it all)."""
+
+    bits: int
+    group_size: int
+    zero_point: bool
+
+
+@dataclass(frozen=True)
+class AwqOptions:
+    """Knobs of the AWQ search. The defaults are the measured best on SmolLM2-135M (see README)."""
+
+    n_grid: int = 20  # alpha grid points in [0, 1) for the scale search
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
+    clip: bool = True  # run the clip (max-range shrink) search after scaling
+    clip_grid: int = 20  # shrink grid: max * (1 - i / clip_grid)
+    max_shrink: float = 0.5  # smallest range tried is max * (1 - max_shrink) (exclusive)
+    # Tokens in the search loss (a fixed seeded subsample; None = all). Statistics always
+    # use all tokens. Token-mixing modules (attention) are re-run on whole micro-batches
+    # covering at least this many tokens.
+    search_tokens: int | None = 4096
+    # Tokens in the clip-search statistics (seeded subsample; None = all). The clip loss is
+    # evaluated through per-group Gram matrices, so all tokens cost little.
+    clip_tokens: int | None = None
+    seed: int = 0  # seed of the token / micro-batch subsamples
+    micro_batch_size: int = 4  # calibration sequences per forward pass (bounds activation memory)
+    # Which output feeds the next block: "fp" = the block's full-precision output (llm-awq,
+    # AutoAWQ), "quantized" = the output of this block with AWQ applied and weights
+    # fake-quantized (computed in search_dtype), so later blocks calibrate on the inputs
+    # they will see at inference.
+    propagate: str = "fp"
+    # dtype of the forward passes that score scale candidates: a copy of the inspected module
+    # runs in it (bfloat16 is ~4x faster than float32 on CPUs with AVX512-BF16, and its rounding
+    # is far below 4-bit quantization error); weights are always quantized from fp32.
+    # "float32" makes the search exact.
+    search_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1 or self.clip_grid < 1:
+            raise ValueError(f"n_grid and clip_grid must be >= 1, got {self.n_grid} and {self.clip_grid}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        for name in ("search_tokens", "clip_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive token count or None (all), got {value}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(
+                f"search_dtype must be one of {sorted(SEARCH_DTYPES)}, got {self.search_dtype!r}"
+            )
+        if self.propagate not in PROPAGATE_CHOICES:
+            raise ValueError(f"propagate must be one of {PROPAGATE_CHOICES}, got {self.propagate!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AwqOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AWQ option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results as data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupScaleResult:
+    """The scale chosen for one scaling group."""
+
+    prev_op: str
+    layers: tuple[str, ...]
+    scales: torch.Tensor  # fp32 [n_scales]
+    alpha: float | None  # None: plain rounding (s = 1) won
+    loss_rtn: float  # search loss with s = 1
+    loss_awq: float  # search loss with the chosen scales
+
+
+@dataclass
+class BlockAwqResult:
+    """Everything AWQ decided for one decoder block, plus how much it helped."""
+
+    layer_index: int
+    groups: list[GroupScaleResult]
+    clip_max: dict[str, torch.Tensor]  # linear name -> fp32 [N, K/G] clip bound
+    mse_rtn: float  # block output MSE vs full precision with plain rounding (sampled batches)
+    mse_awq: float  # the same with AWQ scales and clips applied
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (names relative to this block) and JSON-able metadata."""
+        tensors = {f"scales.{i}": g.scales.contiguous() for i, g in enumerate(self.groups)}
+        tensors.update({f"clip.{name}": c.contiguous() for name, c in self.clip_max.items()})
+        meta = {
+            "layer_index": self.layer_index,
+            "groups": [
+                {
+                    "prev_op": g.prev_op,
+                    "layers": list(g.layers),
+                    "alpha": g.alpha,
+                    "loss_rtn": g.loss_rtn,
+                    "loss_awq": g.loss_awq,
+                }
+                for g in self.groups
+            ],
+            "clip": list(self.clip_max),
+            "mse_rtn": self.mse_rtn,
+            "mse_awq": self.mse_awq,
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> BlockAwqResult:
+        """Inverse of :meth:`to_state`."""
+        groups = [
+            GroupScaleResult(
+                prev_op=g["prev_op"],
+                layers=tuple(g["layers"]),
+                scales=tensors[f"scales.{i}"],
+                alpha=g["alpha"],
+                loss_rtn=g["loss_rtn"],
+                loss_awq=g["loss_awq"],
+            )
+            for i, g in enumerate(meta["groups"])
+        ]
+        clip_max = {name: tensors[f"clip.{name}"] for name in meta["clip"]}
+        return cls(
+            layer_index=meta["layer_index"],
+            groups=groups,
+            clip_max=clip_max,
+            mse_rtn=meta["mse_rtn"],
+            mse_awq=meta["mse_awq"],
+        )
+
+
+@dataclass
+class AwqResults:
+    """The AWQ results of a whole model, with what is needed to re-apply them."""
+
+    blocks: list[BlockAwqResult]
+    template: dict[str, Any]  # the validated template data the results refer to
+    quant_config: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file; the metadata JSON rides in its header (no pickle)."""
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        block_meta = []
+        for block in self.blocks:
+            block_tensors, meta = block.to_state()
+            tensors.update({f"blocks.{block.layer_index}.{k}": v for k, v in block_tensors.items()})
+            block_meta.append(meta)
+        header = {
+            "format": RESULTS_FORMAT,
+            "version": RESULTS_VERSION,
+            "template": self.template,
+            "quant_config": self.quant_config,
+            "options": self.options,
+            "blocks": block_meta,
+        }
+        data = save_safetensors_bytes(tensors, metadata={"awq_results": json.dumps(header, sort_keys=True)})
+        atomic_write_bytes(path, data)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AwqResults:
+        """Read a file written by :meth:`save`."""
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("awq_results")
+            if raw is None:
+                raise ValueError(f"{path} is not an AWQ results file (no 'awq_results' metadata)")
+            header = json.loads(raw)
+            if header.get("format") != RESULTS_FORMAT or header.get("version") != RESULTS_VERSION:
+                raise ValueError(
+                    f"{path}: unsupported AWQ results format {header.get('format')!r} "
+                    f"version {header.get('version')!r} (expected {RESULTS_FORMAT!r} v{RESULTS_VERSION})"
+                )
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        blocks = []
+        for meta in header["blocks"]:
+            prefix = f"blocks.{meta['layer_index']}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            blocks.append(BlockAwqResult.from_state(own, meta))
+        return cls(
+            blocks=blocks,
+            template=header["template"],
+            quant_config=header["quant_config"],
+            options=header["options"],
+        )
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per block: output MSE with plain rounding and with AWQ, and each group's alpha."""
+        return [
+            {
+                "layer": b.layer_index,
+                "mse_rtn": b.mse_rtn,
+                "mse_awq": b.mse_awq,
+                "alphas": [g.alpha for g in b.groups],
+            }
+            for b in self.blocks
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def quant_config_dict(quant_config: QuantConfigLike) -> dict[str, Any]:
+    """The fields of a quantization config that the results depend on."""
+    return {
+        "bits": quant_config.bits,
+        "group_size": quant_config.group_size,
+        "zero_point": quant_config.zero_point,
+        "modules_to_not_convert": list(getattr(quant_config, "modules_to_not_convert", ()) or ()),
+    }
+
+
+def make_fake_quantizer(quant_config: QuantConfigLike) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reference quantize-dequantize for this config (``awq_plugin.quant_ref``)."""
+
+    def quantize(w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, quant_config.bits, quant_config.group_size, quant_config.zero_point)
+
+    return quantize
+
+
+def _skips(quant_config: QuantConfigLike, full_name: str) -> bool:
+    skips = getattr(quant_config, "skips_module", None)
+    if callable(skips):
+        return bool(skips(full_name))
+    return any(p in full_name for p in getattr(quant_config, "modules_to_not_convert", ()) or ())
+
+
+def quantized_linear_names(
+    block: nn.Module, groups: BlockTemplate, quant_config: QuantConfigLike
+) -> list[str]:
+    """The block's linears that will be quantized, checked against the group size."""
+    names = []
+    for name in groups.linears:
+        if _skips(quant_config, groups.full_name(name)):
+            continue
+        k = block.get_submodule(name).in_features
+        g = quant_config.group_size
+        if g != -1 and k % g != 0:
+            raise ValueError(
+                f"linear '{groups.full_name(name)}' has in_features={k}, not a multiple of group_size={g}; "
+                "choose a group size that divides it or list the module in modules_to_not_convert"
+            )
+        names.append(name)
+    return names
+
+
+@contextmanager
+def computing_in_float32(block: nn.Module) -> Iterator[None]:
+    """Upcast the block to fp32 for the duration; cast it back to its own dtype afterwards."""
+    dtypes = {p.dtype for p in block.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"block mixes parameter dtypes {sorted(map(str, dtypes))}; cast it to one dtype first"
+        )
+    dtype = dtypes.pop() if dtypes else torch.float32
+    block.float()
+    try:
+        yield
+    finally:
+        block.to(dtype)
+
+
+@contextmanager
+def fake_quantized(block: nn.Module, names: Sequence[str], quant_config: QuantConfigLike) -> Iterator[None]:
+    """Temporarily replace the named linears' weights by their reference fake quantization."""
+    quantize = make_fake_quantizer(quant_config)
+    linears = [block.get_submodule(n) for n in names]
+    with replaced_weights(linears, [quantize(lin.weight.data) for lin in linears]):
+        yield
+
+
+def _forward_in_dtype(block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The block's outputs on all micro-batches, computed in ``dtype`` (on a copy), returned in fp32."""
+    if dtype == torch.float32:
+        return forward_block(block, inputs)
+    copy_ = copy.deepcopy(block).to(dtype)
+    return [out.float() for out in forward_block(copy_, inputs.to(dtype))]
+
+
+def _mse(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    for out, ref in zip(outputs, targets):
+        total += float((out.float() - ref.float()).pow(2).sum(dtype=torch.float64))
+        count += ref.numel()
+    return total / max(count, 1)
+
+
+def _search_loss(
+    module: nn.Module, name: str, recorded: RecordedInputs, dtype: torch.dtype
+) -> Callable[[], float]:
+    """``loss()``: MSE of ``module`` (run in ``dtype``) on the search sample against its output now."""
+    if not recorded.is_token_wise(name):
+        calls = [call.to(dtype) for call in recorded.calls[name]]
+
+        def run() -> list[torch.Tensor]:
+            return [call.run(module) for call in calls]
+
+    else:
+        if name not in recorded.rows:
+            raise RuntimeError(f"module '{name}' was never called during the block forward")
+        chunks = [c.to(dtype) for c in recorded.rows[name].split(SEARCH_CHUNK_ROWS)]  # (S_c, K) each
+
+        def run() -> list[torch.Tensor]:
+            return [first_output(module(c.unsqueeze(0))) for c in chunks]  # (1, S_c, H) each
+
+    targets = run()
+    return lambda: _mse(run(), targets)
+
+
+def _relative_name(name: str, parent: str) -> str:
+    """``mlp.up_proj`` relative to ``mlp`` is ``up_proj``; a module relative to itself is ``""``."""
+    return "" if name == parent else name[len(parent) + 1 :]
+
+
+def _check_result_matches(groups: BlockTemplate, result: BlockAwqResult) -> None:
+    expected = [(g.prev_op, g.layers) for g in groups.groups]
+    got = [(g.prev_op, tuple(g.layers)) for g in result.groups]
+    if expected != got:
+        raise ValueError(
+            f"AWQ result for layer {result.layer_index} has groups {got}, but the template gives {expected} "
+            f"for {groups.prefix}; re-run AWQ or use the template the results were made with"
+        )
+    unknown = sorted(set(result.clip_max) - set(groups.linears))
+    if unknown:
+        raise ValueError(f"AWQ result for layer {result.layer_index} clips unknown linears {unknown}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per block
+# ---------------------------------------------------------------------------------------------
+
+
+def awq_block_step(
+    block: nn.Module,
+    groups: BlockTemplate,
+    inputs: BlockInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions | None = None,
+) -> tuple[BlockAwqResult, BlockInputs]:
+    """Run AWQ on one block (scales and clips applied in place) and compute the next block's inputs.
+
+    Returns the result as data and the next block's inputs (hidden states per
+    ``options.propagate``; the kwargs are this block's, to be replaced by the
+    next layer's own).
+    """
+    options = options or AwqOptions()
+    with torch.no_grad(), computing_in_float32(block):
+        inputs = inputs.to(torch.float32)
+        names = quantized_linear_names(block, groups, quant_config)
+        clip_names = [n for n in names if n not in groups.clip_skip] if options.clip else []
+        plan = plan_samples(
+            inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
+        )
+        inspect_names = [g.module2inspect or g.layers[0] for g in groups.groups]
+        recorded = InputRecorder(
+            block,
+            plan,
+            stat_names=[g.inp for g in groups.groups],
+            call_names=inspect_names,
+            gram_names=clip_names,
+            group_size=quant_config.group_size,
+        ).run(inputs)
+        fp_sample = [recorded.outputs[m] for m in plan.search_batches]
+        with fake_quantized(block, names, quant_config):
+            mse_rtn = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
+
+        searches = [
+            _search_group(block, group, target, names, recorded, quant_config, options)
+            for group, target in zip(groups.groups, inspect_names)
+        ]
+        for group, found in zip(groups.groups, searches):
+            apply_group_scales(block, group, found.scales)
+            recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
+        clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
+        for name, bound in clip_max.items():
+            clamp_weight(block.get_submodule(name), bound)
+
+        with fake_quantized(block, names, quant_config):
+            mse_awq = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
+            if options.propagate == "quantized":
+                next_hidden = _forward_in_dtype(block, inputs, SEARCH_DTYPES[options.search_dtype])
+            else:
+                next_hidden = recorded.outputs
+
+    result = BlockAwqResult(
+        layer_index=groups.index,
+        groups=[
+            GroupScaleResult(
+                prev_op=g.prev_op,
+                layers=g.layers,
+                scales=found.scales,
+                alpha=found.alpha,
+                loss_rtn=found.loss_rtn,
+                loss_awq=found.loss_awq,
+            )
+            for g, found in zip(groups.groups, searches)
+        ],
+        clip_max=clip_max,
+        mse_rtn=mse_rtn,
+        mse_awq=mse_awq,
+    )
+    logger.info(
+        "layer %d: block output MSE vs fp %.4g (RTN) -> %.4g (AWQ); alphas %s",
+        groups.index,
+        mse_rtn,
+        mse_awq,
+        [g.alpha for g in result.groups],
+    )
+    return result, inputs.with_hidden_states(next_hidden)
+
+
+def _search_group(
+    block: nn.Module,
+    group: ScalingGroup,
+    target: str,
+    quantized: Sequence[str],
+    recorded: RecordedInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions,
+) -> ScaleSearchResult:
+    names = [n for n in group.layers if n in quantized]
+    module = block.get_submodule(target)
+    dtype = SEARCH_DTYPES[options.search_dtype]
+    # The probe is the module the loss runs: the block's own in fp32, else a cast copy.
+    probe = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
+    return search_best_scale(
+        group,
+        weights=[block.get_submodule(n).weight.data for n in names],
+        probes=[probe.get_submodule(_relative_name(n, target)) for n in names],
+        x_mean=group.reduce_columns(recorded.mean_abs(group.inp)),
+        loss_fn=_search_loss(probe, target, recorded, dtype),
+        fake_quantize=make_fake_quantizer(quant_config),
+        n_grid=options.n_grid,
+        duo_scaling=options.duo_scaling,
+        group_size=quant_config.group_size,
+    )
+
+
+def _search_clips(
+    block: nn.Module,
+    names: Sequence[str],
+    recorded: RecordedInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions,
+) -> dict[str, torch.Tensor]:
+    quantize = make_fake_quantizer(quant_config)
+    return {
+        name: search_clip_max(
+            block.get_submodule(name).weight,
+            recorded.mean_gram(name),
+            quantize,
+            n_grid=options.clip_grid,
+            max_shrink=options.max_shrink,
+        )
+        for name in names
+    }
+
+
+def run_awq_block(
+    block: nn.Module,
+    groups: BlockTemplate,
+    inputs: BlockInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions | None = None,
+) -> BlockAwqResult:
+    """Search and apply AWQ scales and clips on one block; return them as data.
+
+    ``groups`` is the resolved template of this block
+    (``resolve_template(model).block(i)``). The block ends up scaled and
+    clipped in place (not quantized). See :func:`awq_block_step` for the
+    variant that also returns the next block's inputs.
+    """
+    return awq_block_step(block, groups, inputs, quant_config, options)[0]
+
+
+def apply_awq_block(block: nn.Module, groups: BlockTemplate, result: BlockAwqResult) -> None:
+    """Re-apply saved scales and clips to a fresh full-precision block (same bits as the search run)."""
+    _check_result_matches(groups, result)
+    with torch.no_grad(), computing_in_float32(block):
+        for group, found in zip(groups.groups, result.groups):
+            apply_group_scales(block, group, found.scales.float())
+        for name, bound in result.clip_max.items():
+            clamp_weight(block.get_submodule(name), bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole model, in memory
+# ---------------------------------------------------------------------------------------------
+
+
+def run_awq(
+    model: nn.Module,
+    quant_config: QuantConfigLike,
+    calib_input_ids: torch.Tensor,
+    template: str | Path | Mapping[str, Any] | None = None,
+    options: AwqOptions | None = None,
+) -> AwqResults:
+    """AWQ over a whole in-memory model; the model ends up scaled and clipped (not quantized).
+
+    ``calib_input_ids`` ``[n_samples, seq_len]``. For models larger than memory
+    use the streaming driver, which calls :func:`awq_block_step` per block.
+    """
+    options = options or AwqOptions()
+    resolved = resolve_template(model, template)
+    layers = model.get_submodule(resolved.decoder_layers)
+    model.eval()
+    captured = capture_decoder_inputs(model, layers, calib_input_ids, options.micro_batch_size)
+    hidden = captured.hidden_states
+    results = []
+    for i, block in enumerate(layers):
+        result, next_inputs = awq_block_step(
+            block, resolved.block(i), captured.for_layer(i, hidden), quant_config, options
+        )
+        results.append(result)
+        hidden = next_inputs.hidden_states
+    return AwqResults(
+        blocks=results,
+        template=dict(resolved.data),
+        quant_config=quant_config_dict(quant_config),
+        options=options.to_dict(),
+    )
+
+
+def apply_awq(
+    model: nn.Module, results: AwqResults, template: str | Path | Mapping[str, Any] | None = None
+) -> ResolvedTemplate:
+    """Re-apply saved results to a fresh model (the template stored in the results by default)."""
+    resolved = resolve_template(model, template if template is not None else results.template)
+    layers = model.get_submodule(resolved.decoder_layers)
+    if len(results.blocks) != len(layers):
+        raise ValueError(
+            f"AWQ results cover {len(results.blocks)} blocks but the model has {len(layers)} layers"
+        )
+    for block_result in results.blocks:
+        i = block_result.layer_index
+        apply_awq_block(layers[i], resolved.block(i), block_result)
+    return resolved

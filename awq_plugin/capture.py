@@ -1,0 +1,424 @@
+"""Hooks that record what flows into decoder blocks and into the modules inside them.
+
+Two jobs:
+
+* :func:`capture_decoder_inputs` runs the model's forward only as far as the
+  decoder stack ("catcher" pattern): forward pre-hooks on the decoder layers
+  record the hidden states entering layer 0 and the keyword arguments every
+  layer receives (attention mask, rotary ``position_embeddings``, ...), then
+  raise a private exception to stop. Kwargs are recorded per layer because
+  they can differ between layers (sliding-window masks in Mistral/Gemma 2,
+  local vs global rotary tables in Gemma 3). While capturing, each layer's
+  ``forward`` is replaced by a pass-through, so no layer computes anything and
+  the layers may even live on the ``meta`` device.
+* :class:`InputRecorder` runs one block over its calibration inputs with
+  pre-hooks on chosen submodules and keeps, per module: the per-channel sum of
+  ``|x|`` over all tokens (AWQ's activation statistic); for the scale search,
+  a seeded subsample of input rows or, for modules that mix tokens
+  (attention), complete calls on a seeded subset of micro-batches; and for the
+  clip search, the per-group Gram matrices of the input.
+
+Calibration is processed in micro-batches of whole sequences to bound memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_plugin.clip import group_gram, rescale_gram
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook after the last decoder layer's inputs are recorded."""
+
+
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _to_float_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+@dataclass
+class BlockInputs:
+    """The inputs of one decoder block, in micro-batches.
+
+    ``hidden_states[m]`` is ``[B, T, H]``; ``kwargs[m]`` holds the keyword
+    arguments the model passes to this layer for that micro-batch.
+    """
+
+    hidden_states: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        if len(self.hidden_states) != len(self.kwargs):
+            raise ValueError(
+                f"BlockInputs: {len(self.hidden_states)} hidden-state micro-batches but {len(self.kwargs)} kwargs"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden_states)
+
+    def tokens_per_batch(self) -> list[int]:
+        return [h.shape[0] * h.shape[1] for h in self.hidden_states]
+
+    def with_hidden_states(self, hidden_states: list[torch.Tensor]) -> BlockInputs:
+        """The same kwargs with new hidden states (e.g. the previous block's outputs)."""
+        return BlockInputs(hidden_states=list(hidden_states), kwargs=self.kwargs)
+
+    def to(self, dtype: torch.dtype) -> BlockInputs:
+        """Cast floating tensors (hidden states, rotary tables, masks) to ``dtype``."""
+        return BlockInputs(
+            hidden_states=[_to_float_dtype(h, dtype) for h in self.hidden_states],
+            kwargs=[_map_tensors(kw, lambda t: _to_float_dtype(t, dtype)) for kw in self.kwargs],
+        )
+
+
+@dataclass
+class CapturedInputs:
+    """Layer-0 hidden states plus the kwargs of every layer: ``layer_kwargs[layer][micro_batch]``."""
+
+    hidden_states: list[torch.Tensor]
+    layer_kwargs: list[list[dict[str, Any]]]
+
+    def for_layer(self, index: int, hidden_states: list[torch.Tensor] | None = None) -> BlockInputs:
+        """Inputs of layer ``index``: given hidden states (default: layer 0's) with that layer's kwargs."""
+        hs = self.hidden_states if hidden_states is None else hidden_states
+        return BlockInputs(hidden_states=list(hs), kwargs=self.layer_kwargs[index])
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _split_hidden(
+    args: tuple[Any, ...], kwargs: dict[str, Any], where: str
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1:
+            raise NotImplementedError(
+                f"{where} is called with {len(args)} positional arguments; only the hidden states may be "
+                "positional (the model passes the rest as keywords in transformers >= 4.56)"
+            )
+        return args[0], kwargs
+    if "hidden_states" not in kwargs:
+        raise NotImplementedError(f"{where} was called without hidden states (keys: {sorted(kwargs)})")
+    return kwargs.pop("hidden_states"), kwargs
+
+
+@torch.no_grad()
+def capture_decoder_inputs(
+    model: nn.Module,
+    decoder_layers: nn.ModuleList,
+    input_ids: torch.Tensor,
+    micro_batch_size: int = 8,
+) -> CapturedInputs:
+    """Record layer 0's hidden states and every layer's kwargs for ``input_ids`` ``[n, T]``.
+
+    The model runs up to the last decoder layer only (embeddings, rotary tables
+    and mask construction); the layers themselves are bypassed.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [n_sequences, seq_len], got shape {tuple(input_ids.shape)}")
+    n_layers = len(decoder_layers)
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: list[list[dict[str, Any]]] = [[] for _ in range(n_layers)]
+
+    def make_hook(index: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h, kw = _split_hidden(args, kwargs, f"decoder layer {index}")
+            if index == 0:
+                hidden.append(h.detach())
+            layer_kwargs[index].append(kw)
+            if index == n_layers - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers)
+    ]
+    # The layers must not compute while we only want their inputs: shadow their bound
+    # forward with a pass-through (an instance attribute; removed again below).
+    for layer in decoder_layers:
+        layer.forward = _passthrough
+    try:
+        for batch in input_ids.split(micro_batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                continue
+            raise RuntimeError(f"the forward pass never reached decoder layer {n_layers - 1}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in decoder_layers:
+            del layer.forward
+    return CapturedInputs(hidden_states=hidden, layer_kwargs=layer_kwargs)
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """A module's main output: the tensor itself, or the first element of a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def forward_block(
+    block: nn.Module, inputs: BlockInputs, batches: Sequence[int] | None = None
+) -> list[torch.Tensor]:
+    """Run ``block`` on its inputs (or on the micro-batches ``batches``); the outputs per micro-batch."""
+    index = range(len(inputs.hidden_states)) if batches is None else batches
+    return [first_output(block(inputs.hidden_states[m], **inputs.kwargs[m])) for m in index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and recording inside a block
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Which calibration tokens each part of the block search sees (seeded, so reproducible).
+
+    Row indices are local to a micro-batch: row ``b * T + t`` of its ``[B, T]`` tokens.
+    """
+
+    search_rows: tuple[torch.Tensor, ...]  # per micro-batch: sorted rows in the token-wise search loss
+    clip_rows: tuple[torch.Tensor, ...] | None  # per micro-batch rows in the clip statistics; None = all
+    search_batches: tuple[int, ...]  # micro-batches re-run for token-mixing modules and metrics
+
+
+def _split_by_batch(flat: torch.Tensor, tokens_per_batch: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Sorted flat token indices -> local row indices per micro-batch."""
+    out, offset = [], 0
+    for count in tokens_per_batch:
+        out.append(flat[(flat >= offset) & (flat < offset + count)] - offset)
+        offset += count
+    return tuple(out)
+
+
+def plan_samples(
+    tokens_per_batch: Sequence[int], search_tokens: int | None, clip_tokens: int | None, seed: int
+) -> SamplePlan:
+    """Draw the seeded token and micro-batch subsamples (None or a count >= all tokens = everything).
+
+    The clip sample is a prefix of the same permutation as the search sample, so
+    the smaller of the two is contained in the larger.
+    """
+    n = sum(tokens_per_batch)
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=generator)
+
+    def take(count: int | None) -> torch.Tensor:
+        chosen = perm if count is None or count >= n else perm[:count]
+        return chosen.sort().values
+
+    all_clip = clip_tokens is None or clip_tokens >= n
+    batch_perm = torch.randperm(len(tokens_per_batch), generator=generator).tolist()
+    batches: list[int] = []
+    covered = 0
+    for m in batch_perm:
+        if search_tokens is not None and covered >= search_tokens:
+            break
+        batches.append(m)
+        covered += tokens_per_batch[m]
+    return SamplePlan(
+        search_rows=_split_by_batch(take(search_tokens), tokens_per_batch),
+        clip_rows=None if all_clip else _split_by_batch(take(clip_tokens), tokens_per_batch),
+        search_batches=tuple(sorted(batches)),
+    )
+
+
+@dataclass
+class ModuleCall:
+    """One recorded call of a module, re-runnable with a different main input."""
+
+    x: torch.Tensor
+    args: tuple[Any, ...]  # the positional arguments after the main input
+    kwargs: dict[str, Any]
+    x_keyword: str | None  # None: x was the first positional argument
+
+    def to(self, dtype: torch.dtype) -> ModuleCall:
+        """The same call with floating tensors (input, rotary tables, masks) cast to ``dtype``."""
+        cast = lambda t: _to_float_dtype(t, dtype)  # noqa: E731
+        return ModuleCall(
+            cast(self.x), _map_tensors(self.args, cast), _map_tensors(self.kwargs, cast), self.x_keyword
+        )
+
+    def run(self, module: nn.Module, x: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.x if x is None else x
+        if self.x_keyword is None:
+            return first_output(module(x, *self.args, **self.kwargs))
+        return first_output(module(*self.args, **{**self.kwargs, self.x_keyword: x}))
+
+
+def _main_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, str | None]:
+    """The tensor a module transforms: its first positional argument, else ``hidden_states``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], None
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"], "hidden_states"
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return value, key
+    raise NotImplementedError(f"cannot find the input tensor of a module call (kwargs: {sorted(kwargs)})")
+
+
+@dataclass
+class RecordedInputs:
+    """What :class:`InputRecorder` kept for one block."""
+
+    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float64 [K], sum |x|
+    count: dict[str, int] = field(default_factory=dict)  # name -> tokens in abs_sum
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> search rows [S, K]
+    calls: dict[str, list[ModuleCall]] = field(default_factory=dict)  # name -> calls on search batches
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float64 [K/G, G, G], sum x x^T
+    gram_count: dict[str, int] = field(default_factory=dict)  # name -> tokens in gram
+    outputs: list[torch.Tensor] = field(default_factory=list)  # block output per micro-batch
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        """AWQ's activation statistic: mean ``|x|`` per input channel over all tokens, fp32."""
+        return (self.abs_sum[name] / self.count[name]).float()
+
+    def mean_gram(self, name: str) -> torch.Tensor:
+        """Per-group mean ``x x^T`` of ``name``'s input, float64 ``[K/G, G, G]``."""
+        return self.gram[name] / self.gram_count[name]
+
+    def is_token_wise(self, name: str) -> bool:
+        """Whether ``name`` treats tokens independently (it was called with its input alone)."""
+        return name not in self.calls
+
+    def rescale_grams(self, names: Sequence[str], s_cols: torch.Tensor) -> None:
+        """Turn the Gram matrices of ``names`` into those of ``x / s_cols`` (after a scale fold)."""
+        for name in names:
+            if name in self.gram:
+                self.gram[name] = rescale_gram(self.gram[name], s_cols)
+
+
+class InputRecorder:
+    """Record module inputs while a block runs over all its calibration micro-batches.
+
+    ``stat_names``: modules whose mean ``|x|`` is accumulated over all tokens.
+    ``call_names``: modules re-run by the scale search. A module called with its
+    input alone (an MLP, a linear) keeps its input rows at ``plan.search_rows``;
+    one called with more (attention: masks, rotary tables) keeps whole calls on
+    ``plan.search_batches``.
+    ``gram_names``: linears whose per-group input Gram matrices (group size
+    ``group_size``) are accumulated over ``plan.clip_rows`` for the clip search.
+    Modules reading the same tensor (q/k/v) share the work.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        plan: SamplePlan,
+        stat_names: Sequence[str],
+        call_names: Sequence[str],
+        gram_names: Sequence[str] = (),
+        group_size: int = -1,
+    ) -> None:
+        self.block = block
+        self.plan = plan
+        self.stat_names = set(stat_names)
+        self.call_names = set(call_names)
+        self.gram_names = set(gram_names)
+        self.group_size = group_size
+        self.names = sorted(self.stat_names | self.call_names | self.gram_names)
+        self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
+        # Per micro-batch work shared by modules that read the same tensor, keyed by id(x).
+        # x itself is kept in the entry: a freed tensor's id could be reused by the next input.
+        self._shared: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batch = 0
+        self.recorded = RecordedInputs()
+
+    def _shared_result(self, kind: str, x: torch.Tensor, compute: Any) -> torch.Tensor:
+        key = (kind, id(x))
+        if key not in self._shared:
+            self._shared[key] = (x, compute())
+        return self._shared[key][1]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x, keyword = _main_input(args, kwargs)
+            self._record(name, x.detach(), keyword, args, kwargs)
+
+        return hook
+
+    def _record(
+        self, name: str, x: torch.Tensor, keyword: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        rec, m = self.recorded, self._batch
+        x2d = x.reshape(-1, x.shape[-1])  # (B*T, K)
+        if name in self.stat_names:
+            total = self._shared_result("abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float64))
+            rec.abs_sum[name] = rec.abs_sum[name] + total if name in rec.abs_sum else total.clone()
+            rec.count[name] = rec.count.get(name, 0) + x2d.shape[0]
+        if name in self.gram_names:
+            rows = x2d if self.plan.clip_rows is None else x2d[self.plan.clip_rows[m]]
+            gram = self._shared_result("gram", x, lambda: group_gram(rows, self.group_size).double())
+            rec.gram[name] = rec.gram[name] + gram if name in rec.gram else gram.clone()
+            rec.gram_count[name] = rec.gram_count.get(name, 0) + rows.shape[0]
+        if name in self.call_names:
+            if bool(kwargs) or len(args) > 1:  # token-mixing: keep whole calls
+                if m in self.plan.search_batches:
+                    rest = args[1:] if keyword is None else args
+                    extra = {k: v for k, v in kwargs.items() if k != keyword}
+                    rec.calls.setdefault(name, []).append(ModuleCall(x, rest, extra, keyword))
+            else:
+                self._rows[name].append(self._shared_result("rows", x, lambda: x2d[self.plan.search_rows[m]]))
+
+    @contextmanager
+    def _hooks(self) -> Iterator[None]:
+        handles = [
+            self.block.get_submodule(name).register_forward_pre_hook(self._hook(name), with_kwargs=True)
+            for name in self.names
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def run(self, inputs: BlockInputs) -> RecordedInputs:
+        """One pass over all micro-batches; returns what was recorded (and the block outputs)."""
+        with self._hooks():
+            for m in range(len(inputs.hidden_states)):
+                self._batch = m
+                self._shared = {}
+                out = first_output(self.block(inputs.hidden_states[m], **inputs.kwargs[m]))
+                self.recorded.outputs.append(out)
+        self._shared = {}
+        self._concatenate_rows()
+        return self.recorded
+
+    def _concatenate_rows(self) -> None:
+        # Modules that read the same tensor share one concatenated copy.
+        shared: dict[tuple[int, ...], torch.Tensor] = {}
+        for name, pieces in self._rows.items():
+            if not pieces:
+                continue
+            key = tuple(id(p) for p in pieces)
+            if key not in shared:
+                shared[key] = torch.cat(pieces, dim=0)  # (S, K)
+            self.recorded.rows[name] = shared[key]
+        self._rows = {}

@@ -1,0 +1,81 @@
+"""Clip search: shrink each weight group's range where that lowers the layer's output error.
+
+Rounding error grows with a group's range, so clipping a few outlying weights
+can pay for itself. For every output channel ``n`` and input group ``g``
+independently, the max range ``m = max|w|`` is shrunk over
+``m * (1 - i / n_grid)`` for ``i < max_shrink * n_grid``; the weights are
+clamped to ``[-c, c]``, fake-quantized with the reference quantizer, and the
+shrink that minimises the error of that group's partial dot product is kept
+(the llm-awq / AutoAWQ objective)::
+
+    err[n, g] = mean_t (x_tg . (q_ng - w_ng))^2 = d_ng^T C_g d_ng,   C_g = mean_t x_tg x_tg^T
+
+llm-awq evaluates it on 512 sampled tokens by materialising ``[T, N, K/G]``
+partial outputs. The quadratic form on the right is the same number computed
+from the per-group Gram matrices ``C_g`` ``[G, G]``, which are accumulated
+over all calibration tokens during the block's forward pass: the search then
+costs ``O(N * K * G)`` per grid step whatever the token count, so it can use
+every token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from awq_plugin.quant_ref import resolve_group_size
+
+
+def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Sum over tokens of ``x_g x_g^T`` per input group: ``x`` ``[T, K]`` -> ``[K/G, G, G]`` (fp32)."""
+    t, k = x.shape
+    g = resolve_group_size(group_size, k)
+    xg = x.float().reshape(t, k // g, g).permute(1, 2, 0)  # (K/G, G, T)
+    return torch.bmm(xg, xg.transpose(1, 2))  # (K/G, G, G)
+
+
+def rescale_gram(gram: torch.Tensor, s_cols: torch.Tensor) -> torch.Tensor:
+    """The Gram matrices of ``x / s_cols``: ``C[g, i, j] / (s_i s_j)``."""
+    n_groups, g, _ = gram.shape
+    inv = (1.0 / s_cols.to(gram.dtype)).reshape(n_groups, g)  # (K/G, G)
+    return gram * inv[:, :, None] * inv[:, None, :]
+
+
+def partial_output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``d_ng^T C_g d_ng`` for ``delta`` ``[N, K]`` and mean Gram ``[K/G, G, G]``: ``[N, K/G]``."""
+    n = delta.shape[0]
+    n_groups, g, _ = gram.shape
+    d = delta.to(gram.dtype).reshape(n, n_groups, g).transpose(0, 1)  # (K/G, N, G)
+    return (torch.bmm(d, gram) * d).sum(dim=-1).t()  # (N, K/G)
+
+
+@torch.no_grad()
+def search_clip_max(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
+    """Best clip bound per output channel and group: ``[N, K/G]`` fp32.
+
+    ``weight`` ``[N, K]``; ``gram`` ``[K/G, G, G]`` the mean per-group Gram
+    matrix of the layer's (already scaled) inputs, see :func:`group_gram`;
+    ``fake_quantize`` the reference quantizer for ``[N, K]`` weights.
+    """
+    w = weight.float()
+    n, k = w.shape
+    n_groups, g, _ = gram.shape
+    org_max = w.reshape(n, n_groups, g).abs().amax(dim=-1)  # (N, K/G)
+    best = org_max.clone()
+    min_err = torch.full_like(org_max, float("inf"))
+    for i in range(int(max_shrink * n_grid)):
+        max_val = org_max * (1 - i / n_grid)  # (N, K/G)
+        c = max_val[:, :, None]  # (N, K/G, 1)
+        clipped = torch.maximum(torch.minimum(w.reshape(n, n_groups, g), c), -c).reshape(n, k)
+        err = partial_output_error(fake_quantize(clipped) - w, gram).float()  # (N, K/G)
+        better = err < min_err
+        min_err = torch.where(better, err, min_err)
+        best = torch.where(better, max_val, best)
+    return best.contiguous()

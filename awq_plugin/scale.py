@@ -1,0 +1,79 @@
+"""Apply-scale: fold an AWQ scale into a block so that its full-precision output is unchanged.
+
+For a scaling group with scale ``s`` (one value per channel of ``prev_op``'s
+output), ``prev_op``'s output is divided by ``s`` and the consuming linears'
+input columns are multiplied by ``s``: ``W diag(s) (x / s) = W x``. All
+arithmetic is done in fp32 and written back in each parameter's own dtype, so
+re-applying saved scales to a fresh copy gives the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from awq_plugin.templates import ScalingGroup
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
+def fold_scales_into_norm(norm: nn.Module, s: torch.Tensor, weight_offset: float = 0.0) -> None:
+    """Divide a norm's output by ``s``: ``weight`` (and ``bias``, LayerNorm) per channel.
+
+    ``weight_offset`` is 1 for norms computing ``x_hat * (1 + weight)`` (Gemma):
+    the new weight is ``(1 + weight) / s - 1``.
+    """
+    s = s.float()
+    _set(norm.weight, (norm.weight.float() + weight_offset) / s - weight_offset)
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        _set(bias, bias.float() / s)
+
+
+@torch.no_grad()
+def fold_scales_into_linear_rows(prev: nn.Linear, s: torch.Tensor) -> None:
+    """Divide the LAST ``len(s)`` output rows (and bias entries) of a linear by ``s``.
+
+    For an unfused linear that is every row; for a fused one (qkv, gate_up) it is
+    the trailing part that feeds the scaled layers (v, up).
+    """
+    n = s.numel()
+    s = s.float()
+    rows = prev.weight.data[-n:]  # (n, K) view of the trailing rows
+    _set(rows, rows.float() / s[:, None])
+    if prev.bias is not None:
+        tail = prev.bias.data[-n:]
+        _set(tail, tail.float() / s)
+
+
+@torch.no_grad()
+def scale_linear_inputs(linears: list[nn.Linear], s_cols: torch.Tensor) -> None:
+    """Multiply every linear's input columns by ``s_cols`` ``[in_features]``."""
+    s_cols = s_cols.float()
+    for linear in linears:
+        _set(linear.weight, linear.weight.float() * s_cols[None, :])
+
+
+def apply_group_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
+    """Fold ``s`` ``[group.n_scales]`` into ``group.prev_op`` and ``group.layers`` of ``block``."""
+    if s.shape != (group.n_scales,):
+        raise ValueError(f"group {group.name}: expected {group.n_scales} scales, got shape {tuple(s.shape)}")
+    prev = block.get_submodule(group.prev_op)
+    if group.prev_op_is_linear:
+        fold_scales_into_linear_rows(prev, s)
+    else:
+        fold_scales_into_norm(prev, s, group.norm_weight_offset)
+    scale_linear_inputs([block.get_submodule(name) for name in group.layers], group.expand_scales(s))
+
+
+@torch.no_grad()
+def clamp_weight(linear: nn.Linear, clip_max: torch.Tensor) -> None:
+    """Clip each weight group to ``[-clip_max, clip_max]`` (``clip_max`` is ``[N, K/G]``)."""
+    n, k = linear.weight.shape
+    groups = clip_max.shape[1]
+    w = linear.weight.float().reshape(n, groups, k // groups)  # (N, K/G, G)
+    c = clip_max.float()[:, :, None]  # (N, K/G, 1)
+    _set(linear.weight, torch.maximum(torch.minimum(w, c), -c).reshape(n, k))

@@ -1,0 +1,305 @@
+"""The AWQ algorithm core on toy models: it helps where outliers exist, its folds are exact, its
+results round-trip, and it is deterministic.
+
+The toy model is a tiny random Llama (hidden 128, 4 heads / 2 KV heads, so the v -> o group uses
+the grouped-query generalisation) whose norm weights are multiplied by 50 on a few channels: the
+input-channel outliers that make plain rounding of the next linears lossy and that AWQ protects.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from awq_plugin.awq import (
+    AwqOptions,
+    AwqResults,
+    BlockAwqResult,
+    apply_awq,
+    apply_awq_block,
+    awq_block_step,
+    run_awq,
+    run_awq_block,
+)
+from awq_plugin.capture import capture_decoder_inputs, forward_block, plan_samples
+from awq_plugin.clip import group_gram, partial_output_error, rescale_gram, search_clip_max
+from awq_plugin.quant_ref import fake_quantize
+from awq_plugin.scale import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
+from awq_plugin.templates import resolve_template
+
+torch.set_num_threads(1)
+
+QUANT = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
+FAST = AwqOptions(n_grid=10, clip_grid=10, search_tokens=None, clip_tokens=256, micro_batch_size=4)
+# fp32 tolerance for "unchanged": every folded weight is rounded once more (relative 2^-24 ~ 6e-8)
+# and dot products over K <= 256 terms accumulate ~sqrt(K) such errors; outputs are O(1-10), so
+# 1e-5 relative / 1e-5 absolute is ~10x above the expected drift and far below any real change.
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_outlier_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 40, 77]] *= 50.0
+            layer.post_attention_layernorm.weight[[5, 64, 100]] *= 50.0
+            layer.mlp.up_proj.weight[[7, 200]] *= 20.0  # outliers in down_proj's input too
+    return model.to(dtype)
+
+
+def calib_ids(n: int = 8, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[nn.Module, object, object]:
+    model = make_outlier_llama()
+    resolved = resolve_template(model)
+    captured = capture_decoder_inputs(model, model.model.layers, calib_ids(), micro_batch_size=4)
+    return model, resolved, captured
+
+
+def test_awq_block_error_is_below_plain_rounding(toy) -> None:
+    model, resolved, captured = toy
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, FAST)
+    assert result.mse_awq < 0.7 * result.mse_rtn
+    for group in result.groups:
+        assert group.loss_awq <= group.loss_rtn
+    assert any(g.alpha for g in result.groups)  # the outliers made a non-trivial scale win
+
+
+def test_whole_model_awq_beats_rtn_on_every_block() -> None:
+    model = make_outlier_llama(seed=1)
+    results = run_awq(model, QUANT, calib_ids(seed=1), options=FAST)
+    assert len(results.blocks) == 2
+    for block in results.blocks:
+        assert block.mse_awq < block.mse_rtn
+
+
+def test_applied_scales_leave_the_fp_block_output_unchanged(toy) -> None:
+    model, resolved, captured = toy
+    inputs = captured.for_layer(0)
+    block = copy.deepcopy(model.model.layers[0])
+    reference = forward_block(block, inputs)
+    result = run_awq_block(
+        block, resolved.block(0), inputs, QUANT, AwqOptions(**{**FAST.to_dict(), "clip": False})
+    )
+    assert all(not torch.all(g.scales == 1) for g in result.groups[:1])
+    for out, ref in zip(forward_block(block, inputs), reference):
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+def test_gqa_v_to_o_fold_is_exact(toy) -> None:
+    model, resolved, captured = toy
+    inputs = captured.for_layer(0)
+    block = copy.deepcopy(model.model.layers[0])
+    group = resolved.block(0).groups[1]
+    assert group.prev_op == "self_attn.v_proj" and group.kv_repeat == 2  # 64 v channels -> 128 o columns
+    reference = forward_block(block, inputs)
+    apply_group_scales(
+        block, group, torch.exp(torch.randn(group.n_scales, generator=torch.Generator().manual_seed(3)))
+    )
+    for out, ref in zip(forward_block(block, inputs), reference):
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_run_save_load_apply_gives_identical_weights(tmp_path, dtype: torch.dtype) -> None:
+    model = make_outlier_llama(dtype=dtype)
+    fresh = copy.deepcopy(model)
+    results = run_awq(model, QUANT, calib_ids(), options=FAST)
+    path = results.save(tmp_path / "awq.safetensors")
+    loaded = AwqResults.load(path)
+    assert loaded.summary() == results.summary() and loaded.quant_config == results.quant_config
+    apply_awq(fresh, loaded)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert a.dtype == dtype and torch.equal(a, b), name
+
+
+def test_block_result_state_round_trip(toy) -> None:
+    model, resolved, captured = toy
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, FAST)
+    tensors, meta = result.to_state()
+    back = BlockAwqResult.from_state(tensors, meta)
+    assert back.mse_awq == result.mse_awq and list(back.clip_max) == list(result.clip_max)
+    # q/k are left out of the clip search, as llm-awq does.
+    assert set(result.clip_max).isdisjoint({"self_attn.q_proj", "self_attn.k_proj"})
+    for a, b in zip(back.groups, result.groups):
+        assert torch.equal(a.scales, b.scales) and a.alpha == b.alpha
+
+
+def test_apply_refuses_results_of_another_template(toy) -> None:
+    model, resolved, captured = toy
+    result = run_awq_block(
+        copy.deepcopy(model.model.layers[0]), resolved.block(0), captured.for_layer(0), QUANT, FAST
+    )
+    result.groups = result.groups[:3]
+    with pytest.raises(ValueError, match="re-run AWQ or use the template"):
+        apply_awq_block(copy.deepcopy(model.model.layers[0]), resolved.block(0), result)
+
+
+def test_results_are_deterministic(toy) -> None:
+    model, resolved, captured = toy
+    options = AwqOptions(**{**FAST.to_dict(), "search_tokens": 64, "clip_tokens": 64})
+    blocks = [copy.deepcopy(model.model.layers[0]) for _ in range(2)]
+    results = [run_awq_block(b, resolved.block(0), captured.for_layer(0), QUANT, options) for b in blocks]
+    assert results[0].mse_awq == results[1].mse_awq
+    for a, b in zip(blocks[0].state_dict().values(), blocks[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_search_subsample_covering_all_tokens_equals_full_search(toy) -> None:
+    model, resolved, captured = toy
+    inputs = captured.for_layer(0)
+    runs = []
+    for count in (None, inputs.n_tokens, 10 * inputs.n_tokens):
+        options = AwqOptions(**{**FAST.to_dict(), "search_tokens": count, "clip_tokens": count})
+        runs.append(
+            run_awq_block(copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, options)
+        )
+    for other in runs[1:]:
+        assert other.mse_awq == runs[0].mse_awq
+        for a, b in zip(other.groups, runs[0].groups):
+            assert torch.equal(a.scales, b.scales)
+        for name in runs[0].clip_max:
+            assert torch.equal(other.clip_max[name], runs[0].clip_max[name])
+
+
+def test_sample_plan_is_seeded_and_nested() -> None:
+    plan = plan_samples([64, 64, 64], search_tokens=50, clip_tokens=20, seed=0)
+    again = plan_samples([64, 64, 64], search_tokens=50, clip_tokens=20, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(plan.search_rows, again.search_rows))
+    assert sum(len(r) for r in plan.search_rows) == 50 and sum(len(r) for r in plan.clip_rows) == 20
+    for search, clip in zip(plan.search_rows, plan.clip_rows):  # the smaller sample is nested
+        assert set(clip.tolist()) <= set(search.tolist())
+    assert len(plan.search_batches) == 1  # one whole micro-batch (64 tokens) covers 50
+    other = plan_samples([64, 64, 64], 50, 20, seed=1)
+    assert any(not torch.equal(a, b) for a, b in zip(plan.search_rows, other.search_rows))
+    assert plan_samples([64, 64], None, None, seed=0).clip_rows is None
+
+
+def test_next_inputs_follow_the_propagation_option(toy) -> None:
+    model, resolved, captured = toy
+    inputs = captured.for_layer(0)
+    fp_out = forward_block(model.model.layers[0], inputs)
+    _, nxt = awq_block_step(copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, FAST)
+    assert all(torch.equal(a, b) for a, b in zip(nxt.hidden_states, fp_out))
+    quantized = AwqOptions(**{**FAST.to_dict(), "propagate": "quantized"})
+    _, nxt_q = awq_block_step(
+        copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, quantized
+    )
+    gap = sum(float((a - b).pow(2).mean()) for a, b in zip(nxt_q.hidden_states, fp_out))
+    assert 0 < gap < 1.0
+
+
+def test_modules_to_not_convert_are_neither_searched_nor_clipped(toy) -> None:
+    model, resolved, captured = toy
+    quant = SimpleNamespace(**{**vars(QUANT), "modules_to_not_convert": ("mlp.down_proj",)})
+    result = run_awq_block(
+        copy.deepcopy(model.model.layers[0]), resolved.block(0), captured.for_layer(0), quant, FAST
+    )
+    assert "mlp.down_proj" not in result.clip_max
+    assert result.groups[3].alpha is None and torch.all(result.groups[3].scales == 1)
+
+
+# ---- the fold helpers, exactly -------------------------------------------------------------
+
+
+def test_gemma_one_plus_weight_norm_fold_is_exact() -> None:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    norm = GemmaRMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.5)
+    x = torch.randn(10, 64)
+    s = torch.exp(torch.randn(64))
+    expected = norm(x) / s
+    fold_scales_into_norm(norm, s, weight_offset=1.0)
+    torch.testing.assert_close(norm(x), expected, **FP32_TOL)
+
+
+def test_layernorm_weight_and_bias_fold_is_exact() -> None:
+    norm = nn.LayerNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_(0, 0.5)
+    x = torch.randn(10, 64)
+    s = torch.exp(torch.randn(64))
+    expected = norm(x) / s
+    fold_scales_into_norm(norm, s)
+    torch.testing.assert_close(norm(x), expected, **FP32_TOL)
+
+
+def test_fused_rows_fold_touches_only_the_last_rows() -> None:
+    fused = nn.Linear(32, 96, bias=True)  # rows [q | k | v] or [gate | up]: the last 48 are scaled
+    before = copy.deepcopy(fused)
+    s = torch.exp(torch.randn(48))
+    fold_scales_into_linear_rows(fused, s)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(fused(x)[:, :48], before(x)[:, :48], rtol=0, atol=0)
+    torch.testing.assert_close(fused(x)[:, 48:], before(x)[:, 48:] / s, **FP32_TOL)
+
+
+def test_phi3_fused_qkv_and_gate_up_folds_keep_the_block_exact() -> None:
+    config = AutoConfig.for_model(
+        "phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    resolved = resolve_template(model)
+    inputs = capture_decoder_inputs(model, model.model.layers, calib_ids(2, 16), 2).for_layer(0)
+    block = model.model.layers[0]
+    reference = forward_block(block, inputs)
+    for group in resolved.block(0).groups:
+        apply_group_scales(block, group, torch.exp(torch.randn(group.n_scales)))
+    for out, ref in zip(forward_block(block, inputs), reference):
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+def test_clip_search_never_increases_the_partial_output_error() -> None:
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=generator)
+    w[:, 5] *= 8  # a few outlying weights make clipping worthwhile
+    x = torch.randn(128, 64, generator=generator)
+
+    def quantize(t: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(t, 4, 32, True)
+
+    gram = group_gram(x, 32).double() / x.shape[0]  # (2, 32, 32)
+    bound = search_clip_max(w, gram, quantize, n_grid=20, max_shrink=0.5)
+    org_max = w.reshape(16, 2, 32).abs().amax(-1)
+    assert bound.shape == (16, 2) and torch.all(bound <= org_max) and torch.all(bound > 0.5 * org_max)
+    c = bound[..., None]  # (16, 2, 1)
+    clipped = torch.maximum(torch.minimum(w.reshape(16, 2, 32), c), -c).reshape(16, 64)
+    err_clip = (x @ quantize(clipped).t() - x @ w.t()).pow(2).mean()
+    err_plain = (x @ quantize(w).t() - x @ w.t()).pow(2).mean()
+    assert err_clip < err_plain
+
+
+def test_gram_form_equals_the_partial_output_error_over_tokens() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 96, generator=generator, dtype=torch.float64)
+    delta = torch.randn(8, 96, generator=generator, dtype=torch.float64)
+    s = torch.exp(torch.randn(96, generator=generator, dtype=torch.float64))
+    direct = ((x / s).reshape(200, 1, 3, 32) * delta.reshape(1, 8, 3, 32)).sum(-1).pow(2).mean(0)  # (8, 3)
+    gram = rescale_gram(group_gram(x, 32).double() / 200, s)
+    torch.testing.assert_close(partial_output_error(delta, gram), direct, rtol=1e-5, atol=1e-8)
