@@ -125,7 +125,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[st
         if not isinstance(info, dict):
             raise CheckpointError(f"{where} has no description")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise CheckpointError(f"{where} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CheckpointError(f"{where} has an invalid shape {shape!r}")
@@ -166,9 +166,11 @@ class SafetensorsReader:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index} has no 'weight_map' object")
-            shards = sorted({str(v) for v in weight_map.values()})
-            for shard in set(weight_map.values()):
-                if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if "/" in shard or "\\" in shard or shard.startswith("."):
                     raise CheckpointError(f"{index} names an invalid shard file {shard!r}")
                 if not (self.folder / shard).is_file():
                     raise CheckpointError(
