@@ -6,6 +6,12 @@ nor transformers. Heavy pieces load on first use.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from typing import Any
+
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import (
     AwqPluginError,
@@ -19,6 +25,7 @@ from awq_plugin.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AwqConfig",
     "AwqPluginError",
     "AwqQuantConfig",
     "CalibrationError",
@@ -28,3 +35,62 @@ __all__ = [
     "TemplateError",
     "__version__",
 ]
+
+
+# ---- transformers integration, activated lazily -------------------------------------------------
+# transformers finds quantizers only in the dicts of ``transformers.quantizers.auto`` (it has no
+# entry points), so the plugin must put its "awq" quantizer there itself -- yet importing
+# transformers here would make ``import awq_plugin`` slow. Python has no post-import hook, so a
+# one-shot finder on sys.meta_path waits for that module (every ``from_pretrained`` imports it),
+# lets the usual loader load it, then imports ``awq_plugin.integrations.transformers``, which
+# activates itself on import. If transformers got there first, it is imported right away.
+_HF_REGISTRY = "transformers.quantizers.auto"
+_HF_INTEGRATION = "awq_plugin.integrations.transformers"
+
+
+def _import_hf_integration() -> None:
+    try:
+        importlib.import_module(_HF_INTEGRATION)
+    except Exception as exc:  # never break the user's transformers: keep its own "awq" and say why
+        warnings.warn(f"awq_plugin: transformers integration not activated: {exc!r}", stacklevel=2)
+
+
+class _ThenActivate(importlib.abc.Loader):
+    """Runs a module's own loader, then imports the transformers integration."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        _import_hf_integration()
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... stay the real loader's
+        return getattr(self.loader, name)
+
+
+class _WaitForTransformers(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _HF_REGISTRY:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenActivate(spec.loader)
+        return spec
+
+
+if _HF_REGISTRY in sys.modules:
+    _import_hf_integration()
+elif not any(isinstance(f, _WaitForTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _WaitForTransformers())
+
+
+def __getattr__(name: str) -> Any:
+    # ``from awq_plugin import AwqConfig`` imports transformers only when asked for.
+    if name == "AwqConfig":
+        return importlib.import_module(_HF_INTEGRATION).AwqConfig
+    raise AttributeError(f"module 'awq_plugin' has no attribute {name!r}")

@@ -133,7 +133,8 @@ def quantize_model(
             tensors = pack_linear(linear, quant)
             packed = AwqPacked(tensors["qweight"], tensors["qzeros"], tensors["scales"])
             bias = linear.bias.detach() if linear.bias is not None else None
-            replace_module(block, name, AwqLinear.from_packed(packed, bias, backend=backend))
+            new = AwqLinear.from_packed(packed, bias, backend=backend).to(linear.weight.device)
+            replace_module(block, name, new)
     return model
 
 

@@ -12,7 +12,8 @@ import sys
 
 
 def main() -> int:
-    request = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as handle:
+        request = json.load(handle)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
