@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from awq_plugin.errors import AwqPluginError
 
@@ -150,12 +150,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    runners: dict[str, Callable[[list[str]], int]] = {}
-    if args.what == "kernels":
-        from awq_plugin.bench_kernels import main as bench_kernels
+    import importlib
 
-        runners["kernels"] = bench_kernels
-    return runners[args.what](args.rest)
+    module = importlib.import_module(BENCHMARKS[args.what])
+    return module.main(args.rest)
+
+
+BENCHMARKS = {
+    "kernels": "awq_plugin.bench_kernels",  # INT4 GEMM vs dense bf16, aten int4, vLLM's kernel
+    "serve": "awq_plugin.bench_serve",  # vllm serve throughput: plugin vs built-in AWQ vs bf16
+    "generate": "awq_plugin.bench_generate",  # transformers generate(): AWQ vs fp32 and bf16
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON and draw a PNG")
     p.add_argument(
-        "what", choices=["kernels"], help="kernels: INT4 GEMM against dense bf16, aten int4 and vLLM"
+        "what",
+        choices=sorted(BENCHMARKS),
+        help="kernels, serve or generate (each takes --json OUT, --png OUT)",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     p.set_defaults(func=_cmd_bench)
