@@ -394,8 +394,6 @@ def test_vllm_greedy_matches_transformers(
     ``stock``: vLLM's own AWQ path (plugins off) reads the saved format. ``plugin``: this
     package's vLLM integration; the two integrations must agree.
     """
-    if engine == "plugin" and importlib.util.find_spec("awq_plugin.integrations.vllm") is None:
-        pytest.skip("the vLLM plugin (integrations/vllm.py) is not there")
     _, out = quantized_on_load
     model = load(out, quantization_config=AwqConfig(backend="reference"))
     reference = reference_greedy(model, VLLM_PROMPTS, NEW_TOKENS)

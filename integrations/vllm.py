@@ -1,0 +1,491 @@
+"""vLLM integration: serve AWQ checkpoints with this package's config, linear method and kernels.
+
+How a checkpoint reaches our code
+---------------------------------
+vLLM calls :func:`register` (the ``vllm.general_plugins`` entry point ``awq``) in every
+process it starts. ``register`` adds :class:`AwqPluginConfig` through vLLM's public
+``register_quantization_config`` under our own name ``awq_plugin`` and under the three
+built-in AWQ names (see :data:`BUILTIN_AWQ_NAMES`). Then both ways of starting a server
+end in our config:
+
+- ``vllm serve DIR`` (``quant_method: "awq"`` in config.json) and
+  ``vllm serve DIR --quantization awq``: vLLM asks every config's
+  ``override_quantization_method`` which method owns the checkpoint, custom configs
+  first. Ours claims every AWQ checkpoint and answers ``awq_plugin``. Without it vLLM's
+  ``AutoAWQConfig`` would answer ``auto_awq`` on GPUs, and on CPU no override fires and the
+  checkpoint's own name ``awq`` is used.
+- Routes that look a config up by a built-in name without asking the overrides (for
+  instance ``--quantization awq`` on a checkpoint whose AWQ settings live only in
+  ``quant_config.json``) find our class because it is registered under those names too.
+
+With ``VLLM_PLUGINS=""`` the entry point is not loaded, nothing of this package is
+imported, and vLLM's built-in AWQ path runs: that is how the two are compared.
+
+Laziness
+--------
+Importing this module imports nothing from vLLM or from our kernels: vLLM loads general
+plugins early in each process, before it needs its layer modules. The vLLM-facing classes
+:class:`AwqPluginConfig` and :class:`AwqPluginLinearMethod` are assembled on first access
+(a module ``__getattr__``, PEP 562) from the plain classes :class:`_ConfigImpl` and
+:class:`_LinearMethodImpl`, which hold all the logic, and vLLM's base classes. They keep
+importable names, so vLLM can pickle the config into its engine process.
+
+Kernel choice
+-------------
+:func:`choose_kernel` is a pure function of the platform, ``AWQ_PLUGIN_KERNEL`` and two
+capability flags; see its docstring. Only the CPU branches run on the machines this
+project is tested on; the CUDA/ROCm branches are written to the vLLM APIs and kept short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from awq_plugin.config import AwqQuantConfig
+from awq_plugin.errors import ConfigError
+
+#: The name vLLM shows for our method (``ModelConfig.quantization``).
+PLUGIN_QUANT_NAME = "awq_plugin"
+#: vLLM's own names for AWQ checkpoints. We register our config under them as well, which
+#: replaces vLLM's ``AutoAWQConfig`` for them in this process: that is the point, every
+#: route vLLM takes for an AWQ checkpoint must end in our config. ``VLLM_PLUGINS=""``
+#: restores the built-in behaviour.
+BUILTIN_AWQ_NAMES = ("awq", "awq_marlin", "auto_awq")
+#: ``--quantization`` values we accept for an AWQ checkpoint (None: not given).
+_CLAIMABLE_USER_QUANT = (None, PLUGIN_QUANT_NAME, "marlin", *BUILTIN_AWQ_NAMES)
+
+#: Same variable as ``awq_plugin.kernels.KERNEL_ENV``; here it also accepts ``marlin``.
+KERNEL_ENV = "AWQ_PLUGIN_KERNEL"
+#: ``marlin`` means vLLM's own AWQ linear method, whose ``choose_mp_linear_kernel`` picks
+#: Marlin on CUDA GPUs that support it (and its CPU/XPU WNA16 kernels elsewhere).
+KERNELS = ("cpu", "triton", "marlin", "reference")
+_GPU_PLATFORMS = ("cuda", "rocm")
+
+PACK_FACTOR = 8  # int4 values per int32, along the output dimension in the AWQ layout
+
+log = logging.getLogger("vllm.awq_plugin")  # a child of vLLM's logger: shows in server logs
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (no vLLM)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel runs the quantized linears of this process, and why."""
+
+    kernel: str  # one of KERNELS
+    reason: str
+
+
+def choose_kernel(
+    platform: str, env_value: str | None, *, cpu_kernel_ok: bool, marlin_ok: bool
+) -> KernelChoice:
+    """Pick the kernel for one layer: a pure function of its inputs (tested per case).
+
+    ``platform``: ``"cpu"``, ``"cuda"``, ``"rocm"`` or another vLLM device type.
+    ``env_value``: ``AWQ_PLUGIN_KERNEL`` (``None``, ``""`` and ``"auto"`` mean auto).
+    ``cpu_kernel_ok``: our AVX-512 VNNI kernel runs on this CPU.
+    ``marlin_ok``: vLLM's Marlin supports this GPU, quant type, group size and layer shape.
+
+    Auto: CPU -> ``cpu`` (or vLLM's own ``marlin`` route, whose CPU kernel beats our
+    reference, where ours cannot run); CUDA/ROCm -> ``marlin`` where supported, else our
+    ``triton``; other platforms -> vLLM's own route. A forced value must suit the platform.
+    """
+    wanted = (env_value or "").strip().lower()
+    if wanted not in ("", "auto"):
+        if wanted not in KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={env_value!r} is not one of auto, {', '.join(KERNELS)}")
+        if wanted == "cpu" and platform != "cpu":
+            raise ValueError(f"{KERNEL_ENV}=cpu needs the CPU platform; this is {platform!r}")
+        if wanted == "triton" and platform not in _GPU_PLATFORMS:
+            raise ValueError(f"{KERNEL_ENV}=triton needs a CUDA or ROCm GPU; this is {platform!r}")
+        return KernelChoice(wanted, f"forced by {KERNEL_ENV}")
+    if platform == "cpu":
+        if cpu_kernel_ok:
+            return KernelChoice("cpu", "CPU with AVX-512 VNNI: the awq-plugin C++ kernel")
+        return KernelChoice("marlin", "CPU without AVX-512 VNNI: vLLM's own WNA16 CPU kernel")
+    if platform in _GPU_PLATFORMS:
+        if marlin_ok:
+            return KernelChoice("marlin", f"{platform}: vLLM's Marlin supports this GPU and layer")
+        return KernelChoice("triton", f"{platform}: Marlin unsupported here, the awq-plugin Triton kernel")
+    return KernelChoice("marlin", f"{platform}: vLLM's own mixed-precision kernel selection")
+
+
+@dataclass(frozen=True)
+class AwqShardShapes:
+    """Shapes of one rank's AWQ tensors for a (possibly merged, possibly sharded) linear."""
+
+    qweight: tuple[int, int]  # int32 (K_part, N_part / 8)
+    qzeros: tuple[int, int]  # int32 (K_part / G, N_part / 8)
+    scales: tuple[int, int]  # fp16  (K_part / G, N_part)
+    group_size: int  # G, with per-channel (-1) resolved to the full K
+
+
+def awq_shard_shapes(
+    layer_name: str,
+    input_size: int,
+    input_size_per_partition: int,
+    output_partition_sizes: list[int],
+    group_size: int,
+) -> AwqShardShapes:
+    """The AWQ tensor shapes of one tensor-parallel shard, or a clear error naming the layer.
+
+    Column-parallel shards split N: each logical output (q/k/v, gate/up) must stay a
+    multiple of 8 to keep whole int32 words. Row-parallel shards split K: each shard must
+    hold whole quantization groups, or one group's scale and zero would serve two ranks.
+    """
+    g = input_size if group_size == -1 else group_size
+    if input_size % g != 0:
+        raise ValueError(
+            f"AWQ layer '{layer_name}': input size {input_size} is not a multiple of the group size {g}"
+        )
+    if input_size_per_partition % g != 0:
+        raise ValueError(
+            f"AWQ layer '{layer_name}': tensor parallelism gives each rank {input_size_per_partition} "
+            f"of its {input_size} input channels, which splits a quantization group of {g} "
+            f"({input_size // g} groups in all). Use a tensor-parallel size that divides the "
+            "group count, or a checkpoint with a smaller group size."
+        )
+    for size in output_partition_sizes:
+        if size % PACK_FACTOR != 0:
+            raise ValueError(
+                f"AWQ layer '{layer_name}': an output shard of {size} channels is not a multiple of "
+                f"{PACK_FACTOR}, so it cannot hold whole packed int32 words (output partitions "
+                f"{output_partition_sizes}); use a smaller tensor-parallel size"
+            )
+    n = sum(output_partition_sizes)
+    groups = input_size_per_partition // g
+    return AwqShardShapes(
+        qweight=(input_size_per_partition, n // PACK_FACTOR),
+        qzeros=(groups, n // PACK_FACTOR),
+        scales=(groups, n),
+        group_size=g,
+    )
+
+
+def read_awq_config(raw: dict[str, Any]) -> AwqQuantConfig:
+    """Our config from a checkpoint's quantization config, refusing what we cannot serve."""
+    try:
+        quant = AwqQuantConfig.from_dict(raw, strict=False)
+        quant.check_packable()  # 4-bit, GEMM layout: the only ones our kernels read
+    except ConfigError as exc:
+        raise ValueError(f"awq-plugin cannot serve this checkpoint: {exc}") from None
+    if raw.get("lm_head"):
+        raise ValueError("awq-plugin cannot serve this checkpoint: a quantized lm_head is not supported")
+    return quant
+
+
+_logged_kernels: set[str] = set()
+
+
+def _log_kernel_once(choice: KernelChoice) -> None:
+    """One line per kernel and process: the serving tests read it from the server log."""
+    if choice.kernel not in _logged_kernels:
+        _logged_kernels.add(choice.kernel)
+        log.info("awq-plugin: AwqPluginLinearMethod using kernel '%s' (%s)", choice.kernel, choice.reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# The logic of the vLLM classes (plain classes; vLLM's bases are added in _vllm_classes)
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConfigImpl:
+    """Body of :class:`AwqPluginConfig` (vLLM's ``QuantizationConfig`` contract)."""
+
+    packed_modules_mapping: dict[str, list[str]]
+
+    def __init__(self, quant: AwqQuantConfig, raw: dict[str, Any]) -> None:
+        super().__init__()  # QuantizationConfig.__init__ sets packed_modules_mapping
+        self.quant = quant
+        self.raw = dict(raw)
+        self.modules_to_not_convert = list(quant.modules_to_not_convert)
+
+    def __repr__(self) -> str:
+        return f"AwqPluginConfig({self.quant!r})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return PLUGIN_QUANT_NAME
+
+    def get_supported_act_dtypes(self) -> list[Any]:
+        import torch
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return [torch.float32, torch.bfloat16, torch.float16]
+        return [torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # Turing: the oldest GPU our Triton kernel and vLLM's AWQ kernels target
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        # AutoAWQ's side files, read when config.json has no quantization_config.
+        return ["quant_config.json", "quantize_config.json"]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        return cls(read_awq_config(config), config)
+
+    @classmethod
+    def override_quantization_method(
+        cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None
+    ) -> str | None:
+        # vLLM asks custom configs before its own, so answering here takes the checkpoint away
+        # from AutoAWQConfig (which would answer "auto_awq" on GPUs) for plain `vllm serve DIR`
+        # and for `--quantization awq` / `awq_marlin` / `auto_awq` alike.
+        if str(hf_quant_cfg.get("quant_method", "")).lower() != "awq":
+            return None
+        return PLUGIN_QUANT_NAME if user_quant in _CLAIMABLE_USER_QUANT else None
+
+    def get_quant_method(self, layer: Any, prefix: str) -> Any:
+        from vllm.model_executor.layers.fused_moe import RoutedExperts
+        from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+        from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+        if isinstance(layer, LinearBase):
+            # Substring match, as AwqQuantConfig.skips_module; the mapping lets a merged
+            # qkv_proj / gate_up_proj be skipped when its checkpoint parts are listed.
+            if is_layer_skipped(
+                prefix, self.modules_to_not_convert, self.packed_modules_mapping, match_mode="substring"
+            ):
+                return UnquantizedLinearMethod()
+            return _vllm_classes()["AwqPluginLinearMethod"](self)
+        if isinstance(layer, RoutedExperts):
+            # MoE experts: vLLM's own AWQ MoE method; we have no fused-MoE kernel to offer.
+            return self.vllm_awq_config().get_quant_method(layer, prefix)
+        # Anything else, notably ParallelLMHead (lm_head, tied or not) and embeddings: None
+        # makes vLLM use its unquantized method; AWQ checkpoints keep them in fp16.
+        return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        # Models that rename modules on load (e.g. "model." -> "language_model.model.") rename
+        # the skip list too, or it would never match.
+        if self.modules_to_not_convert:
+            self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)
+
+    def vllm_awq_config(self) -> Any:
+        """vLLM's ``AutoAWQConfig`` for the same settings: the routes we reuse rather than rewrite."""
+        from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+
+        cfg = AutoAWQConfig(
+            weight_bits=self.quant.bits,
+            group_size=self.quant.group_size,
+            zero_point=self.quant.zero_point,
+            lm_head_quantized=False,
+            modules_to_not_convert=list(self.modules_to_not_convert),
+            full_config={**self.raw, "quant_method": "awq"},
+        )
+        cfg.packed_modules_mapping = self.packed_modules_mapping
+        return cfg
+
+
+class _LinearMethodImpl:
+    """Body of :class:`AwqPluginLinearMethod` (vLLM's ``LinearMethodBase`` contract).
+
+    For the ``marlin`` kernel every call is forwarded to vLLM's own AWQ method for the layer
+    (Marlin through ``choose_mp_linear_kernel``); otherwise weights are created in the
+    checkpoint layout, repacked once after loading and run by ``torch.ops.awq_plugin.awq_gemm``.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.kernel: str | None = None  # decided in create_weights
+        self.delegate: Any = None  # vLLM's method when kernel == "marlin"
+
+    def create_weights(
+        self,
+        layer: Any,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: Any,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        import torch
+        from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter
+
+        name = getattr(layer, "prefix", "") or type(layer).__name__
+        shapes = awq_shard_shapes(
+            name, input_size, input_size_per_partition, output_partition_sizes, self.config.quant.group_size
+        )
+        choice = self._choose(layer, shapes.group_size)
+        _log_kernel_once(choice)
+        self.kernel = choice.kernel
+        if self.kernel == "marlin":
+            self.delegate = self.config.vllm_awq_config().get_quant_method(layer, name)
+            self.delegate.create_weights(
+                layer,
+                input_size_per_partition,
+                output_partition_sizes,
+                input_size,
+                output_size,
+                params_dtype,
+                **extra_weight_attrs,
+            )
+            return
+        loader = extra_weight_attrs["weight_loader"]
+        # The checkpoint layout packs 8 outputs per int32 along N (packed_dim=1): vLLM's
+        # parameter classes then divide the q/k/v and gate/up offsets by 8 when loading merged
+        # layers, narrow N for column-parallel shards and K (input_dim=0) for row-parallel ones.
+        packed = dict(
+            input_dim=0, output_dim=1, packed_dim=1, packed_factor=PACK_FACTOR, weight_loader=loader
+        )
+        qweight = PackedvLLMParameter(data=torch.empty(shapes.qweight, dtype=torch.int32), **packed)
+        qzeros = PackedvLLMParameter(data=torch.empty(shapes.qzeros, dtype=torch.int32), **packed)
+        # Scales stay fp16 as stored: casting them to a bf16 params_dtype would round them.
+        scales = GroupQuantScaleParameter(
+            data=torch.empty(shapes.scales, dtype=torch.float16),
+            input_dim=0,
+            output_dim=1,
+            weight_loader=loader,
+        )
+        layer.register_parameter("qweight", qweight)
+        layer.register_parameter("qzeros", qzeros)
+        layer.register_parameter("scales", scales)
+        layer.awq_group_size = shapes.group_size
+
+    def _choose(self, layer: Any, group_size: int) -> KernelChoice:
+        """Gather the platform facts for :func:`choose_kernel` (the only impure part)."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            platform = "cpu"
+        elif current_platform.is_rocm():
+            platform = "rocm"
+        elif current_platform.is_cuda():
+            platform = "cuda"
+        else:
+            platform = str(current_platform.device_type)
+        return choose_kernel(
+            platform,
+            os.environ.get(KERNEL_ENV),
+            cpu_kernel_ok=platform == "cpu" and _cpu_kernel_ok(),
+            marlin_ok=platform in _GPU_PLATFORMS and _marlin_ok(layer, self.config.quant, group_size),
+        )
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        if self.delegate is not None:
+            self.delegate.process_weights_after_loading(layer)
+            return
+        from vllm.model_executor.layers.quantization.utils import replace_parameter
+
+        from awq_plugin.kernels import prepare_awq_weight
+
+        weight = prepare_awq_weight(
+            layer.qweight.data,
+            layer.qzeros.data,
+            layer.scales.data,
+            layer.awq_group_size,
+            backend=self.kernel,
+        )
+        # Swap the checkpoint tensors for the kernel's layout (repacked once, here), and keep
+        # the weight object pointing at the registered parameters for apply().
+        replace_parameter(layer, "qweight", weight.qweight)
+        replace_parameter(layer, "qzeros", weight.qzeros)
+        replace_parameter(layer, "scales", weight.scales)
+        layer.awq_weight = dataclasses.replace(
+            weight, qweight=layer.qweight, qzeros=layer.qzeros, scales=layer.scales
+        )
+
+    def apply(self, layer: Any, x: Any, bias: Any = None) -> Any:
+        if self.delegate is not None:
+            return self.delegate.apply(layer, x, bias)
+        from awq_plugin.kernels import awq_linear
+
+        return awq_linear(x, layer.awq_weight, bias)  # x (..., K) -> (..., N) in x's dtype
+
+
+def _cpu_kernel_ok() -> bool:
+    from awq_plugin.kernels import cpu_kernel_available
+
+    return cpu_kernel_available()  # builds the C++ kernel once (cached on disk)
+
+
+def _marlin_ok(layer: Any, quant: AwqQuantConfig, group_size: int) -> bool:
+    """vLLM's own Marlin checks for this GPU, quant type and layer (GPU only; unrun here)."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        check_marlin_supported,
+        check_marlin_supports_layer,
+    )
+    from vllm.scalar_type import scalar_types
+
+    return check_marlin_supported(
+        scalar_types.uint4, quant.group_size, quant.zero_point
+    ) and check_marlin_supports_layer(layer, group_size, allow_tile_padding=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM classes, assembled on first use
+# ---------------------------------------------------------------------------------------------
+
+_VLLM_CLASS_NAMES = ("AwqPluginConfig", "AwqPluginLinearMethod")
+
+
+@functools.cache
+def _vllm_classes() -> dict[str, type]:
+    """Combine the logic above with vLLM's base classes (imports vLLM; once per process)."""
+    from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    def make(name: str, impl: type, base: type) -> type:
+        # __module__/__qualname__ make the class importable by name (pickling the config
+        # into vLLM's engine process resolves it through this module's __getattr__).
+        return type(
+            name, (impl, base), {"__module__": __name__, "__qualname__": name, "__doc__": impl.__doc__}
+        )
+
+    config_cls = make("AwqPluginConfig", _ConfigImpl, QuantizationConfig)
+    # vLLM hands weight_loader_v2 (the one that understands its parameter classes and TP
+    # shards) only to linear methods whose class name is on this list.
+    method_cls = register_weight_loader_v2_supported_method(
+        make("AwqPluginLinearMethod", _LinearMethodImpl, LinearMethodBase)
+    )
+    return {"AwqPluginConfig": config_cls, "AwqPluginLinearMethod": method_cls}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VLLM_CLASS_NAMES:
+        return _vllm_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+_register_lock = threading.Lock()
+_registered = False
+
+
+def register() -> None:
+    """Register :class:`AwqPluginConfig` with vLLM (the ``vllm.general_plugins`` entry point).
+
+    Idempotent: vLLM calls it once in each of its processes, tests may call it again.
+    """
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        from vllm.model_executor.layers.quantization import register_quantization_config
+
+        config_cls = _vllm_classes()["AwqPluginConfig"]
+        # Our own name, plus the built-in AWQ names: see BUILTIN_AWQ_NAMES for why we take them.
+        for name in (PLUGIN_QUANT_NAME, *BUILTIN_AWQ_NAMES):
+            register_quantization_config(name)(config_cls)
+        _registered = True
+        log.info(
+            "awq-plugin: registered AwqPluginConfig for quantization %s",
+            ", ".join((PLUGIN_QUANT_NAME, *BUILTIN_AWQ_NAMES)),
+        )
