@@ -19,8 +19,10 @@ re-applies a saved :class:`BlockAwqResult` to a fresh full-precision block and
 produces the same bits.
 
 Everything runs in fp32 on the block's device (a block stored in fp16/bf16 is
-upcast for the duration and cast back at the end) and is deterministic: the
-samples come from a seeded generator and all reductions run in a fixed order.
+upcast for the duration and cast back at the end), except the forward passes
+that score scale candidates, which run a copy of the inspected module in
+``AwqOptions.search_dtype``. It is deterministic: the samples come from a
+seeded generator and all reductions run in a fixed order.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
+from tqdm.auto import tqdm
 
 from awq_plugin.capture import (
     BlockInputs,
@@ -49,6 +52,7 @@ from awq_plugin.capture import (
     plan_samples,
 )
 from awq_plugin.clip import search_clip_max
+from awq_plugin.errors import CheckpointError, ConfigError, TemplateError
 from awq_plugin.fsutil import atomic_write_bytes
 from awq_plugin.quant_ref import fake_quantize
 from awq_plugin.scale import apply_group_scales, clamp_weight
@@ -103,21 +107,21 @@ class AwqOptions:
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
-            raise ValueError(f"n_grid and clip_grid must be >= 1, got {self.n_grid} and {self.clip_grid}")
+            raise ConfigError(f"n_grid and clip_grid must be >= 1, got {self.n_grid} and {self.clip_grid}")
         if not 0.0 <= self.max_shrink < 1.0:
-            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+            raise ConfigError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
         for name in ("search_tokens", "clip_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive token count or None (all), got {value}")
+                raise ConfigError(f"{name} must be a positive token count or None (all), got {value}")
         if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+            raise ConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.search_dtype not in SEARCH_DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"search_dtype must be one of {sorted(SEARCH_DTYPES)}, got {self.search_dtype!r}"
             )
         if self.propagate not in PROPAGATE_CHOICES:
-            raise ValueError(f"propagate must be one of {PROPAGATE_CHOICES}, got {self.propagate!r}")
+            raise ConfigError(f"propagate must be one of {PROPAGATE_CHOICES}, got {self.propagate!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +131,7 @@ class AwqOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown AWQ option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown AWQ option(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
 
@@ -240,10 +244,10 @@ class AwqResults:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("awq_results")
             if raw is None:
-                raise ValueError(f"{path} is not an AWQ results file (no 'awq_results' metadata)")
+                raise CheckpointError(f"{path} is not an AWQ results file (no 'awq_results' metadata)")
             header = json.loads(raw)
             if header.get("format") != RESULTS_FORMAT or header.get("version") != RESULTS_VERSION:
-                raise ValueError(
+                raise CheckpointError(
                     f"{path}: unsupported AWQ results format {header.get('format')!r} "
                     f"version {header.get('version')!r} (expected {RESULTS_FORMAT!r} v{RESULTS_VERSION})"
                 )
@@ -315,7 +319,7 @@ def quantized_linear_names(
         k = block.get_submodule(name).in_features
         g = quant_config.group_size
         if g != -1 and k % g != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"linear '{groups.full_name(name)}' has in_features={k}, not a multiple of group_size={g}; "
                 "choose a group size that divides it or list the module in modules_to_not_convert"
             )
@@ -395,13 +399,13 @@ def _check_result_matches(groups: BlockTemplate, result: BlockAwqResult) -> None
     expected = [(g.prev_op, g.layers) for g in groups.groups]
     got = [(g.prev_op, tuple(g.layers)) for g in result.groups]
     if expected != got:
-        raise ValueError(
+        raise TemplateError(
             f"AWQ result for layer {result.layer_index} has groups {got}, but the template gives {expected} "
             f"for {groups.prefix}; re-run AWQ or use the template the results were made with"
         )
     unknown = sorted(set(result.clip_max) - set(groups.linears))
     if unknown:
-        raise ValueError(f"AWQ result for layer {result.layer_index} clips unknown linears {unknown}")
+        raise TemplateError(f"AWQ result for layer {result.layer_index} clips unknown linears {unknown}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,11 +577,13 @@ def run_awq(
     calib_input_ids: torch.Tensor,
     template: str | Path | Mapping[str, Any] | None = None,
     options: AwqOptions | None = None,
+    progress: bool = True,
 ) -> AwqResults:
     """AWQ over a whole in-memory model; the model ends up scaled and clipped (not quantized).
 
     ``calib_input_ids`` ``[n_samples, seq_len]``. For models larger than memory
     use the streaming driver, which calls :func:`awq_block_step` per block.
+    ``progress`` draws a bar over the decoder blocks.
     """
     options = options or AwqOptions()
     resolved = resolve_template(model, template)
@@ -586,7 +592,7 @@ def run_awq(
     captured = capture_decoder_inputs(model, layers, calib_input_ids, options.micro_batch_size)
     hidden = captured.hidden_states
     results = []
-    for i, block in enumerate(layers):
+    for i, block in enumerate(tqdm(layers, desc="AWQ blocks", unit="block", disable=not progress)):
         result, next_inputs = awq_block_step(
             block, resolved.block(i), captured.for_layer(i, hidden), quant_config, options
         )
@@ -607,7 +613,7 @@ def apply_awq(
     resolved = resolve_template(model, template if template is not None else results.template)
     layers = model.get_submodule(resolved.decoder_layers)
     if len(results.blocks) != len(layers):
-        raise ValueError(
+        raise TemplateError(
             f"AWQ results cover {len(results.blocks)} blocks but the model has {len(layers)} layers"
         )
     for block_result in results.blocks:

@@ -85,9 +85,11 @@ def test_awq_block_error_is_below_plain_rounding(toy) -> None:
     assert any(g.alpha for g in result.groups)  # the outliers made a non-trivial scale win
 
 
-def test_whole_model_awq_beats_rtn_on_every_block() -> None:
+@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
+def test_whole_model_awq_beats_rtn_on_every_block(search_dtype: str) -> None:
     model = make_outlier_llama(seed=1)
-    results = run_awq(model, QUANT, calib_ids(seed=1), options=FAST)
+    options = AwqOptions(**{**FAST.to_dict(), "search_dtype": search_dtype})
+    results = run_awq(model, QUANT, calib_ids(seed=1), options=options)
     assert len(results.blocks) == 2
     for block in results.blocks:
         assert block.mse_awq < block.mse_rtn
