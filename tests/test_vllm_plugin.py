@@ -22,7 +22,14 @@ import torch
 from awq_plugin.bench_serve import VllmServer, rtn_quantize, start_vllm_server
 from awq_plugin.integrations import vllm as vllm_plugin
 from awq_plugin.integrations.vllm import KernelChoice, awq_shard_shapes, choose_kernel
-from greedy import NEAR_TIE_NATS, Greedy, first_divergence, reference_greedy, vllm_generate
+from greedy import (
+    NEAR_TIE_NATS,
+    Greedy,
+    assert_same_or_near_tie,
+    first_divergence,
+    reference_greedy,
+    vllm_generate,
+)
 
 # The plugin's method and our CPU kernel, as the plugin logs them (once per process).
 KERNEL_LOG = "awq-plugin: AwqPluginLinearMethod using kernel 'cpu'"
@@ -189,27 +196,6 @@ def offline_greedy(result: dict) -> Greedy:
     """tests/scripts/vllm_generate.py's result (tokens, top-2 logprobs per step) as a Greedy."""
     margins = [[top_two_margin(step) for step in steps] for steps in result["logprobs"]]
     return Greedy(result["tokens"], margins)
-
-
-def assert_divergences_are_near_ties(
-    expected: Greedy, tokens: list[list[int]], threshold: float, what: str
-) -> list[str]:
-    """Each prompt's tokens equal ``expected``'s, or first differ where its top-2 margin < ``threshold``.
-
-    Returns one note per near tie. (greedy.assert_same_or_near_tie with a threshold argument.)
-    """
-    notes = []
-    for i, (want, got) in enumerate(zip(expected.tokens, tokens, strict=True)):
-        at = first_divergence(want, got)
-        if at is None:
-            continue
-        margin = expected.margins[i][at]
-        assert margin < threshold, (
-            f"{what}: prompt {i} diverges at step {at} ({want[at]} vs {got[at]}) where the top-2 margin "
-            f"is {margin:.3f} nats (>= {threshold}): not a rounding near tie\nexpected {want}\n{what} {got}"
-        )
-        notes.append(f"prompt {i}: near tie at step {at} (margin {margin:.3f} nats)")
-    return notes
 
 
 def python_in_subprocess(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -461,7 +447,7 @@ def test_greedy_tokens_match_the_reference_model(
 ) -> None:
     reference = reference_greedy(dense_reference, prompt_ids, NEW_TOKENS)
     served = sequential_greedy(client, server.model, prompt_ids)
-    assert_divergences_are_near_ties(reference, served.tokens, SERVER_VS_REFERENCE_NATS, "server")
+    assert_same_or_near_tie(reference, served.tokens, "server", SERVER_VS_REFERENCE_NATS)
     # Where the tokens agree, the logits must too: the server's top-2 margin at each step is the
     # reference's up to rounding (a wrong kernel would move them by whole nats).
     gaps = [
@@ -482,7 +468,7 @@ def test_32_concurrent_streams_complete_and_match_their_sequential_results(
     with ThreadPoolExecutor(max_workers=32) as pool:
         concurrent = list(pool.map(lambda p: stream_greedy(client, server.model, p), prompts))
     assert all(len(tokens) == NEW_TOKENS for tokens in concurrent)
-    notes = assert_divergences_are_near_ties(sequential, concurrent, CONCURRENCY_NEAR_TIE_NATS, "concurrent")
+    notes = assert_same_or_near_tie(sequential, concurrent, "concurrent", CONCURRENCY_NEAR_TIE_NATS)
     assert len(notes) <= 4, notes  # rare: only batch-dependent rounding can differ
 
 
@@ -502,7 +488,7 @@ def test_tensor_parallel_2_gives_the_greedy_tokens_of_1(tp_model_dir: Path, tmp_
     )
     assert KERNEL_LOG in tp1["log"]
     assert tp2["log"].count(KERNEL_LOG) == 2, "each TP rank must log the plugin's method and kernel"
-    assert_divergences_are_near_ties(offline_greedy(tp1), tp2["tokens"], TP_NEAR_TIE_NATS, "TP=2")
+    assert_same_or_near_tie(offline_greedy(tp1), tp2["tokens"], "TP=2", TP_NEAR_TIE_NATS)
 
 
 def _subdir(parent: Path, name: str) -> Path:
