@@ -51,7 +51,7 @@ from awq_plugin.capture import (
     forward_block,
     plan_samples,
 )
-from awq_plugin.clip import search_clip_max
+from awq_plugin.clip import search_clip_max, search_clip_range
 from awq_plugin.errors import CheckpointError, ConfigError, TemplateError
 from awq_plugin.fsutil import atomic_write_bytes
 from awq_plugin.quant_ref import fake_quantize
@@ -84,6 +84,12 @@ class AwqOptions:
     duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
     clip: bool = True  # run the clip (max-range shrink) search after scaling
     clip_grid: int = 20  # shrink grid: max * (1 - i / clip_grid)
+    # Shrink a group's max and min independently (a 2-D grid) instead of the symmetric
+    # [-c, c] of llm-awq; only meaningful with zero points.
+    clip_asymmetric: bool = True
+    # Also clip the linears a template lists in clip_skip (the q/k projections, which llm-awq
+    # leaves unclipped because their error passes through the softmax).
+    clip_qk: bool = True
     max_shrink: float = 0.5  # smallest range tried is max * (1 - max_shrink) (exclusive)
     # Tokens in the search loss (a fixed seeded subsample; None = all). Statistics always
     # use all tokens. Token-mixing modules (attention) are re-run on whole micro-batches
@@ -158,14 +164,17 @@ class BlockAwqResult:
 
     layer_index: int
     groups: list[GroupScaleResult]
-    clip_max: dict[str, torch.Tensor]  # linear name -> fp32 [N, K/G] clip bound
+    clip_max: dict[str, torch.Tensor]  # linear name -> fp32 [N, K/G] upper clip bound
     mse_rtn: float  # block output MSE vs full precision with plain rounding (sampled batches)
     mse_awq: float  # the same with AWQ scales and clips applied
+    # linear name -> fp32 [N, K/G] lower clip bound (asymmetric clip only; else -clip_max)
+    clip_min: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (names relative to this block) and JSON-able metadata."""
         tensors = {f"scales.{i}": g.scales.contiguous() for i, g in enumerate(self.groups)}
         tensors.update({f"clip.{name}": c.contiguous() for name, c in self.clip_max.items()})
+        tensors.update({f"clip_min.{name}": c.contiguous() for name, c in self.clip_min.items()})
         meta = {
             "layer_index": self.layer_index,
             "groups": [
@@ -179,6 +188,7 @@ class BlockAwqResult:
                 for g in self.groups
             ],
             "clip": list(self.clip_max),
+            "clip_min": list(self.clip_min),
             "mse_rtn": self.mse_rtn,
             "mse_awq": self.mse_awq,
         }
@@ -199,12 +209,14 @@ class BlockAwqResult:
             for i, g in enumerate(meta["groups"])
         ]
         clip_max = {name: tensors[f"clip.{name}"] for name in meta["clip"]}
+        clip_min = {name: tensors[f"clip_min.{name}"] for name in meta.get("clip_min", [])}
         return cls(
             layer_index=meta["layer_index"],
             groups=groups,
             clip_max=clip_max,
             mse_rtn=meta["mse_rtn"],
             mse_awq=meta["mse_awq"],
+            clip_min=clip_min,
         )
 
 
@@ -430,7 +442,9 @@ def awq_block_step(
     with torch.no_grad(), computing_in_float32(block):
         inputs = inputs.to(torch.float32)
         names = quantized_linear_names(block, groups, quant_config)
-        clip_names = [n for n in names if n not in groups.clip_skip] if options.clip else []
+        clip_names = (
+            [n for n in names if options.clip_qk or n not in groups.clip_skip] if options.clip else []
+        )
         plan = plan_samples(
             inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
         )
@@ -454,9 +468,9 @@ def awq_block_step(
         for group, found in zip(groups.groups, searches):
             apply_group_scales(block, group, found.scales)
             recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
-        clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
+        clip_min, clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
         for name, bound in clip_max.items():
-            clamp_weight(block.get_submodule(name), bound)
+            clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
 
         with fake_quantized(block, names, quant_config):
             mse_awq = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
@@ -481,6 +495,7 @@ def awq_block_step(
         clip_max=clip_max,
         mse_rtn=mse_rtn,
         mse_awq=mse_awq,
+        clip_min=clip_min,
     )
     logger.info(
         "layer %d: block output MSE vs fp %.4g (RTN) -> %.4g (AWQ); alphas %s",
@@ -525,18 +540,22 @@ def _search_clips(
     recorded: RecordedInputs,
     quant_config: QuantConfigLike,
     options: AwqOptions,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Clip bounds per linear: (lower bounds, only for the asymmetric search; upper bounds)."""
     quantize = make_fake_quantizer(quant_config)
-    return {
-        name: search_clip_max(
-            block.get_submodule(name).weight,
-            recorded.mean_gram(name),
-            quantize,
-            n_grid=options.clip_grid,
-            max_shrink=options.max_shrink,
-        )
-        for name in names
-    }
+    clip_min: dict[str, torch.Tensor] = {}
+    clip_max: dict[str, torch.Tensor] = {}
+    for name in names:
+        weight, gram = block.get_submodule(name).weight, recorded.mean_gram(name)
+        if options.clip_asymmetric and quant_config.zero_point:
+            clip_min[name], clip_max[name] = search_clip_range(
+                weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink
+            )
+        else:
+            clip_max[name] = search_clip_max(
+                weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink
+            )
+    return clip_min, clip_max
 
 
 def run_awq_block(
@@ -563,7 +582,7 @@ def apply_awq_block(block: nn.Module, groups: BlockTemplate, result: BlockAwqRes
         for group, found in zip(groups.groups, result.groups):
             apply_group_scales(block, group, found.scales.float())
         for name, bound in result.clip_max.items():
-            clamp_weight(block.get_submodule(name), bound)
+            clamp_weight(block.get_submodule(name), bound, result.clip_min.get(name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,3 +79,40 @@ def search_clip_max(
         min_err = torch.where(better, err, min_err)
         best = torch.where(better, max_val, best)
     return best.contiguous()
+
+
+@torch.no_grad()
+def search_clip_range(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best clamp range ``[lo, hi]`` per output channel and group, each ``[N, K/G]`` fp32.
+
+    The asymmetric variant of :func:`search_clip_max` for zero-point
+    quantization, whose grid spans ``[min, max]`` rather than ``[-m, m]``: the
+    group's max and min are shrunk independently, ``max * (1 - i / n_grid)``
+    and ``min * (1 - j / n_grid)`` over the same steps, and every pair
+    ``(i, j)`` is scored with the same partial-output error.
+    """
+    w = weight.float()
+    n, k = w.shape
+    n_groups, g, _ = gram.shape
+    grouped = w.reshape(n, n_groups, g)  # (N, K/G, G)
+    w_max, w_min = grouped.amax(dim=-1), grouped.amin(dim=-1)  # (N, K/G) each
+    best_lo, best_hi = w_min.clone(), w_max.clone()
+    min_err = torch.full_like(w_max, float("inf"))
+    steps = int(max_shrink * n_grid)
+    for i in range(steps):
+        hi = w_max * (1 - i / n_grid)  # (N, K/G)
+        for j in range(steps):
+            lo = w_min * (1 - j / n_grid)  # (N, K/G)
+            clipped = torch.maximum(torch.minimum(grouped, hi[:, :, None]), lo[:, :, None]).reshape(n, k)
+            err = partial_output_error(fake_quantize(clipped) - w, gram).float()  # (N, K/G)
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_lo = torch.where(better, lo, best_lo)
+            best_hi = torch.where(better, hi, best_hi)
+    return best_lo.contiguous(), best_hi.contiguous()

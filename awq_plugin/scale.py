@@ -70,10 +70,11 @@ def apply_group_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -
 
 
 @torch.no_grad()
-def clamp_weight(linear: nn.Linear, clip_max: torch.Tensor) -> None:
-    """Clip each weight group to ``[-clip_max, clip_max]`` (``clip_max`` is ``[N, K/G]``)."""
+def clamp_weight(linear: nn.Linear, clip_max: torch.Tensor, clip_min: torch.Tensor | None = None) -> None:
+    """Clip each weight group to ``[clip_min, clip_max]`` (each ``[N, K/G]``; ``clip_min`` defaults to ``-clip_max``)."""
     n, k = linear.weight.shape
     groups = clip_max.shape[1]
     w = linear.weight.float().reshape(n, groups, k // groups)  # (N, K/G, G)
-    c = clip_max.float()[:, :, None]  # (N, K/G, 1)
-    _set(linear.weight, torch.maximum(torch.minimum(w, c), -c).reshape(n, k))
+    hi = clip_max.float()[:, :, None]  # (N, K/G, 1)
+    lo = -hi if clip_min is None else clip_min.float()[:, :, None]
+    _set(linear.weight, torch.maximum(torch.minimum(w, hi), lo).reshape(n, k))

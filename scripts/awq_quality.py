@@ -57,10 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-grid", type=int, default=AwqOptions.n_grid)
     p.add_argument("--duo-scaling", action="store_true")
     p.add_argument("--no-clip", action="store_true")
+    p.add_argument("--clip-symmetric", action="store_true", help="llm-awq's [-c, c] clip")
+    p.add_argument("--no-clip-qk", action="store_true", help="skip q/k in the clip search (llm-awq)")
     p.add_argument("--clip-grid", type=int, default=AwqOptions.clip_grid)
     p.add_argument("--max-shrink", type=float, default=AwqOptions.max_shrink)
     p.add_argument("--search-tokens", type=int, default=AwqOptions.search_tokens, help="0 = all")
     p.add_argument("--clip-tokens", type=int, default=AwqOptions.clip_tokens, help="0 = all")
+    p.add_argument("--seed", type=int, default=AwqOptions.seed)
     p.add_argument("--micro-batch-size", type=int, default=AwqOptions.micro_batch_size)
     p.add_argument("--propagate", default=AwqOptions.propagate, choices=["fp", "quantized"])
     p.add_argument("--search-dtype", default=AwqOptions.search_dtype, choices=["float32", "bfloat16"])
@@ -76,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         n_grid=args.n_grid,
         duo_scaling=args.duo_scaling,
         clip=not args.no_clip,
+        clip_asymmetric=not args.clip_symmetric,
+        clip_qk=not args.no_clip_qk,
         clip_grid=args.clip_grid,
         max_shrink=args.max_shrink,
         search_tokens=args.search_tokens or None,
         clip_tokens=args.clip_tokens or None,
         micro_batch_size=args.micro_batch_size,
+        seed=args.seed,
         propagate=args.propagate,
         search_dtype=args.search_dtype,
     )

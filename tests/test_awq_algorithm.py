@@ -27,7 +27,13 @@ from awq_plugin.awq import (
     run_awq_block,
 )
 from awq_plugin.capture import capture_decoder_inputs, forward_block, plan_samples
-from awq_plugin.clip import group_gram, partial_output_error, rescale_gram, search_clip_max
+from awq_plugin.clip import (
+    group_gram,
+    partial_output_error,
+    rescale_gram,
+    search_clip_max,
+    search_clip_range,
+)
 from awq_plugin.quant_ref import fake_quantize
 from awq_plugin.scale import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
 from awq_plugin.templates import resolve_template
@@ -142,10 +148,23 @@ def test_block_result_state_round_trip(toy) -> None:
     tensors, meta = result.to_state()
     back = BlockAwqResult.from_state(tensors, meta)
     assert back.mse_awq == result.mse_awq and list(back.clip_max) == list(result.clip_max)
-    # q/k are left out of the clip search, as llm-awq does.
-    assert set(result.clip_max).isdisjoint({"self_attn.q_proj", "self_attn.k_proj"})
+    assert list(back.clip_min) == list(result.clip_min) == list(result.clip_max)  # asymmetric default
     for a, b in zip(back.groups, result.groups):
         assert torch.equal(a.scales, b.scales) and a.alpha == b.alpha
+
+
+def test_clip_qk_option_follows_the_template_clip_skip(toy) -> None:
+    model, resolved, captured = toy
+    qk = {"self_attn.q_proj", "self_attn.k_proj"}
+    assert resolved.block(0).clip_skip == qk
+    runs = {}
+    for clip_qk in (True, False):
+        options = AwqOptions(**{**FAST.to_dict(), "clip_qk": clip_qk, "clip_asymmetric": False})
+        block = copy.deepcopy(model.model.layers[0])
+        runs[clip_qk] = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options)
+        assert not runs[clip_qk].clip_min  # the symmetric (llm-awq) clip stores upper bounds only
+    assert qk <= set(runs[True].clip_max)
+    assert set(runs[False].clip_max) == set(runs[True].clip_max) - qk  # llm-awq's choice
 
 
 def test_apply_refuses_results_of_another_template(toy) -> None:
@@ -305,3 +324,33 @@ def test_gram_form_equals_the_partial_output_error_over_tokens() -> None:
     direct = ((x / s).reshape(200, 1, 3, 32) * delta.reshape(1, 8, 3, 32)).sum(-1).pow(2).mean(0)  # (8, 3)
     gram = rescale_gram(group_gram(x, 32).double() / 200, s)
     torch.testing.assert_close(partial_output_error(delta, gram), direct, rtol=1e-5, atol=1e-8)
+
+
+def test_asymmetric_clip_range_lies_inside_each_group_and_helps() -> None:
+    generator = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 64, generator=generator) + 0.5  # skewed groups: min and max differ
+    w[:, 9] *= 6
+    x = torch.randn(256, 64, generator=generator)
+
+    def quantize(t: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(t, 4, 32, True)
+
+    gram = group_gram(x, 32).double() / x.shape[0]
+    lo, hi = search_clip_range(w, gram, quantize, n_grid=20, max_shrink=0.5)
+    grouped = w.reshape(16, 2, 32)  # (N, K/G, G)
+    assert torch.all(lo >= grouped.amin(-1)) and torch.all(hi <= grouped.amax(-1)) and torch.all(lo < hi)
+    clipped = torch.maximum(torch.minimum(grouped, hi[..., None]), lo[..., None]).reshape(16, 64)
+    err = partial_output_error(quantize(clipped) - w, gram)
+    err_plain = partial_output_error(quantize(w) - w, gram)
+    assert torch.all(err <= err_plain) and err.sum() < err_plain.sum()
+
+
+def test_asymmetric_clip_results_round_trip(tmp_path) -> None:
+    model = make_outlier_llama(seed=2, layers=1)
+    fresh = copy.deepcopy(model)
+    options = AwqOptions(**{**FAST.to_dict(), "clip_asymmetric": True})
+    results = run_awq(model, QUANT, calib_ids(seed=2), options=options)
+    assert results.blocks[0].clip_min and set(results.blocks[0].clip_min) == set(results.blocks[0].clip_max)
+    apply_awq(fresh, AwqResults.load(results.save(tmp_path / "asym.safetensors")))
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)

@@ -294,3 +294,9 @@ def test_property_resolved_groups_match_the_model(
         rows = prev.out_features if group.prev_op_is_linear else prev.weight.shape[0]
         assert rows == group.n_scales
         assert group.kv_repeat == (rep if group.prev_op == "self_attn.v_proj" else 1)
+
+
+def test_unsupported_parts_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="awq_plugin.templates"):
+        resolve_template(make_tiny_model("mixtral"))
+    assert "does not cover mlp.experts" in caplog.text

@@ -460,6 +460,8 @@ def resolve_template(
         _resolve_block(layer, i, f"{data['model_decoder_layers']}.{i}", data, config, where)
         for i, layer in enumerate(layers)
     )
+    for part in data["unsupported"]:
+        logger.warning("template %s does not cover %s", where, part)
     return ResolvedTemplate(
         name=data["name"],
         source=source,
