@@ -11,13 +11,19 @@ from pathlib import Path
 
 import torch
 
-SCRIPTS = Path(__file__).parent / "scripts"
+from awq_plugin.near_tie import NEAR_TIE_NATS, first_divergence, greedy_divergence
 
-# bf16 keeps 8 significant bits (relative rounding 2^-9 per value). Logits of the tiny test
-# models reach |z| ~ 10, so a single rounding moves a logit by ~0.02 and a few layers of them by
-# ~0.05-0.1. Two implementations may therefore pick different tokens only where the reference's
-# top-2 log-probability margin is below this many nats.
-NEAR_TIE_NATS = 0.1
+# NEAR_TIE_NATS and first_divergence are re-exported for the tests that import them from here.
+__all__ = [
+    "NEAR_TIE_NATS",
+    "Greedy",
+    "assert_same_or_near_tie",
+    "first_divergence",
+    "reference_greedy",
+    "vllm_generate",
+]
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @dataclass
@@ -44,33 +50,23 @@ def reference_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_t
     return Greedy(tokens, margins)
 
 
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 def assert_same_or_near_tie(
     reference: Greedy, other_tokens: list[list[int]], what: str, threshold: float = NEAR_TIE_NATS
 ) -> list[str]:
     """Each prompt's tokens must match; where they differ, the first difference must be a near tie
-    (the reference's top-2 margin below ``threshold`` nats there).
+    (the reference's top-2 margin below ``threshold`` nats there; see :mod:`awq_plugin.near_tie`).
 
     Returns notes on the near ties found (empty when every token matched).
     """
     notes = []
     for i, (ref, got) in enumerate(zip(reference.tokens, other_tokens, strict=True)):
-        at = first_divergence(ref, got)
-        if at is None:
+        divergence = greedy_divergence(ref, reference.margins[i], got, threshold)
+        if divergence is None:
             continue
-        margin = reference.margins[i][at]
-        assert margin < threshold, (
-            f"{what}: prompt {i} diverges at step {at} ({ref[at]} vs {got[at]}) where the reference's "
-            f"top-2 margin is {margin:.3f} nats (>= {threshold}): not a rounding near-tie\n"
-            f"reference {ref}\n{what} {got}"
+        assert divergence.near_tie, (
+            f"{what}: prompt {i} {divergence.describe()}\nreference {ref}\n{what} {got}"
         )
-        notes.append(f"prompt {i}: near tie at step {at} (margin {margin:.3f} nats)")
+        notes.append(f"prompt {i}: near tie at step {divergence.step} (margin {divergence.margin:.3f} nats)")
     return notes
 
 
