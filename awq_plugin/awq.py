@@ -308,7 +308,11 @@ def make_fake_quantizer(quant_config: QuantConfigLike) -> Callable[[torch.Tensor
     """The reference quantize-dequantize for this config (``awq_plugin.quant_ref``)."""
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, quant_config.bits, quant_config.group_size, quant_config.zero_point)
+        # The searches call this hundreds of times per linear: weights were checked when
+        # loaded, and the packing quantizer checks them again, so skip the finiteness scan.
+        return fake_quantize(
+            w, quant_config.bits, quant_config.group_size, quant_config.zero_point, check_finite=False
+        )
 
     return quantize
 
@@ -546,7 +550,8 @@ def _search_clips(
     clip_min: dict[str, torch.Tensor] = {}
     clip_max: dict[str, torch.Tensor] = {}
     for name in names:
-        weight, gram = block.get_submodule(name).weight, recorded.mean_gram(name)
+        # Grams are accumulated in float64 over all tokens; fp32 is ample to rank clip candidates.
+        weight, gram = block.get_submodule(name).weight, recorded.mean_gram(name).float()
         if options.clip_asymmetric and quant_config.zero_point:
             clip_min[name], clip_max[name] = search_clip_range(
                 weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink

@@ -95,7 +95,9 @@ def search_clip_range(
     quantization, whose grid spans ``[min, max]`` rather than ``[-m, m]``: the
     group's max and min are shrunk independently, ``max * (1 - i / n_grid)``
     and ``min * (1 - j / n_grid)`` over the same steps, and every pair
-    ``(i, j)`` is scored with the same partial-output error.
+    ``(i, j)`` is scored with the same partial-output error. One candidate at
+    a time on purpose: each step's tensors stay in cache (stacking candidates
+    measured 5x slower here).
     """
     w = weight.float()
     n, k = w.shape
@@ -107,9 +109,10 @@ def search_clip_range(
     steps = int(max_shrink * n_grid)
     for i in range(steps):
         hi = w_max * (1 - i / n_grid)  # (N, K/G)
+        upper = torch.minimum(grouped, hi[:, :, None])  # (N, K/G, G)
         for j in range(steps):
             lo = w_min * (1 - j / n_grid)  # (N, K/G)
-            clipped = torch.maximum(torch.minimum(grouped, hi[:, :, None]), lo[:, :, None]).reshape(n, k)
+            clipped = torch.maximum(upper, lo[:, :, None]).reshape(n, k)
             err = partial_output_error(fake_quantize(clipped) - w, gram).float()  # (N, K/G)
             better = err < min_err
             min_err = torch.where(better, err, min_err)

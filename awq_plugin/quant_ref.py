@@ -105,11 +105,12 @@ def quantize(
     zero_point: bool = True,
     scale_dtype: torch.dtype = torch.float16,
     clip_max: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> GroupQuantized:
-    """Quantize a weight ``[N, K]`` group-wise along K."""
+    """Quantize a weight ``[N, K]`` group-wise along K (``check_finite``: refuse NaN/Inf)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    if check_finite and not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf; refusing to quantize it")
     n, k = w.shape
     scales, zeros = compute_scales_zeros(w, bits, group_size, zero_point, scale_dtype, clip_max)
@@ -148,13 +149,14 @@ def fake_quantize(
     zero_point: bool = True,
     scale_dtype: torch.dtype = torch.float16,
     clip_max: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Quantize then dequantize, returning a tensor of ``w``'s dtype and shape.
 
     This is the quantizer the AWQ search evaluates; it is bit-identical to
     ``dequantize(quantize(w))``, which the packing path produces.
     """
-    gq = quantize(w, bits, group_size, zero_point, scale_dtype, clip_max)
+    gq = quantize(w, bits, group_size, zero_point, scale_dtype, clip_max, check_finite)
     return gq.dequantize(w.dtype)
 
 
