@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench-kernels clean
+.PHONY: setup demo test lint format bench-kernels bench-soak clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -27,6 +27,10 @@ format: setup
 
 bench-kernels: setup
 	$(VENV)/bin/awq-plugin bench kernels --json results/bench_kernels.json --png results/bench_kernels.png
+
+## 64 clients against vllm serve with the plugin for 10 minutes (about 15 minutes with start-up).
+bench-soak: setup
+	$(VENV)/bin/awq-plugin bench soak --duration 600 --json results/soak.json --png results/soak.png
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache
