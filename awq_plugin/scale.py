@@ -50,15 +50,22 @@ def fold_scales_into_linear_rows(prev: nn.Linear, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def scale_linear_inputs(linears: list[nn.Linear], s_cols: torch.Tensor) -> None:
-    """Multiply every linear's input columns by ``s_cols`` ``[in_features]``."""
+def scale_linear_inputs(linears: list[nn.Module], s_cols: torch.Tensor) -> None:
+    """Multiply the input columns of every module's 2-D ``weight`` ``[N, K]`` by ``s_cols`` ``[K]``.
+
+    The modules are linears, or routers that hold a linear's weight without being one.
+    """
     s_cols = s_cols.float()
     for linear in linears:
         _set(linear.weight, linear.weight.float() * s_cols[None, :])
 
 
 def apply_group_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -> None:
-    """Fold ``s`` ``[group.n_scales]`` into ``group.prev_op`` and ``group.layers`` of ``block``."""
+    """Fold ``s`` ``[group.n_scales]`` into ``group.prev_op`` and ``group.layers`` of ``block``.
+
+    The group's unquantized readers (MoE routers) get their input columns scaled
+    too: they read the same divided output of ``prev_op``.
+    """
     if s.shape != (group.n_scales,):
         raise ValueError(f"group {group.name}: expected {group.n_scales} scales, got shape {tuple(s.shape)}")
     prev = block.get_submodule(group.prev_op)
@@ -66,7 +73,8 @@ def apply_group_scales(block: nn.Module, group: ScalingGroup, s: torch.Tensor) -
         fold_scales_into_linear_rows(prev, s)
     else:
         fold_scales_into_norm(prev, s, group.norm_weight_offset)
-    scale_linear_inputs([block.get_submodule(name) for name in group.layers], group.expand_scales(s))
+    scaled = [block.get_submodule(name) for name in (*group.layers, *group.readers)]
+    scale_linear_inputs(scaled, group.expand_scales(s))
 
 
 @torch.no_grad()

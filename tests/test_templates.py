@@ -297,6 +297,9 @@ def test_property_resolved_groups_match_the_model(
 
 
 def test_unsupported_parts_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    data = llama_template()
+    data["unsupported"] = ["mlp.down_proj's bias trick"]
+    data["notes"] = "a test"
     with caplog.at_level(logging.WARNING, logger="awq_plugin.templates"):
-        resolve_template(make_tiny_model("mixtral"))
-    assert "does not cover mlp.experts" in caplog.text
+        resolve_template(make_tiny_model("llama"), data)
+    assert "does not cover mlp.down_proj's bias trick" in caplog.text

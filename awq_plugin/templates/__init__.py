@@ -50,9 +50,25 @@ paths are relative to the model (``model.layers``). Fields::
       },
       "config_requirements": {"do_layer_norm_before": true},
                                                 # optional: config values the template assumes
+      "experts": {                              # optional: the layer's routed experts (MoE)
+        "module": "mlp.experts",                #   the experts module (fused in transformers 5)
+        "gate": "w1", "up": "w3", "down": "w2", #   per-expert linear names, as checkpoints spell them
+        "fused_gate_up": "gate_up_proj",        #   optional: transformers' fused [E, 2I, H] parameter
+        "fused_down": "down_proj",              #   optional: transformers' fused [E, H, I] parameter
+        "activation": "act_fn"                  #   optional: the fused module's gate activation
+      },
+      "checkpoint_names": {"mlp": "block_sparse_moe"},
+                                                # optional: layer-relative module prefixes that
+                                                #   checkpoints spell differently (model -> file)
       "unsupported": [],                        # parts of the model AWQ does not scale yet
       "notes": ""                               # free text for humans
     }
+
+A group may also list ``"unquantized_readers"``: modules with a 2-D ``weight``
+that read ``prev_op``'s output too but stay in full precision (an MoE router,
+Qwen2-MoE's ``shared_expert_gate``). Their input columns are multiplied by
+``s`` like the layers', so the fold stays exact; they are neither quantized nor
+part of the search.
 
 Unknown keys, missing required keys and wrong types are errors that name the
 field and the template file. Lookup order: ``config.architectures[0]`` (the
@@ -82,6 +98,21 @@ Folding rules (what :mod:`awq_plugin.scale` does with a resolved group)
   exact (the attention mixes each head's value vectors linearly). With
   ``n_rep = 1`` the flag changes nothing.
 
+Mixture of experts (``experts``): resolution first replaces each layer's fused
+experts module by per-expert linears (:func:`awq_plugin.moe.unfuse_experts`, an
+exact change of representation, in place), so that ``mlp.experts.3.w1`` is an
+``nn.Linear`` like any other. In names, ``*`` stands for the expert index:
+
+* a group whose ``prev_op`` contains ``*`` is repeated once per expert, with
+  the same index everywhere in it (each expert's up -> down);
+* in a group whose ``prev_op`` has no ``*``, a ``*`` in ``layers`` or
+  ``unquantized_readers`` expands to every expert, all sharing the group's one
+  scale (the norm -> every expert's gate/up: they all read the same normed
+  input). ``inp`` and ``module2inspect`` of such a group name one module (the
+  MoE block), whose input statistics are those of every token;
+* in ``clip_skip``, ``not_quantized`` and ``unscaled``, ``*`` expands to every
+  expert.
+
 Coverage: every ``nn.Linear`` of a decoder layer must be in some group's
 ``layers``, in ``unscaled`` or in ``not_quantized``; a linear in none of them
 is still quantized (without a scale) and reported in the log, never skipped
@@ -91,11 +122,12 @@ silently.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -105,6 +137,7 @@ import torch
 from torch import nn
 
 from awq_plugin.errors import TemplateError
+from awq_plugin.moe import ExpertsLayout, unfuse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +162,8 @@ _TOP_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
     "norm_weight_offset": ((int, float), False, 0.0),
     "config_keys": ((dict,), False, {}),
     "config_requirements": ((dict,), False, {}),
+    "experts": ((dict, type(None)), False, None),
+    "checkpoint_names": ((dict,), False, {}),
     "unsupported": ((list,), False, []),
     "notes": ((str,), False, ""),
 }
@@ -139,7 +174,19 @@ _GROUP_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
     "module2inspect": ((str, type(None)), False, None),
     "repeat_kv": ((bool,), False, False),
     "fused_prev_op": ((bool,), False, False),
+    "unquantized_readers": ((list,), False, []),
 }
+# "experts" field -> (required?, default)
+_EXPERTS_FIELDS: dict[str, tuple[bool, str | None]] = {
+    "module": (True, None),
+    "gate": (True, None),
+    "up": (True, None),
+    "down": (True, None),
+    "fused_gate_up": (False, "gate_up_proj"),
+    "fused_down": (False, "down_proj"),
+    "activation": (False, "act_fn"),
+}
+WILDCARD = "*"  # stands for the expert index in names
 _STRING_LIST_FIELDS = (
     "architectures",
     "model_types",
@@ -173,6 +220,7 @@ class ScalingGroup:
     kv_repeat: int = 1
     head_dim: int = 0  # only meaningful when kv_repeat > 1
     norm_weight_offset: float = 0.0
+    readers: tuple[str, ...] = ()  # full-precision modules that also read prev_op (routers)
 
     @property
     def n_scales(self) -> int:
@@ -209,6 +257,7 @@ class BlockTemplate:
     linears: tuple[str, ...]  # every nn.Linear of the layer except not_quantized, in module order
     clip_skip: frozenset[str]
     unscaled: tuple[str, ...]  # quantized linears that no group scales
+    experts: tuple[str, ...] = ()  # paths of the layer's RoutedExperts modules (MoE)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -226,9 +275,29 @@ class ResolvedTemplate:
     unsupported: tuple[str, ...]
     notes: str
     data: Mapping[str, Any]  # the validated template dict (defaults filled in)
+    experts: ExpertsLayout | None = None
+    checkpoint_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def block(self, index: int) -> BlockTemplate:
         return self.blocks[index]
+
+    def to_checkpoint_name(self, name: str) -> str:
+        """A model tensor or module name as checkpoints spell it (``checkpoint_names``)."""
+        return self._rename(name, self.checkpoint_names)
+
+    def from_checkpoint_name(self, name: str) -> str:
+        """Inverse of :meth:`to_checkpoint_name`."""
+        return self._rename(name, {v: k for k, v in self.checkpoint_names.items()})
+
+    def _rename(self, name: str, renames: Mapping[str, str]) -> str:
+        prefix = self.decoder_layers + "."
+        if not renames or not name.startswith(prefix):
+            return name
+        index, _, rest = name[len(prefix) :].partition(".")
+        for old, new in renames.items():
+            if rest == old or rest.startswith(old + "."):
+                return f"{prefix}{index}.{new}{rest[len(old) :]}"
+        return name
 
     def to_json(self) -> str:
         """The template as JSON, e.g. to store beside results for later re-application."""
@@ -280,6 +349,105 @@ def validate_template_data(data: Any, source: str) -> dict[str, Any]:
         for i, group in enumerate(out["scaling_layers"])
     ]
     out["norm_weight_offset"] = float(out["norm_weight_offset"])
+    _check_string_map(out["checkpoint_names"], source, "checkpoint_names")
+    if out["experts"] is not None:
+        out["experts"] = _validate_experts(out["experts"], source)
+    _check_wildcards(out, source)
+    return out
+
+
+def _validate_experts(experts: Mapping[str, Any], source: str) -> dict[str, str]:
+    unknown = sorted(set(experts) - set(_EXPERTS_FIELDS))
+    if unknown:
+        raise _error(
+            source, f"experts.{unknown[0]}", f"is not an experts field; known: {sorted(_EXPERTS_FIELDS)}"
+        )
+    out = {}
+    for key, (required, default) in _EXPERTS_FIELDS.items():
+        if key not in experts:
+            if required:
+                raise _error(source, f"experts.{key}", "is missing")
+            out[key] = default
+            continue
+        value = experts[key]
+        if not isinstance(value, str) or not value or WILDCARD in value:
+            raise _error(source, f"experts.{key}", f"must be a non-empty name without '*', got {value!r}")
+        out[key] = value
+    if len({out["gate"], out["up"], out["down"]}) != 3:
+        raise _error(
+            source,
+            "experts",
+            f"names gate/up/down must differ, got {out['gate']!r}, {out['up']!r}, {out['down']!r}",
+        )
+    return out
+
+
+def _check_wildcards(data: Mapping[str, Any], source: str) -> None:
+    """``*`` (the expert index) needs an ``experts`` field and may not name a group's single modules."""
+    names: list[tuple[str, str]] = [
+        (f"{field}[{i}]", name)
+        for field in ("clip_skip", "not_quantized", "unscaled")
+        for i, name in enumerate(data[field])
+    ]
+    for gi, group in enumerate(data["scaling_layers"]):
+        field = f"scaling_layers[{gi}]"
+        per_expert = WILDCARD in group["prev_op"]
+        names.append((f"{field}.prev_op", group["prev_op"]))
+        names += [(f"{field}.layers[{i}]", n) for i, n in enumerate(group["layers"])]
+        names += [
+            (f"{field}.unquantized_readers[{i}]", n) for i, n in enumerate(group["unquantized_readers"])
+        ]
+        for key in ("inp", "module2inspect"):
+            value = group[key]
+            if value is None:
+                continue
+            names.append((f"{field}.{key}", value))
+            if WILDCARD in value and not per_expert:
+                raise _error(
+                    source,
+                    f"{field}.{key}",
+                    f"= {value!r} has '*' but prev_op does not: a group shared by all experts inspects "
+                    "one module (put '*' in prev_op for one group per expert)",
+                )
+    if data["experts"] is None:
+        for field, name in names:
+            if WILDCARD in name:
+                raise _error(
+                    source, field, f"= {name!r} uses '*' (the expert index) but the template has no 'experts'"
+                )
+
+
+def _expand(name: str, index: int) -> str:
+    return name.replace(WILDCARD, str(index))
+
+
+def _expand_all(names: Sequence[str], n_experts: int) -> list[str]:
+    """Every name with ``*`` replaced by each expert index in turn (others unchanged)."""
+    out: list[str] = []
+    for name in names:
+        out += [_expand(name, e) for e in range(n_experts)] if WILDCARD in name else [name]
+    return out
+
+
+def _expand_groups(groups: Sequence[Mapping[str, Any]], n_experts: int) -> list[tuple[str, dict[str, Any]]]:
+    """(field for messages, group) with the expert wildcards expanded for ``n_experts`` experts."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for gi, group in enumerate(groups):
+        field = f"scaling_layers[{gi}]"
+        if WILDCARD in group["prev_op"]:
+            for e in range(n_experts):
+                spec = dict(group)
+                for key in ("prev_op", "inp", "module2inspect"):
+                    if spec[key] is not None:
+                        spec[key] = _expand(spec[key], e)
+                spec["layers"] = [_expand(n, e) for n in group["layers"]]
+                spec["unquantized_readers"] = [_expand(n, e) for n in group["unquantized_readers"]]
+                out.append((f"{field} (expert {e})", spec))
+        else:
+            spec = dict(group)
+            spec["layers"] = _expand_all(group["layers"], n_experts)
+            spec["unquantized_readers"] = _expand_all(group["unquantized_readers"], n_experts)
+            out.append((field, spec))
     return out
 
 
@@ -456,8 +624,16 @@ def resolve_template(
     for role, path in data["non_layer_modules"].items():
         _find_module(model, path, where, f"non_layer_modules.{role}")
         non_layer[role] = path
+    layout = ExpertsLayout(**data["experts"]) if data["experts"] is not None else None
+    if layout is not None:
+        for i, layer in enumerate(layers):
+            _find_module(
+                layer, layout.module, where, "experts.module", f"decoder layer {i} ({type(layer).__name__})"
+            )
+            # Every AWQ step works on nn.Linear: fused 3-D expert weights become per-expert linears.
+            unfuse_experts(layer, layout, f"architecture template {where}, decoder layer {i}")
     blocks = tuple(
-        _resolve_block(layer, i, f"{data['model_decoder_layers']}.{i}", data, config, where)
+        _resolve_block(layer, i, f"{data['model_decoder_layers']}.{i}", data, config, where, layout)
         for i, layer in enumerate(layers)
     )
     for part in data["unsupported"]:
@@ -471,7 +647,29 @@ def resolve_template(
         unsupported=tuple(data["unsupported"]),
         notes=data["notes"],
         data=data,
+        experts=layout,
+        checkpoint_names=dict(data["checkpoint_names"]),
     )
+
+
+def resolve_experts_for_loading(model: nn.Module) -> ResolvedTemplate | None:
+    """For loaders: the resolved shipped template when the model has routed experts, else None.
+
+    Resolving unfuses the experts (see :func:`awq_plugin.moe.unfuse_experts`),
+    so the per-expert tensors of an AWQ checkpoint have modules to load into;
+    :meth:`ResolvedTemplate.from_checkpoint_name` maps the checkpoint's names
+    to the model's. Dense models and models without a shipped template are
+    left untouched.
+    """
+    config = getattr(model, "config", None)
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    try:
+        data, _ = find_shipped_template(architectures[0], getattr(config, "model_type", None))
+    except TemplateError:
+        return None
+    if data["experts"] is None:
+        return None
+    return resolve_template(model, data["name"])
 
 
 def _as_model(model_or_config: Any) -> nn.Module:
@@ -511,34 +709,51 @@ def _find_module(root: nn.Module, path: str, where: str, field: str, context: st
 
 
 def _resolve_block(
-    layer: nn.Module, index: int, prefix: str, data: Mapping[str, Any], config: Any, where: str
+    layer: nn.Module,
+    index: int,
+    prefix: str,
+    data: Mapping[str, Any],
+    config: Any,
+    where: str,
+    layout: ExpertsLayout | None = None,
 ) -> BlockTemplate:
     context = f"decoder layer {index} ({type(layer).__name__})"
+    n_experts = len(layer.get_submodule(layout.module)) if layout is not None else 0
     all_linears = [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
-    for field in ("not_quantized", "unscaled", "clip_skip"):
-        for i, name in enumerate(data[field]):
+    lists = {
+        field: _expand_all(data[field], n_experts) for field in ("not_quantized", "unscaled", "clip_skip")
+    }
+    for field, names in lists.items():
+        for i, name in enumerate(names):
             _find_linear(layer, name, where, f"{field}[{i}]", context)
-    not_quantized = set(data["not_quantized"])
+    not_quantized = set(lists["not_quantized"])
     groups = []
     scaled: dict[str, str] = {}
-    for gi, spec in enumerate(data["scaling_layers"]):
-        group = _resolve_group(layer, spec, f"scaling_layers[{gi}]", data, config, where, context)
+    for field, spec in _expand_groups(data["scaling_layers"], n_experts):
+        group = _resolve_group(layer, spec, field, data, config, where, context)
         for name in group.layers:
             if name in scaled:
                 raise TemplateError(
                     f"architecture template {where}: linear '{name}' is in the layers of two groups "
-                    f"({scaled[name]} and scaling_layers[{gi}]); a linear's input can be scaled only once"
+                    f"({scaled[name]} and {field}); a linear's input can be scaled only once"
                 )
             if name in not_quantized:
                 raise TemplateError(
                     f"architecture template {where}: linear '{name}' is listed in 'not_quantized' and scaled "
-                    f"by scaling_layers[{gi}]; scaling an unquantized linear gains nothing"
+                    f"by {field}; scaling an unquantized linear gains nothing"
                 )
-            scaled[name] = f"scaling_layers[{gi}]"
+            scaled[name] = field
+        for name in group.readers:
+            module = layer.get_submodule(name)
+            if isinstance(module, nn.Linear) and name not in not_quantized:
+                raise TemplateError(
+                    f"architecture template {where}: '{name}' is an unquantized reader of {field} but is "
+                    "not listed in 'not_quantized'; list it there, or move it to the group's layers"
+                )
         groups.append(group)
     linears = tuple(n for n in all_linears if n not in not_quantized)
     unscaled = tuple(n for n in linears if n not in scaled)
-    uncovered = [n for n in unscaled if n not in data["unscaled"]]
+    uncovered = [n for n in unscaled if n not in lists["unscaled"]]
     if uncovered and index == 0:
         logger.warning(
             "template '%s': linears %s of %s are in no scaling group and not listed in 'unscaled'; "
@@ -552,8 +767,9 @@ def _resolve_block(
         prefix=prefix,
         groups=tuple(groups),
         linears=linears,
-        clip_skip=frozenset(data["clip_skip"]),
+        clip_skip=frozenset(lists["clip_skip"]),
         unscaled=unscaled,
+        experts=(layout.module,) if layout is not None else (),
     )
 
 
@@ -603,6 +819,15 @@ def _resolve_group(
                 f"architecture template {where}: field '{field}.module2inspect' = {inspect_name!r} does not "
                 f"contain the group's layers {outside}; the search could not see their quantization error"
             )
+    for i, name in enumerate(spec["unquantized_readers"]):
+        reader = _find_module(layer, name, where, f"{field}.unquantized_readers[{i}]", context)
+        weight = getattr(reader, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
+            shape = None if not isinstance(weight, torch.Tensor) else tuple(weight.shape)
+            raise TemplateError(
+                f"architecture template {where}: field '{field}.unquantized_readers[{i}]' = {name!r} in "
+                f"{context} has weight shape {shape}; a reader needs a 2-D weight with {k} input columns"
+            )
     kv_repeat, head_dim = 1, 0
     if spec["repeat_kv"]:
         kv_repeat, head_dim = _kv_repeat(data, config, k, where, field)
@@ -620,6 +845,7 @@ def _resolve_group(
         kv_repeat=kv_repeat,
         head_dim=head_dim,
         norm_weight_offset=data["norm_weight_offset"],
+        readers=tuple(spec["unquantized_readers"]),
     )
 
 
