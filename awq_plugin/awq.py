@@ -28,6 +28,7 @@ seeded generator and all reductions run in a fixed order.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +55,7 @@ from awq_plugin.capture import (
 from awq_plugin.clip import search_clip_max, search_clip_range
 from awq_plugin.errors import CheckpointError, ConfigError, TemplateError
 from awq_plugin.fsutil import atomic_write_bytes
+from awq_plugin.moe import RoutedExperts, experts_on_all_tokens, routed_experts_in, row_positions_lookup
 from awq_plugin.quant_ref import fake_quantize
 from awq_plugin.scale import apply_group_scales, clamp_weight
 from awq_plugin.search import ScaleSearchResult, replaced_weights, search_best_scale
@@ -110,6 +112,10 @@ class AwqOptions:
     # is far below 4-bit quantization error); weights are always quantized from fp32.
     # "float32" makes the search exact.
     search_dtype: str = "bfloat16"
+    # MoE: an expert routed fewer calibration tokens than this in a block is calibrated on every
+    # token reaching its MoE block instead (statistics, search rows and clip statistics), with a
+    # warning naming it. Routing itself is unchanged; see awq_block_step.
+    expert_min_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -122,6 +128,11 @@ class AwqOptions:
                 raise ConfigError(f"{name} must be a positive token count or None (all), got {value}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if isinstance(self.expert_min_tokens, bool) or self.expert_min_tokens < 1:
+            raise ConfigError(
+                f"expert_min_tokens must be >= 1 (an expert with no tokens has no statistics), "
+                f"got {self.expert_min_tokens}"
+            )
         if self.search_dtype not in SEARCH_DTYPES:
             raise ConfigError(
                 f"search_dtype must be one of {sorted(SEARCH_DTYPES)}, got {self.search_dtype!r}"
@@ -453,14 +464,22 @@ def awq_block_step(
             inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
         )
         inspect_names = [g.module2inspect or g.layers[0] for g in groups.groups]
-        recorded = InputRecorder(
+        experts = routed_experts_in(block, groups.experts)
+        for routed in experts.values():
+            routed.reset_token_counts()
+        record = functools.partial(
+            InputRecorder,
             block,
             plan,
-            stat_names=[g.inp for g in groups.groups],
-            call_names=inspect_names,
-            gram_names=clip_names,
             group_size=quant_config.group_size,
-        ).run(inputs)
+            row_positions=row_positions_lookup(experts) if experts else None,
+        )
+        stat_names = [g.inp for g in groups.groups]
+        recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(inputs)
+        if experts:
+            _calibrate_underused_experts(
+                experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
+            )
         fp_sample = [recorded.outputs[m] for m in plan.search_batches]
         with fake_quantized(block, names, quant_config):
             mse_rtn = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
@@ -511,6 +530,64 @@ def awq_block_step(
     return result, inputs.with_hidden_states(next_hidden)
 
 
+def _calibrate_underused_experts(
+    experts: Mapping[str, RoutedExperts],
+    groups: BlockTemplate,
+    inputs: BlockInputs,
+    record: Callable[..., InputRecorder],
+    recorded: RecordedInputs,
+    stat_names: Sequence[str],
+    call_names: Sequence[str],
+    gram_names: Sequence[str],
+    options: AwqOptions,
+) -> None:
+    """The fallback for experts the calibration set leaves (almost) unused.
+
+    An expert routed fewer than ``options.expert_min_tokens`` tokens in this
+    block would get its activation statistics, search rows and clip statistics
+    from a handful of tokens, or none (no statistics at all: a crash or NaN).
+    Instead it is calibrated on every token that reaches its MoE block: one
+    more pass over the block runs those experts on all tokens (the block's
+    routing and outputs are unchanged) and their recordings replace the routed
+    ones. A warning names each such expert.
+    """
+    chosen: dict[str, list[int]] = {}
+    total = inputs.n_tokens
+    for path, routed in experts.items():
+        for e, count in enumerate(routed.token_counts):
+            if count >= options.expert_min_tokens:
+                continue
+            chosen.setdefault(path, []).append(e)
+            logger.warning(
+                "layer %d: expert %d (%s) received %d of %d calibration tokens (fewer than expert_min_tokens=%d); "
+                "calibrating it on all %d tokens that reach its MoE block instead",
+                groups.index,
+                e,
+                groups.full_name(f"{path}.{e}"),
+                count,
+                total,
+                options.expert_min_tokens,
+                total,
+            )
+    if not chosen:
+        return
+    prefixes = tuple(f"{path}.{e}." for path, indices in chosen.items() for e in indices)
+
+    def inside(names: Sequence[str]) -> list[str]:
+        return [n for n in names if n.startswith(prefixes)]
+
+    with experts_on_all_tokens(chosen, experts):
+        again = record(
+            stat_names=inside(stat_names), call_names=inside(call_names), gram_names=inside(gram_names)
+        ).run(inputs)
+    for name in {*inside(stat_names), *inside(call_names), *inside(gram_names)}:
+        for table in ("abs_sum", "count", "rows", "calls", "gram", "gram_count"):
+            old, new = getattr(recorded, table), getattr(again, table)
+            old.pop(name, None)
+            if name in new:
+                old[name] = new[name]
+
+
 def _search_group(
     block: nn.Module,
     group: ScalingGroup,
@@ -550,6 +627,11 @@ def _search_clips(
     clip_min: dict[str, torch.Tensor] = {}
     clip_max: dict[str, torch.Tensor] = {}
     for name in names:
+        if recorded.gram_count.get(name, 0) == 0:
+            # No clip-sample token reached this linear (an expert outside the clip sample):
+            # nothing to measure the error on, so its range is left as it is.
+            logger.info("linear %s saw no clip-search tokens; not clipped", name)
+            continue
         # Grams are accumulated in float64 over all tokens; fp32 is ample to rank clip candidates.
         weight, gram = block.get_submodule(name).weight, recorded.mean_gram(name).float()
         if options.clip_asymmetric and quant_config.zero_point:

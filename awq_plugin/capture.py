@@ -23,7 +23,7 @@ Calibration is processed in micro-batches of whole sequences to bound memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,6 +248,16 @@ def plan_samples(
     )
 
 
+def _local_rows(positions: torch.Tensor | None, wanted: torch.Tensor) -> torch.Tensor:
+    """Indices into an input whose rows sit at micro-batch ``positions``, of those in ``wanted``.
+
+    ``positions`` None: the input holds every row in order, so ``wanted`` itself.
+    """
+    if positions is None:
+        return wanted
+    return torch.isin(positions, wanted).nonzero().squeeze(1)
+
+
 @dataclass
 class ModuleCall:
     """One recorded call of a module, re-runnable with a different main input."""
@@ -325,6 +335,9 @@ class InputRecorder:
     ``gram_names``: linears whose per-group input Gram matrices (group size
     ``group_size``) are accumulated over ``plan.clip_rows`` for the clip search.
     Modules reading the same tensor (q/k/v) share the work.
+    ``row_positions(name)``: for modules that see a subset of a micro-batch's
+    tokens (MoE experts), the micro-batch rows of the current input, so the
+    samples keep exactly the sampled tokens routed there; ``None`` = every row.
     """
 
     def __init__(
@@ -335,8 +348,10 @@ class InputRecorder:
         call_names: Sequence[str],
         gram_names: Sequence[str] = (),
         group_size: int = -1,
+        row_positions: Callable[[str], torch.Tensor | None] | None = None,
     ) -> None:
         self.block = block
+        self.row_positions = row_positions
         self.plan = plan
         self.stat_names = set(stat_names)
         self.call_names = set(call_names)
@@ -367,13 +382,14 @@ class InputRecorder:
         self, name: str, x: torch.Tensor, keyword: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         rec, m = self.recorded, self._batch
-        x2d = x.reshape(-1, x.shape[-1])  # (B*T, K)
+        x2d = x.reshape(-1, x.shape[-1])  # (B*T, K), or (n_routed, K) inside an expert
+        positions = self.row_positions(name) if self.row_positions is not None else None
         if name in self.stat_names:
             total = self._shared_result("abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float64))
             rec.abs_sum[name] = rec.abs_sum[name] + total if name in rec.abs_sum else total.clone()
             rec.count[name] = rec.count.get(name, 0) + x2d.shape[0]
         if name in self.gram_names:
-            rows = x2d if self.plan.clip_rows is None else x2d[self.plan.clip_rows[m]]
+            rows = x2d if self.plan.clip_rows is None else x2d[_local_rows(positions, self.plan.clip_rows[m])]
             gram = self._shared_result("gram", x, lambda: group_gram(rows, self.group_size).double())
             rec.gram[name] = rec.gram[name] + gram if name in rec.gram else gram.clone()
             rec.gram_count[name] = rec.gram_count.get(name, 0) + rows.shape[0]
@@ -384,7 +400,11 @@ class InputRecorder:
                     extra = {k: v for k, v in kwargs.items() if k != keyword}
                     rec.calls.setdefault(name, []).append(ModuleCall(x, rest, extra, keyword))
             else:
-                self._rows[name].append(self._shared_result("rows", x, lambda: x2d[self.plan.search_rows[m]]))
+                self._rows[name].append(
+                    self._shared_result(
+                        "rows", x, lambda: x2d[_local_rows(positions, self.plan.search_rows[m])]
+                    )
+                )
 
     @contextmanager
     def _hooks(self) -> Iterator[None]:
