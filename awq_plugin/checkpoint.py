@@ -419,12 +419,17 @@ def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] 
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from awq_plugin.templates import resolve_experts_for_loading
+
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
+        # MoE: transformers' fused experts become the per-expert layers checkpoints store.
+        resolved = resolve_experts_for_loading(model)
     except Exception:  # an architecture transformers cannot build: fall back to the generic checks
         return None
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    rename = resolved.to_checkpoint_name if resolved is not None else str
+    shapes = {rename(name): tuple(p.shape) for name, p in model.named_parameters()}
     if getattr(hf_config, "tie_word_embeddings", False):
         shapes = {k: v for k, v in shapes.items() if not k.startswith("lm_head.")}
     return shapes

@@ -32,6 +32,7 @@ from awq_plugin.fsutil import atomic_output_dir
 from awq_plugin.pack import AwqPacked, pack
 from awq_plugin.qlinear import AwqLinear
 from awq_plugin.quant_ref import quantize
+from awq_plugin.templates import resolve_experts_for_loading
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,17 @@ def load_awq_model(
     reader = SafetensorsReader(folder)
     hf_config = hf_config_from_dict(config)
     model = build_empty_model(hf_config, dtype)
-    prefixes = list(iter_quantized_prefixes(reader.keys()))
+    # MoE: unfuse the experts so that each per-expert checkpoint layer has a module to load into.
+    resolved = resolve_experts_for_loading(model)
+    to_model_name = resolved.from_checkpoint_name if resolved is not None else str
+    prefixes = [to_model_name(p) for p in iter_quantized_prefixes(reader.keys())]
     swap_in_awq_linears(model, prefixes, quant.group_size, backend, dtype)
     state = {}
     for name in reader:
         tensor = reader.get(name)
         if name.rsplit(".", 1)[-1] not in QUANT_SUFFIXES and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        state[name] = tensor
+        state[to_model_name(name)] = tensor
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
     missing = [k for k in result.missing_keys if k not in tied]

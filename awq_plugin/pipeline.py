@@ -50,7 +50,8 @@ from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CalibrationError, CheckpointError, ConfigError
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, check_output_dir
 from awq_plugin.modeling import build_empty_model, hf_config_from_dict, pack_linear
-from awq_plugin.templates import resolve_template
+from awq_plugin.moe import split_fused_expert_tensors
+from awq_plugin.templates import ResolvedTemplate, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,18 @@ def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def _load_block(
-    model: torch.nn.Module, layers_path: str, i: int, reader: SafetensorsReader
+    model: torch.nn.Module, resolved: ResolvedTemplate, i: int, reader: SafetensorsReader
 ) -> torch.nn.Module:
+    """Read decoder layer ``i`` from the source into the model (names as the template maps them)."""
+    layers_path = resolved.decoder_layers
     prefix = f"{layers_path}.{i}."
-    state = {name[len(prefix) :]: reader.get(name).float() for name in reader if name.startswith(prefix)}
+    state = {
+        resolved.from_checkpoint_name(name)[len(prefix) :]: reader.get(name).float()
+        for name in reader
+        if name.startswith(prefix)
+    }
+    if resolved.experts is not None:  # a source that stores the experts fused
+        state = split_fused_expert_tensors(state, resolved.experts)
     _check_finite({prefix + k: v for k, v in state.items()}, "source checkpoint")
     block = model.get_submodule(f"{layers_path}.{i}")
     result = block.load_state_dict(state, strict=False, assign=True)
@@ -226,17 +235,26 @@ def _load_non_layer(model: torch.nn.Module, layers_path: str, reader: Safetensor
 
 
 def _pack_block(
-    block: torch.nn.Module, prefix: str, names: Sequence[str], quant: AwqQuantConfig
+    block: torch.nn.Module,
+    prefix: str,
+    names: Sequence[str],
+    quant: AwqQuantConfig,
+    resolved: ResolvedTemplate,
 ) -> dict[str, torch.Tensor]:
-    """A finished block's checkpoint tensors: packed linears plus everything else in fp16."""
+    """A finished block's checkpoint tensors: packed linears plus everything else in fp16.
+
+    Names are the checkpoint's (``resolved.to_checkpoint_name``): per-expert
+    layers as AutoAWQ and vLLM read them, e.g. Mixtral's ``block_sparse_moe``.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
         for leaf, tensor in pack_linear(block.get_submodule(name), quant).items():
-            tensors[f"{prefix}{name}.{leaf}"] = tensor
+            tensors[resolved.to_checkpoint_name(f"{prefix}{name}.{leaf}")] = tensor
     for key, tensor in block.state_dict().items():
         if key.rsplit(".", 1)[0] in names:
             continue
-        tensors[prefix + key] = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor
+        value = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor
+        tensors[resolved.to_checkpoint_name(prefix + key)] = value
     return tensors
 
 
@@ -305,7 +323,7 @@ def quantize_checkpoint(
     )
     for i in range(done, len(layers)):
         prefix = f"{layers_path}.{i}."
-        block = _load_block(model, layers_path, i, reader)
+        block = _load_block(model, resolved, i, reader)
         groups = resolved.block(i)
         inputs = captured.for_layer(i, hidden)
         if method == "awq":
@@ -318,7 +336,7 @@ def quantize_checkpoint(
         if not all(torch.isfinite(h).all() for h in hidden):
             raise CalibrationError(f"calibration activations became NaN or Inf at the output of layer {i}")
         names = block_linear_names(block, groups, quant)
-        work.save_block(i, _pack_block(block, prefix, names, quant))
+        work.save_block(i, _pack_block(block, prefix, names, quant, resolved))
         work.save_hidden(i + 1, hidden)
         work.mark_done(i + 1)
         block.to("meta")  # free the block's weights; the next block is read fresh from the shards
