@@ -53,6 +53,7 @@ from awq_plugin.errors import CheckpointError, ConfigError
 from awq_plugin.kernels import BACKENDS
 from awq_plugin.modeling import replace_module, swap_in_awq_linears
 from awq_plugin.qlinear import AwqLinear
+from awq_plugin.templates import ResolvedTemplate, resolve_experts_for_loading
 
 __all__ = ["AwqConfig", "AwqHfQuantizer", "activate", "deactivate", "is_active"]
 
@@ -380,9 +381,17 @@ class AwqHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model  # full-precision weights load into the model as it is; AWQ runs after
         quant = self.quantization_config.quant_config()
+        # MoE: transformers keeps experts fused; the checkpoint stores them per expert (AutoAWQ's
+        # layout). Unfusing gives every per-expert layer a module, under the names transformers'
+        # own key renaming (e.g. Mixtral's block_sparse_moe -> mlp) loads into.
+        resolved = resolve_experts_for_loading(model)
+        to_model_name = resolved.from_checkpoint_name if resolved is not None else str
+        self._renamed_dtype = (resolved, dtype or torch.get_default_dtype())
         # The checkpoint's headers say which layers are packed: that is the truth to load, whatever
         # modules_to_not_convert says (AutoAWQ and others skip layers by their own rules).
-        paths = [_module_path(model, p) for p in _checkpoint_quantized_layers(checkpoint_files)]
+        paths = [
+            _module_path(model, to_model_name(p)) for p in _checkpoint_quantized_layers(checkpoint_files)
+        ]
         # Runs inside from_pretrained's meta-device context: the new modules are empty skeletons.
         swap_in_awq_linears(
             model,
@@ -396,6 +405,9 @@ class AwqHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             _keep_scales_in_fp16(model)
+            resolved, dtype = getattr(self, "_renamed_dtype", (None, None))
+            if resolved is not None:
+                _cast_renamed_parameters(model, resolved, dtype)
             return model
         return self._quantize_loaded_model(model)
 
@@ -471,6 +483,20 @@ class AwqHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False  # packed integer buffers carry no gradient
+
+
+def _cast_renamed_parameters(model: nn.Module, resolved: ResolvedTemplate, dtype: torch.dtype) -> None:
+    """Give parameters stored under another name (Mixtral's ``block_sparse_moe.gate``) the load dtype.
+
+    For pre-quantized checkpoints transformers loads every tensor whose key it renamed in the
+    checkpoint's own dtype (``core_model_loading``: a renamed key is taken for a serialized
+    quantized tensor), so the fp16 router of an fp16 checkpoint would stay fp16 in an fp32
+    model and fail to multiply its fp32 input. Quantized layers hold buffers, not parameters,
+    and are untouched.
+    """
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.dtype != dtype and resolved.to_checkpoint_name(name) != name:
+            param.data = param.data.to(dtype)
 
 
 def _keep_scales_in_fp16(model: nn.Module) -> None:
