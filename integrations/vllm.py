@@ -30,6 +30,19 @@ plugins early in each process, before it needs its layer modules. The vLLM-facin
 :class:`_LinearMethodImpl`, which hold all the logic, and vLLM's base classes. They keep
 importable names, so vLLM can pickle the config into its engine process.
 
+Mixture of experts
+------------------
+vLLM gives every MoE layer's routed experts to ``get_quant_method`` as one
+``RoutedExperts`` module, loading the checkpoint's per-expert tensors
+(``experts.E.w1.qweight`` ...) into stacked ``w13_*`` / ``w2_*`` parameters. On CPU
+:class:`AwqPluginMoEMethod` keeps them in the AutoAWQ layout (per expert: gate and up
+side by side in ``w13``), repacks each expert once for our kernel and, per forward,
+runs :func:`awq_moe_forward`: for each expert that received tokens, our INT4 GEMM on
+its tokens, the gated activation, the down GEMM, weighted by the router. Elsewhere
+(CUDA, ROCm, CPUs without AVX-512 VNNI) the experts go to vLLM's own AWQ MoE method
+(Marlin MoE, or its WNA16 MoE kernels), which reads the same tensors; that route is
+written to vLLM's API but was not run here (no GPU).
+
 Kernel choice
 -------------
 :func:`choose_kernel` is a pure function of the platform, ``AWQ_PLUGIN_KERNEL`` and two
@@ -186,11 +199,178 @@ def read_awq_config(raw: dict[str, Any]) -> AwqQuantConfig:
 _logged_kernels: set[str] = set()
 
 
-def _log_kernel_once(choice: KernelChoice) -> None:
-    """One line per kernel and process: the serving tests read it from the server log."""
-    if choice.kernel not in _logged_kernels:
-        _logged_kernels.add(choice.kernel)
-        log.info("awq-plugin: AwqPluginLinearMethod using kernel '%s' (%s)", choice.kernel, choice.reason)
+def _log_kernel_once(choice: KernelChoice, method: str = "AwqPluginLinearMethod") -> None:
+    """One line per method, kernel and process: the serving tests read it from the server log."""
+    key = f"{method}:{choice.kernel}"
+    if key not in _logged_kernels:
+        _logged_kernels.add(key)
+        log.info("awq-plugin: %s using kernel '%s' (%s)", method, choice.kernel, choice.reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts: shapes and the forward (pure torch, no vLLM)
+# ---------------------------------------------------------------------------------------------
+
+#: Kernels :class:`AwqPluginMoEMethod` runs itself, one expert at a time; the others
+#: (``marlin``, and ``triton`` on GPUs) hand the experts to vLLM's own AWQ MoE method.
+_MOE_KERNELS = ("cpu", "reference")
+#: Gated activations ``act(gate) * up`` by vLLM's ``MoEActivation`` value; ``NAME_no_mul``
+#: applies ``act`` alone to a single projection.
+_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
+
+
+@dataclass(frozen=True)
+class AwqMoeShapes:
+    """Per-rank shapes of one MoE layer's stacked AWQ tensors (E local experts)."""
+
+    w13_qweight: tuple[int, int, int]  # int32 (E, H, S*I/8): gate then up, S = 2 (1 if not gated)
+    w13_qzeros: tuple[int, int, int]  # int32 (E, H/G13, S*I/8)
+    w13_scales: tuple[int, int, int]  # fp16  (E, H/G13, S*I)
+    w2_qweight: tuple[int, int, int]  # int32 (E, I, H/8)
+    w2_qzeros: tuple[int, int, int]  # int32 (E, I/G2, H/8)
+    w2_scales: tuple[int, int, int]  # fp16  (E, I/G2, H)
+    group_w13: int  # G13, per-channel (-1) resolved to H
+    group_w2: int  # G2, per-channel resolved to I
+
+
+def awq_moe_shapes(
+    layer_name: str,
+    num_experts: int,
+    hidden_size: int,
+    intermediate_per_partition: int,
+    group_size: int,
+    w13_shards: int = 2,
+    tp_size: int = 1,
+) -> AwqMoeShapes:
+    """The stacked AWQ tensor shapes of one rank's experts, or a clear error naming the layer.
+
+    ``intermediate_per_partition`` (I) is the per-rank share of the experts' intermediate
+    size under tensor parallelism: it is the output size of gate/up (N, packed by 8) and
+    the input size of down (K, whole quantization groups per rank).
+    """
+    h, i = hidden_size, intermediate_per_partition
+    if group_size == -1 and tp_size > 1:
+        raise ValueError(
+            f"AWQ MoE layer '{layer_name}': a per-channel group (group_size -1) spans all of down's "
+            f"input, which tensor parallelism splits across {tp_size} ranks; use tensor-parallel size 1"
+        )
+    g13 = h if group_size == -1 else group_size
+    g2 = i if group_size == -1 else group_size
+    if h % g13 or h % PACK_FACTOR:
+        raise ValueError(
+            f"AWQ MoE layer '{layer_name}': hidden size {h} must be a multiple of the group size {g13} "
+            f"and of {PACK_FACTOR}"
+        )
+    if i % g2 or i % PACK_FACTOR:
+        raise ValueError(
+            f"AWQ MoE layer '{layer_name}': each rank holds {i} intermediate channels per expert, which "
+            f"must be a multiple of the group size {g2} and of {PACK_FACTOR}; use a tensor-parallel "
+            "size that keeps whole groups per rank"
+        )
+    e, n13 = num_experts, w13_shards * i
+    return AwqMoeShapes(
+        w13_qweight=(e, h, n13 // PACK_FACTOR),
+        w13_qzeros=(e, h // g13, n13 // PACK_FACTOR),
+        w13_scales=(e, h // g13, n13),
+        w2_qweight=(e, i, h // PACK_FACTOR),
+        w2_qzeros=(e, i // g2, h // PACK_FACTOR),
+        w2_scales=(e, i // g2, h),
+        group_w13=g13,
+        group_w2=g2,
+    )
+
+
+def moe_activation(name: str) -> Any:
+    """``fn(h)`` for vLLM's activation name: gated ``act(h[:, :I]) * h[:, I:]``, or ``act(h)`` for ``*_no_mul``."""
+    import torch.nn.functional as F
+
+    base, gated = (name[: -len("_no_mul")], False) if name.endswith("_no_mul") else (name, True)
+    acts = {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+        "relu2": lambda t: F.relu(t).square(),
+    }
+    if base not in acts:
+        raise ValueError(
+            f"awq-plugin MoE: activation {name!r} is not supported; supported: "
+            f"{', '.join(_MOE_ACTIVATIONS)} and their _no_mul forms"
+        )
+    act = acts[base]
+    if not gated:
+        return act
+
+    def gated_act(h: Any) -> Any:
+        gate, up = h.chunk(2, dim=-1)  # (n, I) each: the checkpoint's w1 (gate) then w3 (up)
+        return act(gate) * up
+
+    return gated_act
+
+
+def awq_moe_forward(
+    x: Any,
+    topk_weights: Any,
+    topk_ids: Any,
+    w13: list[Any],
+    w2: list[Any],
+    activation: Any,
+    expert_map: Any = None,
+    apply_router_weight_on_input: bool = False,
+) -> Any:
+    """Routed experts on AWQ weights, one expert at a time; returns ``[M, H]`` in ``x``'s dtype.
+
+    ``x`` ``[M, H]``; ``topk_weights``/``topk_ids`` ``[M, k]`` (global expert ids);
+    ``w13[e]``/``w2[e]``: local expert ``e``'s :class:`~awq_plugin.kernels.AwqKernelWeight`
+    for gate+up ``[H -> S*I]`` and down ``[I -> H]``; ``activation`` from
+    :func:`moe_activation`; ``expert_map`` ``[E_global]`` maps global ids to local ones
+    (-1: another rank's expert, skipped). The expert outputs are summed in fp32.
+    """
+    import torch
+
+    from awq_plugin.kernels import awq_linear
+
+    m, k = topk_ids.shape
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = expert_map.long()[ids]  # (M, k) local ids, -1 = not on this rank
+    flat_ids = ids.reshape(-1)  # (M*k,)
+    flat_weights = topk_weights.reshape(-1)  # (M*k,)
+    out = torch.zeros(m, x.shape[-1], dtype=torch.float32, device=x.device)  # (M, H)
+    for e in torch.unique(flat_ids).tolist():
+        if e < 0:
+            continue
+        slots = (flat_ids == e).nonzero().squeeze(1)  # (n_e,) positions in (M, k)
+        tokens = slots // k  # (n_e,)
+        routed = x[tokens]  # (n_e, H)
+        weights = flat_weights[slots].float()[:, None]  # (n_e, 1)
+        if apply_router_weight_on_input:
+            routed = (routed.float() * weights).to(x.dtype)
+        h = awq_linear(routed, w13[e])  # (n_e, S*I)
+        y = awq_linear(activation(h), w2[e]).float()  # (n_e, H)
+        if not apply_router_weight_on_input:
+            y = y * weights
+        out.index_add_(0, tokens, y)
+    return out.to(x.dtype)
+
+
+def _choose_kernel_here(layer: Any, group_size: int, quant: AwqQuantConfig) -> KernelChoice:
+    """Gather the platform facts for :func:`choose_kernel` (the only impure part)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        platform = "cpu"
+    elif current_platform.is_rocm():
+        platform = "rocm"
+    elif current_platform.is_cuda():
+        platform = "cuda"
+    else:
+        platform = str(current_platform.device_type)
+    return choose_kernel(
+        platform,
+        os.environ.get(KERNEL_ENV),
+        cpu_kernel_ok=platform == "cpu" and _cpu_kernel_ok(),
+        marlin_ok=platform in _GPU_PLATFORMS and _marlin_ok(layer, quant, group_size),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +429,15 @@ class _ConfigImpl:
         return PLUGIN_QUANT_NAME if user_quant in _CLAIMABLE_USER_QUANT else None
 
     def get_quant_method(self, layer: Any, prefix: str) -> Any:
-        from vllm.model_executor.layers.fused_moe import RoutedExperts
+        from vllm.model_executor.layers.fused_moe import GateLinear, RoutedExperts
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
         from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
         if isinstance(layer, LinearBase):
+            # MoE routers stay in full precision in AWQ checkpoints (AutoAWQ excludes them, and
+            # so do our templates); Qwen3-MoE's model still hands its router our config.
+            if isinstance(layer, GateLinear):
+                return UnquantizedLinearMethod()
             # Substring match, as AwqQuantConfig.skips_module; the mapping lets a merged
             # qkv_proj / gate_up_proj be skipped when its checkpoint parts are listed.
             if is_layer_skipped(
@@ -262,7 +446,16 @@ class _ConfigImpl:
                 return UnquantizedLinearMethod()
             return _vllm_classes()["AwqPluginLinearMethod"](self)
         if isinstance(layer, RoutedExperts):
-            # MoE experts: vLLM's own AWQ MoE method; we have no fused-MoE kernel to offer.
+            from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+            if is_layer_skipped(prefix, self.modules_to_not_convert, match_mode="substring"):
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            choice = _choose_kernel_here(layer, self.quant.group_size, self.quant)
+            if choice.kernel in _MOE_KERNELS:
+                _log_kernel_once(choice, "AwqPluginMoEMethod")
+                return _vllm_classes()["AwqPluginMoEMethod"](self, layer.moe_config, choice.kernel)
+            # GPUs (and CPUs our kernel cannot run on): vLLM's own AWQ MoE method, Marlin MoE
+            # or its WNA16 MoE kernels, on the same checkpoint tensors.
             return self.vllm_awq_config().get_quant_method(layer, prefix)
         # Anything else, notably ParallelLMHead (lm_head, tied or not) and embeddings: None
         # makes vLLM use its unquantized method; AWQ checkpoints keep them in fp16.
@@ -357,23 +550,7 @@ class _LinearMethodImpl:
         layer.awq_group_size = shapes.group_size
 
     def _choose(self, layer: Any, group_size: int) -> KernelChoice:
-        """Gather the platform facts for :func:`choose_kernel` (the only impure part)."""
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            platform = "cpu"
-        elif current_platform.is_rocm():
-            platform = "rocm"
-        elif current_platform.is_cuda():
-            platform = "cuda"
-        else:
-            platform = str(current_platform.device_type)
-        return choose_kernel(
-            platform,
-            os.environ.get(KERNEL_ENV),
-            cpu_kernel_ok=platform == "cpu" and _cpu_kernel_ok(),
-            marlin_ok=platform in _GPU_PLATFORMS and _marlin_ok(layer, self.config.quant, group_size),
-        )
+        return _choose_kernel_here(layer, group_size, self.config.quant)
 
     def process_weights_after_loading(self, layer: Any) -> None:
         if self.delegate is not None:
@@ -407,6 +584,112 @@ class _LinearMethodImpl:
         return awq_linear(x, layer.awq_weight, bias)  # x (..., K) -> (..., N) in x's dtype
 
 
+class _MoEMethodImpl:
+    """Body of :class:`AwqPluginMoEMethod` (vLLM's ``FusedMoEMethodBase`` contract) for our kernels.
+
+    Weights are created in the AutoAWQ layout, stacked over experts, with the attributes
+    vLLM's expert weight loader needs to place each expert's w1/w3/w2 shards (``is_transposed``:
+    AWQ stores ``[K, N/8]``; group-wise scales and zeros). After loading, each expert is
+    repacked once for the kernel; :meth:`apply` runs :func:`awq_moe_forward`.
+    """
+
+    def __init__(self, config: Any, moe: Any, kernel: str) -> None:
+        super().__init__(moe)  # FusedMoEMethodBase: moe config, no modular kernel
+        self.config = config
+        self.kernel = kernel
+        self.activation = moe_activation(moe.activation.value)  # refuses unsupported ones early
+
+    def create_weights(
+        self,
+        layer: Any,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: Any,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        import torch
+        from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
+        from vllm.model_executor.utils import set_weight_attrs
+
+        shapes = awq_moe_shapes(
+            getattr(layer, "layer_name", "") or type(layer).__name__,
+            num_experts,
+            hidden_size,
+            intermediate_size_per_partition,
+            self.config.quant.group_size,
+            w13_shards=self.moe.w13_num_shards,
+            tp_size=self.moe.tp_size,
+        )
+        attrs = {
+            "weight_loader": extra_weight_attrs["weight_loader"],
+            "is_transposed": True,  # AWQ is K-first: the loader shards the other dimension
+            "quant_method": FusedMoeWeightScaleSupported.GROUP.value,
+        }
+        # Scales stay fp16 as stored: casting them to a bf16 params_dtype would round them.
+        for name, dtype in (("qweight", torch.int32), ("qzeros", torch.int32), ("scales", torch.float16)):
+            for stem in ("w13", "w2"):
+                shape = getattr(shapes, f"{stem}_{name}")
+                param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                layer.register_parameter(f"{stem}_{name}", param)
+                set_weight_attrs(param, attrs)
+        layer.awq_moe_shapes = shapes
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        import torch
+        from vllm.model_executor.layers.quantization.utils import replace_parameter
+
+        from awq_plugin.kernels import prepare_awq_weight
+
+        shapes: AwqMoeShapes = layer.awq_moe_shapes
+        for stem, group in (("w13", shapes.group_w13), ("w2", shapes.group_w2)):
+            qweight, qzeros, scales = (
+                getattr(layer, f"{stem}_{n}").data for n in ("qweight", "qzeros", "scales")
+            )
+            per_expert = [
+                prepare_awq_weight(qweight[e], qzeros[e], scales[e], group, backend=self.kernel)
+                for e in range(qweight.shape[0])
+            ]
+            # Every expert repacks to the same shapes: stack them back into the layer's
+            # parameters (replacing the checkpoint layout) and keep per-expert views.
+            for name in ("qweight", "qzeros", "scales"):
+                replace_parameter(
+                    layer, f"{stem}_{name}", torch.stack([getattr(w, name) for w in per_expert])
+                )
+            stacked = [getattr(layer, f"{stem}_{n}") for n in ("qweight", "qzeros", "scales")]
+            views = [
+                dataclasses.replace(w, qweight=stacked[0][e], qzeros=stacked[1][e], scales=stacked[2][e])
+                for e, w in enumerate(per_expert)
+            ]
+            setattr(layer, f"awq_{stem}", views)
+
+    def get_fused_moe_quant_config(self, layer: Any) -> Any:
+        # No vLLM modular kernel runs these experts (apply() does), so there is no kernel
+        # quant config to describe.
+        return None
+
+    def apply(
+        self,
+        layer: Any,
+        x: Any,
+        topk_weights: Any,
+        topk_ids: Any,
+        shared_experts: Any = None,
+        shared_experts_input: Any = None,
+    ) -> Any:
+        # Shared experts (Qwen2-MoE) are run by vLLM's MoE runner around this call.
+        return awq_moe_forward(
+            x,
+            topk_weights,
+            topk_ids,
+            layer.awq_w13,
+            layer.awq_w2,
+            self.activation,
+            expert_map=layer.expert_map,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
+        )
+
+
 def _cpu_kernel_ok() -> bool:
     from awq_plugin.kernels import cpu_kernel_available
 
@@ -430,12 +713,13 @@ def _marlin_ok(layer: Any, quant: AwqQuantConfig, group_size: int) -> bool:
 # The vLLM classes, assembled on first use
 # ---------------------------------------------------------------------------------------------
 
-_VLLM_CLASS_NAMES = ("AwqPluginConfig", "AwqPluginLinearMethod")
+_VLLM_CLASS_NAMES = ("AwqPluginConfig", "AwqPluginLinearMethod", "AwqPluginMoEMethod")
 
 
 @functools.cache
 def _vllm_classes() -> dict[str, type]:
     """Combine the logic above with vLLM's base classes (imports vLLM; once per process)."""
+    from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
     from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
@@ -452,7 +736,8 @@ def _vllm_classes() -> dict[str, type]:
     method_cls = register_weight_loader_v2_supported_method(
         make("AwqPluginLinearMethod", _LinearMethodImpl, LinearMethodBase)
     )
-    return {"AwqPluginConfig": config_cls, "AwqPluginLinearMethod": method_cls}
+    moe_cls = make("AwqPluginMoEMethod", _MoEMethodImpl, FusedMoEMethodBase)
+    return {"AwqPluginConfig": config_cls, "AwqPluginLinearMethod": method_cls, "AwqPluginMoEMethod": moe_cls}
 
 
 def __getattr__(name: str) -> Any:
