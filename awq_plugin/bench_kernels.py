@@ -42,6 +42,14 @@ QUICK_MS = [1, 16]
 IMPLS = ("ours", "dense_bf16", "aten_int4", "vllm_wna16")
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"2048x5632"`` -> ``(K, N)``; a clear error for anything else."""
+    parts = text.lower().strip().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--shapes: {text!r} is not KxN with positive integers (e.g. 2048x5632)")
+    return int(parts[0]), int(parts[1])
+
+
 def group_size_for(k: int, n: int) -> int:
     """g128, or g64 for the small shapes (576 is not a multiple of 128)."""
     return 128 if k % 128 == 0 and min(k, n) >= 4096 else 64
@@ -339,10 +347,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     best = best_over_threads(rows)
-    shapes = [s for s in SHAPES if any((s[0], s[1]) == (k, n) for k, n, _, _ in best)]
+    shapes = list(dict.fromkeys((k, n) for k, n, _, _ in best))  # in the order they were run
     ncols = min(3, len(shapes))
     nrows = -(-len(shapes) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.6 * ncols, 7.5), 3.6 * nrows + 0.6), squeeze=False)
     for ax in axes.flat[len(shapes) :]:
         ax.axis("off")
     for ax, (k, n) in zip(axes.flat, shapes):
@@ -368,11 +376,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             labels.setdefault(label, handle)
     threads = sorted({r["threads"] for r in rows if r["impl"] != "bandwidth"})
     fig.suptitle(
-        "AWQ int4 linear on CPU (bf16 activations), cold cache, "
+        "AWQ int4 linear on CPU (bf16 activations), cold cache\n"
         f"best of {threads} threads per contender; higher is better"
     )
     fig.tight_layout()
-    if len(shapes) < axes.size:  # the spare panel holds the legend
+    if len(shapes) == 1:
+        axes.flat[0].legend(labels.values(), labels.keys(), loc="best", fontsize=9)
+    elif len(shapes) < axes.size:  # the spare panel holds the legend
         axes.flat[len(shapes)].legend(labels.values(), labels.keys(), loc="center", fontsize=10)
     else:
         fig.legend(labels.values(), labels.keys(), loc="lower right", fontsize=9)
@@ -387,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", metavar="OUT", help="draw speed-up over dense bf16 vs M to this PNG")
     parser.add_argument("--quick", action="store_true", help="a tiny CI-sized run (small shapes, M in 1,16)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    parser.add_argument("--shapes", default=None, help="comma-separated KxN weight shapes (default: five)")
+    parser.add_argument("--ms", default=None, help="comma-separated batch rows M (default 1,4,16,64,256)")
     parser.add_argument(
         "--cycle-mib", type=int, default=None, help="distinct weight bytes cycled per contender"
     )
@@ -395,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     shapes, ms = (QUICK_SHAPES, QUICK_MS) if args.quick else (SHAPES, MS)
+    if args.shapes:
+        shapes = [parse_shape(text) for text in args.shapes.split(",")]
+    if args.ms:
+        ms = [int(m) for m in args.ms.split(",")]
     cycle_mib = args.cycle_mib if args.cycle_mib is not None else (32 if args.quick else 544)
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.2)
     bw_bytes = (256 if args.quick else 1024) * 2**20

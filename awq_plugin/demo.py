@@ -9,6 +9,7 @@ Artifacts go under ``--workdir`` (default ``artifacts/``), the report under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import platform
@@ -22,6 +23,19 @@ from awq_plugin.errors import AwqPluginError
 from awq_plugin.fsutil import atomic_write_bytes, atomic_write_json, dir_size_bytes
 
 CHAT_QUESTION = "In two sentences, what is weight quantization of a neural network?"
+SERVE_PROMPT = "The history of the city begins"
+SERVE_CONCURRENCY = (1, 8)
+# One decode-sized GEMM shape of a 1.1B Llama (hidden 2048 -> MLP 5632) for the quick kernel run.
+KERNEL_SHAPE = "2048x5632"
+KERNEL_IMPLS = ("ours", "dense_bf16", "aten_int4", "vllm_wna16")
+# PNGs the full benchmarks write when given --png under the results folder; the report links them.
+FULL_BENCHMARKS = (
+    ("quality.png", "Perplexity by scheme (scripts/awq_quality.py)"),
+    ("bench_kernels.png", "INT4 GEMM speed-up vs M (awq-plugin bench kernels)"),
+    ("bench_serve.png", "Serving throughput (awq-plugin bench serve)"),
+    ("soak.png", "Server soak (awq-plugin bench soak)"),
+    ("bench_large_model.png", "Quantizing a model larger than memory (awq-plugin bench large-model)"),
+)
 
 
 def _say(message: str) -> None:
@@ -115,26 +129,55 @@ def serve_and_chat(model_dir: Path, log_path: Path) -> dict[str, Any]:
             temperature=0.0,
         )
         answer = chat.choices[0].message.content or ""
-        t0 = time.monotonic()
-        completion = client.completions.create(
-            model="demo",
-            prompt="The history of the city begins",
-            max_tokens=128,
-            temperature=0.0,
-            extra_body={"ignore_eos": True},
-        )
-        elapsed = time.monotonic() - t0
-        tokens = completion.usage.completion_tokens if completion.usage else 0
+        throughput = {c: _completion_throughput(client, c) for c in SERVE_CONCURRENCY}
         log = server.log_text()
     plugin_in_use = "awq-plugin" in log.lower()
     return {
         "question": CHAT_QUESTION,
         "answer": answer,
         "startup_s": round(ready, 1),
-        "completion_tokens": tokens,
-        "tok_s": round(tokens / elapsed, 2) if elapsed > 0 else None,
+        "tok_s": throughput[1],
+        "throughput": [{"concurrency": c, "output_tok_s": v} for c, v in throughput.items()],
         "plugin_in_use": plugin_in_use,
     }
+
+
+def quick_kernel_bench(results_dir: Path) -> dict[str, Any]:
+    """Our INT4 GEMM against dense bf16, aten int4 and vLLM's kernel on one shape, M = 1..64."""
+    import os
+
+    from awq_plugin import bench_kernels
+
+    threads = os.cpu_count() or 1
+    _say(f"kernel benchmark: {KERNEL_SHAPE} weights, M in 1,4,16,64, {threads} threads (about a minute)")
+    json_path = results_dir / "demo_kernels.json"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["--shapes", KERNEL_SHAPE, "--ms", "1,4,16,64", "--threads", str(threads), "--budget", "0.1"]
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the rows go to the JSON
+        bench_kernels.main([*argv, "--json", str(json_path)])
+    rows = json.loads(json_path.read_text())
+    ours = [r for r in rows if r.get("impl") == "ours"]
+    return {"shape": KERNEL_SHAPE, "threads": threads, "rows": rows, "ours": ours}
+
+
+def _completion_throughput(client: Any, concurrency: int, max_tokens: int = 128) -> float:
+    """Output tokens/s of ``concurrency`` simultaneous greedy completions of ``max_tokens`` each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        completion = client.completions.create(
+            model="demo",
+            prompt=f"{SERVE_PROMPT} (story {i})",
+            max_tokens=max_tokens,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
+        return completion.usage.completion_tokens if completion.usage else 0
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(one, range(concurrency)))
+    return round(tokens / (time.monotonic() - started), 2)
 
 
 def _plot_perplexity(rows: list[dict[str, Any]], path: Path) -> None:
@@ -151,6 +194,23 @@ def _plot_perplexity(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("SmolLM2-135M, held-out Wikipedia: full precision vs 4-bit")
     ax.set_ylim(0, max(values) * 1.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_throughput(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bars = ax.bar([f"{r['concurrency']} request(s)" for r in rows], [r["output_tok_s"] for r in rows])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("output tokens / s")
+    ax.set_xlabel("concurrent greedy completions, 128 tokens each")
+    ax.set_title("vllm serve --quantization awq (this plugin), SmolLM2-135M")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -182,7 +242,33 @@ def write_report(results_dir: Path, summary: dict[str, Any]) -> Path:
             ">",
             f"> **A:** {serve['answer'].strip()}",
             "",
+            "![serving throughput](demo_serving.png)",
+            "",
         ]
+        _plot_throughput(serve["throughput"], results_dir / "demo_serving.png")
+    kernels = summary.get("kernels")
+    if kernels:
+        from awq_plugin import bench_kernels
+
+        rows = {(r["impl"], r["M"]): r for r in kernels["rows"] if "M" in r}
+        lines += [
+            f"## INT4 GEMM, {kernels['shape']} weights, {kernels['threads']} threads",
+            "",
+            "ms per call, weights read from DRAM on every call (cold cache); speed-up is over dense bf16.",
+            "",
+            "| M | ours | dense bf16 | aten int4 | vLLM AWQ (CPU) | ours vs dense |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in sorted({m for _, m in rows}):
+            cells = [f"{rows[(impl, m)]['ms']:.3f}" if (impl, m) in rows else "-" for impl in KERNEL_IMPLS]
+            speedup = rows.get(("ours", m), {}).get("speedup_vs_dense")
+            lines.append(f"| {m} | {' | '.join(cells)} | {speedup}x |")
+        bench_kernels.plot(kernels["rows"], str(results_dir / "demo_kernels.png"))
+        lines += ["", "![kernel speed-up](demo_kernels.png)", ""]
+    others = [(name, title) for name, title in FULL_BENCHMARKS if (results_dir / name).is_file()]
+    if others:
+        lines += ["## Full benchmarks found in this folder", ""]
+        lines += [f"### {title}\n\n![{title}]({name})\n" for name, title in others]
     path = results_dir / "REPORT.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
@@ -208,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--windows", type=int, default=20, help="held-out windows for perplexity (default 20)"
     )
     parser.add_argument("--no-serve", action="store_true", help="skip the vLLM step")
+    parser.add_argument("--no-kernel-bench", action="store_true", help="skip the quick kernel benchmark")
     args = parser.parse_args(argv)
 
     from awq_plugin.default_model import write_default_model
@@ -255,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quality": quality,
         "artifacts": {"fp16": str(fp_dir), "awq": str(awq_dir), "rtn": str(rtn_dir)},
     }
+    if not args.no_kernel_bench:
+        summary["kernels"] = quick_kernel_bench(results)
     if not args.no_serve:
         summary["serve"] = serve_and_chat(awq_dir, results / "demo_vllm_serve.log")
         print(f"\nQ: {CHAT_QUESTION}\nA: {summary['serve']['answer'].strip()}\n", flush=True)
@@ -265,7 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{row['method']:<8}{row['ppl']:>12.3f}{row['size_mib']:>14.1f}")
     if quality[2].get("gap_closed") is not None:
         print(f"AWQ closes {100 * quality[2]['gap_closed']:.0f}% of plain rounding's perplexity gap")
+    if "kernels" in summary:
+        for row in summary["kernels"]["ours"]:
+            print(f"INT4 GEMM {KERNEL_SHAPE}, M={row['M']}: {row.get('speedup_vs_dense')}x dense bf16")
     if "serve" in summary:
-        print(f"vLLM serving: {summary['serve']['tok_s']} output tokens/s (one request)")
+        for row in summary["serve"]["throughput"]:
+            print(f"vLLM serving, {row['concurrency']} concurrent: {row['output_tok_s']} output tokens/s")
     print(f"artifacts: {work}\nreport:    {report}")
     return 0
