@@ -50,6 +50,7 @@ class VllmServer:
         env: dict[str, str] | None = None,
         port: int | None = None,
         startup_timeout: float = 600.0,
+        cwd: str | Path = "/",
     ) -> None:
         self.model = str(model)
         self.port = port or free_port()
@@ -58,6 +59,8 @@ class VllmServer:
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
         self.env.update(env or {})
         self.startup_timeout = startup_timeout
+        # "/" by default: a checkout's root on sys.path would shadow installed packages.
+        self.cwd = str(cwd)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,7 +83,7 @@ class VllmServer:
         self._log = log
         # A new session, so stop() can signal vLLM's whole process tree (engine core, workers).
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd="/"
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.cwd
         )
         self.wait_ready()
         return self
