@@ -38,10 +38,11 @@ vLLM gives every MoE layer's routed experts to ``get_quant_method`` as one
 :class:`AwqPluginMoEMethod` keeps them in the AutoAWQ layout (per expert: gate and up
 side by side in ``w13``), repacks each expert once for our kernel and, per forward,
 runs :func:`awq_moe_forward`: for each expert that received tokens, our INT4 GEMM on
-its tokens, the gated activation, the down GEMM, weighted by the router. Elsewhere
-(CUDA, ROCm, CPUs without AVX-512 VNNI) the experts go to vLLM's own AWQ MoE method
-(Marlin MoE, or its WNA16 MoE kernels), which reads the same tensors; that route is
-written to vLLM's API but was not run here (no GPU).
+its tokens, the gated activation, the down GEMM, weighted by the router (on CPUs without
+AVX-512 VNNI, the same with the pure-PyTorch reference: vLLM 0.32's own CPU AWQ MoE
+kernel needs AMX). On CUDA and ROCm the experts go to vLLM's own AWQ MoE method (Marlin
+MoE, or its WNA16 MoE kernels), which reads the same tensors; that route is written to
+vLLM's API but was not run here (no GPU).
 
 Kernel choice
 -------------
@@ -353,6 +354,12 @@ def awq_moe_forward(
     return out.to(x.dtype)
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _choose_kernel_here(layer: Any, group_size: int, quant: AwqQuantConfig) -> KernelChoice:
     """Gather the platform facts for :func:`choose_kernel` (the only impure part)."""
     from vllm.platforms import current_platform
@@ -451,6 +458,10 @@ class _ConfigImpl:
             if is_layer_skipped(prefix, self.modules_to_not_convert, match_mode="substring"):
                 return UnquantizedFusedMoEMethod(layer.moe_config)
             choice = _choose_kernel_here(layer, self.quant.group_size, self.quant)
+            if choice.kernel not in _MOE_KERNELS and _on_cpu():
+                # vLLM's own CPU AWQ MoE kernel (CPUExpertsInt4, 0.32) needs AMX; a CPU without
+                # our kernel's VNNI has no AMX either, so the experts run on the reference.
+                choice = KernelChoice("reference", "CPU without AVX-512 VNNI: the pure-PyTorch reference")
             if choice.kernel in _MOE_KERNELS:
                 _log_kernel_once(choice, "AwqPluginMoEMethod")
                 return _vllm_classes()["AwqPluginMoEMethod"](self, layer.moe_config, choice.kernel)
