@@ -4,6 +4,10 @@ Contenders, all timed in the same process on the same quantized weights:
 
 - ``ours``: ``awq_plugin.kernels.awq_linear`` on the CPU backend (bf16 activations);
 - ``dense_bf16``: ``F.linear`` on the dequantized weight in bf16 (the unquantized baseline);
+- ``dense_onednn``: the same bf16 weight through vLLM's own CPU linear for unquantized layers
+  (``onednn_mm`` on the handle ``dispatch_cpu_unquantized_gemm`` creates), i.e. what
+  ``vllm serve`` of the bf16 model runs; several times faster than ``F.linear`` here at small M
+  (only when vLLM is importable);
 - ``aten_int4``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with bf16 activations;
 - ``vllm_wna16``: vLLM's ``cpu_gemm_wna16``, weights prepared by ``CPUWNA16LinearKernel``
   (only when vLLM is importable).
@@ -39,7 +43,7 @@ LARGE_SHAPES = SHAPES[:3]
 MS = [1, 4, 16, 64, 256]
 QUICK_SHAPES = [(576, 1536), (1536, 576)]
 QUICK_MS = [1, 16]
-IMPLS = ("ours", "dense_bf16", "aten_int4", "vllm_wna16")
+IMPLS = ("ours", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -94,6 +98,24 @@ def make_dense(gq: quant_ref.GroupQuantized, cycle_bytes: int) -> Contender:
     nbytes = tensor_bytes(w)
     copies = [w] + [w.clone() for _ in range(copies_needed(nbytes, cycle_bytes) - 1)]
     return Contender("dense_bf16", [lambda x, w=w: F.linear(x, w) for w in copies], nbytes)
+
+
+def make_dense_onednn(gq: quant_ref.GroupQuantized, cycle_bytes: int) -> Contender | None:
+    """vLLM's unquantized CPU linear: a oneDNN matmul handle per weight, as its layers build one."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception as exc:  # vLLM is optional
+        print(f"dense_onednn unavailable: {exc}", file=sys.stderr)
+        return None
+    if not getattr(ops, "_supports_onednn", False):
+        print("dense_onednn unavailable: this vLLM build has no oneDNN", file=sys.stderr)
+        return None
+    w = gq.dequantize(torch.bfloat16)  # (N, K)
+    nbytes = tensor_bytes(w)
+    copies = [w] + [w.clone() for _ in range(copies_needed(nbytes, cycle_bytes) - 1)]
+    # 32: the primitive cache size vLLM's dispatch_cpu_unquantized_gemm passes.
+    handles = [ops.create_onednn_mm(c.t(), 32) for c in copies]
+    return Contender("dense_onednn", [lambda x, h=h: ops.onednn_mm(h, x, None) for h in handles], nbytes)
 
 
 def make_aten_int4(gq: quant_ref.GroupQuantized, cycle_bytes: int) -> Contender | None:
@@ -232,8 +254,9 @@ def bench_shape(
     threads: list[int],
     cycle_bytes: int,
     budget_s: float,
+    group_size: int | None = None,
 ) -> list[dict[str, Any]]:
-    g = group_size_for(k, n)
+    g = group_size or group_size_for(k, n)
     gen = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=gen) * 0.02  # (N, K)
     gq = quant_ref.quantize(w, 4, g)
@@ -243,6 +266,7 @@ def bench_shape(
         for c in (
             make_ours(packed, g, cycle_bytes),
             make_dense(gq, cycle_bytes),
+            make_dense_onednn(gq, cycle_bytes),
             make_aten_int4(gq, cycle_bytes),
             make_vllm_wna16(gq, cycle_bytes),
         )
@@ -317,24 +341,26 @@ def summary(rows: list[dict[str, Any]]) -> str:
     """A human-readable table: best-of-threads ms per contender and ours' ratios."""
     best = best_over_threads(rows)
     lines = [
-        f"{'K':>6} {'N':>6} {'M':>4} | {'ours':>14} {'dense_bf16':>14} {'aten_int4':>14} {'vllm_wna16':>14}"
-        f" | {'x dense':>7} {'x aten':>7} {'x vllm':>7} {'bw frac':>7}"
+        f"{'K':>6} {'N':>6} {'M':>4} | {'ours':>14} {'dense_bf16':>14} {'dense_onednn':>14} {'aten_int4':>14}"
+        f" {'vllm_wna16':>14} | {'x dense':>7} {'x onednn':>8} {'x aten':>7} {'x vllm':>7} {'bw frac':>7}"
     ]
-    for k, n, m in sorted({(r[0], r[1], r[2]) for r in best}, key=lambda s: (SHAPES.index(s[:2]), s[2])):
+    order = list(dict.fromkeys((k, n) for k, n, _, _ in best))  # shapes in the order they were run
+    for k, n, m in sorted({(r[0], r[1], r[2]) for r in best}, key=lambda s: (order.index(s[:2]), s[2])):
 
         def cell(impl: str, k: int = k, n: int = n, m: int = m) -> str:
             r = best.get((k, n, m, impl))
             return f"{r['ms']:8.3f} ({r['threads']}t)" if r else f"{'-':>14}"
 
-        def ratio(impl: str, k: int = k, n: int = n, m: int = m) -> str:
+        def ratio(impl: str, k: int = k, n: int = n, m: int = m, width: int = 7) -> str:
             a, b = best.get((k, n, m, "ours")), best.get((k, n, m, impl))
-            return f"{b['ms'] / a['ms']:7.2f}" if a and b else f"{'-':>7}"
+            return f"{b['ms'] / a['ms']:{width}.2f}" if a and b else f"{'-':>{width}}"
 
         ours = best.get((k, n, m, "ours"))
         frac = f"{ours['bw_fraction']:7.2f}" if ours else f"{'-':>7}"
         lines.append(
-            f"{k:6d} {n:6d} {m:4d} | {cell('ours')} {cell('dense_bf16')} {cell('aten_int4')} {cell('vllm_wna16')}"
-            f" | {ratio('dense_bf16')} {ratio('aten_int4')} {ratio('vllm_wna16')} {frac}"
+            f"{k:6d} {n:6d} {m:4d} | {cell('ours')} {cell('dense_bf16')} {cell('dense_onednn')}"
+            f" {cell('aten_int4')} {cell('vllm_wna16')} | {ratio('dense_bf16')} {ratio('dense_onednn', width=8)}"
+            f" {ratio('aten_int4')} {ratio('vllm_wna16')} {frac}"
         )
     return "\n".join(lines)
 
@@ -368,7 +394,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.set_xticks(ms, [str(m) for m in ms])
         ax.set_xlabel("M (rows of activations)")
         ax.set_ylabel("speed-up over dense bf16 (x)")
-        ax.set_title(f"K={k}, N={n}, g{group_size_for(k, n)}")
+        group = next(r["group_size"] for r in best.values() if (r["K"], r["N"]) == (k, n))
+        ax.set_title(f"K={k}, N={n}, g{group}")
         ax.grid(True, which="both", alpha=0.3)
     labels: dict[str, Any] = {}
     for ax in axes.flat:
@@ -403,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cycle-mib", type=int, default=None, help="distinct weight bytes cycled per contender"
     )
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="for every shape (default: 128 for large shapes, else 64)",
+    )
     args = parser.parse_args(argv)
 
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -428,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 bandwidth[t] = max(bandwidth.get(t, 0.0), measure_read_bandwidth(bw_bytes))
             print(f"read bandwidth so far (GB/s per thread count): {bandwidth}", file=sys.stderr, flush=True)
             if shape is not None:
-                rows += bench_shape(*shape, ms, threads, cycle_mib * 2**20, budget)
+                rows += bench_shape(*shape, ms, threads, cycle_mib * 2**20, budget, args.group_size)
     finally:
         torch.set_num_threads(saved_threads)
     rows += [
