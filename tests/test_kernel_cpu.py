@@ -201,6 +201,24 @@ def test_zero_rows_and_empty_batch(layer_384x200: Layer) -> None:
     assert kernels.awq_linear(torch.zeros(0, 384), w).shape == (0, 200)
 
 
+@pytest.mark.parametrize("m", [5, 16, 33])
+def test_one_thread_matches_two(layer_384x200: Layer, m: int) -> None:
+    """One thread (vLLM's CPU worker) streams each next block into L2 during the second chunk of
+    rows; that is a prefetch only, so the result equals the two-thread split bit for bit."""
+    w = prepare(layer_384x200)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.awq_linear(x, w)
+        torch.set_num_threads(2)
+        two = kernels.awq_linear(x, w)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one, two)
+    check_against_reference(x, layer_384x200, one)
+
+
 def test_portable_path_matches_avx512(layer_384x200: Layer) -> None:
     """The fallback compiled for CPUs without AVX-512 computes the same sums."""
     ext = build.load_extension()
