@@ -27,7 +27,7 @@ SERVE_PROMPT = "The history of the city begins"
 SERVE_CONCURRENCY = (1, 8)
 # One decode-sized GEMM shape of a 1.1B Llama (hidden 2048 -> MLP 5632) for the quick kernel run.
 KERNEL_SHAPE = "2048x5632"
-KERNEL_IMPLS = ("ours", "dense_bf16", "aten_int4", "vllm_wna16")
+KERNEL_IMPLS = ("ours", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
 # PNGs the full benchmarks write when given --png under the results folder; the report links them.
 FULL_BENCHMARKS = (
     ("quality.png", "Perplexity by scheme (scripts/awq_quality.py)"),
@@ -256,8 +256,8 @@ def write_report(results_dir: Path, summary: dict[str, Any]) -> Path:
             "",
             "ms per call, weights read from DRAM on every call (cold cache); speed-up is over dense bf16.",
             "",
-            "| M | ours | dense bf16 | aten int4 | vLLM AWQ (CPU) | ours vs dense |",
-            "|---|---|---|---|---|---|",
+            "| M | ours | dense bf16 (F.linear) | dense bf16 (vLLM oneDNN) | aten int4 | vLLM AWQ (CPU) | ours vs F.linear |",
+            "|---|---|---|---|---|---|---|",
         ]
         for m in sorted({m for _, m in rows}):
             cells = [f"{rows[(impl, m)]['ms']:.3f}" if (impl, m) in rows else "-" for impl in KERNEL_IMPLS]

@@ -20,6 +20,7 @@ def kernel_rows() -> list[dict]:
                 "K": 2048,
                 "N": 5632,
                 "M": m,
+                "group_size": 64,
                 "threads": 2,
                 "impl": "ours",
                 "ms": ours,
@@ -27,7 +28,7 @@ def kernel_rows() -> list[dict]:
                 "bw_fraction": 0.8,
             }
         )
-        rows.append({"K": 2048, "N": 5632, "M": m, "threads": 2, "impl": "dense_bf16", "ms": dense,
+        rows.append({"K": 2048, "N": 5632, "M": m, "group_size": 64, "threads": 2, "impl": "dense_bf16", "ms": dense,
                      "speedup_vs_dense": 1.0})  # fmt: skip
     rows.append({"impl": "bandwidth", "threads": 2, "gbps": 20.0, "bytes": 1})
     return rows
@@ -64,7 +65,7 @@ def test_report_has_the_tables_the_answer_and_the_plots(tmp_path: Path) -> None:
     report = demo.write_report(tmp_path, summary())
     text = report.read_text()
     assert "| AWQ | 26.500 | 90.0 | 64% |" in text
-    assert "| 1 | 0.900 | 6.000 | - | - | 6.667x |" in text  # missing contenders show as "-"
+    assert "| 1 | 0.900 | 6.000 | - | - | - | 6.667x |" in text  # missing contenders show as "-"
     assert "**A:** Weight quantization stores weights in fewer bits." in text
     for png in ("demo_perplexity.png", "demo_kernels.png", "demo_serving.png"):
         assert f"]({png})" in text
