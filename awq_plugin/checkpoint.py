@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from awq_plugin.config import AwqQuantConfig, load_quant_config
 from awq_plugin.errors import CheckpointError, ConfigError
@@ -32,6 +31,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+READ_CHUNK_BYTES = 16 * 2**20  # converting reads go through a buffer this large
 # Files copied verbatim from the source folder into a quantized checkpoint.
 COPIED_FILES = (
     "generation_config.json",
@@ -86,6 +86,10 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(_ST_DTYPES[self.dtype][0], self.shape)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
@@ -219,23 +223,46 @@ class SafetensorsReader:
             raise CheckpointError(f"tensor {name!r} is missing from {self.folder}")
         return self._entries[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a private copy), naming it and its file if it cannot be read."""
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, chunk_bytes: int = READ_CHUNK_BYTES
+    ) -> torch.Tensor:
+        """Load one tensor (a private copy), naming it and its file if it cannot be read.
+
+        With ``dtype`` the tensor is converted while it is read, ``chunk_bytes``
+        of the file at a time, so memory holds the result and one chunk, never
+        the stored copy as well (reading a bf16 embedding as fp32 needs 2x its
+        size, not 3x).
+        """
         entry = self._entry(name)
         path = self.folder / self._where[name]
-        buffer = bytearray(entry.nbytes)
+        stored = _ST_DTYPES[entry.dtype][0]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype or stored)
+        convert = dtype is not None and dtype != stored
+        out = torch.empty(entry.shape, dtype=dtype) if convert else None
+        itemsize = _ST_DTYPES[entry.dtype][1]
+        step = max(itemsize, chunk_bytes // itemsize * itemsize) if convert else entry.nbytes
+        buffer = bytearray(min(step, entry.nbytes))
+        done = 0
         try:
             with open(path, "rb") as handle:
                 handle.seek(entry.start)
-                got = handle.readinto(buffer)
+                while done < entry.nbytes:
+                    want = min(step, entry.nbytes - done)
+                    got = handle.readinto(memoryview(buffer)[:want])
+                    if got != want:
+                        raise CheckpointError(
+                            f"tensor {name!r} in {path} is truncated ({done + got} of {entry.nbytes} bytes)"
+                        )
+                    if out is not None:  # (numel,) flat view of the result, filled chunk by chunk
+                        chunk = torch.frombuffer(buffer, dtype=stored, count=want // itemsize)
+                        out.view(-1)[done // itemsize : (done + want) // itemsize].copy_(chunk)
+                    done += want
         except OSError as exc:
             raise CheckpointError(f"tensor {name!r} in {path} cannot be read: {exc}") from None
-        if got != entry.nbytes:
-            raise CheckpointError(f"tensor {name!r} in {path} is truncated ({got} of {entry.nbytes} bytes)")
-        dtype = _ST_DTYPES[entry.dtype][0]
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+        if out is not None:
+            return out
+        return torch.frombuffer(buffer, dtype=stored).reshape(entry.shape)
 
     def get_slice_shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, read from the header without loading the data."""
@@ -243,6 +270,10 @@ class SafetensorsReader:
 
     def get_dtype(self, name: str) -> str:
         return self._entry(name).dtype
+
+    def get_spec(self, name: str) -> TensorSpec:
+        """A tensor's torch dtype and shape, from the header."""
+        return self._entry(name).spec
 
     def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors whose name starts with ``prefix``, keyed by the rest of the name."""
@@ -253,6 +284,92 @@ class SafetensorsReader:
 
 
 # ---- writing ---------------------------------------------------------------------------------
+
+
+# safetensors' own order of the data section: dtypes from its dtype enum, highest first (so
+# wider elements come first and every tensor stays aligned), then names. Following it makes our
+# streamed files byte-identical to ``safetensors.torch.save_file``'s.
+_ST_DATA_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+_TORCH_TO_ST = {dtype: name for name, (dtype, _) in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's dtype and shape, known before its data: what a safetensors header needs."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tensor.dtype, tuple(tensor.shape))
+
+    @property
+    def st_dtype(self) -> str:
+        if self.dtype not in _TORCH_TO_ST:
+            raise CheckpointError(f"dtype {self.dtype} cannot be stored in safetensors by this writer")
+        return _TORCH_TO_ST[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ST_DTYPES[self.st_dtype][1]
+
+
+def safetensors_header(
+    specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, list[str]]:
+    """The header of a safetensors file (length prefix included) and the order of its data.
+
+    Same layout as the safetensors library: compact JSON, ``__metadata__``
+    first, data sorted by dtype then name, header padded with spaces to a
+    multiple of 8 bytes.
+    """
+    rank = {name: i for i, name in enumerate(_ST_DATA_ORDER)}
+    order = sorted(specs, key=lambda n: (rank[specs[n].st_dtype], n))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    for name in order:
+        spec = specs[name]
+        header[name] = {
+            "dtype": spec.st_dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
+
+
+def write_safetensors(
+    path: Path,
+    specs: Mapping[str, TensorSpec],
+    load: Any,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file holding one tensor in memory at a time.
+
+    The header is written first from ``specs``; then ``load(name)`` produces
+    each tensor, which must match its spec, and its bytes are appended. The
+    bytes equal ``safetensors.torch.save_file``'s for the same tensors (for
+    metadata of more than one key that library's order varies; ours is sorted).
+    """
+    header, order = safetensors_header(specs, metadata)
+    with open(path, "wb") as handle:
+        handle.write(header)
+        for name in order:
+            tensor = load(name)
+            if TensorSpec.of(tensor) != specs[name]:
+                raise CheckpointError(
+                    f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, but its header entry says "
+                    f"{specs[name].dtype} {list(specs[name].shape)}"
+                )
+            if tensor.numel():
+                # (numel,) viewed as raw bytes, little-endian as on every platform torch supports
+                handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
 
 
 def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -277,16 +394,19 @@ def write_sharded(
     folder: Path,
     tensor_sources: Mapping[str, Any],
     load: Any,
-    sizes: Mapping[str, int],
+    specs: Mapping[str, TensorSpec],
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> list[str]:
     """Write tensors to ``folder`` as HF-style shards plus index (or one file).
 
     ``tensor_sources`` maps each tensor name to whatever ``load(source, name)``
-    needs to produce it, so a shard's tensors are loaded only while that shard is
-    written: memory stays bounded by one shard. Output is deterministic: names are
-    sorted, metadata is fixed.
+    needs to produce it; ``specs`` gives every tensor's dtype and shape up
+    front, so each shard's header is written first and its tensors are then
+    loaded and written one at a time: memory stays bounded by the largest
+    tensor, not by a shard. Output is deterministic: names are sorted,
+    metadata is fixed.
     """
+    sizes = {name: spec.nbytes for name, spec in specs.items()}
     groups = plan_shards(sizes, max_shard_bytes)
     names = (
         [SINGLE_FILE]
@@ -295,10 +415,13 @@ def write_sharded(
     )
     weight_map: dict[str, str] = {}
     for file_name, group in zip(names, groups, strict=True):
-        tensors = {name: load(tensor_sources[name], name).contiguous() for name in group}
-        save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        write_safetensors(
+            folder / file_name,
+            {name: specs[name] for name in group},
+            lambda name: load(tensor_sources[name], name),
+            metadata={"format": "pt"},
+        )
         weight_map.update(dict.fromkeys(group, file_name))
-        del tensors
     if len(groups) > 1:
         atomic_write_json(
             folder / INDEX_FILE,

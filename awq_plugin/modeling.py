@@ -19,6 +19,7 @@ from torch import nn
 from awq_plugin.checkpoint import (
     QUANT_SUFFIXES,
     SafetensorsReader,
+    TensorSpec,
     copy_side_files,
     iter_quantized_prefixes,
     read_json,
@@ -227,8 +228,8 @@ def save_awq_checkpoint(
     """Write a complete AWQ checkpoint atomically (staging directory, then rename)."""
     out = Path(out_dir)
     with atomic_output_dir(out, overwrite=overwrite) as staging:
-        sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
-        write_sharded(staging, state, lambda tensor, _name: tensor, sizes)
+        specs = {name: TensorSpec.of(tensor) for name, tensor in state.items()}
+        write_sharded(staging, state, lambda tensor, _name: tensor, specs)
         write_model_config(source_config, staging, quant)
         if source_dir is not None:
             copy_side_files(Path(source_dir), staging)

@@ -3,11 +3,18 @@
 Flow (one direction)::
 
     source shards --(embeddings only)--> skeleton on meta --> capture block-0 inputs
+        -> drop the embeddings
     for each block i:
         read block i from the shards -> AWQ search/apply (or plain rounding) -> quantize + pack
         -> write block i's tensors, its search results and block i+1's inputs to the work dir
-        -> drop block i from memory
-    assemble shards + config + tokenizer in a staging dir -> validate -> rename to OUT
+        -> drop block i from memory (and hand the freed heap back to the OS)
+    assemble shards + config + tokenizer in a staging dir, one tensor at a time
+        -> validate -> rename to OUT
+
+Peak memory is therefore the larger of: the embeddings in fp32 while capturing,
+and one block in fp32 plus the calibration activations and the search's
+temporaries; it does not grow with the number of blocks (``awq-plugin bench
+large-model`` measures it on a model several times larger).
 
 The work dir (``.OUT.awq-work`` beside OUT) makes runs resumable: it is keyed
 by a fingerprint of every input (source tensors, config, calibration, options,
@@ -21,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Sequence
@@ -40,8 +46,10 @@ from awq_plugin.calib import calibration_windows
 from awq_plugin.capture import capture_decoder_inputs, forward_block
 from awq_plugin.checkpoint import (
     SafetensorsReader,
+    TensorSpec,
     copy_side_files,
     read_json,
+    read_safetensors_header,
     validate_checkpoint,
     write_model_config,
     write_sharded,
@@ -51,6 +59,8 @@ from awq_plugin.errors import CalibrationError, CheckpointError, ConfigError
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, check_output_dir
 from awq_plugin.modeling import build_empty_model, hf_config_from_dict, pack_linear
 from awq_plugin.moe import split_fused_expert_tensors
+from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
+from awq_plugin.quant_ref import is_all_finite
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 
 log = logging.getLogger(__name__)
@@ -97,10 +107,6 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -112,6 +118,11 @@ def _source_fingerprint(reader: SafetensorsReader, folder: Path) -> dict[str, An
         "files": {f: (folder / f).stat().st_size for f in files},
         "config": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
     }
+
+
+def work_dir_path(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its resumable state: a hidden folder beside it."""
+    return out.with_name(f".{out.name}.awq-work")
 
 
 class WorkDir:
@@ -187,7 +198,7 @@ class WorkDir:
 
 def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not is_all_finite(tensor):
             raise CheckpointError(f"{what}: tensor {name} contains NaN or Inf")
 
 
@@ -198,7 +209,7 @@ def _load_block(
     layers_path = resolved.decoder_layers
     prefix = f"{layers_path}.{i}."
     state = {
-        resolved.from_checkpoint_name(name)[len(prefix) :]: reader.get(name).float()
+        resolved.from_checkpoint_name(name)[len(prefix) :]: reader.get(name, torch.float32)
         for name in reader
         if name.startswith(prefix)
     }
@@ -214,9 +225,30 @@ def _load_block(
     return block
 
 
+def _output_head_names(model: torch.nn.Module) -> set[str]:
+    """The output head's own parameters (``lm_head.weight``), unless it is tied to the embeddings."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {
+        f"{name}.{leaf}" if name else leaf
+        for name, module in model.named_modules()
+        if module is head
+        for leaf, _ in module.named_parameters(recurse=False)
+    }
+
+
 def _load_non_layer(model: torch.nn.Module, layers_path: str, reader: SafetensorsReader) -> list[str]:
+    """Load the tensors outside the decoder layers that the capture forward needs, in fp32.
+
+    The output head is checked (present, right shape) but not read: the capture
+    stops at the last decoder layer, and the head, as large as the embeddings,
+    is copied tensor by tensor when the checkpoint is assembled. Returns the
+    names of all the source's non-layer tensors.
+    """
     names = [n for n in reader if not n.startswith(layers_path + ".")]
-    state = {n: reader.get(n).float() for n in names}
+    head = _output_head_names(model)
+    state = {n: reader.get(n, torch.float32) for n in names if n not in head}
     _check_finite(state, "source checkpoint")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
@@ -225,13 +257,34 @@ def _load_non_layer(model: torch.nn.Module, layers_path: str, reader: Safetensor
     missing = [
         k
         for k in result.missing_keys
-        if not k.startswith(layers_path + ".") and not (tied and k == "lm_head.weight")
+        if not k.startswith(layers_path + ".") and not (tied and k == "lm_head.weight") and k not in head
     ]
+    for name in sorted(head):
+        if name not in reader:
+            missing.append(name)
+        elif tuple(reader.get_slice_shape(name)) != tuple(model.get_parameter(name).shape):
+            raise CheckpointError(
+                f"source tensor {name} has shape {list(reader.get_slice_shape(name))}, "
+                f"the architecture expects {list(model.get_parameter(name).shape)}"
+            )
     if missing:
         raise CheckpointError(f"source checkpoint lacks tensor {missing[0]}")
     if tied:
         model.tie_weights()
     return names
+
+
+def _release_non_layer(model: torch.nn.Module, layers_path: str) -> None:
+    """Move every parameter outside the decoder layers to the meta device (frees the embeddings).
+
+    Once the calibration inputs of the decoder stack are captured, nothing
+    before or after it runs again in this process.
+    """
+    for name, module in model.named_modules():
+        if name == layers_path or name.startswith(layers_path + "."):
+            continue
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            setattr(module, leaf, torch.nn.Parameter(param.to("meta"), requires_grad=False))
 
 
 def _pack_block(
@@ -274,8 +327,8 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize the transformers folder ``source`` into an AWQ checkpoint at ``out``.
 
-    Holds one decoder block (plus embeddings and calibration activations) in
-    memory; resumable (see the module docstring). ``method="rtn"`` skips the
+    Holds one decoder block and the calibration activations in memory (the
+    embeddings only while the block-0 inputs are captured); resumable (see the module docstring). ``method="rtn"`` skips the
     search: plain round-to-nearest, the baseline AWQ is measured against.
     """
     started = time.monotonic()
@@ -311,11 +364,12 @@ def quantize_checkpoint(
             "threads": torch.get_num_threads(),
         }
     )
-    work = WorkDir(out.with_name(f".{out.name}.awq-work"), fingerprint)
+    work = WorkDir(work_dir_path(out), fingerprint)
     done = work.open()
 
     non_layer_names = _load_non_layer(model, layers_path, reader)
     captured = capture_decoder_inputs(model, layers, calib_ids, options.micro_batch_size)
+    _release_non_layer(model, layers_path)  # from here on memory holds one block and the activations
     hidden = captured.hidden_states if done == 0 else work.load_hidden(done)
 
     bar = tqdm(
@@ -340,6 +394,7 @@ def quantize_checkpoint(
         work.save_hidden(i + 1, hidden)
         work.mark_done(i + 1)
         block.to("meta")  # free the block's weights; the next block is read fresh from the shards
+        release_freed_memory()  # else heap fragmentation makes the peak creep up block after block
         bar.update(1)
     bar.close()
 
@@ -392,35 +447,38 @@ def _assemble(
     quant: AwqQuantConfig,
     results: AwqResults | None,
 ) -> int:
-    """Write the final checkpoint from the work dir and the source's non-layer tensors."""
+    """Write the final checkpoint from the work dir and the source's non-layer tensors.
+
+    Tensor specs come from the headers alone, so the shards are written one
+    tensor at a time (see :func:`write_sharded`): peak memory here is one
+    block file plus the largest source tensor, not one 2 GiB output shard.
+    """
     sources: dict[str, tuple[str, Any]] = {}
-    sizes: dict[str, int] = {}
+    specs: dict[str, TensorSpec] = {}
     for name in non_layer_names:
         sources[name] = ("source", name)
-        shape = reader.get_slice_shape(name)
-        sizes[name] = int(torch.Size(shape).numel()) * 2  # written as fp16
-    block_names: dict[int, list[str]] = {}
+        spec = reader.get_spec(name)
+        specs[name] = TensorSpec(torch.float16, spec.shape) if spec.dtype.is_floating_point else spec
     for i in range(n_layers):
-        tensors = load_file(str(work.block_file(i)))
-        block_names[i] = sorted(tensors)
-        for name, tensor in tensors.items():
+        entries, _ = read_safetensors_header(work.block_file(i))
+        for name, entry in entries.items():
             sources[name] = ("block", i)
-            sizes[name] = tensor.numel() * tensor.element_size()
-        del tensors
+            specs[name] = entry.spec
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def load(where: tuple[str, Any], name: str) -> torch.Tensor:
         kind, key = where
-        if kind == "source":
-            tensor = reader.get(name)
-            return tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+        if kind == "source":  # read straight into fp16 (see SafetensorsReader.get)
+            tensor = reader.get(name, specs[name].dtype)
+            _check_finite({name: tensor}, "source checkpoint (in fp16)")  # the head was not read before
+            return tensor
         if key not in cache:
             cache.clear()  # hold one block file at a time
             cache[key] = load_file(str(work.block_file(key)))
         return cache[key][name]
 
     with atomic_output_dir(out, overwrite=overwrite) as staging:
-        write_sharded(staging, sources, load, sizes)
+        write_sharded(staging, sources, load, specs)
         write_model_config(source_config, staging, quant)
         copy_side_files(source, staging)
         if results is not None:

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from awq_plugin import modeling
-from awq_plugin.checkpoint import SafetensorsReader, plan_shards, validate_checkpoint, write_sharded
+from awq_plugin.checkpoint import (
+    SafetensorsReader,
+    TensorSpec,
+    plan_shards,
+    validate_checkpoint,
+    write_safetensors,
+    write_sharded,
+)
 from awq_plugin.cli import main
 from awq_plugin.errors import CheckpointError, OutputExistsError
 
@@ -157,8 +168,8 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path: Path, tiny_llama_awq: Pa
     state = {name: reader.get(name) for name in reader}
     out = tmp_path / "sharded"
     out.mkdir()
-    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
-    names = write_sharded(out, state, lambda t, _n: t, sizes, max_shard_bytes=8 * 2**20)
+    specs = {k: TensorSpec.of(v) for k, v in state.items()}
+    names = write_sharded(out, state, lambda t, _n: t, specs, max_shard_bytes=8 * 2**20)
     assert len(names) > 2 and (out / "model.safetensors.index.json").is_file()
     for side in ("config.json", "tokenizer.json"):
         shutil.copy(tiny_llama_awq / side, out / side)
@@ -175,6 +186,86 @@ def test_plan_shards_is_deterministic_and_bounded() -> None:
     shards = plan_shards(sizes, 35)
     assert [len(s) for s in shards] == [3] * 8 + [1]
     assert plan_shards(dict(reversed(sizes.items())), 35) == shards
+
+
+_WRITABLE_DTYPES = [
+    torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
+]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(alphabet="abcxyz._0123456789é", min_size=1, max_size=12),
+        st.tuples(st.sampled_from(_WRITABLE_DTYPES), st.lists(st.integers(0, 5), max_size=3)),
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_streamed_safetensors_are_the_librarys_bytes(tmp_path_factory, entries, with_metadata) -> None:
+    """Our one-tensor-at-a-time writer produces exactly safetensors.torch.save's bytes."""
+    from safetensors.torch import save
+
+    tensors = {
+        name: torch.arange(torch.Size(shape).numel(), dtype=torch.float64).reshape(shape).to(dtype)
+        for name, (dtype, shape) in entries.items()
+    }
+    metadata = {"format": "pt"} if with_metadata else None
+    path = tmp_path_factory.mktemp("st") / "x.safetensors"
+    write_safetensors(path, {n: TensorSpec.of(t) for n, t in tensors.items()}, tensors.__getitem__, metadata)
+    assert path.read_bytes() == save(tensors, metadata=metadata)
+
+
+def test_sharded_writer_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """write_sharded loads each tensor only when it writes it and drops it before the next."""
+    alive: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+    most_alive = 0
+
+    def load(seed: int, _name: str) -> torch.Tensor:
+        nonlocal most_alive
+        gc.collect()
+        tensor = torch.full((64, 32), float(seed))
+        alive.add(tensor)
+        most_alive = max(most_alive, len(alive))
+        return tensor
+
+    sources = {f"t{i:02d}": i for i in range(12)}
+    specs = dict.fromkeys(sources, TensorSpec(torch.float32, (64, 32)))
+    names = write_sharded(tmp_path, sources, load, specs, max_shard_bytes=3 * 64 * 32 * 4)
+    assert len(names) == 4 and most_alive == 1
+    back = {}
+    for name in names:
+        back.update(load_file(tmp_path / name))
+    assert all(torch.equal(back[n], torch.full((64, 32), float(i))) for n, i in sources.items())
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk_bytes", [1, 6, 64, 2**20])
+def test_converting_read_matches_read_then_convert(tmp_path: Path, stored, chunk_bytes: int) -> None:
+    """get(name, dtype) converts chunk by chunk (chunks not dividing the tensor included)."""
+    tensors = {"w": torch.randn(37, 11).to(stored), "empty": torch.zeros(0, 3, dtype=stored)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = SafetensorsReader(tmp_path)
+    for name, tensor in tensors.items():
+        got = reader.get(name, torch.float32, chunk_bytes=chunk_bytes)
+        assert got.dtype == torch.float32 and torch.equal(got, tensor.float())
+        assert torch.equal(reader.get(name, stored, chunk_bytes=chunk_bytes), tensor)
+
+
+def test_converting_read_names_a_truncated_file(tmp_path: Path) -> None:
+    save_file({"w": torch.randn(64, 64).bfloat16()}, tmp_path / "model.safetensors")
+    reader = SafetensorsReader(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # cut after the header was validated
+    with pytest.raises(CheckpointError, match=r"tensor 'w' in .* is truncated \(8092 of 8192 bytes\)"):
+        reader.get("w", torch.float32, chunk_bytes=1000)
+
+
+def test_streamed_writer_refuses_a_tensor_unlike_its_spec(tmp_path: Path) -> None:
+    spec = {"w": TensorSpec(torch.float16, (4, 4))}
+    with pytest.raises(CheckpointError, match=r"tensor w is torch.float32 \[4, 4\]"):
+        write_safetensors(tmp_path / "x.safetensors", spec, lambda _n: torch.zeros(4, 4))
 
 
 def test_pickle_files_are_never_loaded(tmp_path: Path, tiny_llama_awq: Path) -> None:

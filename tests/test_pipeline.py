@@ -157,13 +157,13 @@ def test_read_only_location_is_refused_before_work(tmp_path: Path, source: Path,
 def test_disk_full_during_write_leaves_nothing(tmp_path: Path, source: Path, monkeypatch) -> None:
     import awq_plugin.checkpoint as checkpoint
 
-    real_save = checkpoint.save_file
+    real_write = checkpoint.write_safetensors
 
     def full_disk(*args, **kwargs):
-        real_save(*args, **kwargs)
+        real_write(*args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "write_safetensors", full_disk)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         _quantize(source, out, method="rtn")
@@ -188,6 +188,46 @@ def test_inf_in_embeddings_is_named(tmp_path: Path, source: Path) -> None:
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight contains NaN or Inf"):
         _quantize(broken, tmp_path / "out")
+
+
+def test_nan_in_output_head_is_named(tmp_path: Path, source: Path) -> None:
+    """The head is read only while assembling, and still checked there."""
+    broken = Path(shutil.copytree(source, tmp_path / "nan-head-src"))
+    tensors = load_file(broken / "model.safetensors")
+    tensors["lm_head.weight"][3, 1] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight contains NaN or Inf"):
+        _quantize(broken, out, method="rtn")
+    _no_leftovers(tmp_path, out)
+
+
+def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source: Path, monkeypatch) -> None:
+    """Memory bound: during the block loop no non-layer weight is held, and the head is read last."""
+    import awq_plugin.pipeline as pipeline
+
+    reads: list[str] = []
+    real_get, real_load_block = pipeline.SafetensorsReader.get, pipeline._load_block
+
+    def recording_get(self, name: str, *args, **kwargs) -> torch.Tensor:
+        reads.append(name)
+        return real_get(self, name, *args, **kwargs)
+
+    def checking_load_block(model, resolved, i, reader):
+        held = [
+            n
+            for n, p in model.named_parameters()
+            if not n.startswith(resolved.decoder_layers + ".") and p.device.type != "meta"
+        ]
+        assert not held, f"block {i} loaded while {held} are in memory"
+        reads.append(f"<block {i}>")
+        return real_load_block(model, resolved, i, reader)
+
+    monkeypatch.setattr(pipeline.SafetensorsReader, "get", recording_get)
+    monkeypatch.setattr(pipeline, "_load_block", checking_load_block)
+    _quantize(source, tmp_path / "out", method="rtn")
+    assert reads.count("lm_head.weight") == 1
+    assert reads.index("lm_head.weight") > reads.index("<block 3>")
 
 
 @pytest.mark.parametrize(
