@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench-kernels bench-soak clean
+.PHONY: setup demo test lint format bench-kernels bench-soak bench-large-model clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -31,6 +31,10 @@ bench-kernels: setup
 ## 64 clients against vllm serve with the plugin for 10 minutes (about 15 minutes with start-up).
 bench-soak: setup
 	$(VENV)/bin/awq-plugin bench soak --duration 600 --json results/soak.json --png results/soak.png
+
+## Quantize a synthetic 2.7B Llama (4.97 GiB in bf16) in at most a third of that in RAM (~30 min).
+bench-large-model: setup
+	$(VENV)/bin/awq-plugin bench large-model --threads 1 --json results/bench_large_model.json --png results/bench_large_model.png
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

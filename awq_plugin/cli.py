@@ -160,6 +160,7 @@ BENCHMARKS = {
     "kernels": "awq_plugin.bench_kernels",  # INT4 GEMM vs dense bf16, aten int4, vLLM's kernel
     "serve": "awq_plugin.bench_serve",  # vllm serve throughput: plugin vs built-in AWQ vs bf16
     "generate": "awq_plugin.bench_generate",  # transformers generate(): AWQ vs fp32 and bf16
+    "large-model": "awq_plugin.bench_large_model",  # quantize a model 3x larger than its peak RSS
     "soak": "awq_plugin.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
 }
 
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "what",
         choices=sorted(BENCHMARKS),
-        help="kernels, serve, generate or soak (each takes --json OUT, --png OUT)",
+        help="kernels, serve, generate, large-model or soak (each takes --json OUT, --png OUT)",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     p.set_defaults(func=_cmd_bench)
