@@ -99,10 +99,21 @@ def test_sigkill_then_rerun_is_byte_identical(
     assert not _work_dir(out).exists()
 
 
-def test_sigint_stops_cleanly_with_a_message(tmp_path: Path, source: Path) -> None:
+@pytest.fixture(scope="module")
+def long_source(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """Like ``source`` with 16 layers: an interrupt after block 1 lands well before the end,
+    even when a loaded machine delays this test's polling by seconds."""
+    config = synthetic.make_config(
+        "tiny-llama", num_hidden_layers=16, hidden_size=128, intermediate_size=256, num_attention_heads=4
+    )
+    model = synthetic.make_model(config, seed=1, weight_std=1.0)
+    return synthetic.write_model(tmp_path_factory.mktemp("src") / "tiny16", model, default_model_dir)
+
+
+def test_sigint_stops_cleanly_with_a_message(tmp_path: Path, long_source: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [CLI, "quantize", str(source), str(out), *FAST],
+        [CLI, "quantize", str(long_source), str(out), *FAST],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd="/",
@@ -110,7 +121,7 @@ def test_sigint_stops_cleanly_with_a_message(tmp_path: Path, source: Path) -> No
     assert _wait_for_blocks(proc, _work_dir(out), 1)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr.decode(errors="replace")[-2000:]
     assert b"interrupted" in stderr and b"resume" in stderr
     assert not out.exists()
 
