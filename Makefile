@@ -32,7 +32,7 @@ bench-kernels: setup
 bench-soak: setup
 	$(VENV)/bin/awq-plugin bench soak --duration 600 --json results/soak.json --png results/soak.png
 
-## Quantize a synthetic 2.7B Llama (4.97 GiB in bf16) in at most a third of that in RAM (~30 min).
+## Quantize a synthetic 2.7B Llama (4.97 GiB in bf16) in at most a third of that in RAM (~20 min).
 bench-large-model: setup
 	$(VENV)/bin/awq-plugin bench large-model --threads 1 --json results/bench_large_model.json --png results/bench_large_model.png
 
