@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from awq_plugin import demo
 
 
@@ -72,3 +74,11 @@ def test_report_has_the_tables_the_answer_and_the_plots(tmp_path: Path) -> None:
     assert "](bench_serve.png)" in text and "](soak.png)" not in text  # only plots that exist
     for png in ("demo_perplexity.png", "demo_serving.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_passes_options_to_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    from awq_plugin.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--workdir", "somewhere", "--help"])
+    assert exit_info.value.code == 0 and "--no-kernel-bench" in capsys.readouterr().out
