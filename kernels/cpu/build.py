@@ -28,6 +28,7 @@ import torch
 SOURCE = Path(__file__).with_name("awq_gemm.cpp")
 EXTENSION_NAME = "awq_plugin_cpu_kernels"
 CACHE_ENV = "AWQ_PLUGIN_CACHE"
+TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while another build runs
 
 # The instruction sets the AVX-512 path needs (names as in /proc/cpuinfo).
 AVX512_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
@@ -112,6 +113,11 @@ def load_extension(verbose: bool = False) -> ModuleType:
     build_dir = cache_root() / build_key(cflags)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(build_dir / "build.lock"):
+        # torch's own build baton is a plain file that a killed build leaves
+        # behind, after which every later load waits on it forever. Our flock
+        # (released by the kernel when its holder dies) already serialises
+        # builds, so a baton found while we hold it is stale.
+        (build_dir / TORCH_BATON).unlink(missing_ok=True)
         return cpp_extension.load(
             name=EXTENSION_NAME,
             sources=[str(SOURCE)],
