@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ __all__ = [
     "Greedy",
     "assert_same_or_near_tie",
     "first_divergence",
+    "generate_greedy",
     "reference_greedy",
     "vllm_generate",
 ]
@@ -90,3 +92,21 @@ def vllm_generate(
     result = json.loads(res.read_text())
     result["log"] = text
     return result
+
+
+@torch.inference_mode()
+def generate_greedy(model: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' ``generate()`` (KV cache and all), greedy, one prompt at a time: the new tokens."""
+    outs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        outs.append(out[0, len(prompt) :].tolist())
+    return outs

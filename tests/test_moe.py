@@ -65,7 +65,7 @@ from awq_plugin.pack import AwqPacked, unpack
 from awq_plugin.qlinear import AwqLinear
 from awq_plugin.scale import apply_group_scales
 from awq_plugin.templates import load_shipped_templates, resolve_template
-from greedy import Greedy, assert_same_or_near_tie, first_divergence, reference_greedy
+from greedy import Greedy, assert_same_or_near_tie, first_divergence, generate_greedy, reference_greedy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 GROUP = 32
@@ -208,24 +208,6 @@ def dense_reference(folder: Path) -> nn.Module:
                 dense.bias.data = module.bias.float()
             replace_module(model, name, dense)
     return model.eval()
-
-
-@torch.inference_mode()
-def generate_greedy(model: nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """transformers' own ``generate`` (KV cache and all), greedy."""
-    outs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
 
 
 @torch.inference_mode()

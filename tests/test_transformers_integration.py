@@ -37,7 +37,7 @@ from awq_plugin.errors import ConfigError
 from awq_plugin.integrations import transformers as hf_integration
 from awq_plugin.kernels.cpu import build
 from awq_plugin.qlinear import AwqLinear
-from greedy import Greedy, assert_same_or_near_tie, reference_greedy, vllm_generate
+from greedy import Greedy, assert_same_or_near_tie, generate_greedy, reference_greedy, vllm_generate
 
 # transformers warns whenever a config is passed for an already-quantized checkpoint (it keeps
 # the checkpoint's and copies over the loading attributes, here the kernel): expected.
@@ -68,24 +68,6 @@ def load(folder: Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any
 @torch.inference_mode()
 def logits(model: Any, ids: torch.Tensor = BATCH) -> torch.Tensor:
     return model(input_ids=ids).logits.float()  # (B, T, V)
-
-
-@torch.inference_mode()
-def generate_greedy(model: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """``generate()`` (KV cache and all), one prompt at a time; the new tokens of each."""
-    outs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
 
 
 def awq_layers(model: Any) -> dict[str, AwqLinear]:
