@@ -43,18 +43,26 @@ def _source_stamp(gguf: Path) -> dict[str, object]:
     return {"source": GGUF_FILE, "bytes": stat.st_size, "format": 1}
 
 
+def is_default_model_current(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` already holds the default model written from the installed wheel."""
+    out = Path(out_dir)
+    marker = out / MARKER
+    return (
+        holds_model(out) and marker.is_file() and json.loads(marker.read_text()) == _source_stamp(find_gguf())
+    )
+
+
 def write_default_model(out_dir: str | Path) -> Path:
     """Write the default model to ``out_dir`` as an fp16 transformers folder (idempotent)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     out = Path(out_dir)
-    gguf = find_gguf()
-    stamp = _source_stamp(gguf)
-    marker = out / MARKER
-    if holds_model(out) and marker.is_file() and json.loads(marker.read_text()) == stamp:
+    if is_default_model_current(out):
         log.info("default model already at %s", out)
         return out
+    gguf = find_gguf()
+    stamp = _source_stamp(gguf)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(out, overwrite=True) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

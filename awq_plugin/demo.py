@@ -297,14 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-kernel-bench", action="store_true", help="skip the quick kernel benchmark")
     args = parser.parse_args(argv)
 
-    from awq_plugin.default_model import write_default_model
+    from awq_plugin.default_model import is_default_model_current, write_default_model
 
     work = Path(args.workdir).resolve()
     results = Path(args.results).resolve()
     models = work / "models"
     models.mkdir(parents=True, exist_ok=True)
-    _say("writing the embedded default model (SmolLM2-135M-Instruct, fp16)")
-    fp_dir = write_default_model(models / "smollm2-135m")
+    fp_dir = models / "smollm2-135m"
+    verb = "reusing" if is_default_model_current(fp_dir) else "writing"
+    _say(f"{verb} the embedded default model (SmolLM2-135M-Instruct, fp16) at {fp_dir}")
+    write_default_model(fp_dir)
     if args.n_samples < 128:
         _say(f"calibrating on {args.n_samples} samples, fewer than the default 128, to keep the demo short")
     awq_dir = ensure_quantized(
