@@ -50,12 +50,11 @@ def _set_threads(threads: int | None) -> None:
 def _awq_options(args: argparse.Namespace):
     from awq_plugin.awq import AwqOptions
 
-    search_tokens = None if args.search_tokens == 0 else args.search_tokens
     return AwqOptions(
         duo_scaling=args.duo_scaling,
         clip=not args.no_clip,
-        search_tokens=search_tokens,
-        clip_tokens=search_tokens,
+        search_tokens=args.search_tokens or None,  # 0 = all tokens
+        clip_tokens=args.clip_tokens or None,
         seed=args.seed,
     )
 
@@ -69,11 +68,21 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="architecture template JSON (default: the shipped one for the model)")
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation AND weight magnitude")
     p.add_argument("--no-clip", action="store_true", help="skip the clip (max-range shrink) search")
+    # Defaults equal AwqOptions' (tested), so the CLI and the Python API write the same checkpoint;
+    # spelled out here so that building the parser does not import torch.
     p.add_argument(
         "--search-tokens",
         type=int,
         default=4096,
-        help="seeded token subsample for the search losses (0 = all tokens; statistics always use all)",
+        help="seeded token subsample for the scale-search loss (default 4096; 0 = all tokens; "
+        "statistics always use all)",
+    )
+    p.add_argument(
+        "--clip-tokens",
+        type=int,
+        default=0,
+        help="seeded token subsample for the clip-search loss (default 0 = all tokens: the loss runs "
+        "through per-group Gram matrices, so all tokens cost little)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and subsamples")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
