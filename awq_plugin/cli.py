@@ -113,6 +113,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         options=_awq_options(args),
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code,
     )
     print(report.render())
     if args.json:
@@ -211,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds a model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="import Python code shipped with SRC (config.json auto_map); off by default",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the run's report as JSON")
     p.set_defaults(func=_cmd_quantize)
 

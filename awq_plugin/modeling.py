@@ -38,13 +38,32 @@ from awq_plugin.templates import resolve_experts_for_loading
 log = logging.getLogger(__name__)
 
 
-def hf_config_from_dict(config: Mapping[str, Any], trust_remote_code: bool = False) -> Any:
+def hf_config_from_dict(
+    config: Mapping[str, Any], trust_remote_code: bool = False, folder: str | Path | None = None
+) -> Any:
+    """The transformers config of ``config`` (a config.json's contents), without running checkpoint code.
+
+    An architecture transformers does not ship is described by ``auto_map``, which points at
+    Python files in the checkpoint folder. Those run only with ``trust_remote_code=True``
+    (the CLI's ``--trust-remote-code``); otherwise the error says so and nothing is imported.
+    """
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     data = {k: v for k, v in config.items() if k != "quantization_config"}
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("config.json has no 'model_type'")
+    if model_type not in CONFIG_MAPPING and "auto_map" in config:
+        if not trust_remote_code:
+            raise CheckpointError(
+                f"config.json: model_type {model_type!r} is not built into transformers and its "
+                "'auto_map' asks to run Python code shipped with the checkpoint; awq-plugin runs none "
+                "unless you pass --trust-remote-code (trust_remote_code=True)"
+            )
+        if folder is None:
+            raise CheckpointError(f"config.json: model_type {model_type!r} needs its folder to load its code")
+        return AutoConfig.from_pretrained(folder, trust_remote_code=True)
     try:
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError) as exc:
@@ -53,13 +72,26 @@ def hf_config_from_dict(config: Mapping[str, Any], trust_remote_code: bool = Fal
         ) from None
 
 
-def build_empty_model(hf_config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+def remote_code_files(config: Mapping[str, Any], folder: Path) -> list[str]:
+    """The Python files in ``folder`` that ``config``'s ``auto_map`` names (local ones only)."""
+    entries: list[str] = []
+    for value in dict(config.get("auto_map") or {}).values():
+        entries += value if isinstance(value, list) else [value]
+    names = {
+        f"{e.rsplit('.', 1)[0]}.py" for e in entries if isinstance(e, str) and "--" not in e and "." in e
+    }
+    return sorted(n for n in names if (folder / n).is_file())
+
+
+def build_empty_model(
+    hf_config: Any, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> nn.Module:
     """The model with parameters on the meta device and buffers (rotary tables) real."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -97,11 +129,13 @@ def load_awq_model(
     dtype: torch.dtype = torch.float32,
     backend: str | None = None,
     validate: bool = True,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load an AWQ checkpoint into a transformers model whose quantized linears are :class:`AwqLinear`.
 
     ``backend`` picks the kernel (None: the fastest available; "reference": the
-    pure-PyTorch math). Non-quantized tensors are cast to ``dtype``.
+    pure-PyTorch math). Non-quantized tensors are cast to ``dtype``. Code shipped with the
+    checkpoint (``auto_map``) runs only with ``trust_remote_code=True``.
     """
     folder = Path(folder)
     if validate:
@@ -109,8 +143,8 @@ def load_awq_model(
     config = read_json(folder / "config.json")
     quant = load_quant_config(config, str(folder / "config.json"))
     reader = SafetensorsReader(folder)
-    hf_config = hf_config_from_dict(config)
-    model = build_empty_model(hf_config, dtype)
+    hf_config = hf_config_from_dict(config, trust_remote_code, folder)
+    model = build_empty_model(hf_config, dtype, trust_remote_code)
     # MoE: unfuse the experts so that each per-expert checkpoint layer has a module to load into.
     resolved = resolve_experts_for_loading(model)
     to_model_name = resolved.from_checkpoint_name if resolved is not None else str

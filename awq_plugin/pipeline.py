@@ -55,9 +55,9 @@ from awq_plugin.checkpoint import (
     write_sharded,
 )
 from awq_plugin.config import AwqQuantConfig
-from awq_plugin.errors import CalibrationError, CheckpointError, ConfigError
+from awq_plugin.errors import AwqPluginError, CalibrationError, CheckpointError, ConfigError
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, check_output_dir
-from awq_plugin.modeling import build_empty_model, hf_config_from_dict, pack_linear
+from awq_plugin.modeling import build_empty_model, hf_config_from_dict, pack_linear, remote_code_files
 from awq_plugin.moe import split_fused_expert_tensors
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
 from awq_plugin.quant_ref import is_all_finite
@@ -308,6 +308,12 @@ def _pack_block(
             continue
         value = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor
         tensors[resolved.to_checkpoint_name(prefix + key)] = value
+    for name, tensor in tensors.items():  # inputs were finite: anything else is fp16 overflow
+        if tensor.is_floating_point() and not is_all_finite(tensor):
+            raise CheckpointError(
+                f"{name} overflows float16 (max 65504), the format's type for scales and "
+                "unquantized weights: the source weights are too large to store"
+            )
     return tensors
 
 
@@ -324,12 +330,14 @@ def quantize_checkpoint(
     options: AwqOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> QuantizeReport:
     """Quantize the transformers folder ``source`` into an AWQ checkpoint at ``out``.
 
     Holds one decoder block and the calibration activations in memory (the
     embeddings only while the block-0 inputs are captured); resumable (see the module docstring). ``method="rtn"`` skips the
-    search: plain round-to-nearest, the baseline AWQ is measured against.
+    search: plain round-to-nearest, the baseline AWQ is measured against. Python code shipped
+    with ``source`` (``auto_map``) is imported only with ``trust_remote_code=True``.
     """
     started = time.monotonic()
     source, out = Path(source), Path(out)
@@ -342,15 +350,15 @@ def quantize_checkpoint(
     if "quantization_config" in source_config:
         raise ConfigError(f"{source} is already quantized (its config.json has a quantization_config)")
     reader = SafetensorsReader(source)
-    hf_config = hf_config_from_dict(source_config)
-    model = build_empty_model(hf_config, torch.float32)
+    hf_config = hf_config_from_dict(source_config, trust_remote_code, source)
+    model = build_empty_model(hf_config, torch.float32, trust_remote_code)
     resolved = resolve_template(model, template)
     layers_path = resolved.decoder_layers
     layers = model.get_submodule(layers_path)
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     calib_ids = calibration_windows(tokenizer, calib, n_samples, seq_len, seed=options.seed)
     fingerprint = _fingerprint(
         {
@@ -366,58 +374,70 @@ def quantize_checkpoint(
     )
     work = WorkDir(work_dir_path(out), fingerprint)
     done = work.open()
+    try:
+        non_layer_names = _load_non_layer(model, layers_path, reader)
+        captured = capture_decoder_inputs(model, layers, calib_ids, options.micro_batch_size)
+        _release_non_layer(model, layers_path)  # from here on memory holds one block and the activations
+        hidden = captured.hidden_states if done == 0 else work.load_hidden(done)
 
-    non_layer_names = _load_non_layer(model, layers_path, reader)
-    captured = capture_decoder_inputs(model, layers, calib_ids, options.micro_batch_size)
-    _release_non_layer(model, layers_path)  # from here on memory holds one block and the activations
-    hidden = captured.hidden_states if done == 0 else work.load_hidden(done)
-
-    bar = tqdm(
-        total=len(layers), initial=done, desc=f"{method.upper()} blocks", unit="block", disable=not progress
-    )
-    for i in range(done, len(layers)):
-        prefix = f"{layers_path}.{i}."
-        block = _load_block(model, resolved, i, reader)
-        groups = resolved.block(i)
-        inputs = captured.for_layer(i, hidden)
-        if method == "awq":
-            result, next_inputs = awq_block_step(block, groups, inputs, quant, options)
-            hidden = next_inputs.hidden_states
-            work.save_result(result)
-            bar.set_postfix(mse_rtn=f"{result.mse_rtn:.3g}", mse_awq=f"{result.mse_awq:.3g}")
-        else:
-            hidden = forward_block(block, inputs)
-        if not all(torch.isfinite(h).all() for h in hidden):
-            raise CalibrationError(f"calibration activations became NaN or Inf at the output of layer {i}")
-        names = block_linear_names(block, groups, quant)
-        work.save_block(i, _pack_block(block, prefix, names, quant, resolved))
-        work.save_hidden(i + 1, hidden)
-        work.mark_done(i + 1)
-        block.to("meta")  # free the block's weights; the next block is read fresh from the shards
-        release_freed_memory()  # else heap fragmentation makes the peak creep up block after block
-        bar.update(1)
-    bar.close()
-
-    results = [work.load_result(i) for i in range(len(layers))] if method == "awq" else []
-    output_bytes = _assemble(
-        out,
-        overwrite,
-        work,
-        len(layers),
-        reader,
-        non_layer_names,
-        source,
-        source_config,
-        quant,
-        AwqResults(
-            blocks=[r for r in results if r is not None],
-            template=dict(resolved.data),
-            quant_config=quant_config_dict(quant),
-            options=options.to_dict(),
+        bar = tqdm(
+            total=len(layers),
+            initial=done,
+            desc=f"{method.upper()} blocks",
+            unit="block",
+            disable=not progress,
         )
-        if method == "awq"
-        else None,
-    )
+        for i in range(done, len(layers)):
+            prefix = f"{layers_path}.{i}."
+            block = _load_block(model, resolved, i, reader)
+            groups = resolved.block(i)
+            inputs = captured.for_layer(i, hidden)
+            if method == "awq":
+                result, next_inputs = awq_block_step(block, groups, inputs, quant, options)
+                hidden = next_inputs.hidden_states
+                work.save_result(result)
+                bar.set_postfix(mse_rtn=f"{result.mse_rtn:.3g}", mse_awq=f"{result.mse_awq:.3g}")
+            else:
+                hidden = forward_block(block, inputs)
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise CalibrationError(
+                    f"calibration activations became NaN or Inf at the output of layer {i}"
+                )
+            names = block_linear_names(block, groups, quant)
+            work.save_block(i, _pack_block(block, prefix, names, quant, resolved))
+            work.save_hidden(i + 1, hidden)
+            work.mark_done(i + 1)
+            block.to("meta")  # free the block's weights; the next block is read fresh from the shards
+            release_freed_memory()  # else heap fragmentation makes the peak creep up block after block
+            bar.update(1)
+        bar.close()
+
+        results = [work.load_result(i) for i in range(len(layers))] if method == "awq" else []
+        output_bytes = _assemble(
+            out,
+            overwrite,
+            work,
+            len(layers),
+            reader,
+            non_layer_names,
+            source,
+            source_config,
+            quant,
+            AwqResults(
+                blocks=[r for r in results if r is not None],
+                template=dict(resolved.data),
+                quant_config=quant_config_dict(quant),
+                options=options.to_dict(),
+            )
+            if method == "awq"
+            else None,
+        )
+    except AwqPluginError:
+        # Bad input fails the same way on every rerun, and fixed input is a different run
+        # (another fingerprint): nothing here is worth resuming. Interrupts and OS errors
+        # (a full disk) keep the state.
+        shutil.rmtree(work.path, ignore_errors=True)
+        raise
     shutil.rmtree(work.path, ignore_errors=True)
     return QuantizeReport(
         out=str(out),
@@ -481,6 +501,8 @@ def _assemble(
         write_sharded(staging, sources, load, specs)
         write_model_config(source_config, staging, quant)
         copy_side_files(source, staging)
+        for name in remote_code_files(source_config, source):  # the code its config.json names
+            shutil.copyfile(source / name, staging / name)
         if results is not None:
             (staging / RESULTS_FILE).parent.mkdir(parents=True, exist_ok=True)
             results.save(staging / RESULTS_FILE)

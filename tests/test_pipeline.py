@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from awq_plugin import synthetic
 from awq_plugin.config import AwqQuantConfig
-from awq_plugin.errors import CalibrationError, CheckpointError, OutputExistsError, TemplateError
+from awq_plugin.errors import CalibrationError, CheckpointError, ConfigError, OutputExistsError, TemplateError
 from awq_plugin.pipeline import quantize_checkpoint
 
 CLI = str(Path(sys.executable).parent / "awq-plugin")
@@ -135,9 +135,12 @@ def _quantize(source: Path, out: Path, **kwargs) -> None:
     quantize_checkpoint(source, out, AwqQuantConfig(bits=4, group_size=64), progress=False, **kwargs)
 
 
-def _no_leftovers(parent: Path, out: Path) -> None:
+def _no_leftovers(parent: Path, out: Path, resumable: bool = False) -> None:
+    """No output and no staging folder. The resume state stays only after an OS error (a full
+    disk: free space, rerun, resume); bad input fails the same way again, so it is removed."""
     assert not out.exists()
     assert not [p for p in parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+    assert _work_dir(out).exists() == resumable
 
 
 def test_existing_model_is_refused_without_overwrite(
@@ -178,7 +181,7 @@ def test_disk_full_during_write_leaves_nothing(tmp_path: Path, source: Path, mon
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         _quantize(source, out, method="rtn")
-    _no_leftovers(tmp_path, out)
+    _no_leftovers(tmp_path, out, resumable=True)
 
 
 def test_nan_weight_is_named(tmp_path: Path, source: Path) -> None:
@@ -199,6 +202,7 @@ def test_inf_in_embeddings_is_named(tmp_path: Path, source: Path) -> None:
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight contains NaN or Inf"):
         _quantize(broken, tmp_path / "out")
+    _no_leftovers(tmp_path, tmp_path / "out")
 
 
 def test_nan_in_output_head_is_named(tmp_path: Path, source: Path) -> None:
@@ -209,6 +213,31 @@ def test_nan_in_output_head_is_named(tmp_path: Path, source: Path) -> None:
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"lm_head\.weight contains NaN or Inf"):
+        _quantize(broken, out, method="rtn")
+    _no_leftovers(tmp_path, out)
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_activations_overflowing_to_inf_are_named(tmp_path: Path, source: Path, method: str) -> None:
+    """Every weight finite (fp32), yet layer 1's MLP overflows: gate and up outputs near 1e20 each."""
+    broken = Path(shutil.copytree(source, tmp_path / "overflow-src"))
+    tensors = {k: v.float() for k, v in load_file(broken / "model.safetensors").items()}
+    tensors["model.layers.1.post_attention_layernorm.weight"] *= 1e20
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(CalibrationError, match=r"calibration activations became NaN or Inf .* layer 1"):
+        _quantize(broken, out, method=method)
+    _no_leftovers(tmp_path, out)
+
+
+def test_weights_beyond_float16_are_named(tmp_path: Path, source: Path) -> None:
+    """fp32 weights whose quantization scales overflow the format's float16 (max 65504)."""
+    broken = Path(shutil.copytree(source, tmp_path / "big-src"))
+    tensors = {k: v.float() for k, v in load_file(broken / "model.safetensors").items()}
+    tensors["model.layers.1.mlp.down_proj.weight"] *= 1e30  # activations stay finite (~1e31)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.scales overflows float16"):
         _quantize(broken, out, method="rtn")
     _no_leftovers(tmp_path, out)
 
@@ -259,6 +288,7 @@ def test_empty_or_short_calibration_text(tmp_path: Path, source: Path, calib, me
 def test_missing_calibration_file(tmp_path: Path, source: Path) -> None:
     with pytest.raises(CalibrationError, match="neither a built-in set"):
         _quantize(source, tmp_path / "out", calib=str(tmp_path / "nope.txt"))
+    _no_leftovers(tmp_path, tmp_path / "out")
 
 
 def test_template_naming_a_missing_module(tmp_path: Path, source: Path) -> None:
@@ -270,6 +300,7 @@ def test_template_naming_a_missing_module(tmp_path: Path, source: Path) -> None:
     path.write_text(json.dumps(template))
     with pytest.raises(TemplateError, match=r"self_attn\.q_projj.*close matches.*self_attn\.q_proj"):
         _quantize(source, tmp_path / "out", template=str(path))
+    _no_leftovers(tmp_path, tmp_path / "out")
 
 
 def test_unknown_scheme_and_unpackable_bits_via_cli(tmp_path: Path, source: Path) -> None:
@@ -296,8 +327,9 @@ def test_group_size_not_dividing_k(tmp_path: Path, default_model_dir: Path) -> N
 
 
 def test_already_quantized_source_is_refused(tmp_path: Path, reference_run: Path) -> None:
-    with pytest.raises(Exception, match="already quantized"):
+    with pytest.raises(ConfigError, match="already quantized"):
         _quantize(reference_run, tmp_path / "out")
+    _no_leftovers(tmp_path, tmp_path / "out")
 
 
 def test_rtn_pipeline_matches_reference_math(tmp_path: Path, source: Path) -> None:
