@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 METHODS = ("awq", "rtn")
 RESULTS_FILE = "awq_plugin/awq_results.safetensors"  # inside OUT; not top-level, so loaders that
 # glob "*.safetensors" (vLLM without an index) never mistake it for weights
-WORK_FORMAT = 1
+WORK_FORMAT = 2  # 2: block inputs kept per layer (hidden_NNNNN.safetensors)
 
 
 @dataclass
@@ -141,7 +141,9 @@ class WorkDir:
             except json.JSONDecodeError:
                 state = {}
             if state.get("fingerprint") == self.fingerprint and state.get("format") == WORK_FORMAT:
-                return int(state.get("done", 0))
+                done = int(state.get("done", 0))
+                self.mark_done(done)  # rewritten: a resumed run shows it is alive
+                return done
             log.info("work dir %s belongs to a different run; starting afresh", self.path)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
@@ -149,10 +151,14 @@ class WorkDir:
         return 0
 
     def mark_done(self, done: int) -> None:
+        """Record that ``done`` blocks are finished; then drop inputs no resume can need."""
         atomic_write_json(
             self.path / "progress.json",
             {"fingerprint": self.fingerprint, "format": WORK_FORMAT, "done": done},
         )
+        for path in self.path.glob("hidden_*.safetensors"):
+            if int(path.stem.split("_")[1]) < done:
+                path.unlink()
 
     def block_file(self, i: int) -> Path:
         return self.path / f"block_{i:05d}.safetensors"
@@ -179,19 +185,26 @@ class WorkDir:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
         return BlockAwqResult.from_state(tensors, meta)
 
+    def hidden_file(self, next_layer: int) -> Path:
+        return self.path / f"hidden_{next_layer:05d}.safetensors"
+
     def save_hidden(self, next_layer: int, hidden: Sequence[torch.Tensor]) -> None:
+        """Store block ``next_layer``'s inputs beside the previous block's.
+
+        The previous file is dropped only by :meth:`mark_done`, after the marker moved on: a
+        kill between this write and the marker's finds the inputs the marker points at.
+        """
         tensors = {f"hidden.{m}": h.contiguous() for m, h in enumerate(hidden)}
         data = safetensors_bytes(tensors, metadata={"next_layer": str(next_layer)})
-        atomic_write_bytes(self.path / "hidden.safetensors", data)
+        atomic_write_bytes(self.hidden_file(next_layer), data)
 
     def load_hidden(self, next_layer: int) -> list[torch.Tensor]:
         from safetensors import safe_open
 
-        path = self.path / "hidden.safetensors"
+        path = self.hidden_file(next_layer)
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the work dir {self.path} is damaged; delete it")
         with safe_open(str(path), framework="pt") as f:
-            stored = int((f.metadata() or {}).get("next_layer", -1))
-            if stored != next_layer:
-                raise CheckpointError(f"{path} holds inputs of layer {stored}, expected {next_layer}")
             count = len(list(f.keys()))
             return [f.get_tensor(f"hidden.{m}") for m in range(count)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -39,13 +40,26 @@ def source(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) ->
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
+def reference_timed(tmp_path_factory: pytest.TempPathFactory, source: Path) -> tuple[Path, float]:
+    """An uninterrupted run's folder, and its working time: from the work dir's appearance
+    (imports and model set-up done) to the output's (the rename that publishes it)."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    proc = subprocess.run(
-        [CLI, "quantize", str(source), str(out), *FAST], capture_output=True, text=True, cwd="/"
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out
+    command = [CLI, "quantize", str(source), str(out), *FAST]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
+    while proc.poll() is None and not (_work_dir(out) / "progress.json").exists():
+        time.sleep(0.005)
+    started = time.monotonic()
+    while proc.poll() is None and not out.exists():
+        time.sleep(0.005)
+    seconds = time.monotonic() - started
+    _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr.decode(errors="replace")
+    return out, seconds
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_timed: tuple[Path, float]) -> Path:
+    return reference_timed[0]
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -97,6 +111,98 @@ def test_sigkill_then_rerun_is_byte_identical(
         assert f"resumed after block {kill_after_blocks - 1}" in rerun.stdout or "resumed" in rerun.stdout
     assert _tree_bytes(out) == _tree_bytes(reference_run)
     assert not _work_dir(out).exists()
+
+
+def _stage(out: Path) -> str:
+    """Where a run writing ``out`` is, judged from the files it leaves."""
+    if out.exists():
+        return "published"
+    if any(out.parent.glob(f".{out.name}.tmp-*")):
+        return "assembling"
+    try:
+        return f"{json.loads((_work_dir(out) / 'progress.json').read_text())['done']} blocks done"
+    except (OSError, json.JSONDecodeError, KeyError):
+        return "starting"
+
+
+def test_sigkill_at_random_points_then_rerun_is_byte_identical(
+    tmp_path: Path, source: Path, reference_timed: tuple[Path, float]
+) -> None:
+    """SIGKILL at seeded random moments of the work, again and again, resuming each time.
+
+    Each attempt is killed a uniformly drawn time after it opens its work dir (start-up is
+    skipped: nothing is written there), anywhere in what is left of an uninterrupted run's
+    working time (scaled by the blocks left):
+    calibration capture, the block loop or the assembly (or, on a slow attempt, after the
+    output is published: then that output must be the complete one). The
+    next attempt resumes from whatever the killed one left. Once an attempt is let through,
+    the folder must equal the uninterrupted run's, byte for byte.
+    """
+    reference, seconds = reference_timed
+    out, progress = tmp_path / "out", _work_dir(tmp_path / "out") / "progress.json"
+    command = [CLI, "quantize", str(source), str(out), *FAST]
+    rng = random.Random(20261124)
+    stages: list[str] = []
+    n_layers = 4
+    for _ in range(8):
+        try:
+            done = json.loads(progress.read_text())["done"]
+        except OSError:
+            done = 0
+        remaining = seconds * (n_layers + 1 - done) / (n_layers + 1)  # blocks left + capture/assembly
+        launched = time.time()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+        while proc.poll() is None and not (progress.exists() and progress.stat().st_mtime >= launched):
+            time.sleep(0.005)
+        try:
+            proc.wait(timeout=rng.uniform(0.0, 1.0) * remaining)
+        except subprocess.TimeoutExpired:
+            stages.append(_stage(out))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if out.exists():  # killed after the rename that published the output
+                break
+            continue
+        assert proc.returncode == 0
+        break  # the resumed remainder finished before its kill time
+    print(f"killed {len(stages)} times at: {stages}")
+    assert len(stages) >= 3, stages
+    if not out.exists():
+        subprocess.run(command, check=True, capture_output=True, cwd="/")
+    assert _tree_bytes(out) == _tree_bytes(reference)
+
+
+@pytest.mark.parametrize("write", ["save_result", "save_block", "save_hidden", "mark_done"])
+def test_interrupt_between_state_writes_then_rerun_is_byte_identical(
+    tmp_path: Path, source: Path, reference_run: Path, monkeypatch, write: str
+) -> None:
+    """A run stopped right after any one of block 1's state writes resumes to the same bytes.
+
+    Each finished block writes its result, packed tensors, the next block's inputs and the
+    progress marker, one file at a time; a kill can fall between any two of them. The stop
+    is an exception raised right after the chosen write (in-process, same threads and
+    options as the CLI runs it).
+    """
+    from awq_plugin import pipeline
+
+    torch.set_num_threads(1)
+    real = getattr(pipeline.WorkDir, write)
+
+    def stop_after_block_1(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        index = args[0].layer_index if write == "save_result" else args[0] - (write != "save_block")
+        if index == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    run = dict(n_samples=8, seq_len=64)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.WorkDir, write, stop_after_block_1)
+        with pytest.raises(KeyboardInterrupt):
+            _quantize(source, out, **run)
+    assert not out.exists() and _work_dir(out).exists()
+    _quantize(source, out, **run)
+    assert _tree_bytes(out) == _tree_bytes(reference_run)
 
 
 @pytest.fixture(scope="module")
