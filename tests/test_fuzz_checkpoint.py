@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import struct
 from pathlib import Path
 
@@ -56,8 +57,22 @@ def _write(folder: Path, files: dict[str, bytes]) -> Path:
     return folder
 
 
+class Hang(BaseException):
+    """Raised by the alarm: a case ran longer than CASE_SECONDS (not caught as our error)."""
+
+
+CASE_SECONDS = 30  # a valid case takes milliseconds; a hang ends the case, not the CI run
+
+
+def _on_alarm(_signum: int, _frame: object) -> None:
+    raise Hang(f"a fuzz case ran over {CASE_SECONDS} s: the reader hangs on it")
+
+
 def _load_or_our_error(folder: Path) -> None:
-    """The property: validation plus reading every tensor succeeds or raises AwqPluginError."""
+    """The property: validation plus reading every tensor succeeds or raises AwqPluginError,
+    within CASE_SECONDS."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(CASE_SECONDS)
     try:
         validate_checkpoint(folder, check_architecture=False)
         reader = SafetensorsReader(folder)
@@ -65,6 +80,9 @@ def _load_or_our_error(folder: Path) -> None:
             reader.get(name)
     except AwqPluginError:
         pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
