@@ -675,7 +675,7 @@ def plot(report: dict, path: str | Path) -> None:
         bottom.set_title("RSS drift not measured: samples missing (the server was gone)", fontsize=9)
     bottom.set_xlabel("seconds since the load started")
     bottom.set_ylabel("MiB")
-    bottom.legend(fontsize=8, loc="center right", ncol=2)
+    bottom.legend(fontsize=8, loc="lower center", ncol=2)
     req, server = report["requests"], report.get("server")
     fig.suptitle(
         f"vllm serve soak, {report['started_at']}: {report['clients']} clients, {report['duration_s']:.0f} s; "
