@@ -119,9 +119,8 @@ def awq_kernel(model: Any) -> str | None:
 
 
 @torch.inference_mode()
-def time_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> float:
-    """Seconds for one greedy ``generate`` of exactly ``new_tokens`` tokens."""
-    started = time.perf_counter()
+def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
+    """transformers' ``generate()``, greedy, exactly ``new_tokens`` new tokens: ``[1, prompt + new]``."""
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -130,9 +129,15 @@ def time_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_token_id: 
         do_sample=False,
         pad_token_id=pad_token_id,
     )
-    elapsed = time.perf_counter() - started
-    assert out.shape[1] == ids.shape[1] + new_tokens  # (1, prompt + new)
-    return elapsed
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return out
+
+
+def time_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> float:
+    """Seconds for one greedy ``generate`` of exactly ``new_tokens`` tokens."""
+    started = time.perf_counter()
+    greedy_generate(model, ids, new_tokens, pad_token_id)
+    return time.perf_counter() - started
 
 
 def bench_threads(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from awq_plugin.bench_generate import greedy_generate
 from awq_plugin.near_tie import NEAR_TIE_NATS, first_divergence, greedy_divergence
 
 # NEAR_TIE_NATS and first_divergence are re-exported for the tests that import them from here.
@@ -97,16 +98,7 @@ def vllm_generate(
 @torch.inference_mode()
 def generate_greedy(model: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """transformers' ``generate()`` (KV cache and all), greedy, one prompt at a time: the new tokens."""
-    outs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
+    return [
+        greedy_generate(model, torch.tensor([prompt]), new_tokens, pad_token_id=0)[0, len(prompt) :].tolist()
+        for prompt in prompts
+    ]
