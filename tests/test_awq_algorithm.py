@@ -114,6 +114,35 @@ def test_applied_scales_leave_the_fp_block_output_unchanged(toy) -> None:
         torch.testing.assert_close(out, ref, **FP32_TOL)
 
 
+def test_dead_input_channels_get_a_finite_floor_scale() -> None:
+    # Channels whose activation is exactly zero everywhere (a zeroed norm weight, an up_proj row of
+    # zeros) have mean |x| = 0, so mean|x|^alpha = 0 and s^-1 would be infinite; the floor keeps
+    # every scale finite and positive, and the folded full-precision block is still unchanged.
+    model = make_outlier_llama(seed=2, layers=1)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.input_layernorm.weight[[0, 9, 50]] = 0.0
+        layer.post_attention_layernorm.weight[[1, 64]] = 0.0
+        layer.mlp.up_proj.weight[[11, 130]] = 0.0
+    resolved = resolve_template(model)
+    inputs = capture_decoder_inputs(model, model.model.layers, calib_ids(), micro_batch_size=4).for_layer(0)
+    block = copy.deepcopy(model.model.layers[0])
+    reference = forward_block(block, inputs)
+    result = run_awq_block(
+        block, resolved.block(0), inputs, QUANT, AwqOptions(**{**FAST.to_dict(), "clip": False})
+    )
+    # Without the floor the normalisation divides by sqrt(0) and every candidate of a group with a dead
+    # channel falls back to s = 1: AWQ would be silently off for qkv, up/gate and down. With it, every
+    # group still finds a real scale (measured: the qkv group's loss drops 16x, down's 2.7x).
+    for group in result.groups:
+        assert group.alpha is not None, [g.alpha for g in result.groups]
+        assert torch.isfinite(group.scales).all() and (group.scales > 0).all(), group.scales
+        assert group.loss_awq < group.loss_rtn
+    assert all(torch.isfinite(p).all() for p in block.parameters())
+    for out, ref in zip(forward_block(block, inputs), reference):
+        torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
 def test_gqa_v_to_o_fold_is_exact(toy) -> None:
     model, resolved, captured = toy
     inputs = captured.for_layer(0)
