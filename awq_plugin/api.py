@@ -2,7 +2,7 @@
 
 ``quantize`` takes either a folder (streamed block by block into a checkpoint)
 or an in-memory transformers model (quantized in place: its linears become
-:class:`~awq_plugin.qlinear.AwqLinear`).
+:class:`~awq_plugin.runtime.qlinear.AwqLinear`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_plugin.awq import AwqOptions, AwqResults, quantized_linear_names, run_awq
-from awq_plugin.calib import calibration_windows, evaluation_windows
+from awq_plugin.algorithm.awq import AwqOptions, AwqResults, quantized_linear_names, run_awq
+from awq_plugin.calibration.text import calibration_windows, evaluation_windows
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.evaluate import PerplexityResult, perplexity
-from awq_plugin.pipeline import METHODS, QuantizeReport, quantize_checkpoint
-from awq_plugin.quant_ref import fake_quantize
+from awq_plugin.numerics.quant_ref import fake_quantize
+from awq_plugin.pipeline.quantize import METHODS, QuantizeReport, quantize_checkpoint
 from awq_plugin.templates import resolve_template
 
 CalibSource = str | Path | Sequence[str] | torch.Tensor
@@ -117,9 +117,9 @@ def quantize_model(
     backend: str | None = None,
 ) -> nn.Module:
     """In-memory quantization: AWQ search (unless rtn), then pack every quantized linear."""
-    from awq_plugin.modeling import pack_linear, replace_module
-    from awq_plugin.pack import AwqPacked
-    from awq_plugin.qlinear import AwqLinear
+    from awq_plugin.numerics.pack import AwqPacked
+    from awq_plugin.runtime.modeling import pack_linear, replace_module
+    from awq_plugin.runtime.qlinear import AwqLinear
 
     quant.check_packable()
     resolved = _scale_model(

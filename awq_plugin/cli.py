@@ -21,7 +21,7 @@ EXIT_USAGE = 2  # bad input from the user
 
 
 def _cmd_default_model(args: argparse.Namespace) -> int:
-    from awq_plugin.default_model import write_default_model
+    from awq_plugin.tools.default_model import write_default_model
 
     out = write_default_model(args.out_dir)
     print(f"default model (SmolLM2-135M-Instruct, fp16) is at {out}")
@@ -29,7 +29,7 @@ def _cmd_default_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from awq_plugin.checkpoint import validate_checkpoint
+    from awq_plugin.format.checkpoint import validate_checkpoint
 
     try:
         summary = validate_checkpoint(args.model_dir)
@@ -48,7 +48,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _awq_options(args: argparse.Namespace):
-    from awq_plugin.awq import AwqOptions
+    from awq_plugin.algorithm.awq import AwqOptions
 
     return AwqOptions(
         duo_scaling=args.duo_scaling,
@@ -98,7 +98,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.pipeline import quantize_checkpoint
+    from awq_plugin.pipeline.quantize import quantize_checkpoint
 
     _set_threads(args.threads)
     report = quantize_checkpoint(
@@ -129,7 +129,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from awq_plugin.api import evaluate_perplexity, fake_quantize_model
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.modeling import is_awq_checkpoint, load_model
+    from awq_plugin.runtime.modeling import is_awq_checkpoint, load_model
 
     _set_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -162,7 +162,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from awq_plugin.demo import main as demo_main
+    from awq_plugin.tools.demo import main as demo_main
 
     return demo_main(args.rest)
 
@@ -175,11 +175,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = {
-    "kernels": "awq_plugin.bench_kernels",  # INT4 GEMM vs dense bf16, aten int4, vLLM's kernel
-    "serve": "awq_plugin.bench_serve",  # vllm serve throughput: plugin vs built-in AWQ vs bf16
-    "generate": "awq_plugin.bench_generate",  # transformers generate(): AWQ vs fp32 and bf16
-    "large-model": "awq_plugin.bench_large_model",  # quantize a model 3x larger than its peak RSS
-    "soak": "awq_plugin.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
+    "kernels": "awq_plugin.tools.bench_kernels",  # INT4 GEMM vs dense bf16, aten int4, vLLM's kernel
+    "serve": "awq_plugin.tools.bench_serve",  # vllm serve throughput: plugin vs built-in AWQ vs bf16
+    "generate": "awq_plugin.tools.bench_generate",  # transformers generate(): AWQ vs fp32 and bf16
+    "large-model": "awq_plugin.tools.bench_large_model",  # quantize a model 3x larger than its peak RSS
+    "soak": "awq_plugin.tools.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
 }
 
 
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         # The demo owns its options (argparse's REMAINDER would refuse a leading --option).
-        from awq_plugin.demo import main as demo_main
+        from awq_plugin.tools.demo import main as demo_main
 
         return demo_main(argv[1:])
     parser = build_parser()

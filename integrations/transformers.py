@@ -3,7 +3,7 @@
 What ``from_pretrained`` gains once this module is active:
 
 - **AWQ checkpoints load without gptqmodel.** Every layer the checkpoint stores as
-  ``qweight``/``qzeros``/``scales`` becomes an :class:`~awq_plugin.qlinear.AwqLinear`
+  ``qweight``/``qzeros``/``scales`` becomes an :class:`~awq_plugin.runtime.qlinear.AwqLinear`
   before the weights are read, so transformers' loader fills its buffers directly.
   The kernel is chosen per device by :mod:`awq_plugin.kernels`: the AVX-512 VNNI
   kernel (or the pure-PyTorch reference) on CPU, the Triton kernel on CUDA. The
@@ -46,13 +46,13 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import AwqConfig as HfAwqConfig
 from transformers.utils.quantization_config import QuantizationMethod
 
-from awq_plugin.awq import AwqOptions
-from awq_plugin.checkpoint import iter_quantized_prefixes, read_safetensors_header
+from awq_plugin.algorithm.awq import AwqOptions
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CheckpointError, ConfigError
+from awq_plugin.format.checkpoint import iter_quantized_prefixes, read_safetensors_header
 from awq_plugin.kernels import BACKENDS
-from awq_plugin.modeling import replace_module, swap_in_awq_linears
-from awq_plugin.qlinear import AwqLinear
+from awq_plugin.runtime.modeling import replace_module, swap_in_awq_linears
+from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import ResolvedTemplate, resolve_experts_for_loading
 
 __all__ = ["AwqConfig", "AwqHfQuantizer", "activate", "deactivate", "is_active"]

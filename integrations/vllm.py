@@ -63,6 +63,8 @@ from typing import Any
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
+from awq_plugin.kernels import KERNEL_ENV  # the one variable; in vLLM it also accepts ``marlin``
+from awq_plugin.numerics.pack import PACK_FACTOR
 
 #: The name vLLM shows for our method (``ModelConfig.quantization``).
 PLUGIN_QUANT_NAME = "awq_plugin"
@@ -74,14 +76,11 @@ BUILTIN_AWQ_NAMES = ("awq", "awq_marlin", "auto_awq")
 #: ``--quantization`` values we accept for an AWQ checkpoint (None: not given).
 _CLAIMABLE_USER_QUANT = (None, PLUGIN_QUANT_NAME, "marlin", *BUILTIN_AWQ_NAMES)
 
-#: Same variable as ``awq_plugin.kernels.KERNEL_ENV``; here it also accepts ``marlin``.
-KERNEL_ENV = "AWQ_PLUGIN_KERNEL"
 #: ``marlin`` means vLLM's own AWQ linear method, whose ``choose_mp_linear_kernel`` picks
 #: Marlin on CUDA GPUs that support it (and its CPU/XPU WNA16 kernels elsewhere).
 KERNELS = ("cpu", "triton", "marlin", "reference")
 _GPU_PLATFORMS = ("cuda", "rocm")
 
-PACK_FACTOR = 8  # int4 values per int32, along the output dimension in the AWQ layout
 
 log = logging.getLogger("vllm.awq_plugin")  # a child of vLLM's logger: shows in server logs
 

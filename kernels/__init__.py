@@ -18,7 +18,7 @@ Backends:
   quantized to int8 per (row, group) inside the kernel: the result differs from
   the reference by at most ``sum_k |w_hat[n, k]| * s_a[m, k // G] / 2`` plus
   fp32 rounding, with ``s_a = max_{k in group} |x[m, k]| / 127``.
-- ``"reference"``: :func:`awq_plugin.quant_ref.linear_ref` on unpacked
+- ``"reference"``: :func:`awq_plugin.numerics.quant_ref.linear_ref` on unpacked
   integers; exact in fp32. The fallback everywhere.
 - ``"triton"``: ``awq_plugin.kernels.triton_awq.awq_gemm_triton`` for CUDA
   tensors, on the checkpoint layout as is.
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from awq_plugin.pack import PACK_FACTOR, unpack_int4_columns
-from awq_plugin.quant_ref import linear_ref, resolve_group_size
+from awq_plugin.numerics.pack import PACK_FACTOR, unpack_int4_columns
+from awq_plugin.numerics.quant_ref import linear_ref, resolve_group_size
 
 __all__ = [
     "BACKENDS",
@@ -216,7 +216,7 @@ def prepare_awq_weight(
     """Repack one layer's AutoAWQ tensors for the kernel that will run it.
 
     qweight: int32 ``[K, N/8]``; qzeros: int32 ``[K/G, N/8]``; scales: fp16
-    ``[K/G, N]`` (see ``awq_plugin.pack``). ``group_size`` may be ``-1``
+    ``[K/G, N]`` (see ``awq_plugin.numerics.pack``). ``group_size`` may be ``-1``
     (per-channel). ``backend``: ``None``/``"auto"``, ``"cpu"``, ``"triton"``
     or ``"reference"`` (see :func:`choose_backend`).
     """

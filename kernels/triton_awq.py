@@ -1,7 +1,7 @@
 """Fused AWQ INT4 GEMM in Triton, for CUDA and ROCm GPUs.
 
 ``y = x @ dequantize(W).T + bias`` read straight from the AutoAWQ "GEMM" checkpoint
-layout (see :mod:`awq_plugin.pack`): no repacking step is needed, so there is no
+layout (see :mod:`awq_plugin.numerics.pack`): no repacking step is needed, so there is no
 ``prepare_triton_weight``. The kernel unpacks the nibbles in AWQ order, subtracts the
 integer zeros, applies the fp16 scales and multiplies with ``tl.dot``, accumulating in
 fp32.
@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from awq_plugin.numerics.pack import PACK_FACTOR
+
 try:  # Triton is optional: the CPU kernel and the reference need no GPU stack.
     import triton
     import triton.language as tl
@@ -47,7 +49,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-PACK_FACTOR = 8  # int4 values per int32 (as in awq_plugin.pack)
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -97,7 +98,7 @@ if triton is not None:
         """int32 ``(R, BLOCK_N / 8)`` -> int32 ``(R, BLOCK_N)`` values in 0..15, channel order.
 
         Output channel ``8j + c`` is nibble ``(c % 2) * 4 + c // 2`` of int32 ``j``
-        (the AWQ interleave 0 4 1 5 2 6 3 7 of awq_plugin.pack.AWQ_UNPACK_ORDER).
+        (the AWQ interleave 0 4 1 5 2 6 3 7 of awq_plugin.numerics.pack.AWQ_UNPACK_ORDER).
         """
         rows: tl.constexpr = packed.shape[0]
         # Repeat every int32 eight times along the columns, then shift each copy.

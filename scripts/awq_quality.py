@@ -1,6 +1,6 @@
 """Measure AWQ against plain rounding on a real model, in memory (fake quantization).
 
-Loads an fp16 transformers folder in fp32, runs :func:`awq_plugin.awq.run_awq`
+Loads an fp16 transformers folder in fp32, runs :func:`awq_plugin.algorithm.awq.run_awq`
 on calibration windows, fake-quantizes every decoder linear with the reference
 quantizer and prints one JSON object with perplexities (fp, RTN, AWQ), the
 fraction of RTN's gap that AWQ closes and the AWQ wall time. Results are
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from awq_plugin.awq import AwqOptions, make_fake_quantizer, run_awq
-from awq_plugin.calib import calibration_windows, evaluation_windows
+from awq_plugin.algorithm.awq import AwqOptions, make_fake_quantizer, run_awq
+from awq_plugin.calibration.text import calibration_windows, evaluation_windows
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.evaluate import perplexity
 from awq_plugin.templates import resolve_template

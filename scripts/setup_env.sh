@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${AWQ_PLUGIN_EXTRAS:-cpu,test}"   # use "vllm,test" on a CUDA machine
+EXTRAS="${AWQ_PLUGIN_EXTRAS:-cpu,test,tools}"   # use "vllm,test,tools" on a CUDA machine
 STAMP="$VENV/.awq-plugin-installed"
 KEY="$(cat pyproject.toml setup.py entry_points.toml scripts/setup_env.sh | sha256sum | cut -c1-16) $EXTRAS"
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded SmolLM2-135M-Instruct, written as an fp16 transformers folder."""
-    from awq_plugin.default_model import write_default_model
+    from awq_plugin.tools.default_model import write_default_model
 
     return write_default_model(tmp_path_factory.mktemp("models") / "smollm2-135m")
 
@@ -27,7 +27,7 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
     """A 2-layer random Llama (hidden 256) with the default model's tokenizer, in fp16."""
-    from awq_plugin import synthetic
+    from awq_plugin.tools import synthetic
 
     model = synthetic.make_model(synthetic.make_config("tiny-llama"), seed=0, weight_std=1.0)
     return synthetic.write_model(tmp_path_factory.mktemp("tiny") / "tiny-llama-fp", model, default_model_dir)
@@ -36,8 +36,8 @@ def tiny_llama_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: P
 @pytest.fixture(scope="session")
 def tiny_llama_awq(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) -> Path:
     """``tiny_llama_fp`` quantized by plain rounding (uint4, group 64) and written by our writer."""
-    from awq_plugin import modeling
     from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime import modeling
 
     quant = AwqQuantConfig(bits=4, group_size=64)
     model = modeling.load_fp_model(tiny_llama_fp, dtype=torch.float32)

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from awq_plugin.bench_generate import greedy_generate
-from awq_plugin.near_tie import NEAR_TIE_NATS, first_divergence, greedy_divergence
+from awq_plugin.tools.bench_generate import greedy_generate
+from awq_plugin.tools.near_tie import NEAR_TIE_NATS, first_divergence, greedy_divergence
 
 # NEAR_TIE_NATS and first_divergence are re-exported for the tests that import them from here.
 __all__ = [
@@ -57,7 +57,7 @@ def assert_same_or_near_tie(
     reference: Greedy, other_tokens: list[list[int]], what: str, threshold: float = NEAR_TIE_NATS
 ) -> list[str]:
     """Each prompt's tokens must match; where they differ, the first difference must be a near tie
-    (the reference's top-2 margin below ``threshold`` nats there; see :mod:`awq_plugin.near_tie`).
+    (the reference's top-2 margin below ``threshold`` nats there; see :mod:`awq_plugin.tools.near_tie`).
 
     Returns notes on the near ties found (empty when every token matched).
     """

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from awq_plugin import synthetic
 from awq_plugin.api import quantize_model
 from awq_plugin.config import AwqQuantConfig
-from awq_plugin.qlinear import AwqLinear
+from awq_plugin.runtime.qlinear import AwqLinear
+from awq_plugin.tools import synthetic
 
 
 def test_quantize_model_packs_linears_and_draws_a_progress_bar(capfd: pytest.CaptureFixture[str]) -> None:
@@ -28,7 +28,7 @@ def test_quantize_model_packs_linears_and_draws_a_progress_bar(capfd: pytest.Cap
 def test_cli_defaults_are_the_library_defaults(command: str) -> None:
     # The CLI once clipped on a 4096-token subsample while the API used every token, so the same
     # model quantized both ways gave different checkpoints (24.81 vs 24.71 perplexity).
-    from awq_plugin.awq import AwqOptions
+    from awq_plugin.algorithm.awq import AwqOptions
     from awq_plugin.cli import _awq_options, build_parser
 
     args = build_parser().parse_args([command, "a", "b"] if command == "quantize" else [command, "a"])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from awq_plugin.awq import (
+from awq_plugin.algorithm.awq import (
     AwqOptions,
     AwqResults,
     BlockAwqResult,
@@ -26,16 +26,16 @@ from awq_plugin.awq import (
     run_awq,
     run_awq_block,
 )
-from awq_plugin.capture import capture_decoder_inputs, forward_block, plan_samples
-from awq_plugin.clip import (
+from awq_plugin.algorithm.clip import (
     group_gram,
     partial_output_error,
     rescale_gram,
     search_clip_max,
     search_clip_range,
 )
-from awq_plugin.quant_ref import fake_quantize
-from awq_plugin.scale import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
+from awq_plugin.algorithm.scale import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
+from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block, plan_samples
+from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import resolve_template
 
 torch.set_num_threads(1)

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from awq_plugin import synthetic
-from awq_plugin.bench_large_model import exit_status, main
+from awq_plugin.tools import synthetic
+from awq_plugin.tools.bench_large_model import exit_status, main
 
 TINY = ["--layers", "3", "--hidden", "256", "--intermediate", "512", "--heads", "4", "--kv-heads", "2"]
 CALIB = ["--n-samples", "4", "--seq-len", "64", "--threads", "1", "--interval", "0.1"]

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from awq_plugin import modeling
-from awq_plugin.checkpoint import (
+from awq_plugin.cli import main
+from awq_plugin.errors import CheckpointError, OutputExistsError
+from awq_plugin.format.checkpoint import (
     SafetensorsReader,
     TensorSpec,
     plan_shards,
@@ -24,8 +25,7 @@ from awq_plugin.checkpoint import (
     write_safetensors,
     write_sharded,
 )
-from awq_plugin.cli import main
-from awq_plugin.errors import CheckpointError, OutputExistsError
+from awq_plugin.runtime import modeling
 
 LAYER = "model.layers.0.self_attn.q_proj"
 
@@ -305,7 +305,7 @@ def test_loaded_model_matches_dequantized_reference(tiny_llama_awq: Path, tiny_l
     model = modeling.load_awq_model(tiny_llama_awq, backend="reference")
     layer = model.get_submodule(LAYER)
     fp = modeling.load_fp_model(tiny_llama_fp)
-    from awq_plugin import quant_ref
+    from awq_plugin.numerics import quant_ref
 
     expected = quant_ref.fake_quantize(fp.get_submodule(LAYER).weight.float(), 4, 64)
     assert torch.equal(layer.dequantized_weight(), expected)

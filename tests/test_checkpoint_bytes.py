@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from awq_plugin import synthetic
+from awq_plugin.tools import synthetic
 
 CLI = str(Path(sys.executable).parent / "awq-plugin")
 COMMON = ["--scheme", "uint4_wo_64", "--n-samples", "4", "--seq-len", "64", "--threads", "1", "--no-progress"]
@@ -91,8 +91,8 @@ def test_in_memory_writer_bytes_are_pinned(source: Path, tmp_path: Path) -> None
 
     import torch
 
-    from awq_plugin import modeling
     from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime import modeling
 
     quant = AwqQuantConfig(bits=4, group_size=64)
     model = modeling.load_fp_model(source, dtype=torch.float32)

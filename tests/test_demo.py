@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from awq_plugin import demo
+from awq_plugin.tools import demo
 
 
 def kernel_rows() -> list[dict]:

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from awq_plugin.checkpoint import SafetensorsReader, validate_checkpoint
 from awq_plugin.errors import AwqPluginError
+from awq_plugin.format.checkpoint import SafetensorsReader, validate_checkpoint
 
 CASES = {"header": 0, "bytes": 0, "config": 0, "index": 0}
 FUZZ_SETTINGS = settings(
@@ -35,8 +35,9 @@ def report_case_counts():
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """A small valid AWQ checkpoint (vocab 512, hidden 128): cheap to rewrite for every case."""
-    from awq_plugin import modeling, synthetic
     from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime import modeling
+    from awq_plugin.tools import synthetic
 
     config = synthetic.make_config("tiny-llama", vocab_size=512, hidden_size=128, intermediate_size=256)
     model = synthetic.make_model(config, seed=0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import awq_plugin.kernels as kernels
-from awq_plugin import pack, quant_ref
+from awq_plugin.numerics import pack, quant_ref
 
 
 class TinyAwqMlp(torch.nn.Module):

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import awq_plugin.kernels as kernels
-from awq_plugin import pack, quant_ref
 from awq_plugin.kernels.cpu import build
+from awq_plugin.numerics import pack, quant_ref
 
 pytestmark = pytest.mark.skipif(not build.has_avx512_vnni(), reason="CPU kernel needs AVX-512 VNNI")
 

@@ -1,4 +1,4 @@
-"""Correctness of the Triton AWQ kernel against ``awq_plugin.quant_ref.linear_ref``.
+"""Correctness of the Triton AWQ kernel against ``awq_plugin.numerics.quant_ref.linear_ref``.
 
 There is no GPU here, so the kernel is checked in two ways that need none:
 
@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 import torch
 
-from awq_plugin import pack, quant_ref
+from awq_plugin.numerics import pack, quant_ref
 
 U32 = 2.0**-24  # unit roundoff of fp32
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -47,24 +47,26 @@ import pytest
 import torch
 from torch import nn
 
-from awq_plugin import cli, modeling, synthetic
-from awq_plugin.capture import InputRecorder, capture_decoder_inputs, forward_block, plan_samples
-from awq_plugin.checkpoint import SafetensorsReader, validate_checkpoint
+from awq_plugin import cli
+from awq_plugin.algorithm.scale import apply_group_scales
+from awq_plugin.calibration.capture import InputRecorder, capture_decoder_inputs, forward_block, plan_samples
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import TemplateError
+from awq_plugin.format.checkpoint import SafetensorsReader, validate_checkpoint
 from awq_plugin.integrations.vllm import awq_moe_forward, awq_moe_shapes, moe_activation
 from awq_plugin.kernels import AwqKernelWeight, prepare_awq_weight
-from awq_plugin.modeling import pack_linear, replace_module
-from awq_plugin.moe import (
+from awq_plugin.models.experts import (
     RoutedExperts,
     experts_on_all_tokens,
     routed_experts_in,
     row_positions_lookup,
 )
-from awq_plugin.pack import AwqPacked, unpack
-from awq_plugin.qlinear import AwqLinear
-from awq_plugin.scale import apply_group_scales
+from awq_plugin.numerics.pack import AwqPacked, unpack
+from awq_plugin.runtime import modeling
+from awq_plugin.runtime.modeling import pack_linear, replace_module
+from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import load_shipped_templates, resolve_template
+from awq_plugin.tools import synthetic
 from greedy import Greedy, assert_same_or_near_tie, first_divergence, generate_greedy, reference_greedy
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -579,8 +581,8 @@ def test_awq_beats_plain_rounding_and_tracks_full_precision(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from awq_plugin.awq import AwqResults
-    from awq_plugin.pipeline import RESULTS_FILE
+    from awq_plugin.algorithm.awq import AwqResults
+    from awq_plugin.pipeline.quantize import RESULTS_FILE
 
     source, folder = quantized[family]
     results = AwqResults.load(folder / RESULTS_FILE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from awq_plugin.near_tie import NEAR_TIE_NATS, first_divergence, greedy_divergence
+from awq_plugin.tools.near_tie import NEAR_TIE_NATS, first_divergence, greedy_divergence
 
 
 def test_first_divergence_counts_a_length_difference() -> None:

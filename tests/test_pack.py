@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awq_plugin import pack, quant_ref
 from awq_plugin.errors import ConfigError
+from awq_plugin.numerics import pack, quant_ref
 
 
 def test_nibble_order_matches_the_written_out_layout() -> None:

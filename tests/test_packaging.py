@@ -70,11 +70,11 @@ def _imports_of(path: Path) -> set[str]:
 
 
 ALGORITHM = {
-    "awq_plugin.awq",
-    "awq_plugin.search",
-    "awq_plugin.scale",
-    "awq_plugin.clip",
-    "awq_plugin.capture",
+    "awq_plugin.algorithm.awq",
+    "awq_plugin.algorithm.search",
+    "awq_plugin.algorithm.scale",
+    "awq_plugin.algorithm.clip",
+    "awq_plugin.calibration.capture",
 }
 
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from awq_plugin import synthetic
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CalibrationError, CheckpointError, ConfigError, OutputExistsError, TemplateError
-from awq_plugin.pipeline import quantize_checkpoint
+from awq_plugin.pipeline.quantize import quantize_checkpoint
+from awq_plugin.tools import synthetic
 
 CLI = str(Path(sys.executable).parent / "awq-plugin")
 FAST = ["--scheme", "uint4_wo_64", "--n-samples", "8", "--seq-len", "64", "--threads", "1", "--no-progress"]
@@ -183,7 +183,7 @@ def test_interrupt_between_state_writes_then_rerun_is_byte_identical(
     is an exception raised right after the chosen write (in-process, same threads and
     options as the CLI runs it).
     """
-    from awq_plugin import pipeline
+    from awq_plugin.pipeline.quantize import quantize as pipeline
 
     torch.set_num_threads(1)
     real = getattr(pipeline.WorkDir, write)
@@ -275,7 +275,7 @@ def test_read_only_location_is_refused_before_work(tmp_path: Path, source: Path,
 
 
 def test_disk_full_during_write_leaves_nothing(tmp_path: Path, source: Path, monkeypatch) -> None:
-    import awq_plugin.checkpoint as checkpoint
+    import awq_plugin.format.checkpoint as checkpoint
 
     real_write = checkpoint.write_safetensors
 
@@ -350,7 +350,7 @@ def test_weights_beyond_float16_are_named(tmp_path: Path, source: Path) -> None:
 
 def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source: Path, monkeypatch) -> None:
     """Memory bound: during the block loop no non-layer weight is held, and the head is read last."""
-    import awq_plugin.pipeline as pipeline
+    import awq_plugin.pipeline.quantize as pipeline
 
     reads: list[str] = []
     real_get, real_load_block = pipeline.SafetensorsReader.get, pipeline._load_block
@@ -439,7 +439,8 @@ def test_already_quantized_source_is_refused(tmp_path: Path, reference_run: Path
 
 
 def test_rtn_pipeline_matches_reference_math(tmp_path: Path, source: Path) -> None:
-    from awq_plugin import modeling, quant_ref
+    from awq_plugin.numerics import quant_ref
+    from awq_plugin.runtime import modeling
 
     out = tmp_path / "rtn"
     _quantize(source, out, method="rtn")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from awq_plugin.server import VllmServer
+from awq_plugin.tools.server import VllmServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICK_STARTS = ("Quick start: vLLM", "Quick start: transformers", "Python API")

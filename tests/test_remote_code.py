@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from awq_plugin import modeling, synthetic
 from awq_plugin.errors import CheckpointError
+from awq_plugin.runtime import modeling
+from awq_plugin.tools import synthetic
 
 CLI = str(Path(sys.executable).parent / "awq-plugin")
 FAST = ["--scheme", "uint4_wo_64", "--method", "rtn", "--n-samples", "2", "--seq-len", "32", "--threads", "1"]

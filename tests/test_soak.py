@@ -2,7 +2,7 @@
 
 One ``vllm serve --quantization awq`` of the quantized default model (eager mode: fast start)
 takes 64 concurrent clients for 30 s; the tests then read the report that
-:func:`awq_plugin.soak.run_soak` returns, the same one the full run prints. The parsers and
+:func:`awq_plugin.tools.soak.run_soak` returns, the same one the full run prints. The parsers and
 statistics of the soak are also tested without a server, on hand-made answers.
 """
 
@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import pytest
 
-from awq_plugin import soak, soak_answers, soak_memory
-from awq_plugin.bench_serve import rtn_quantize
-from awq_plugin.server import VllmServer
+from awq_plugin.tools import soak, soak_answers, soak_memory
+from awq_plugin.tools.bench_serve import rtn_quantize
+from awq_plugin.tools.server import VllmServer
 
 # 30 s of load; shorter answers than the full run's (up to 32 tokens, not 128) so that the
 # requests in flight at the end drain in seconds on 2 shared cores.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from awq_plugin import modeling
+from awq_plugin.runtime import modeling
 from greedy import assert_same_or_near_tie, reference_greedy, vllm_generate
 
 PROMPTS = [[1, 100, 200, 300], [5000, 42, 7, 9, 11], [12, 13, 14, 15, 16, 17, 18], [30000, 2, 40000]]

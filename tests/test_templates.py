@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from awq_plugin.capture import capture_decoder_inputs, forward_block
+from awq_plugin.algorithm.scale import apply_group_scales
+from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.errors import TemplateError
-from awq_plugin.scale import apply_group_scales
 from awq_plugin.templates import load_shipped_templates, resolve_template
 
 torch.set_num_threads(1)

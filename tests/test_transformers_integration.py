@@ -31,12 +31,12 @@ from transformers.quantizers.quantizer_awq import AwqQuantizer as TransformersAw
 import awq_plugin
 from awq_plugin import AwqConfig, modeling, pack, quant_ref
 from awq_plugin.api import quantize_model
-from awq_plugin.checkpoint import read_json, validate_checkpoint
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
+from awq_plugin.format.checkpoint import read_json, validate_checkpoint
 from awq_plugin.integrations import transformers as hf_integration
 from awq_plugin.kernels.cpu import build
-from awq_plugin.qlinear import AwqLinear
+from awq_plugin.runtime.qlinear import AwqLinear
 from greedy import Greedy, assert_same_or_near_tie, generate_greedy, reference_greedy, vllm_generate
 
 # transformers warns whenever a config is passed for an already-quantized checkpoint (it keeps

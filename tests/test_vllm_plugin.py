@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from awq_plugin.bench_serve import rtn_quantize
 from awq_plugin.integrations import vllm as vllm_plugin
 from awq_plugin.integrations.vllm import KernelChoice, awq_shard_shapes, choose_kernel
-from awq_plugin.server import VllmServer
+from awq_plugin.tools.bench_serve import rtn_quantize
+from awq_plugin.tools.server import VllmServer
 from greedy import (
     NEAR_TIE_NATS,
     Greedy,
@@ -116,8 +116,8 @@ def dense_reference(served_model_dir: Path) -> torch.nn.Module:
     Identical math to ``load_awq_model(..., backend="reference")`` (W_hat = (q - z) * s, fp32),
     dequantized once instead of on every call, which makes greedy decoding fast enough to test.
     """
-    from awq_plugin.modeling import load_awq_model, replace_module
-    from awq_plugin.qlinear import AwqLinear
+    from awq_plugin.runtime.modeling import load_awq_model, replace_module
+    from awq_plugin.runtime.qlinear import AwqLinear
 
     model = load_awq_model(served_model_dir, dtype=torch.float32, backend="reference")
     for name, module in list(model.named_modules()):
@@ -138,7 +138,7 @@ def tp_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Pa
     rank (o_proj K 256 -> 128, down_proj K 640 -> 320). ``logit_gain`` widens the top-2 margins
     of the output head: with near-uniform logits nearly every step would be a near tie.
     """
-    from awq_plugin import synthetic
+    from awq_plugin.tools import synthetic
 
     root = tmp_path_factory.mktemp("tp")
     model = synthetic.make_model(synthetic.make_config("tiny-llama"), seed=0, weight_std=1.0, logit_gain=8.0)
@@ -311,8 +311,8 @@ def test_register_is_idempotent_and_owns_every_awq_route() -> None:
 
 def make_packed(n: int, k: int, group: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A random layer's AWQ tensors (K, N layout) and its dequantized weight ``[N, K]``."""
-    from awq_plugin.pack import pack
-    from awq_plugin.quant_ref import quantize
+    from awq_plugin.numerics.pack import pack
+    from awq_plugin.numerics.quant_ref import quantize
 
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     gq = quantize(w, 4, group, True)

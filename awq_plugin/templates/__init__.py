@@ -74,7 +74,7 @@ Unknown keys, missing required keys and wrong types are errors that name the
 field and the template file. Lookup order: ``config.architectures[0]`` (the
 model's class name when the config has none), then ``config.model_type``.
 
-Folding rules (what :mod:`awq_plugin.scale` does with a resolved group)
+Folding rules (what :mod:`awq_plugin.algorithm.scale` does with a resolved group)
 -----------------------------------------------------------------------
 * ``prev_op`` an ``nn.Linear``: its output rows (and bias entries) are divided
   by ``s``. ``layers`` then sees ``prev_op``'s output through an elementwise
@@ -99,7 +99,7 @@ Folding rules (what :mod:`awq_plugin.scale` does with a resolved group)
   ``n_rep = 1`` the flag changes nothing.
 
 Mixture of experts (``experts``): resolution first replaces each layer's fused
-experts module by per-expert linears (:func:`awq_plugin.moe.unfuse_experts`, an
+experts module by per-expert linears (:func:`awq_plugin.models.experts.unfuse_experts`, an
 exact change of representation, in place), so that ``mlp.experts.3.w1`` is an
 ``nn.Linear`` like any other. In names, ``*`` stands for the expert index:
 
@@ -137,7 +137,7 @@ import torch
 from torch import nn
 
 from awq_plugin.errors import TemplateError
-from awq_plugin.moe import ExpertsLayout, unfuse_experts
+from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -655,7 +655,7 @@ def resolve_template(
 def resolve_experts_for_loading(model: nn.Module) -> ResolvedTemplate | None:
     """For loaders: the resolved shipped template when the model has routed experts, else None.
 
-    Resolving unfuses the experts (see :func:`awq_plugin.moe.unfuse_experts`),
+    Resolving unfuses the experts (see :func:`awq_plugin.models.experts.unfuse_experts`),
     so the per-expert tensors of an AWQ checkpoint have modules to load into;
     :meth:`ResolvedTemplate.from_checkpoint_name` maps the checkpoint's names
     to the model's. Dense models and models without a shipped template are

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from awq_plugin.pack import PACK_FACTOR, AwqPacked
-from awq_plugin.quant_ref import GroupQuantized
+from awq_plugin.numerics.pack import PACK_FACTOR, AwqPacked
+from awq_plugin.numerics.quant_ref import GroupQuantized
 
 
 class AwqLinear(nn.Module):
@@ -100,7 +100,7 @@ class AwqLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``[N, K]`` weight these buffers stand for (reference math)."""
-        from awq_plugin.pack import unpack
+        from awq_plugin.numerics.pack import unpack
 
         gq: GroupQuantized = unpack(self.packed())
         return gq.dequantize(dtype)

@@ -3,7 +3,7 @@
 The public pieces, in the order a driver uses them::
 
     resolved = resolve_template(model)                        # awq_plugin.templates
-    captured = capture_decoder_inputs(model, layers, ids)     # awq_plugin.capture
+    captured = capture_decoder_inputs(model, layers, ids)     # awq_plugin.calibration.capture
     inputs = captured.for_layer(0)
     for i, block in enumerate(layers):
         result, next_hidden = awq_block_step(block, resolved.block(i), inputs, quant_config, options)
@@ -43,7 +43,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
-from awq_plugin.capture import (
+from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
+from awq_plugin.algorithm.scale import apply_group_scales, clamp_weight
+from awq_plugin.algorithm.search import ScaleSearchResult, replaced_weights, search_best_scale
+from awq_plugin.calibration.capture import (
     BlockInputs,
     InputRecorder,
     RecordedInputs,
@@ -52,13 +55,15 @@ from awq_plugin.capture import (
     forward_block,
     plan_samples,
 )
-from awq_plugin.clip import search_clip_max, search_clip_range
 from awq_plugin.errors import CheckpointError, ConfigError, TemplateError
 from awq_plugin.fsutil import atomic_write_bytes
-from awq_plugin.moe import RoutedExperts, experts_on_all_tokens, routed_experts_in, row_positions_lookup
-from awq_plugin.quant_ref import fake_quantize
-from awq_plugin.scale import apply_group_scales, clamp_weight
-from awq_plugin.search import ScaleSearchResult, replaced_weights, search_best_scale
+from awq_plugin.models.experts import (
+    RoutedExperts,
+    experts_on_all_tokens,
+    routed_experts_in,
+    row_positions_lookup,
+)
+from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import BlockTemplate, ResolvedTemplate, ScalingGroup, resolve_template
 
 logger = logging.getLogger(__name__)
@@ -317,7 +322,7 @@ def quant_config_dict(quant_config: QuantConfigLike) -> dict[str, Any]:
 
 
 def make_fake_quantizer(quant_config: QuantConfigLike) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The reference quantize-dequantize for this config (``awq_plugin.quant_ref``)."""
+    """The reference quantize-dequantize for this config (``awq_plugin.numerics.quant_ref``)."""
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
         # The searches call this hundreds of times per linear: weights were checked when

@@ -6,7 +6,7 @@ what lets the quantizer hold a single decoder block in memory.
 
 An AWQ checkpoint is a transformers folder whose quantized linear layers store
 ``<prefix>.qweight``, ``<prefix>.qzeros`` and ``<prefix>.scales`` (layout in
-:mod:`awq_plugin.pack`) instead of ``<prefix>.weight``, and whose config.json
+:mod:`awq_plugin.numerics.pack`) instead of ``<prefix>.weight``, and whose config.json
 carries ``quantization_config`` (see :mod:`awq_plugin.config`).
 """
 
@@ -25,7 +25,7 @@ import torch
 from awq_plugin.config import AwqQuantConfig, load_quant_config
 from awq_plugin.errors import CheckpointError, ConfigError
 from awq_plugin.fsutil import atomic_write_json, dir_size_bytes
-from awq_plugin.pack import PACK_FACTOR
+from awq_plugin.numerics.pack import PACK_FACTOR
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

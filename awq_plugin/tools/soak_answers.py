@@ -1,7 +1,7 @@
 """What a well-formed answer of ``vllm serve`` to a soak request is (OpenAI protocol, vLLM's fields).
 
 Pure checks on parsed JSON and SSE lines; they raise :class:`MalformedResponse` naming the
-first thing wrong. Used by :mod:`awq_plugin.soak` on every answer it reads.
+first thing wrong. Used by :mod:`awq_plugin.tools.soak` on every answer it reads.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class MalformedResponse(Exception):
 class RequestSpec:
     """One request a client sends (plain data, drawn from the client's seeded stream)."""
 
-    kind: str  # one of awq_plugin.soak.KINDS
+    kind: str  # one of awq_plugin.tools.soak.KINDS
     prompt: tuple[int, ...]  # token ids (completions); empty for chat
     chat_text: str | None  # the user message (chat)
     max_tokens: int

@@ -1,16 +1,16 @@
 """Quantize a synthetic Llama whose bf16 weights are several times the quantizer's peak memory.
 
-The streaming pipeline (:mod:`awq_plugin.pipeline`) holds one decoder block, the
+The streaming pipeline (:mod:`awq_plugin.pipeline.quantize`) holds one decoder block, the
 embeddings and the calibration activations, so its memory does not grow with the
 number of blocks. This benchmark shows it on a model built for the purpose:
 
 1. write a random-weight Llama checkpoint (bf16, sharded, the default model's
-   tokenizer) tensor by tensor (:func:`awq_plugin.synthetic.write_random_checkpoint`);
+   tokenizer) tensor by tensor (:func:`awq_plugin.tools.synthetic.write_random_checkpoint`);
 2. run ``awq-plugin quantize`` on it in a child process, sampling the child's
    resident memory every ``--interval`` s and its progress (blocks done) from the
    run's work dir; the peak is the child's own high-water mark (``VmHWM``, which
    it reports itself; see :mod:`awq_plugin.procmem` for why not ``ru_maxrss``);
-3. validate the output (:func:`awq_plugin.checkpoint.validate_checkpoint`);
+3. validate the output (:func:`awq_plugin.format.checkpoint.validate_checkpoint`);
 4. print one JSON object (and ``--json OUT``), draw RSS over time against the
    bf16 size and the machine's RAM (``--png OUT``), and exit 1 if the bf16 weights
    are less than ``--min-ratio`` (default 3) times the peak RSS;
@@ -120,7 +120,7 @@ def run_quantize(
     source: Path, out: Path, quantize_args: Sequence[str], threads: int, interval: float
 ) -> ChildRun:
     """Run ``awq-plugin quantize SOURCE OUT ...`` in a child process, monitored; wait for it."""
-    from awq_plugin.pipeline import work_dir_path
+    from awq_plugin.pipeline.quantize import work_dir_path
 
     report_path = out.with_name(f"{out.name}.report.json")
     log_path = out.with_name(f"{out.name}.quantize.log")
@@ -183,7 +183,7 @@ def block_timing(trace: Trace, n_layers: int, wall_seconds: float) -> dict[str, 
 
 def model_config(args: argparse.Namespace) -> Any:
     """The transformers config of the synthetic model: the preset with any shape overrides."""
-    from awq_plugin import synthetic
+    from awq_plugin.tools import synthetic
 
     overrides = {
         key: value
@@ -216,14 +216,14 @@ def tokenizer_folder(path: str | None) -> Path:
     """A folder holding the default model's tokenizer (written once, then reused)."""
     if path is not None:
         return Path(path)
-    from awq_plugin.default_model import write_default_model
+    from awq_plugin.tools.default_model import write_default_model
 
     return write_default_model(DEFAULT_TOKENIZER_DIR)
 
 
 def prepare_source(folder: Path, config: Any, tokenizer_dir: Path, seed: int, shard_bytes: int) -> float:
     """Write the synthetic checkpoint unless ``folder`` already holds this very one; seconds taken."""
-    from awq_plugin import synthetic
+    from awq_plugin.tools import synthetic
 
     stamp = {"config": config.to_dict(), "seed": seed, "dtype": "bfloat16", "shard_bytes": shard_bytes}
     marker = folder / SOURCE_MARKER
@@ -298,7 +298,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="awq-plugin bench large-model", description=__doc__.split("\n\n")[0]
     )
-    shape = parser.add_argument_group("model shape (a preset of awq_plugin.synthetic, then overrides)")
+    shape = parser.add_argument_group("model shape (a preset of awq_plugin.tools.synthetic, then overrides)")
     shape.add_argument("--preset", default=DEFAULT_PRESET, help=f"default {DEFAULT_PRESET}")
     shape.add_argument("--layers", type=int, help="decoder layers")
     shape.add_argument("--hidden", type=int, help="hidden size")
@@ -346,10 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from awq_plugin import synthetic
-    from awq_plugin.checkpoint import validate_checkpoint
     from awq_plugin.errors import AwqPluginError
+    from awq_plugin.format.checkpoint import validate_checkpoint
     from awq_plugin.fsutil import atomic_write_json, dir_size_bytes
+    from awq_plugin.tools import synthetic
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     finally:
         if not args.keep:
-            from awq_plugin.pipeline import work_dir_path
+            from awq_plugin.pipeline.quantize import work_dir_path
 
             for path in (source, out, work_dir_path(out)):
                 shutil.rmtree(path, ignore_errors=True)

@@ -51,9 +51,9 @@ def _checkpoint_stamp(folder: Path) -> str:
 
 def ensure_quantized(source: Path, out: Path, scheme: str, method: str, n_samples: int, seq_len: int) -> Path:
     """Quantize unless ``out`` already holds a valid checkpoint made with the same settings."""
-    from awq_plugin.checkpoint import validate_checkpoint
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.pipeline import quantize_checkpoint
+    from awq_plugin.format.checkpoint import validate_checkpoint
+    from awq_plugin.pipeline.quantize import quantize_checkpoint
 
     settings = {"scheme": scheme, "method": method, "n_samples": n_samples, "seq_len": seq_len}
     stamp_file = out / "awq_plugin" / "demo_settings.json"
@@ -88,7 +88,7 @@ def evaluate_cached(model_dir: Path, windows: int, cache: dict[str, Any]) -> dic
     from transformers import AutoTokenizer
 
     from awq_plugin.api import evaluate_perplexity
-    from awq_plugin.modeling import load_model
+    from awq_plugin.runtime.modeling import load_model
 
     key = f"{model_dir}|{_checkpoint_stamp(model_dir)}|{windows}"
     if key in cache:
@@ -105,7 +105,7 @@ def serve_and_chat(model_dir: Path, log_path: Path) -> dict[str, Any]:
     """Serve the checkpoint with ``vllm serve --quantization awq``; ask one chat question; time a completion."""
     from openai import OpenAI
 
-    from awq_plugin.server import VllmServer
+    from awq_plugin.tools.server import VllmServer
 
     args = [
         "--quantization",
@@ -146,7 +146,7 @@ def quick_kernel_bench(results_dir: Path) -> dict[str, Any]:
     """Our INT4 GEMM against dense bf16, aten int4 and vLLM's kernel on one shape, M = 1..64."""
     import os
 
-    from awq_plugin import bench_kernels
+    from awq_plugin.tools import bench_kernels
 
     threads = os.cpu_count() or 1
     _say(f"kernel benchmark: {KERNEL_SHAPE} weights, M in 1,4,16,64, {threads} threads (about a minute)")
@@ -248,7 +248,7 @@ def write_report(results_dir: Path, summary: dict[str, Any]) -> Path:
         _plot_throughput(serve["throughput"], results_dir / "demo_serving.png")
     kernels = summary.get("kernels")
     if kernels:
-        from awq_plugin import bench_kernels
+        from awq_plugin.tools import bench_kernels
 
         rows = {(r["impl"], r["M"]): r for r in kernels["rows"] if "M" in r}
         lines += [
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-kernel-bench", action="store_true", help="skip the quick kernel benchmark")
     args = parser.parse_args(argv)
 
-    from awq_plugin.default_model import is_default_model_current, write_default_model
+    from awq_plugin.tools.default_model import is_default_model_current, write_default_model
 
     work = Path(args.workdir).resolve()
     results = Path(args.results).resolve()

@@ -105,7 +105,7 @@ def write_model(
     overwrite: bool = True,
 ) -> Path:
     """Save ``model`` (in ``dtype``) and, if given, the tokenizer files of ``tokenizer_dir``."""
-    from awq_plugin.checkpoint import copy_side_files
+    from awq_plugin.format.checkpoint import copy_side_files
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def write_random_checkpoint(
     """
     from transformers import GenerationConfig
 
-    from awq_plugin.checkpoint import DEFAULT_SHARD_BYTES, TensorSpec, copy_side_files, write_sharded
+    from awq_plugin.format.checkpoint import DEFAULT_SHARD_BYTES, TensorSpec, copy_side_files, write_sharded
 
     skeleton = _meta_model(config)
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}

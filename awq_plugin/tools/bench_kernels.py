@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from awq_plugin import pack, quant_ref
+from awq_plugin.numerics import pack, quant_ref
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
 LARGE_SHAPES = SHAPES[:3]

@@ -21,7 +21,7 @@ checks that
   vocabulary, usage equal to the tokens received, exactly ``max_tokens`` tokens when EOS is
   ignored);
 - each greedy repeat equals the same request sent alone before the load, or first differs at
-  a near tie of that single request (:mod:`awq_plugin.near_tie`: other batch sizes round
+  a near tie of that single request (:mod:`awq_plugin.tools.near_tie`: other batch sizes round
   differently);
 - the server is still up (every process of its tree alive, ``/health`` and a request
   answered) and holds no request once the load is over (disconnects were released);
@@ -29,8 +29,8 @@ checks that
   sampled every second, grew by less than ``max_drift_fraction`` between the window right
   after warm-up and the last window of the load.
 
-The answer checks are in :mod:`awq_plugin.soak_answers`, the process-tree memory sampling in
-:mod:`awq_plugin.soak_memory`.
+The answer checks are in :mod:`awq_plugin.tools.soak_answers`, the process-tree memory sampling in
+:mod:`awq_plugin.tools.soak_memory`.
 
 Usage: ``awq-plugin bench soak [--duration 600] [--json OUT] [--png OUT] [--eager]``; it prints
 the summary as JSON and exits 1 when a property fails. ``tests/test_soak.py`` runs it for 30 s.
@@ -57,15 +57,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from awq_plugin.near_tie import NEAR_TIE_NATS, greedy_divergence
-from awq_plugin.soak_answers import (
+from awq_plugin.tools.near_tie import NEAR_TIE_NATS, greedy_divergence
+from awq_plugin.tools.soak_answers import (
     MalformedResponse,
     RequestSpec,
     StreamChecker,
     check_plain_completion,
     request_body,
 )
-from awq_plugin.soak_memory import (
+from awq_plugin.tools.soak_memory import (
     MIB,
     MemoryDrift,
     RssSampler,
@@ -169,7 +169,7 @@ class PromptPool:
         """Tokenize a built-in text set with the served model's tokenizer."""
         from transformers import AutoTokenizer
 
-        from awq_plugin.calib import load_documents, tokenize_stream
+        from awq_plugin.calibration.text import load_documents, tokenize_stream
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         documents = load_documents(source)
@@ -735,8 +735,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve a model with the plugin, soak it, print the summary JSON; exit 1 if a property fails."""
-    from awq_plugin.bench_serve import prepare_model, thread_binding
-    from awq_plugin.server import VllmServer
+    from awq_plugin.tools.bench_serve import prepare_model, thread_binding
+    from awq_plugin.tools.server import VllmServer
 
     args = parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-#: smallest scale allowed; a constant group would otherwise divide by zero.
-MIN_SCALE = 1e-5
+#: Smallest quantization step (scale) of a weight group; a constant group would otherwise divide by
+#: zero. Not to be confused with the AWQ channel-scale floor, ``algorithm.search.MIN_CHANNEL_SCALE``.
+MIN_QUANT_STEP = 1e-5
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,13 @@ def compute_scales_zeros(
         w_min = torch.maximum(w_min, -c)
     if zero_point:
         q_max = 2**bits - 1
-        scales = ((w_max - w_min).clamp(min=MIN_SCALE) / q_max).to(scale_dtype).float()
-        scales = scales.clamp(min=MIN_SCALE)
+        scales = ((w_max - w_min).clamp(min=MIN_QUANT_STEP) / q_max).to(scale_dtype).float()
+        scales = scales.clamp(min=MIN_QUANT_STEP)
         zeros = (-torch.round(w_min / scales)).clamp(0, q_max)
     else:
         q_pos = 2 ** (bits - 1) - 1
-        amax = torch.maximum(w_max.abs(), w_min.abs()).clamp(min=MIN_SCALE)
-        scales = (amax / q_pos).to(scale_dtype).float().clamp(min=MIN_SCALE)
+        amax = torch.maximum(w_max.abs(), w_min.abs()).clamp(min=MIN_QUANT_STEP)
+        scales = (amax / q_pos).to(scale_dtype).float().clamp(min=MIN_QUANT_STEP)
         zeros = torch.full_like(scales, float(2 ** (bits - 1)))
     return scales.to(scale_dtype), zeros
 

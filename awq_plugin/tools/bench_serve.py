@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from awq_plugin.server import VllmServer
+from awq_plugin.tools.server import VllmServer
 
 IMPLS = ("plugin", "builtin_awq", "bf16")
 CONCURRENCIES = (1, 16)
@@ -185,8 +185,8 @@ def rtn_quantize(fp_dir: Path, out_dir: Path, group_size: int) -> Path:
     """Quantize ``fp_dir`` by plain rounding (uint4, ``group_size``) into an AWQ checkpoint."""
     import torch
 
-    from awq_plugin import modeling
     from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime import modeling
 
     quant = AwqQuantConfig(bits=4, group_size=group_size)
     model = modeling.load_fp_model(fp_dir, dtype=torch.float32)
@@ -199,14 +199,14 @@ def rtn_quantize(fp_dir: Path, out_dir: Path, group_size: int) -> Path:
 
 def prepare_model(name: str, work_dir: Path) -> BenchModel:
     """Write (once; reused from ``work_dir`` afterwards) the fp16 and AWQ folders of a model."""
-    from awq_plugin.default_model import write_default_model
     from awq_plugin.fsutil import holds_model
+    from awq_plugin.tools.default_model import write_default_model
 
     default_dir = write_default_model(work_dir / "default-fp16")
     if name == "default":
         fp_dir, group = default_dir, 64  # hidden 576 is not a multiple of 128
     else:
-        from awq_plugin import synthetic
+        from awq_plugin.tools import synthetic
 
         fp_dir, group = work_dir / f"{name}-fp16", 128
         if not holds_model(fp_dir):

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_plugin.checkpoint import (
+from awq_plugin.config import AwqQuantConfig, load_quant_config
+from awq_plugin.errors import CheckpointError
+from awq_plugin.format.checkpoint import (
     QUANT_SUFFIXES,
     SafetensorsReader,
     TensorSpec,
@@ -27,12 +29,10 @@ from awq_plugin.checkpoint import (
     write_model_config,
     write_sharded,
 )
-from awq_plugin.config import AwqQuantConfig, load_quant_config
-from awq_plugin.errors import CheckpointError
 from awq_plugin.fsutil import atomic_output_dir
-from awq_plugin.pack import AwqPacked, pack
-from awq_plugin.qlinear import AwqLinear
-from awq_plugin.quant_ref import quantize
+from awq_plugin.numerics.pack import AwqPacked, pack
+from awq_plugin.numerics.quant_ref import quantize
+from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import resolve_experts_for_loading
 
 log = logging.getLogger(__name__)

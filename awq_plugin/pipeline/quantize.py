@@ -40,11 +40,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from awq_plugin.awq import AwqOptions, AwqResults, BlockAwqResult, awq_block_step, quant_config_dict
-from awq_plugin.awq import quantized_linear_names as block_linear_names
-from awq_plugin.calib import calibration_windows
-from awq_plugin.capture import capture_decoder_inputs, forward_block
-from awq_plugin.checkpoint import (
+from awq_plugin.algorithm.awq import AwqOptions, AwqResults, BlockAwqResult, awq_block_step, quant_config_dict
+from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
+from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
+from awq_plugin.calibration.text import calibration_windows
+from awq_plugin.config import AwqQuantConfig
+from awq_plugin.errors import AwqPluginError, CalibrationError, CheckpointError, ConfigError
+from awq_plugin.format.checkpoint import (
     SafetensorsReader,
     TensorSpec,
     copy_side_files,
@@ -54,13 +56,11 @@ from awq_plugin.checkpoint import (
     write_model_config,
     write_sharded,
 )
-from awq_plugin.config import AwqQuantConfig
-from awq_plugin.errors import AwqPluginError, CalibrationError, CheckpointError, ConfigError
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, check_output_dir
-from awq_plugin.modeling import build_empty_model, hf_config_from_dict, pack_linear, remote_code_files
-from awq_plugin.moe import split_fused_expert_tensors
+from awq_plugin.models.experts import split_fused_expert_tensors
+from awq_plugin.numerics.quant_ref import is_all_finite
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
-from awq_plugin.quant_ref import is_all_finite
+from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict, pack_linear, remote_code_files
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 
 log = logging.getLogger(__name__)

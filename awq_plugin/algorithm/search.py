@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from awq_plugin.quant_ref import resolve_group_size
+from awq_plugin.numerics.quant_ref import resolve_group_size
 from awq_plugin.templates import ScalingGroup
 
-MIN_SCALE = 1e-4  # floor of a candidate scale (a dead channel would otherwise get s = 0)
+# Floor of a candidate per-channel AWQ scale (a dead channel would otherwise get s = 0). Distinct from
+# the weight quantization step floor, numerics.quant_ref.MIN_QUANT_STEP.
+MIN_CHANNEL_SCALE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,9 @@ def candidate_scales(
     if duo_scaling:
         if w_mean is None:
             raise ValueError("duo scaling needs the weight statistic")
-        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + MIN_SCALE)).clamp(min=MIN_SCALE)
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + MIN_CHANNEL_SCALE)).clamp(min=MIN_CHANNEL_SCALE)
     else:
-        s = x_mean.pow(alpha).clamp(min=MIN_SCALE)
+        s = x_mean.pow(alpha).clamp(min=MIN_CHANNEL_SCALE)
     s = s / (s.max() * s.min()).sqrt()
     # A degenerate statistic (inf/nan) must not poison the weights: fall back to 1 there.
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from awq_plugin.quant_ref import resolve_group_size
+from awq_plugin.numerics.quant_ref import resolve_group_size
 
 
 def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:

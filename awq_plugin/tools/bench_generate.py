@@ -62,9 +62,9 @@ class Contender:
 
 def rtn_checkpoint(fp_dir: Path, out_dir: Path) -> Path:
     """An AWQ-format checkpoint of ``fp_dir`` by plain rounding, in memory (seconds, no calibration)."""
-    from awq_plugin import modeling
-    from awq_plugin.checkpoint import read_json
     from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.format.checkpoint import read_json
+    from awq_plugin.runtime import modeling
 
     quant = AwqQuantConfig(bits=4, group_size=GROUP_SIZE)
     model = modeling.load_fp_model(fp_dir, dtype=torch.float32)
@@ -76,8 +76,8 @@ def rtn_checkpoint(fp_dir: Path, out_dir: Path) -> Path:
 
 def prepare_checkpoints(work_dir: Path, awq_dir: Path | None) -> tuple[Path, Path]:
     """The default model's fp16 folder and an AWQ checkpoint of it (both written once, then reused)."""
-    from awq_plugin.default_model import write_default_model
     from awq_plugin.fsutil import holds_model
+    from awq_plugin.tools.default_model import write_default_model
 
     fp_dir = write_default_model(work_dir / "default-fp16")
     if awq_dir is None:
@@ -110,7 +110,7 @@ def load_contenders(fp_dir: Path, awq_dir: Path) -> list[Contender]:
 
 def awq_kernel(model: Any) -> str | None:
     """The backend the model's first AwqLinear runs (after a forward pass), or None for dense models."""
-    from awq_plugin.qlinear import AwqLinear
+    from awq_plugin.runtime.qlinear import AwqLinear
 
     for module in model.modules():
         if isinstance(module, AwqLinear):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from awq_plugin.quant_ref import GroupQuantized
+from awq_plugin.numerics.quant_ref import GroupQuantized
 
 PACK_FACTOR = 8  # 4-bit values per int32
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds channel AWQ_PACK_ORDER[i]
