@@ -117,8 +117,9 @@ def quantize_model(
     backend: str | None = None,
 ) -> nn.Module:
     """In-memory quantization: AWQ search (unless rtn), then pack every quantized linear."""
+    from awq_plugin.format.packing import pack_linear
     from awq_plugin.numerics.pack import AwqPacked
-    from awq_plugin.runtime.modeling import pack_linear, replace_module
+    from awq_plugin.runtime.modeling import replace_module
     from awq_plugin.runtime.qlinear import AwqLinear
 
     quant.check_packable()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -37,12 +36,9 @@ def tiny_llama_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: P
 def tiny_llama_awq(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) -> Path:
     """``tiny_llama_fp`` quantized by plain rounding (uint4, group 64) and written by our writer."""
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.runtime import modeling
+    from awq_plugin.format.packing import write_packed_model
+    from awq_plugin.runtime.modeling import load_fp_model
 
-    quant = AwqQuantConfig(bits=4, group_size=64)
-    model = modeling.load_fp_model(tiny_llama_fp, dtype=torch.float32)
-    names = modeling.default_linear_names(model, "model.layers", quant)
-    state = modeling.quantized_state_dict(model, names, quant)
-    config = json.loads((tiny_llama_fp / "config.json").read_text())
+    model = load_fp_model(tiny_llama_fp, dtype=torch.float32)
     out = tmp_path_factory.mktemp("tiny") / "tiny-llama-awq"
-    return modeling.save_awq_checkpoint(out, state, config, quant, source_dir=tiny_llama_fp)
+    return write_packed_model(model, out, AwqQuantConfig(bits=4, group_size=64), source_dir=tiny_llama_fp)

@@ -21,6 +21,7 @@ from awq_plugin.format.checkpoint import (
     SafetensorsReader,
     TensorSpec,
     plan_shards,
+    save_awq_checkpoint,
     validate_checkpoint,
     write_safetensors,
     write_sharded,
@@ -291,13 +292,13 @@ def test_writer_refuses_existing_model_and_leaves_nothing(tmp_path: Path, tiny_l
 
     quant = AwqQuantConfig(bits=4, group_size=64)
     with pytest.raises(OutputExistsError, match="already holds a model; pass --overwrite"):
-        modeling.save_awq_checkpoint(tiny_llama_awq, state, config, quant)
+        save_awq_checkpoint(tiny_llama_awq, state, config, quant)
     # A failure mid-write (here: validation of a broken state) leaves no output and no staging dir.
     broken = dict(state)
     broken.pop(f"{LAYER}.scales")
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match="scales is missing"):
-        modeling.save_awq_checkpoint(out, broken, config, quant)
+        save_awq_checkpoint(out, broken, config, quant)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

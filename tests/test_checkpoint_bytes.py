@@ -87,18 +87,15 @@ def test_quantized_checkpoint_bytes_are_pinned(method: str, source: Path, tmp_pa
 
 def test_in_memory_writer_bytes_are_pinned(source: Path, tmp_path: Path) -> None:
     """The in-memory path (pack a loaded model's linears, write the checkpoint) is pinned too."""
-    import json
-
     import torch
 
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.runtime import modeling
+    from awq_plugin.format.packing import write_packed_model
+    from awq_plugin.runtime.modeling import load_fp_model
 
-    quant = AwqQuantConfig(bits=4, group_size=64)
-    model = modeling.load_fp_model(source, dtype=torch.float32)
-    names = modeling.default_linear_names(model, "model.layers", quant)
-    state = modeling.quantized_state_dict(model, names, quant)
-    config = json.loads((source / "config.json").read_text())
-    out = modeling.save_awq_checkpoint(tmp_path / "mem", state, config, quant, source_dir=source)
+    model = load_fp_model(source, dtype=torch.float32)
+    out = write_packed_model(
+        model, tmp_path / "mem", AwqQuantConfig(bits=4, group_size=64), source_dir=source
+    )
     got = _digests(out)
     assert got == EXPECTED["memory"]

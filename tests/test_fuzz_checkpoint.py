@@ -36,17 +36,13 @@ def report_case_counts():
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """A small valid AWQ checkpoint (vocab 512, hidden 128): cheap to rewrite for every case."""
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.runtime import modeling
+    from awq_plugin.format.packing import write_packed_model
     from awq_plugin.tools import synthetic
 
     config = synthetic.make_config("tiny-llama", vocab_size=512, hidden_size=128, intermediate_size=256)
     model = synthetic.make_model(config, seed=0)
-    quant = AwqQuantConfig(bits=4, group_size=64)
-    state = modeling.quantized_state_dict(
-        model, modeling.default_linear_names(model, "model.layers", quant), quant
-    )
     out = tmp_path_factory.mktemp("fuzz") / "ckpt"
-    modeling.save_awq_checkpoint(out, state, model.config.to_dict(), quant)
+    write_packed_model(model, out, AwqQuantConfig(bits=4, group_size=64))
     return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 

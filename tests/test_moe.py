@@ -53,6 +53,7 @@ from awq_plugin.calibration.capture import InputRecorder, capture_decoder_inputs
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import TemplateError
 from awq_plugin.format.checkpoint import SafetensorsReader, validate_checkpoint
+from awq_plugin.format.packing import pack_linear
 from awq_plugin.integrations.vllm import awq_moe_forward, awq_moe_shapes, moe_activation
 from awq_plugin.kernels import AwqKernelWeight, prepare_awq_weight
 from awq_plugin.models.experts import (
@@ -63,7 +64,7 @@ from awq_plugin.models.experts import (
 )
 from awq_plugin.numerics.pack import AwqPacked, unpack
 from awq_plugin.runtime import modeling
-from awq_plugin.runtime.modeling import pack_linear, replace_module
+from awq_plugin.runtime.modeling import replace_module
 from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import load_shipped_templates, resolve_template
 from awq_plugin.tools import synthetic

@@ -24,7 +24,7 @@ import torch
 
 from awq_plugin.config import AwqQuantConfig, load_quant_config
 from awq_plugin.errors import CheckpointError, ConfigError
-from awq_plugin.fsutil import atomic_write_json, dir_size_bytes
+from awq_plugin.fsutil import atomic_output_dir, atomic_write_json, dir_size_bytes
 from awq_plugin.numerics.pack import PACK_FACTOR
 
 SINGLE_FILE = "model.safetensors"
@@ -542,16 +542,16 @@ def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] 
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from awq_plugin.templates import resolve_experts_for_loading
+        from awq_plugin.templates import unfuse_experts_for_loading
 
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         # MoE: transformers' fused experts become the per-expert layers checkpoints store.
-        resolved = resolve_experts_for_loading(model)
+        names = unfuse_experts_for_loading(model)
     except Exception:  # an architecture transformers cannot build: fall back to the generic checks
         return None
-    rename = resolved.to_checkpoint_name if resolved is not None else str
+    rename = names.to_checkpoint_name if names is not None else str
     shapes = {rename(name): tuple(p.shape) for name, p in model.named_parameters()}
     if getattr(hf_config, "tie_word_embeddings", False):
         shapes = {k: v for k, v in shapes.items() if not k.startswith("lm_head.")}
@@ -647,3 +647,23 @@ def iter_quantized_prefixes(names: Iterable[str]) -> Iterator[str]:
         if leaf == "qweight" and prefix not in seen:
             seen.add(prefix)
             yield prefix
+
+
+def save_awq_checkpoint(
+    out_dir: str | Path,
+    state: Mapping[str, torch.Tensor],
+    source_config: Mapping[str, Any],
+    quant: AwqQuantConfig,
+    source_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete AWQ checkpoint atomically (staging directory, then rename)."""
+    out = Path(out_dir)
+    with atomic_output_dir(out, overwrite=overwrite) as staging:
+        specs = {name: TensorSpec.of(tensor) for name, tensor in state.items()}
+        write_sharded(staging, state, lambda tensor, _name: tensor, specs)
+        write_model_config(source_config, staging, quant)
+        if source_dir is not None:
+            copy_side_files(Path(source_dir), staging)
+        validate_checkpoint(staging)
+    return out

@@ -56,11 +56,12 @@ from awq_plugin.format.checkpoint import (
     write_model_config,
     write_sharded,
 )
+from awq_plugin.format.packing import packed_state_dict
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_bytes, atomic_write_json, check_output_dir
 from awq_plugin.models.experts import split_fused_expert_tensors
 from awq_plugin.numerics.quant_ref import is_all_finite
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
-from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict, pack_linear, remote_code_files
+from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict, remote_code_files
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 
 log = logging.getLogger(__name__)
@@ -312,15 +313,7 @@ def _pack_block(
     Names are the checkpoint's (``resolved.to_checkpoint_name``): per-expert
     layers as AutoAWQ and vLLM read them, e.g. Mixtral's ``block_sparse_moe``.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        for leaf, tensor in pack_linear(block.get_submodule(name), quant).items():
-            tensors[resolved.to_checkpoint_name(f"{prefix}{name}.{leaf}")] = tensor
-    for key, tensor in block.state_dict().items():
-        if key.rsplit(".", 1)[0] in names:
-            continue
-        value = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor
-        tensors[resolved.to_checkpoint_name(prefix + key)] = value
+    tensors = packed_state_dict(block, names, quant, prefix=prefix, rename=resolved.to_checkpoint_name)
     for name, tensor in tensors.items():  # inputs were finite: anything else is fp16 overflow
         if tensor.is_floating_point() and not is_all_finite(tensor):
             raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Building transformers models for our own use: empty skeletons, AWQ loading, packing.
+"""Building transformers models for our own use: empty skeletons and AWQ loading.
 
 This is the one core module that constructs models with transformers. It never
 uses transformers' quantizer machinery (that lives in ``integrations/``): an AWQ
@@ -16,24 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_plugin.config import AwqQuantConfig, load_quant_config
+from awq_plugin.config import load_quant_config
 from awq_plugin.errors import CheckpointError
 from awq_plugin.format.checkpoint import (
     QUANT_SUFFIXES,
     SafetensorsReader,
-    TensorSpec,
-    copy_side_files,
     iter_quantized_prefixes,
     read_json,
     validate_checkpoint,
-    write_model_config,
-    write_sharded,
 )
-from awq_plugin.fsutil import atomic_output_dir
-from awq_plugin.numerics.pack import AwqPacked, pack
-from awq_plugin.numerics.quant_ref import quantize
 from awq_plugin.runtime.qlinear import AwqLinear
-from awq_plugin.templates import resolve_experts_for_loading
+from awq_plugin.templates import unfuse_experts_for_loading
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +139,8 @@ def load_awq_model(
     hf_config = hf_config_from_dict(config, trust_remote_code, folder)
     model = build_empty_model(hf_config, dtype, trust_remote_code)
     # MoE: unfuse the experts so that each per-expert checkpoint layer has a module to load into.
-    resolved = resolve_experts_for_loading(model)
-    to_model_name = resolved.from_checkpoint_name if resolved is not None else str
+    names = unfuse_experts_for_loading(model)
+    to_model_name = names.from_checkpoint_name if names is not None else str
     prefixes = [to_model_name(p) for p in iter_quantized_prefixes(reader.keys())]
     swap_in_awq_linears(model, prefixes, quant.group_size, backend, dtype)
     state = {}
@@ -194,78 +187,3 @@ def load_model(
     if is_awq_checkpoint(folder):
         return load_awq_model(folder, dtype=dtype, backend=backend)
     return load_fp_model(folder, dtype=dtype)
-
-
-# ---- packing an in-memory model --------------------------------------------------------------
-
-
-def pack_linear(
-    linear: nn.Linear, quant: AwqQuantConfig, clip_max: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized linear (``qweight``, ``qzeros``, ``scales``, ``bias``)."""
-    quant.check_packable()
-    gq = quantize(linear.weight.detach(), quant.bits, quant.group_size, quant.zero_point, clip_max=clip_max)
-    packed: AwqPacked = pack(gq)
-    tensors = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
-    if linear.bias is not None:
-        tensors["bias"] = linear.bias.detach().to(torch.float16)
-    return tensors
-
-
-def quantized_state_dict(
-    model: nn.Module,
-    linear_names: Iterable[str],
-    quant: AwqQuantConfig,
-    clip: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The model's state dict with the named linears packed and everything else in fp16."""
-    names = set(linear_names)
-    state: dict[str, torch.Tensor] = {}
-    for name in names:
-        module = get_submodule(model, name)
-        for leaf, tensor in pack_linear(module, quant, (clip or {}).get(name)).items():
-            state[f"{name}.{leaf}"] = tensor
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    for key, tensor in model.state_dict().items():
-        prefix = key.rsplit(".", 1)[0]
-        if prefix in names or (tied and key == "lm_head.weight"):
-            continue
-        state[key] = tensor.detach().to(torch.float16) if tensor.is_floating_point() else tensor.detach()
-    return state
-
-
-def default_linear_names(
-    model: nn.Module, decoder_layers: str, quant: AwqQuantConfig, skip: Iterable[str] = ()
-) -> list[str]:
-    """Every ``nn.Linear`` inside the decoder layers, less ``skip`` and modules_to_not_convert."""
-    skip_patterns = tuple(skip)
-    layers = get_submodule(model, decoder_layers)
-    names = []
-    for name, module in layers.named_modules():
-        full = f"{decoder_layers}.{name}"
-        if not isinstance(module, nn.Linear):
-            continue
-        if quant.skips_module(full) or any(p in full for p in skip_patterns):
-            continue
-        names.append(full)
-    return names
-
-
-def save_awq_checkpoint(
-    out_dir: str | Path,
-    state: Mapping[str, torch.Tensor],
-    source_config: Mapping[str, Any],
-    quant: AwqQuantConfig,
-    source_dir: str | Path | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a complete AWQ checkpoint atomically (staging directory, then rename)."""
-    out = Path(out_dir)
-    with atomic_output_dir(out, overwrite=overwrite) as staging:
-        specs = {name: TensorSpec.of(tensor) for name, tensor in state.items()}
-        write_sharded(staging, state, lambda tensor, _name: tensor, specs)
-        write_model_config(source_config, staging, quant)
-        if source_dir is not None:
-            copy_side_files(Path(source_dir), staging)
-        validate_checkpoint(staging)
-    return out

@@ -63,15 +63,12 @@ class Contender:
 def rtn_checkpoint(fp_dir: Path, out_dir: Path) -> Path:
     """An AWQ-format checkpoint of ``fp_dir`` by plain rounding, in memory (seconds, no calibration)."""
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.format.checkpoint import read_json
-    from awq_plugin.runtime import modeling
+    from awq_plugin.format.packing import write_packed_model
+    from awq_plugin.runtime.modeling import load_fp_model
 
+    model = load_fp_model(fp_dir, dtype=torch.float32)
     quant = AwqQuantConfig(bits=4, group_size=GROUP_SIZE)
-    model = modeling.load_fp_model(fp_dir, dtype=torch.float32)
-    names = modeling.default_linear_names(model, "model.layers", quant)
-    state = modeling.quantized_state_dict(model, names, quant)
-    config = read_json(fp_dir / "config.json")
-    return modeling.save_awq_checkpoint(out_dir, state, config, quant, source_dir=fp_dir, overwrite=True)
+    return write_packed_model(model, out_dir, quant, source_dir=fp_dir, overwrite=True)
 
 
 def prepare_checkpoints(work_dir: Path, awq_dir: Path | None) -> tuple[Path, Path]:

@@ -186,15 +186,12 @@ def rtn_quantize(fp_dir: Path, out_dir: Path, group_size: int) -> Path:
     import torch
 
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.runtime import modeling
+    from awq_plugin.format.packing import write_packed_model
+    from awq_plugin.runtime.modeling import load_fp_model
 
+    model = load_fp_model(fp_dir, dtype=torch.float32)
     quant = AwqQuantConfig(bits=4, group_size=group_size)
-    model = modeling.load_fp_model(fp_dir, dtype=torch.float32)
-    names = modeling.default_linear_names(model, "model.layers", quant)
-    state = modeling.quantized_state_dict(model, names, quant)
-    config = json.loads((fp_dir / "config.json").read_text())
-    del model
-    return modeling.save_awq_checkpoint(out_dir, state, config, quant, source_dir=fp_dir, overwrite=True)
+    return write_packed_model(model, out_dir, quant, source_dir=fp_dir, overwrite=True)
 
 
 def prepare_model(name: str, work_dir: Path) -> BenchModel:
