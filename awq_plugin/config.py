@@ -23,13 +23,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from awq_plugin.errors import ConfigError
+from awq_plugin.numerics import PER_CHANNEL
 
 #: Version of the dict this package writes under ``awq_plugin`` in quantization_config.
 CONFIG_SCHEMA_VERSION = 1
 
 ALLOWED_BITS = (2, 3, 4, 8)  # 4 packs; the others exist for fake-quant studies
 PACKABLE_BITS = (4,)
-ALLOWED_GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output channel
+ALLOWED_GROUP_SIZES = (32, 64, 128, PER_CHANNEL)
 ALLOWED_VERSIONS = ("gemm", "gemv")  # we write gemm; gemv is read
 
 # Every key spelling we accept, mapped to our field name.
@@ -168,7 +169,7 @@ class AwqQuantConfig:
                 f"{', '.join(KNOWN_SCHEMES)}"
             )
         group = match["group"]
-        group_size = 128 if group is None else (-1 if group == "pc" else int(group))
+        group_size = 128 if group is None else (PER_CHANNEL if group == "pc" else int(group))
         return cls(
             bits=int(match["bits"]), group_size=group_size, zero_point=match["sign"] == "u", **overrides
         )
@@ -178,7 +179,7 @@ class AwqQuantConfig:
     @property
     def scheme(self) -> str:
         """The Quark-style name of this config, e.g. ``uint4_wo_64``."""
-        group = "pc" if self.group_size == -1 else str(self.group_size)
+        group = "pc" if self.group_size == PER_CHANNEL else str(self.group_size)
         return f"{'u' if self.zero_point else ''}int{self.bits}_wo_{group}"
 
     @property

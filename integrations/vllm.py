@@ -64,6 +64,7 @@ from typing import Any
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.kernels import KERNEL_ENV  # the one variable; in vLLM it also accepts ``marlin``
+from awq_plugin.numerics import PER_CHANNEL, effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
 #: The name vLLM shows for our method (``ModelConfig.quantization``).
@@ -155,7 +156,7 @@ def awq_shard_shapes(
     multiple of 8 to keep whole int32 words. Row-parallel shards split K: each shard must
     hold whole quantization groups, or one group's scale and zero would serve two ranks.
     """
-    g = input_size if group_size == -1 else group_size
+    g = effective_group_size(group_size, input_size)
     if input_size % g != 0:
         raise ValueError(
             f"AWQ layer '{layer_name}': input size {input_size} is not a multiple of the group size {g}"
@@ -249,13 +250,13 @@ def awq_moe_shapes(
     the input size of down (K, whole quantization groups per rank).
     """
     h, i = hidden_size, intermediate_per_partition
-    if group_size == -1 and tp_size > 1:
+    if group_size == PER_CHANNEL and tp_size > 1:
         raise ValueError(
             f"AWQ MoE layer '{layer_name}': a per-channel group (group_size -1) spans all of down's "
             f"input, which tensor parallelism splits across {tp_size} ranks; use tensor-parallel size 1"
         )
-    g13 = h if group_size == -1 else group_size
-    g2 = i if group_size == -1 else group_size
+    g13 = effective_group_size(group_size, h)
+    g2 = effective_group_size(group_size, i)
     if h % g13 or h % PACK_FACTOR:
         raise ValueError(
             f"AWQ MoE layer '{layer_name}': hidden size {h} must be a multiple of the group size {g13} "

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
 try:  # Triton is optional: the CPU kernel and the reference need no GPU stack.
@@ -336,7 +337,7 @@ def _check_inputs(
     k, n = qweight.shape[0], qweight.shape[1] * PACK_FACTOR
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} input features but qweight has K={k} rows")
-    g = k if group_size == -1 else group_size
+    g = effective_group_size(group_size, k)
     if g <= 0 or k % g != 0:
         raise ValueError(f"group_size={group_size} does not divide K={k}")
     if tuple(scales.shape) != (k // g, n):

@@ -25,6 +25,7 @@ import torch
 from awq_plugin.config import AwqQuantConfig, load_quant_config
 from awq_plugin.errors import CheckpointError, ConfigError
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_json, dir_size_bytes
+from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
 SINGLE_FILE = "model.safetensors"
@@ -521,7 +522,7 @@ def validate_quantized_layer(
     qw_shape = reader.get_slice_shape(qweight)
     _expect(len(qw_shape) == 2, f"tensor {qweight} has shape {list(qw_shape)}, expected 2-D [K, N/8]")
     k, n = qw_shape[0], qw_shape[1] * PACK_FACTOR
-    group = k if quant.group_size == -1 else quant.group_size
+    group = effective_group_size(quant.group_size, k)
     _expect(
         k % group == 0,
         f"layer {prefix}: in_features K={k} is not divisible by group_size={quant.group_size}",

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from awq_plugin.numerics import effective_group_size
+
 #: Smallest quantization step (scale) of a weight group; a constant group would otherwise divide by
 #: zero. Not to be confused with the AWQ channel-scale floor, ``algorithm.search.MIN_CHANNEL_SCALE``.
 MIN_QUANT_STEP = 1e-5
@@ -61,8 +63,8 @@ def is_all_finite(tensor: torch.Tensor) -> bool:
 
 
 def resolve_group_size(group_size: int, in_features: int) -> int:
-    """Map ``-1`` (one group per output channel) to K, and check that G divides K."""
-    g = in_features if group_size == -1 else group_size
+    """:func:`effective_group_size`, checked: G must be positive and divide K."""
+    g = effective_group_size(group_size, in_features)
     if g <= 0 or in_features % g != 0:
         raise ValueError(
             f"group_size={group_size} does not divide in_features={in_features}; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR, AwqPacked
 from awq_plugin.numerics.quant_ref import GroupQuantized
 
@@ -29,7 +30,7 @@ class AwqLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        group = in_features if group_size == -1 else group_size
+        group = effective_group_size(group_size, in_features)
         if in_features % group != 0:
             raise ValueError(f"in_features={in_features} is not divisible by group_size={group_size}")
         if out_features % PACK_FACTOR != 0:
