@@ -53,7 +53,7 @@ from awq_plugin.format.checkpoint import iter_quantized_prefixes, read_safetenso
 from awq_plugin.kernels import BACKENDS
 from awq_plugin.runtime.modeling import replace_module, swap_in_awq_linears
 from awq_plugin.runtime.qlinear import AwqLinear
-from awq_plugin.templates import ResolvedTemplate, resolve_experts_for_loading
+from awq_plugin.templates import CheckpointNames, unfuse_experts_for_loading
 
 __all__ = ["AwqConfig", "AwqHfQuantizer", "activate", "deactivate", "is_active"]
 
@@ -384,9 +384,9 @@ class AwqHfQuantizer(HfQuantizer):
         # MoE: transformers keeps experts fused; the checkpoint stores them per expert (AutoAWQ's
         # layout). Unfusing gives every per-expert layer a module, under the names transformers'
         # own key renaming (e.g. Mixtral's block_sparse_moe -> mlp) loads into.
-        resolved = resolve_experts_for_loading(model)
-        to_model_name = resolved.from_checkpoint_name if resolved is not None else str
-        self._renamed_dtype = (resolved, dtype or torch.get_default_dtype())
+        names = unfuse_experts_for_loading(model)
+        to_model_name = names.from_checkpoint_name if names is not None else str
+        self._renamed_dtype = (names, dtype or torch.get_default_dtype())
         # The checkpoint's headers say which layers are packed: that is the truth to load, whatever
         # modules_to_not_convert says (AutoAWQ and others skip layers by their own rules).
         paths = [
@@ -405,9 +405,9 @@ class AwqHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             _keep_scales_in_fp16(model)
-            resolved, dtype = getattr(self, "_renamed_dtype", (None, None))
-            if resolved is not None:
-                _cast_renamed_parameters(model, resolved, dtype)
+            names, dtype = getattr(self, "_renamed_dtype", (None, None))
+            if names is not None:
+                _cast_renamed_parameters(model, names, dtype)
             return model
         return self._quantize_loaded_model(model)
 
@@ -485,7 +485,7 @@ class AwqHfQuantizer(HfQuantizer):
         return False  # packed integer buffers carry no gradient
 
 
-def _cast_renamed_parameters(model: nn.Module, resolved: ResolvedTemplate, dtype: torch.dtype) -> None:
+def _cast_renamed_parameters(model: nn.Module, names: CheckpointNames, dtype: torch.dtype) -> None:
     """Give parameters stored under another name (Mixtral's ``block_sparse_moe.gate``) the load dtype.
 
     For pre-quantized checkpoints transformers loads every tensor whose key it renamed in the
@@ -495,7 +495,7 @@ def _cast_renamed_parameters(model: nn.Module, resolved: ResolvedTemplate, dtype
     and are untouched.
     """
     for name, param in model.named_parameters():
-        if param.is_floating_point() and param.dtype != dtype and resolved.to_checkpoint_name(name) != name:
+        if param.is_floating_point() and param.dtype != dtype and names.to_checkpoint_name(name) != name:
             param.data = param.data.to(dtype)
 
 
