@@ -9,6 +9,7 @@ skeleton and assigning the stored tensors.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def hf_config_from_dict(
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    data = {k: v for k, v in config.items() if k != "quantization_config"}
+    data = {k: v for k, v in decode_special_floats(config).items() if k != "quantization_config"}
     model_type = data.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("config.json has no 'model_type'")
@@ -63,6 +64,26 @@ def hf_config_from_dict(
         raise CheckpointError(
             f"config.json: transformers cannot build model_type {model_type!r}: {exc}"
         ) from None
+
+
+_FLOAT_TAG = "__float__"  # transformers writes inf/nan in config.json as {"__float__": "Infinity"}
+_FLOAT_TAG_VALUES = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def decode_special_floats(value: Any) -> Any:
+    """``value`` (config.json data) with transformers' tagged floats decoded, at any depth.
+
+    JSON has no infinity or NaN, so transformers' ``to_json_string`` writes them as
+    ``{"__float__": "Infinity"}`` (Granite 4 hybrid, Falcon-H1, Mamba 2 time-step limits);
+    its ``from_pretrained`` decodes them, ``AutoConfig.for_model`` does not.
+    """
+    if isinstance(value, Mapping):
+        if set(value) == {_FLOAT_TAG} and value[_FLOAT_TAG] in _FLOAT_TAG_VALUES:
+            return _FLOAT_TAG_VALUES[value[_FLOAT_TAG]]
+        return {k: decode_special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_special_floats(v) for v in value]
+    return value
 
 
 def remote_code_files(config: Mapping[str, Any], folder: Path) -> list[str]:

@@ -1,0 +1,127 @@
+"""Prove a template's folds on the live block: a random scale folded in must not change the output.
+
+A scaling group claims that ``prev_op``'s output reaches ``layers`` only
+through steps that commute with a positive per-channel scale. Names and shapes
+cannot show that (a Llama template renamed for BitNet resolves, yet BitNet
+normalises between ``v_proj`` and ``o_proj``). So each group is checked on the
+block itself, in float32: fold a random scale ``s`` (``prev_op`` / s,
+``layers`` * s, exactly as :func:`awq_plugin.algorithm.scale.apply_group_scales`
+will) into a copy of the block and compare the block's output with the
+unchanged block's. A correct fold differs by float32 rounding only (relative
+error ~1e-6); a wrong one by O(1).
+
+A group whose layers never influence the output on the given tokens (an expert
+no token was routed to) cannot be proven or refuted here; it is reported as
+unobserved, not refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from awq_plugin.algorithm.scale import apply_group_scales, scale_linear_inputs
+from awq_plugin.calibration.capture import BlockInputs, forward_block
+from awq_plugin.errors import TemplateError
+from awq_plugin.templates.schema import BlockTemplate, ScalingGroup
+
+# Relative output error (||out - ref|| / ||ref||, float32) below which a fold counts as exact.
+# Correct folds measure 1e-7..1e-6 on the shipped families (softmax and norm statistics
+# included); a fold through a norm, a non-linearity or a mismatched channel order is >= 1e-2.
+FOLD_TOLERANCE = 1e-4
+SCALE_SPREAD = 1.0  # log-normal sigma of the random test scales (spread about e^+-2)
+
+
+@dataclass(frozen=True)
+class FoldCheck:
+    """The measured effect of folding a random scale into one group of one block."""
+
+    block: int
+    group: str  # ScalingGroup.name: "prev_op -> layers"
+    error: float  # relative block-output change of the full fold (0 for an exact fold)
+    observed: bool  # False: the layers did not influence the output on these tokens
+
+    @property
+    def exact(self) -> bool:
+        return self.error <= FOLD_TOLERANCE
+
+
+def relative_error(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
+    """``||out - ref|| / ||ref||`` over all micro-batches, in float64 sums."""
+    num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outputs, references))
+    den = sum(float(r.double().pow(2).sum()) for r in references)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def float32_copy(block: nn.Module) -> nn.Module:
+    """A float32 copy of ``block`` (the original keeps its weights and dtype)."""
+    return copy.deepcopy(block).float()
+
+
+def random_scales(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` positive scales, log-normally spread (float32)."""
+    return torch.exp(SCALE_SPREAD * torch.randn(n, generator=generator))
+
+
+@torch.no_grad()
+def measure_group_fold(
+    block: nn.Module,
+    group: ScalingGroup,
+    inputs: BlockInputs,
+    references: Sequence[torch.Tensor],
+    generator: torch.Generator,
+) -> tuple[float, bool]:
+    """(relative output change of the full fold, whether the layers influence the output).
+
+    ``block`` is float32 and unchanged on return; ``references`` are its outputs on ``inputs``.
+    """
+    s = random_scales(group.n_scales, generator)
+    folded = copy.deepcopy(block)
+    apply_group_scales(folded, group, s)
+    error = relative_error(forward_block(folded, inputs), references)
+    # The layers' half alone must change the output; if it does not, nothing was observed.
+    half = copy.deepcopy(block)
+    scale_linear_inputs([half.get_submodule(n) for n in group.layers], group.expand_scales(s))
+    observed = relative_error(forward_block(half, inputs), references) > FOLD_TOLERANCE
+    return error, observed
+
+
+@torch.no_grad()
+def check_block_folds(
+    block: nn.Module, template: BlockTemplate, inputs: BlockInputs, seed: int = 0
+) -> list[FoldCheck]:
+    """Measure every group of ``template`` on ``block`` (not modified); return one check per group."""
+    block32 = float32_copy(block)
+    inputs32 = inputs.to(torch.float32)
+    references = forward_block(block32, inputs32)
+    generator = torch.Generator().manual_seed(seed + template.index)
+    checks = []
+    for group in template.groups:
+        error, observed = measure_group_fold(block32, group, inputs32, references, generator)
+        checks.append(FoldCheck(template.index, group.name, error, observed))
+    return checks
+
+
+def verify_block_folds(
+    block: nn.Module, template: BlockTemplate, inputs: BlockInputs, source: str = "template", seed: int = 0
+) -> list[FoldCheck]:
+    """:func:`check_block_folds`, raising :class:`TemplateError` on the first fold that changes the output.
+
+    The error names the template, the block, the group (its ``prev_op`` and
+    ``layers``) and the measured error against the tolerance.
+    """
+    checks = check_block_folds(block, template, inputs, seed)
+    for check in checks:
+        if not check.exact:
+            raise TemplateError(
+                f"architecture template {source}: scaling group '{check.group}' of decoder layer "
+                f"{check.block} does not fold: a random per-channel scale folded into its prev_op and "
+                f"undone in its layers changes the layer's output by {check.error:.3g} (relative; exact "
+                f"folds stay below {FOLD_TOLERANCE:g}). The prev_op's output does not reach those layers "
+                "through scale-commuting steps only; fix the group or move its layers to 'unscaled'"
+            )
+    return checks

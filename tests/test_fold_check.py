@@ -1,0 +1,117 @@
+"""Templates are claims about data flow: the numerical fold check proves or refuses each group.
+
+Tiny random models (hidden 64, 2 layers) of the shipped families and of
+architectures whose data flow differs from Llama's (BitNet's sub-norms, OLMo 2's
+post-norms); every check runs in float32 on the live decoder layer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_templates import FAMILIES, llama_template, make_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from awq_plugin.calibration.capture import capture_decoder_inputs
+from awq_plugin.errors import TemplateError
+from awq_plugin.runtime.modeling import decode_special_floats, hf_config_from_dict
+from awq_plugin.templates import resolve_template
+from awq_plugin.templates.verify import FOLD_TOLERANCE, check_block_folds, verify_block_folds
+
+torch.set_num_threads(1)
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
+
+
+def block_inputs(model: torch.nn.Module, layers_path: str) -> tuple[torch.nn.ModuleList, object]:
+    layers = model.get_submodule(layers_path)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    return layers, capture_decoder_inputs(model, layers, ids, micro_batch_size=2)
+
+
+def make_model(model_type: str) -> torch.nn.Module:
+    config = AutoConfig.for_model(model_type, **SMALL)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # norms start at 1: perturb them so that a wrong fold shows
+                param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_shipped_fold_is_proven_exact(model_type: str) -> None:
+    model = make_tiny_model(model_type)
+    resolved = resolve_template(model)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    for i, block in enumerate(layers):
+        checks = verify_block_folds(block, resolved.block(i), captured.for_layer(i), resolved.source)
+        assert len(checks) == len(resolved.block(i).groups)
+        assert all(c.error < 1e-5 for c in checks), checks
+        # Dense groups always influence the output; only experts nobody was routed to may not.
+        assert all(c.observed for c in checks if "experts" not in c.group), checks
+
+
+def test_llama_template_renamed_for_bitnet_is_refused_naming_the_group() -> None:
+    """BitNet normalises between v_proj and o_proj (attn_sub_norm) and before down_proj."""
+    model = make_model("bitnet")
+    template = llama_template()
+    template.update(name="bitnet-from-llama", architectures=["BitNetForCausalLM"], model_types=["bitnet"])
+    resolved = resolve_template(model, template)  # names and shapes all match ...
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    checks = check_block_folds(layers[0], resolved.block(0), captured.for_layer(0))
+    by_group = {c.group: c for c in checks}
+    assert by_group["input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj"].exact
+    assert by_group["post_attention_layernorm -> mlp.gate_proj, mlp.up_proj"].exact
+    assert by_group["self_attn.v_proj -> self_attn.o_proj"].error > 100 * FOLD_TOLERANCE
+    assert by_group["mlp.up_proj -> mlp.down_proj"].error > 100 * FOLD_TOLERANCE
+    with pytest.raises(TemplateError, match=r"'self_attn\.v_proj -> self_attn\.o_proj' of decoder layer 0"):
+        verify_block_folds(layers[0], resolved.block(0), captured.for_layer(0), "'bitnet-from-llama'")
+
+
+def test_norm_that_does_not_feed_qkv_is_refused() -> None:
+    """OLMo 2 has no input norm: q/k/v read the residual; post_attention_layernorm reads o_proj."""
+    model = make_model("olmo2")
+    template = llama_template()
+    template.update(name="olmo2-wrong", architectures=["Olmo2ForCausalLM"], model_types=["olmo2"])
+    template["scaling_layers"][0]["prev_op"] = "post_attention_layernorm"
+    template["scaling_layers"] = template["scaling_layers"][:2]  # qkv and v -> o
+    resolved = resolve_template(model, template)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    with pytest.raises(TemplateError, match=r"'post_attention_layernorm -> self_attn\.q_proj.*' of decoder"):
+        verify_block_folds(layers[0], resolved.block(0), captured.for_layer(0))
+
+
+def test_fold_check_leaves_the_block_unchanged() -> None:
+    model = make_tiny_model("llama")
+    resolved = resolve_template(model)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    before = {k: v.clone() for k, v in layers[0].state_dict().items()}
+    check_block_folds(layers[0], resolved.block(0), captured.for_layer(0))
+    for name, tensor in layers[0].state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_special_floats_in_config_json_are_decoded() -> None:
+    """transformers writes inf as {"__float__": "Infinity"} (Mamba 2's time_step_limit)."""
+    config = AutoConfig.for_model(
+        "mamba2", hidden_size=64, num_hidden_layers=2, vocab_size=256, num_heads=8, head_dim=16
+    )
+    data = json.loads(config.to_json_string())
+    assert data["time_step_limit"][1] == {"__float__": "Infinity"}
+    rebuilt = hf_config_from_dict(data)
+    assert list(rebuilt.time_step_limit) == [0.0, float("inf")]
+    decoded = decode_special_floats({"a": [{"__float__": "-Infinity"}, {"b": {"__float__": "NaN"}}], "c": 1})
+    assert decoded["a"][0] == float("-inf") and decoded["a"][1]["b"] != decoded["a"][1]["b"]
+    assert decoded["c"] == 1
+    assert decode_special_floats({"__float__": "x", "y": 2}) == {"__float__": "x", "y": 2}
