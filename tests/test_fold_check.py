@@ -77,6 +77,10 @@ def test_llama_template_renamed_for_bitnet_is_refused_naming_the_group() -> None
     assert by_group["mlp.up_proj -> mlp.down_proj"].error > 100 * FOLD_TOLERANCE
     with pytest.raises(TemplateError, match=r"'self_attn\.v_proj -> self_attn\.o_proj' of decoder layer 0"):
         verify_block_folds(layers[0], resolved.block(0), captured.for_layer(0), "'bitnet-from-llama'")
+    with pytest.raises(TemplateError, match=r"^'bitnet-from-llama': scaling group"):
+        verify_block_folds(
+            layers[0], resolved.block(0), captured.for_layer(0), "'bitnet-from-llama'", max_batches=1
+        )
 
 
 def test_norm_that_does_not_feed_qkv_is_refused() -> None:
@@ -115,3 +119,74 @@ def test_special_floats_in_config_json_are_decoded() -> None:
     assert decoded["a"][0] == float("-inf") and decoded["a"][1]["b"] != decoded["a"][1]["b"]
     assert decoded["c"] == 1
     assert decode_special_floats({"__float__": "x", "y": 2}) == {"__float__": "x", "y": 2}
+
+
+# ---- the guard: AWQ never ships a block worse than plain rounding ---------------------------
+
+
+@pytest.mark.parametrize("spread", [2.0, 4.0])  # 4.0 overflows: the AWQ error is NaN, also refused
+def test_block_where_awq_is_worse_than_rounding_falls_back_with_a_warning(
+    spread: float, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    import awq_plugin.algorithm.awq as awq
+
+    model = make_tiny_model("llama")
+    resolved = resolve_template(model)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    block, inputs = layers[0], captured.for_layer(0)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    real_search = awq.search_best_scale
+
+    def harmful_search(group, **kwargs):  # a search that picks wildly wrong scales
+        found = real_search(group, **kwargs)
+        wild = torch.exp(spread * torch.randn(group.n_scales, generator=torch.Generator().manual_seed(0)))
+        return type(found)(wild, 0.5, found.loss_rtn, found.loss_rtn * 10, found.losses)
+
+    monkeypatch.setattr(awq, "search_best_scale", harmful_search)
+    quant = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
+    options = awq.AwqOptions(n_grid=4, clip_grid=4, search_tokens=None, clip_tokens=64, micro_batch_size=2)
+    with caplog.at_level("WARNING", logger="awq_plugin.algorithm.awq"):
+        result, _ = awq.awq_block_step(block, resolved.block(0), inputs, quant, options)
+    warning = [r.getMessage() for r in caplog.records if "falling back to plain rounding" in r.getMessage()]
+    assert len(warning) == 1 and "layer 0" in warning[0]
+    assert result.mse_awq == result.mse_rtn > 0
+    assert all(g.alpha is None and torch.equal(g.scales, torch.ones_like(g.scales)) for g in result.groups)
+    assert result.clip_max == {} and result.clip_min == {}
+    for name, tensor in block.state_dict().items():  # s = 1 folds exactly: the original weights
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_block_where_awq_helps_keeps_its_scales(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    import awq_plugin.algorithm.awq as awq
+
+    model = make_tiny_model("llama")
+    with torch.no_grad():  # input-channel outliers: the case AWQ is made for
+        model.model.layers[0].input_layernorm.weight[[3, 40]] *= 50.0
+    resolved = resolve_template(model)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    quant = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
+    options = awq.AwqOptions(n_grid=4, clip_grid=4, search_tokens=None, clip_tokens=64, micro_batch_size=2)
+    with caplog.at_level("WARNING", logger="awq_plugin.algorithm.awq"):
+        result, _ = awq.awq_block_step(layers[0], resolved.block(0), captured.for_layer(0), quant, options)
+    assert result.mse_awq < result.mse_rtn
+    assert any(g.alpha is not None for g in result.groups)
+    assert not any("falling back" in r.getMessage() for r in caplog.records)
+
+
+def test_wrong_template_is_refused_before_the_search() -> None:
+    from types import SimpleNamespace
+
+    import awq_plugin.algorithm.awq as awq
+
+    model = make_model("bitnet")
+    template = llama_template()
+    template.update(name="bitnet-from-llama", architectures=["BitNetForCausalLM"], model_types=["bitnet"])
+    resolved = resolve_template(model, template)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    quant = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
+    with pytest.raises(TemplateError, match=r"'self_attn\.v_proj -> self_attn\.o_proj' of decoder layer 0"):
+        awq.awq_block_step(layers[0], resolved.block(0), captured.for_layer(0), quant, awq.AwqOptions())

@@ -28,6 +28,7 @@ seeded generator and all reductions run in a fixed order.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -65,6 +66,7 @@ from awq_plugin.models.experts import (
 )
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import BlockTemplate, ResolvedTemplate, ScalingGroup, resolve_template
+from awq_plugin.templates.verify import verify_block_folds
 
 logger = logging.getLogger(__name__)
 
@@ -460,9 +462,12 @@ def awq_block_step(
     next layer's own).
     """
     options = options or AwqOptions()
+    # A template is a claim about data flow: prove every fold on this block before searching.
+    verify_block_folds(block, groups, inputs, "template", max_batches=1)
     with torch.no_grad(), computing_in_float32(block):
         inputs = inputs.to(torch.float32)
         names = quantized_linear_names(block, groups, quant_config)
+        original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
         clip_names = (
             [n for n in names if options.clip_qk or n not in groups.clip_skip] if options.clip else []
         )
@@ -503,6 +508,12 @@ def awq_block_step(
 
         with fake_quantized(block, names, quant_config):
             mse_awq = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
+        if not mse_awq <= mse_rtn:  # the guard (NaN included): never ship a block worse than rounding
+            searches, clip_min, clip_max = _fall_back_to_rounding(
+                block, groups, original, searches, mse_rtn, mse_awq
+            )
+            mse_awq = mse_rtn
+        with fake_quantized(block, names, quant_config):
             if options.propagate == "quantized":
                 next_hidden = _forward_in_dtype(block, inputs, SEARCH_DTYPES[options.search_dtype])
             else:
@@ -534,6 +545,35 @@ def awq_block_step(
         [g.alpha for g in result.groups],
     )
     return result, inputs.with_hidden_states(next_hidden)
+
+
+def _fall_back_to_rounding(
+    block: nn.Module,
+    groups: BlockTemplate,
+    original: Mapping[str, torch.Tensor],
+    searches: Sequence[ScaleSearchResult],
+    mse_rtn: float,
+    mse_awq: float,
+) -> tuple[list[ScaleSearchResult], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Restore the block's weights and record s = 1, no clips: plain rounding for this block.
+
+    The unit scales are folded as :func:`apply_awq_block` will fold them, so saved results
+    re-apply to the same bits.
+    """
+    logger.warning(
+        "layer %d: AWQ's block output MSE %.4g is above plain rounding's %.4g; "
+        "falling back to plain rounding (no scales, no clipping) for this block",
+        groups.index,
+        mse_awq,
+        mse_rtn,
+    )
+    block.load_state_dict(original)
+    rounding = []
+    for group, found in zip(groups.groups, searches):
+        ones = torch.ones_like(found.scales)
+        apply_group_scales(block, group, ones)
+        rounding.append(dataclasses.replace(found, scales=ones, alpha=None, loss_awq=found.loss_rtn))
+    return rounding, {}, {}
 
 
 def _calibrate_underused_experts(

@@ -92,11 +92,19 @@ def measure_group_fold(
 
 @torch.no_grad()
 def check_block_folds(
-    block: nn.Module, template: BlockTemplate, inputs: BlockInputs, seed: int = 0
+    block: nn.Module,
+    template: BlockTemplate,
+    inputs: BlockInputs,
+    seed: int = 0,
+    max_batches: int | None = None,
 ) -> list[FoldCheck]:
-    """Measure every group of ``template`` on ``block`` (not modified); return one check per group."""
+    """Measure every group of ``template`` on ``block`` (not modified); return one check per group.
+
+    ``max_batches`` limits the micro-batches run (None: all); one is enough to
+    tell an exact fold from a wrong one.
+    """
     block32 = float32_copy(block)
-    inputs32 = inputs.to(torch.float32)
+    inputs32 = BlockInputs(inputs.hidden_states[:max_batches], inputs.kwargs[:max_batches]).to(torch.float32)
     references = forward_block(block32, inputs32)
     generator = torch.Generator().manual_seed(seed + template.index)
     checks = []
@@ -107,18 +115,23 @@ def check_block_folds(
 
 
 def verify_block_folds(
-    block: nn.Module, template: BlockTemplate, inputs: BlockInputs, source: str = "template", seed: int = 0
+    block: nn.Module,
+    template: BlockTemplate,
+    inputs: BlockInputs,
+    source: str = "architecture template",
+    seed: int = 0,
+    max_batches: int | None = None,
 ) -> list[FoldCheck]:
     """:func:`check_block_folds`, raising :class:`TemplateError` on the first fold that changes the output.
 
     The error names the template, the block, the group (its ``prev_op`` and
     ``layers``) and the measured error against the tolerance.
     """
-    checks = check_block_folds(block, template, inputs, seed)
+    checks = check_block_folds(block, template, inputs, seed, max_batches)
     for check in checks:
         if not check.exact:
             raise TemplateError(
-                f"architecture template {source}: scaling group '{check.group}' of decoder layer "
+                f"{source}: scaling group '{check.group}' of decoder layer "
                 f"{check.block} does not fold: a random per-channel scale folded into its prev_op and "
                 f"undone in its layers changes the layer's output by {check.error:.3g} (relative; exact "
                 f"folds stay below {FOLD_TOLERANCE:g}). The prev_op's output does not reach those layers "
