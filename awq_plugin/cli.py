@@ -167,6 +167,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
+def _cmd_template_infer(args: argparse.Namespace) -> int:
+    import torch
+
+    from awq_plugin.runtime.modeling import load_fp_model
+    from awq_plugin.templates.infer import infer_template
+
+    model = load_fp_model(args.model_dir, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    template, report = infer_template(model)
+    for name, reason in report.reasons.items():
+        print(f"unscaled (clip + rounding): {name}: {reason}", file=sys.stderr)
+    print(json.dumps(template, indent=2))
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -235,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="default model -> AWQ -> perplexity table -> vLLM chat (see --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the demo (awq-plugin demo -- --help)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("template", help="architecture templates: 'template infer DIR' prints one inferred")
+    q = p.add_subparsers(dest="template_command", required=True, metavar="ACTION")
+    q = q.add_parser("infer", help="print the template inferred from DIR's data flow (folds proven), as JSON")
+    q.add_argument("model_dir", metavar="DIR", help="full-precision transformers folder")
+    q.add_argument("--trust-remote-code", action="store_true", help="import Python code shipped with DIR")
+    q.set_defaults(func=_cmd_template_infer)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON and draw a PNG")
     p.add_argument(

@@ -153,11 +153,29 @@ def test_resolve_from_config_builds_a_meta_skeleton() -> None:
 
 
 def test_unknown_architecture_names_the_fix() -> None:
-    model = make_tiny_model("llama")
+    """Without weights (a meta skeleton) nothing can be inferred: the error says what to do."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(make_tiny_model("llama").config)
     model.config.architectures = ["SomethingForCausalLM"]
     model.config.model_type = "something"
     with pytest.raises(TemplateError, match=r"SomethingForCausalLM.*--template"):
         resolve_template(model)
+    with pytest.raises(TemplateError, match=r"needs the model's weights.*template infer"):
+        resolve_template(model, "infer")
+
+
+def test_unknown_architecture_with_weights_gets_an_inferred_template(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = make_tiny_model("llama")
+    model.config.architectures = ["SomethingForCausalLM"]
+    model.config.model_type = "something"
+    with caplog.at_level(logging.WARNING, logger="awq_plugin.templates"):
+        resolved = resolve_template(model)
+    assert "inferring the scaling groups" in caplog.text
+    assert resolved.name == "inferred-something" and "inferred" in resolved.source
+    shipped = resolve_template(model, "llama")
+    assert [g.name for g in resolved.block(1).groups] == [g.name for g in shipped.block(1).groups]
 
 
 def test_opt_variant_with_post_layer_norm_is_refused() -> None:

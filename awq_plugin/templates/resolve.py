@@ -13,10 +13,18 @@ from torch import nn
 
 from awq_plugin.errors import TemplateError
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
-from awq_plugin.templates.schema import WILDCARD, BlockTemplate, ResolvedTemplate, ScalingGroup
+from awq_plugin.templates.schema import (
+    WILDCARD,
+    BlockTemplate,
+    ResolvedTemplate,
+    ScalingGroup,
+    validate_template_data,
+)
 from awq_plugin.templates.shipped import find_shipped_template, load_template
 
 logger = logging.getLogger(__name__)
+
+INFER = "infer"  # template= value asking for a template inferred from the model itself
 
 
 def _expand(name: str, index: int) -> str:
@@ -67,15 +75,26 @@ def resolve_template(
     device) or a transformers config, from which a meta-device skeleton is
     built. ``template`` is None (look up a shipped template by
     ``architectures[0]``, then ``model_type``), a shipped template's name, a
-    path to a JSON file, or a dict. Every name in the template is checked in
+    path to a JSON file, a dict, or ``"infer"``. With None and no shipped
+    template, a model with real weights gets a template inferred from its own
+    data flow (:mod:`awq_plugin.templates.infer`); a meta-device model gets
+    an error naming the fix. Every name in the template is checked in
     every decoder layer; a name that matches nothing raises an error naming the
     template, the field, the layer and the closest existing names.
     """
     model = _as_model(model_or_config)
     config = getattr(model, "config", None)
-    if template is None:
+    if template == INFER:
+        data, source = _inferred(model)
+    elif template is None:
         architectures = getattr(config, "architectures", None) or [type(model).__name__]
-        data, source = find_shipped_template(architectures[0], getattr(config, "model_type", None))
+        try:
+            data, source = find_shipped_template(architectures[0], getattr(config, "model_type", None))
+        except TemplateError as exc:
+            if not _has_weights(model):
+                raise
+            logger.warning("%s; inferring the scaling groups from the model's own data flow instead", exc)
+            data, source = _inferred(model)
     else:
         data, source = load_template(template)
     where = f"'{data['name']}' from {source}"
@@ -116,6 +135,26 @@ def resolve_template(
         experts=layout,
         checkpoint_names=dict(data["checkpoint_names"]),
     )
+
+
+def _has_weights(model: nn.Module) -> bool:
+    """True when no parameter is on the meta device (inference needs to run the model)."""
+    return all(p.device.type != "meta" for p in model.parameters())
+
+
+def _inferred(model: nn.Module) -> tuple[dict[str, Any], str]:
+    """A template inferred from ``model`` (every fold proven), validated like a user's."""
+    from awq_plugin.templates.infer import infer_template  # imports the fold machinery
+
+    if not _has_weights(model):
+        raise TemplateError(
+            "inferring a template needs the model's weights (its parameters are on the meta device); "
+            "run 'awq-plugin template infer MODEL_DIR' and pass the result with --template"
+        )
+    data, report = infer_template(model)
+    for name, reason in report.reasons.items():
+        logger.warning("inferred template: %s is quantized without an AWQ scale: %s", name, reason)
+    return validate_template_data(data, "<inferred>"), "the model's data flow (inferred, every fold proven)"
 
 
 def _as_model(model_or_config: Any) -> nn.Module:
@@ -300,6 +339,8 @@ def _kv_repeat(
 ) -> tuple[int, int]:
     """(query heads per KV head, head_dim) from the model config, checked against in_features."""
     keys = data["config_keys"]
+    if not hasattr(config, keys["num_attention_heads"]) and hasattr(config, "get_text_config"):
+        config = config.get_text_config()  # a VLM: the language model's heads live in text_config
     n_heads = getattr(config, keys["num_attention_heads"], None)
     n_kv = getattr(config, keys["num_key_value_heads"], None) or n_heads
     head_dim = getattr(config, keys["head_dim"], None)

@@ -1,0 +1,461 @@
+"""Infer a template from the model itself: data flow observed on a few tokens, every fold proven.
+
+Where no reviewed template exists, the scaling groups are read off the live
+model instead of a file:
+
+1. **Decoder layers**: the ``nn.ModuleList`` of blocks holding ``nn.Linear``
+   layers with the most parameters inside the language model
+   (``get_decoder()`` when the model has one, so a VLM's vision tower is not
+   taken for it).
+2. **Shared inputs**: one block runs on a few tokens with hooks on every
+   module; linears whose inputs are the same tensor form one group (they must:
+   a fold divides the producer's output for every reader).
+3. **Producers**: the candidates for ``prev_op`` are the norms whose output
+   *is* that tensor (Gemma's ``x * (1 + w)`` norms included: both weight
+   offsets are tried) and the linears that ran before the group with as many
+   output rows as the group has scales, or as many per KV head (grouped-query
+   v -> o), or more (fused qkv / gate_up, whose trailing rows feed it).
+4. **Proof**: a candidate is kept only if folding a random per-channel scale
+   into it and its inverse into the group leaves the block's float32 output
+   unchanged (:mod:`awq_plugin.templates.verify`). The first proven candidate,
+   nearest first, wins; a group with none is quantized without a scale
+   (``unscaled``: clip search + rounding) and reported.
+5. **module2inspect**: a group fed by a norm is judged on the smallest module
+   holding all its layers and their siblings (the attention or MLP sub-block);
+   a group fed by a linear on its layers (one layer: itself).
+
+Only groups present and proven in every decoder layer are kept (hybrid models
+alternate block kinds); the result is a template dict in the shipped schema,
+which :func:`awq_plugin.templates.resolve_template` then checks like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
+from awq_plugin.errors import TemplateError
+from awq_plugin.templates.schema import ScalingGroup
+from awq_plugin.templates.verify import FOLD_TOLERANCE, measure_group_fold
+
+logger = logging.getLogger(__name__)
+
+N_PROBE_TOKENS = 16  # tokens per probe sequence: data flow, not statistics, is what is observed
+MAX_LINEAR_CANDIDATES = 4  # nearest preceding linears tried as prev_op per group
+
+
+@dataclass
+class InferenceReport:
+    """What inference found, for the template's notes and the coverage tool."""
+
+    proven: list[str] = field(default_factory=list)  # group names with a proven fold
+    unscaled: list[str] = field(default_factory=list)  # linears quantized without a scale
+    reasons: dict[str, str] = field(default_factory=dict)  # unscaled linear -> why
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the decoder layers and the non-layer modules
+# ---------------------------------------------------------------------------------------------
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _has_linear(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in module.modules())
+
+
+def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def find_decoder_layers(model: nn.Module) -> str:
+    """The path of the model's decoder-layer list; :class:`TemplateError` naming what was looked for."""
+    decoder = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except Exception:  # some models raise instead of returning None
+            decoder = None
+    scope = _path_of(model, decoder) if isinstance(decoder, nn.Module) else None
+    best, best_size = None, 0
+    blocks_without_linears = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if scope and not (name == scope or name.startswith(scope + ".")):
+            continue
+        if not all(isinstance(b, nn.Module) and _n_params(b) > 0 for b in module):
+            continue
+        if not all(_has_linear(b) for b in module):
+            blocks_without_linears.append(name)
+            continue
+        size = _n_params(module)
+        if size > best_size:
+            best, best_size = name, size
+    if best is None:
+        where = f" inside {scope!r}" if scope else ""
+        if blocks_without_linears:
+            raise TemplateError(
+                f"{type(model).__name__}: the decoder-layer lists{where} ({blocks_without_linears}) hold no "
+                "nn.Linear layers; AWQ quantizes nn.Linear weights and found none to quantize"
+            )
+        raise TemplateError(
+            f"{type(model).__name__}: no decoder-layer list found{where}: looked for an nn.ModuleList of "
+            "blocks containing nn.Linear layers (like model.layers); pass a template naming it "
+            "(model_decoder_layers)"
+        )
+    return best
+
+
+def _is_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    own = list(module.parameters(recurse=False))
+    return (
+        not isinstance(module, (nn.Linear, nn.Embedding))
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+        and all(p.dim() == 1 for p in own)
+        and not any(True for _ in module.children())
+    )
+
+
+def find_non_layer_modules(model: nn.Module, layers_path: str) -> dict[str, str]:
+    """Roles embed_tokens, norm, lm_head (and rotary_emb when present) as model paths."""
+    roles: dict[str, str] = {}
+    embed = _path_of(model, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    head = _path_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    parent = layers_path.rpartition(".")[0]
+    base = model.get_submodule(parent) if parent else model
+    prefix = f"{parent}." if parent else ""
+    # A final norm: with a weight, or (OLMo's non-parametric LayerNorm) named like one.
+    norms = [n for n, m in base.named_children() if _is_norm(m)] or [
+        n for n, m in base.named_children() if "norm" in type(m).__name__.lower()
+    ]
+    rotary = [n for n, m in base.named_children() if "rotary" in type(m).__name__.lower()]
+    for role, path in (
+        ("embed_tokens", embed),
+        ("norm", prefix + norms[-1] if norms else None),
+        ("lm_head", head),
+    ):
+        if path is None:
+            raise TemplateError(
+                f"{type(model).__name__}: cannot infer non_layer_modules.{role} (looked for the input "
+                f"embeddings, a norm beside {layers_path!r}, and the output embeddings)"
+            )
+        roles[role] = path
+    if rotary:
+        roles["rotary_emb"] = prefix + rotary[0]
+    return roles
+
+
+# ---------------------------------------------------------------------------------------------
+# Observing one block
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Observation:
+    order: list[str]  # module names in first-call order
+    inputs: dict[str, torch.Tensor]  # linear -> its (first call's) input
+    outputs: dict[str, torch.Tensor]  # norm / linear -> its (first call's) output
+
+
+@torch.no_grad()
+def _observe(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> _Observation:
+    obs = _Observation([], {}, {})
+    handles = []
+
+    def hook(name: str, is_linear: bool) -> Any:
+        def run(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if name in obs.outputs or not isinstance(out, torch.Tensor):
+                return
+            obs.order.append(name)
+            obs.outputs[name] = out.detach()
+            if is_linear and args and isinstance(args[0], torch.Tensor):
+                obs.inputs[name] = args[0].detach()
+
+        return run
+
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) or _is_norm(module):
+            handles.append(module.register_forward_hook(hook(name, isinstance(module, nn.Linear))))
+    try:
+        block(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return obs
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    return a.data_ptr() == b.data_ptr() or torch.equal(a, b)
+
+
+def _shared_input_sets(obs: _Observation, linears: Sequence[str]) -> list[list[str]]:
+    """Linears grouped by identical input tensor, in call order."""
+    groups: list[list[str]] = []
+    for name in [n for n in obs.order if n in linears and n in obs.inputs]:
+        for group in groups:
+            if _same_tensor(obs.inputs[group[0]], obs.inputs[name]):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _common_parent(names: Sequence[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]  # parents
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+# ---------------------------------------------------------------------------------------------
+# Proposing and proving folds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    prev_op: str
+    prev_is_linear: bool
+    kv_repeat: int = 1
+    fused: bool = False
+    norm_offset: float = 0.0
+
+
+def _head_dim(config: Any) -> tuple[int, int] | None:
+    """(num_attention_heads, head_dim) from the (text) config, or None."""
+    text = getattr(config, "get_text_config", None)
+    cfg = text() if callable(text) else config
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not heads:
+        return None
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // heads
+    return heads, head_dim
+
+
+def _proposals(block: nn.Module, obs: _Observation, layers: Sequence[str], config: Any) -> list[_Proposal]:
+    k = block.get_submodule(layers[0]).in_features
+    x = obs.inputs[layers[0]]
+    first = obs.order.index(layers[0])
+    out: list[_Proposal] = []
+    for name in obs.order[:first]:
+        module = block.get_submodule(name)
+        if (
+            not isinstance(module, nn.Linear)
+            and _same_tensor(obs.outputs[name], x)
+            and module.weight.numel() == k
+        ):
+            out += [_Proposal(name, False, norm_offset=0.0), _Proposal(name, False, norm_offset=1.0)]
+    heads = _head_dim(config)
+    linears = [n for n in reversed(obs.order[:first]) if isinstance(block.get_submodule(n), nn.Linear)]
+    tried = 0
+    for name in linears:
+        if name in layers or tried >= MAX_LINEAR_CANDIDATES:
+            continue
+        rows = block.get_submodule(name).out_features
+        proposal = None
+        if rows == k:
+            proposal = _Proposal(name, True)
+        elif rows < k and k % rows == 0 and heads and heads[1] and rows % heads[1] == 0:
+            proposal = _Proposal(name, True, kv_repeat=k // rows)  # grouped-query v -> o
+        elif rows > k:
+            if heads and heads[1] and heads[0] * heads[1] == k and (rows - k) % (2 * heads[1]) == 0:
+                n_kv = (rows - k) // (2 * heads[1])  # fused qkv: only the v rows, one scale per KV channel
+                if n_kv and heads[0] % n_kv == 0 and n_kv != heads[0]:
+                    out.append(_Proposal(name, True, kv_repeat=heads[0] // n_kv, fused=True))
+            proposal = _Proposal(name, True, fused=True)  # the trailing k rows feed the group
+        if proposal is not None:
+            out.append(proposal)
+            tried += 1
+    return out
+
+
+def _as_group(p: _Proposal, layers: Sequence[str], k: int, head_dim: int) -> ScalingGroup:
+    return ScalingGroup(
+        prev_op=p.prev_op,
+        layers=tuple(layers),
+        inp=layers[0],
+        module2inspect=None,
+        prev_op_is_linear=p.prev_is_linear,
+        fused_prev_op=p.fused,
+        in_features=k,
+        kv_repeat=p.kv_repeat,
+        head_dim=head_dim if p.kv_repeat > 1 else 0,
+        norm_weight_offset=p.norm_offset,
+    )
+
+
+@dataclass(frozen=True)
+class _ProvenGroup:
+    layers: tuple[str, ...]
+    proposal: _Proposal
+    module2inspect: str | None
+
+
+@torch.no_grad()
+def infer_block_groups(
+    block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any], config: Any, seed: int = 0
+) -> tuple[list[_ProvenGroup], dict[str, str]]:
+    """Proven groups of one block (float32 copy) and, per unscaled linear, the reason."""
+    block = copy.deepcopy(block).float()
+    inputs = BlockInputs([hidden], [dict(kwargs)]).to(torch.float32)
+    hidden, kwargs = inputs.hidden_states[0], inputs.kwargs[0]
+    references = [first_output(block(hidden, **kwargs))]
+    obs = _observe(block, hidden, kwargs)
+    linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    reasons = {n: "never called on the probe tokens" for n in linears if n not in obs.inputs}
+    generator = torch.Generator().manual_seed(seed)
+    heads = _head_dim(config)
+    proven: list[_ProvenGroup] = []
+    for layers in _shared_input_sets(obs, linears):
+        k = block.get_submodule(layers[0]).in_features
+        found = None
+        for proposal in _proposals(block, obs, layers, config):
+            group = _as_group(proposal, layers, k, heads[1] if heads else 0)
+            try:
+                error, observed = measure_group_fold(block, group, inputs, references, generator)
+            except (RuntimeError, ValueError):  # shapes that do not fold at all
+                continue
+            if observed and error <= FOLD_TOLERANCE:
+                found = proposal
+                break
+        if found is None:
+            for name in layers:
+                reasons[name] = "no producer whose fold leaves the block output unchanged"
+            continue
+        inspect = _module_to_inspect(block, layers, found)
+        if inspect == "":
+            for name in layers:
+                reasons[name] = "the group spans the whole block (no sub-module to inspect)"
+            continue
+        proven.append(_ProvenGroup(tuple(layers), found, inspect))
+    return proven, reasons
+
+
+def _module_to_inspect(block: nn.Module, layers: Sequence[str], proposal: _Proposal) -> str | None:
+    """None: each layer alone; "": only the whole block would do; else the sub-module's path."""
+    if proposal.prev_is_linear and len(layers) == 1:
+        return None
+    parent = _common_parent(layers)
+    if parent == "":
+        return None if len(layers) == 1 else ""
+    return parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------
+
+
+def _probe_ids(model: nn.Module, n_tokens: int, seed: int) -> torch.Tensor:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+    # Low ids avoid special image/audio placeholder tokens that multimodal models intercept.
+    high = max(2, min(int(vocab), 1000))
+    return torch.randint(1, high, (2, n_tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def infer_template(
+    model: nn.Module, input_ids: torch.Tensor | None = None, seed: int = 0
+) -> tuple[dict[str, Any], InferenceReport]:
+    """A template dict (shipped schema) whose every group was proven on every decoder layer.
+
+    ``model`` has real weights (random ones do: the proofs are about data flow).
+    ``input_ids`` ``[B, T]`` are the probe tokens (default: two random sequences).
+    """
+    config = getattr(model, "config", None)
+    layers_path = find_decoder_layers(model)
+    layers = model.get_submodule(layers_path)
+    non_layer = find_non_layer_modules(model, layers_path)
+    ids = input_ids if input_ids is not None else _probe_ids(model, N_PROBE_TOKENS, seed)
+    was_training = model.training
+    model.eval()
+    captured = capture_decoder_inputs(model, layers, ids, micro_batch_size=ids.shape[0])
+    model.train(was_training)
+    per_layer: list[dict[tuple[str, ...], _ProvenGroup]] = []
+    reasons: dict[str, str] = {}
+    for i, block in enumerate(layers):
+        inputs = captured.for_layer(i)
+        proven, why = infer_block_groups(block, inputs.hidden_states[0], inputs.kwargs[0], config, seed + i)
+        per_layer.append({g.layers: g for g in proven})
+        for name, reason in why.items():
+            reasons.setdefault(name, f"{reason} (decoder layer {i})")
+    # Keep a group only where every layer proved the same fold; order by the first layer's calls.
+    groups = [g for g in per_layer[0].values() if all(layer.get(g.layers) == g for layer in per_layer[1:])]
+    offsets = {g.proposal.norm_offset for g in groups if not g.proposal.prev_is_linear}
+    offset = 0.0
+    if len(offsets) > 1:  # one offset per template: keep the norms that agree with the majority
+        counts = {
+            o: sum(g.proposal.norm_offset == o for g in groups if not g.proposal.prev_is_linear)
+            for o in offsets
+        }
+        offset = max(counts, key=counts.get)
+        groups = [g for g in groups if g.proposal.prev_is_linear or g.proposal.norm_offset == offset]
+    elif offsets:
+        offset = offsets.pop()
+    report = InferenceReport(proven=[f"{g.proposal.prev_op} -> {', '.join(g.layers)}" for g in groups])
+    scaled = {name for g in groups for name in g.layers}
+    first_linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    for name in first_linears:
+        if name not in scaled:
+            report.unscaled.append(name)
+            report.reasons[name] = reasons.get(name, "its fold is not proven in every decoder layer")
+    if not groups:
+        raise TemplateError(
+            f"{type(model).__name__}: no scaling group could be proven in {layers_path!r} "
+            f"(linears: {first_linears[:8]}); quantize with plain rounding (--scheme without AWQ) instead"
+        )
+    architectures = list(getattr(config, "architectures", None) or [type(model).__name__])
+    model_type = getattr(config, "model_type", None)
+    template = {
+        "name": f"inferred-{model_type or type(model).__name__}",
+        "architectures": architectures[:1],
+        "model_types": [model_type] if model_type else [],
+        "model_decoder_layers": layers_path,
+        "non_layer_modules": non_layer,
+        "scaling_layers": [_group_json(g) for g in groups],
+        "unscaled": report.unscaled,
+        "norm_weight_offset": offset,
+        "notes": "Inferred from the model's data flow; every fold proven numerically. Unscaled: "
+        + ("; ".join(f"{n}: {r}" for n, r in report.reasons.items()) or "none"),
+    }
+    return template, report
+
+
+def _group_json(g: _ProvenGroup) -> dict[str, Any]:
+    out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": list(g.layers), "inp": g.layers[0]}
+    if g.module2inspect is not None:
+        out["module2inspect"] = g.module2inspect
+    if g.proposal.kv_repeat > 1:
+        out["repeat_kv"] = True
+    if g.proposal.fused:
+        out["fused_prev_op"] = True
+    return out
+
+
+__all__ = ["InferenceReport", "find_decoder_layers", "find_non_layer_modules", "infer_template"]

@@ -1,0 +1,122 @@
+"""Templates inferred from the model's own data flow: equal to the reviewed ones, refusing what is not proven.
+
+Tiny random models (hidden 64, 2 layers); random weights are enough, the
+inference observes data flow and proves folds numerically, it learns no values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fold_check import make_model
+from test_templates import make_tiny_model
+from torch import nn
+
+from awq_plugin.errors import TemplateError
+from awq_plugin.templates import resolve_template
+from awq_plugin.templates.infer import infer_template
+
+torch.set_num_threads(1)
+
+DENSE_SHIPPED = ["gemma", "gemma2", "gemma3_text", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3"]
+
+
+def group_key(group) -> tuple:
+    return (
+        group.prev_op,
+        group.layers,
+        group.inp,
+        group.module2inspect,
+        group.kv_repeat,
+        group.fused_prev_op,
+        group.norm_weight_offset,
+        group.n_scales,
+    )
+
+
+@pytest.mark.parametrize("model_type", DENSE_SHIPPED)
+def test_inferred_groups_equal_the_shipped_template(model_type: str) -> None:
+    model = make_tiny_model(model_type)
+    template, report = infer_template(model)
+    shipped = resolve_template(model)
+    inferred = resolve_template(model, template)
+    assert inferred.decoder_layers == shipped.decoder_layers
+    for mine, theirs in zip(inferred.blocks, shipped.blocks):
+        assert [group_key(g) for g in mine.groups] == [group_key(g) for g in theirs.groups]
+        assert mine.unscaled == theirs.unscaled == ()
+    assert report.unscaled == [] and len(report.proven) == len(shipped.block(0).groups)
+    for role in ("embed_tokens", "norm", "lm_head"):
+        assert template["non_layer_modules"][role] == shipped.non_layer_modules[role]
+
+
+def test_bitnet_sub_norms_are_found_as_the_producers() -> None:
+    """BitNet normalises before o_proj and down_proj: the sub-norms, not v/up, feed them."""
+    template, report = infer_template(make_model("bitnet"))
+    assert report.proven == [
+        "input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj",
+        "self_attn.attn_sub_norm -> self_attn.o_proj",
+        "post_attention_layernorm -> mlp.gate_proj, mlp.up_proj",
+        "mlp.ffn_sub_norm -> mlp.down_proj",
+    ]
+    resolve_template(make_model("bitnet"), template)  # the inferred template resolves as any other
+
+
+def test_folds_that_do_not_hold_are_rounded_with_the_reason() -> None:
+    """StarCoder 2's MLP is c_proj(gelu(c_fc(x))): GELU does not commute with a scale."""
+    template, report = infer_template(make_model("starcoder2"))
+    assert "post_attention_layernorm -> mlp.c_fc" in report.proven
+    assert report.unscaled == ["mlp.c_proj"] == template["unscaled"]
+    assert "no producer whose fold leaves the block output unchanged" in report.reasons["mlp.c_proj"]
+    # OLMo 2 has no pre-norm: q/k/v and gate/up read the residual stream, nothing can absorb 1/s.
+    _, report = infer_template(make_model("olmo2"))
+    assert report.proven == ["self_attn.v_proj -> self_attn.o_proj", "mlp.up_proj -> mlp.down_proj"]
+    assert set(report.unscaled) == {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    }
+
+
+def test_no_decoder_layer_list_is_a_clear_error() -> None:
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+    with pytest.raises(TemplateError, match=r"no decoder-layer list found: looked for an nn\.ModuleList"):
+        infer_template(Flat(), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_decoder_layers_without_linears_is_a_clear_error() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8))
+
+    class NoLinears(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(TemplateError, match=r"\['layers'\]\) hold no nn.Linear layers"):
+        infer_template(NoLinears(), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_cli_template_infer_prints_a_template_that_resolves(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from awq_plugin.cli import main
+
+    model = make_model("starcoder2")
+    model.save_pretrained(tmp_path / "sc2")
+    assert main(["template", "infer", str(tmp_path / "sc2")]) == 0
+    out = capsys.readouterr()
+    template = json.loads(out.out)
+    assert template["model_decoder_layers"] == "model.layers" and template["unscaled"] == ["mlp.c_proj"]
+    assert "unscaled (clip + rounding): mlp.c_proj" in out.err
+    resolved = resolve_template(model, template)  # the user can review it and pass it back
+    assert len(resolved.block(0).groups) == 3
