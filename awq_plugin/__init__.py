@@ -1,7 +1,26 @@
 """awq-plugin: Activation-aware Weight Quantization for vLLM and transformers.
 
-Importing this package is cheap: it builds no kernel and imports neither vLLM
-nor transformers. Heavy pieces load on first use.
+Code map, in the order data flows (each stage imports only earlier ones; a test holds it)::
+
+    numerics/      the one pure-PyTorch group quantizer (quant_ref) and the int32 bit layout (pack)
+    models/        model surgery: fused MoE experts as one nn.Linear per expert
+    calibration/   text -> token windows (text), settings and defaults (settings),
+                   recorded block inputs and their statistics (capture, statistics)
+    templates/     which module feeds which linears: schema, shipped JSON, resolver,
+                   inference from data flow, the folds themselves and their numerical proof
+    algorithm/     AWQ on plain torch modules: scale search, clip search, MoE routing,
+                   per-block step, results as data
+    format/        checkpoint tensors (packing) and files: safetensors I/O, config, validation
+    runtime/       loading for inference: skeletons, AwqLinear on the kernels
+    pipeline/      the streaming, resumable quantizer: blocks, work dir, assembly
+    api.py cli.py  the public Python surface and the command line (thin shells)
+    integrations/  vLLM and transformers hooks (installed as awq_plugin.integrations)
+    kernels/       INT4 GEMM: CPU C++ and Triton, checked against numerics (awq_plugin.kernels)
+    tools/         benchmarks, soak test, demo, server launcher, synthetic models (the
+                   ``tools`` extra); the core never imports them
+
+Importing this package is cheap: it builds no kernel and imports neither torch, vLLM nor
+transformers. Heavy pieces load on first use.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ or an in-memory transformers model (quantized in place: its linears become
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,14 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.awq import AwqOptions, AwqResults, quantized_linear_names, run_awq
-from awq_plugin.calibration.text import calibration_windows, evaluation_windows
+from awq_plugin.calibration.settings import DEFAULTS
+from awq_plugin.calibration.text import CalibSource, calibration_ids, evaluation_windows
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.evaluate import PerplexityResult, perplexity
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.pipeline.quantize import METHODS, QuantizeReport, quantize_checkpoint
 from awq_plugin.templates import resolve_template
-
-CalibSource = str | Path | Sequence[str] | torch.Tensor
 
 
 def as_quant_config(config: AwqQuantConfig | str | dict[str, Any] | None) -> AwqQuantConfig:
@@ -39,24 +38,16 @@ def as_quant_config(config: AwqQuantConfig | str | dict[str, Any] | None) -> Awq
     raise ConfigError(f"expected an AwqQuantConfig, a scheme name or a dict, got {type(config).__name__}")
 
 
-def _calib_ids(calib: CalibSource, tokenizer: Any, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    if isinstance(calib, torch.Tensor):
-        return calib
-    if tokenizer is None:
-        raise ConfigError("calibration text needs a tokenizer: pass tokenizer=..., or token ids as a tensor")
-    return calibration_windows(tokenizer, calib, n_samples, seq_len, seed)
-
-
 def quantize(
     model: nn.Module | str | Path,
     config: AwqQuantConfig | str | dict[str, Any] | None = None,
-    calib_data: CalibSource = "enwiki",
+    calib_data: CalibSource = DEFAULTS.source,
     *,
     out_dir: str | Path | None = None,
     tokenizer: Any = None,
     method: str = "awq",
-    n_samples: int = 128,
-    seq_len: int = 512,
+    n_samples: int = DEFAULTS.n_samples,
+    seq_len: int = DEFAULTS.seq_len,
     template: str | Path | dict[str, Any] | None = None,
     options: AwqOptions | None = None,
     backend: str | None = None,
@@ -66,7 +57,7 @@ def quantize(
     """Quantize with AWQ (or plain rounding with ``method="rtn"``).
 
     - ``model`` a folder: streamed into an AWQ checkpoint at ``out_dir`` (required);
-      returns the :class:`QuantizeReport`.
+      returns the :class:`QuantizeReport`. ``calib_data`` may be token ids here too.
     - ``model`` an ``nn.Module``: searched, scaled and packed in place (its linears
       become ``AwqLinear`` running ``backend``); returns the model. ``tokenizer`` is
       needed unless ``calib_data`` is already token ids ``[n, seq_len]``.
@@ -106,12 +97,12 @@ def quantize(
 def quantize_model(
     model: nn.Module,
     quant: AwqQuantConfig,
-    calib_data: CalibSource = "enwiki",
+    calib_data: CalibSource = DEFAULTS.source,
     *,
     tokenizer: Any = None,
     method: str = "awq",
-    n_samples: int = 128,
-    seq_len: int = 512,
+    n_samples: int = DEFAULTS.n_samples,
+    seq_len: int = DEFAULTS.seq_len,
     template: str | Path | dict[str, Any] | None = None,
     options: AwqOptions | None = None,
     backend: str | None = None,
@@ -126,17 +117,23 @@ def quantize_model(
     resolved = _scale_model(
         model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
     )
-    layers = model.get_submodule(resolved.decoder_layers)
-    for i, block in enumerate(layers):
-        groups = resolved.block(i)
-        for name in quantized_linear_names(block, groups, quant):
-            linear = block.get_submodule(name)
-            tensors = pack_linear(linear, quant)
-            packed = AwqPacked(tensors["qweight"], tensors["qzeros"], tensors["scales"])
-            bias = linear.bias.detach() if linear.bias is not None else None
-            new = AwqLinear.from_packed(packed, bias, backend=backend).to(linear.weight.device)
-            replace_module(block, name, new)
+    for block, name in _quantized_linears(model, resolved, quant):
+        linear = block.get_submodule(name)
+        tensors = pack_linear(linear, quant)
+        packed = AwqPacked(tensors["qweight"], tensors["qzeros"], tensors["scales"])
+        bias = linear.bias.detach() if linear.bias is not None else None
+        new = AwqLinear.from_packed(packed, bias, backend=backend).to(linear.weight.device)
+        replace_module(block, name, new)
     return model
+
+
+def _quantized_linears(
+    model: nn.Module, resolved: Any, quant: AwqQuantConfig
+) -> Iterator[tuple[nn.Module, str]]:
+    """Every (decoder block, linear name in it) that the scheme quantizes."""
+    for i, block in enumerate(model.get_submodule(resolved.decoder_layers)):
+        for name in quantized_linear_names(block, resolved.block(i), quant):
+            yield block, name
 
 
 def _scale_model(
@@ -154,7 +151,7 @@ def _scale_model(
         raise ConfigError(f"quantization method {method!r} is unknown; choose one of {list(METHODS)}")
     options = options or AwqOptions()
     if method == "awq":
-        ids = _calib_ids(calib_data, tokenizer, n_samples, seq_len, options.seed)
+        ids = calibration_ids(calib_data, tokenizer, n_samples, seq_len, options.seed)
         results: AwqResults = run_awq(model, quant, ids, template, options)
         model.awq_results = results  # kept for inspection / saving alongside the model
         return resolve_template(model, results.template)
@@ -164,12 +161,12 @@ def _scale_model(
 def fake_quantize_model(
     model: nn.Module,
     quant: AwqQuantConfig,
-    calib_data: CalibSource = "enwiki",
+    calib_data: CalibSource = DEFAULTS.source,
     *,
     tokenizer: Any = None,
     method: str = "awq",
-    n_samples: int = 128,
-    seq_len: int = 512,
+    n_samples: int = DEFAULTS.n_samples,
+    seq_len: int = DEFAULTS.seq_len,
     template: Any = None,
     options: AwqOptions | None = None,
 ) -> nn.Module:
@@ -180,12 +177,10 @@ def fake_quantize_model(
     resolved = _scale_model(
         model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
     )
-    layers = model.get_submodule(resolved.decoder_layers)
     with torch.no_grad():
-        for i, block in enumerate(layers):
-            for name in quantized_linear_names(block, resolved.block(i), quant):
-                weight = block.get_submodule(name).weight
-                weight.copy_(fake_quantize(weight.float(), quant.bits, quant.group_size, quant.zero_point))
+        for block, name in _quantized_linears(model, resolved, quant):
+            weight = block.get_submodule(name).weight
+            weight.copy_(fake_quantize(weight.float(), quant.bits, quant.group_size, quant.zero_point))
     return model
 
 

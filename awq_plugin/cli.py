@@ -61,11 +61,25 @@ def _awq_options(args: argparse.Namespace):
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    from awq_plugin.calibration.settings import DEFAULTS  # torch-free
+
     p.add_argument(
-        "--calib", default="enwiki", help="built-in set (enwiki, news, pydoc) or a .txt/.jsonl file"
+        "--calib",
+        default=DEFAULTS.source,
+        help=f"built-in set (enwiki, news, pydoc) or a .txt/.jsonl file (default {DEFAULTS.source})",
     )
-    p.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument(
+        "--n-samples",
+        type=int,
+        default=DEFAULTS.n_samples,
+        help=f"calibration windows (default {DEFAULTS.n_samples})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULTS.seq_len,
+        help=f"tokens per calibration window (default {DEFAULTS.seq_len})",
+    )
     p.add_argument("--template", help="architecture template JSON (default: the shipped one for the model)")
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation AND weight magnitude")
     p.add_argument("--no-clip", action="store_true", help="skip the clip (max-range shrink) search")

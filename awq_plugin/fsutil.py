@@ -121,3 +121,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def dir_size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def write_tensor_file(path: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Tensors and string metadata as one safetensors file, written atomically."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_tensor_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every tensor of a safetensors file, and its string metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    return tensors, metadata

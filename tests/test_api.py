@@ -42,3 +42,57 @@ def test_cli_passes_search_and_clip_token_counts() -> None:
     args = build_parser().parse_args(["quantize", "a", "b", "--search-tokens", "0", "--clip-tokens", "512"])
     options = _awq_options(args)
     assert (options.search_tokens, options.clip_tokens) == (None, 512)
+
+
+def test_folder_form_takes_token_ids_like_the_in_memory_form(tmp_path, tiny_llama_fp) -> None:
+    """``quantize(folder, scheme, token_ids, out_dir=...)`` streams the folder with those very ids:
+    the checkpoint equals the one written from the same ids drawn from text by the pipeline."""
+    from transformers import AutoTokenizer
+
+    from awq_plugin.api import quantize
+    from awq_plugin.calibration.text import calibration_windows
+
+    ids = calibration_windows(AutoTokenizer.from_pretrained(tiny_llama_fp), "enwiki", 4, 64, seed=0)
+    from_ids = quantize(tiny_llama_fp, "uint4_wo_64", ids, out_dir=tmp_path / "ids", progress=False)
+    from_text = quantize(
+        tiny_llama_fp,
+        "uint4_wo_64",
+        "enwiki",
+        out_dir=tmp_path / "text",
+        n_samples=4,
+        seq_len=64,
+        progress=False,
+    )
+    assert (from_ids.n_samples, from_ids.seq_len) == (4, 64)
+    assert [b["mse_awq"] for b in from_ids.blocks] == [b["mse_awq"] for b in from_text.blocks]
+    for name in ("model.safetensors", "awq_plugin/awq_results.safetensors"):
+        assert (tmp_path / "ids" / name).read_bytes() == (tmp_path / "text" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.zeros(4, 16), "integer tensor"),
+        (torch.zeros(16, dtype=torch.long), r"shape \[16\]"),
+        (torch.zeros(4, 1, dtype=torch.long), "seq_len >= 2"),
+    ],
+)
+def test_bad_token_ids_are_refused_before_any_work(tmp_path, tiny_llama_fp, ids, message) -> None:
+    from awq_plugin.api import quantize
+    from awq_plugin.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match=message):
+        quantize(tiny_llama_fp, "uint4_wo_64", ids, out_dir=tmp_path / "out", progress=False)
+    assert not any(tmp_path.iterdir())  # no output, no work dir
+
+
+def test_cli_defaults_come_from_the_calibration_settings() -> None:
+    from awq_plugin.calibration.settings import DEFAULTS
+    from awq_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["quantize", "a", "b"])
+    assert (args.calib, args.n_samples, args.seq_len) == (
+        DEFAULTS.source,
+        DEFAULTS.n_samples,
+        DEFAULTS.seq_len,
+    )

@@ -33,10 +33,10 @@ from awq_plugin.algorithm.clip import (
     search_clip_max,
     search_clip_range,
 )
-from awq_plugin.algorithm.scale import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block, plan_samples
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import resolve_template
+from awq_plugin.templates.folds import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
 
 torch.set_num_threads(1)
 

@@ -23,33 +23,24 @@ COMMON = ["--scheme", "uint4_wo_64", "--n-samples", "4", "--seq-len", "64", "--t
 
 # Files that depend only on the tokenizer wheel and the config are pinned too: a moved writer that
 # dropped a side file or changed JSON formatting would show here.
+# Written from the source's tokenizer and config by every path alike.
+SIDE_FILES = {
+    "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
+    "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
+    "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
+    "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
+    "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
+}
+RTN_WEIGHTS = "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9"
 EXPECTED: dict[str, dict[str, str]] = {
     "awq": {
+        **SIDE_FILES,
         "awq_plugin/awq_results.safetensors": "ea5aa98a91934214afd61d94732bfafea3aa368427eb064b871bac668c6441d4",
-        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
-        "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
-        "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
-        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
-        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
-    "rtn": {
-        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
-        "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
-        "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
-        "model.safetensors": "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9",
-        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
-        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
-    },
-    "memory": {
-        "chat_template.jinja": "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788",
-        "config.json": "992fa75d3a17f4661742a44573d6aa8593c0e51c05ef0a463393f819a6123f58",
-        "generation_config.json": "6b0e82dfb96a8376c5bffb91c6717f2e357d59bc4ce85a7e3aad4a1f3e9841f4",
-        "model.safetensors": "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9",
-        "tokenizer.json": "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4",
-        "tokenizer_config.json": "156c41a2e14e6e6bd4286c506c38ee883a78e0f5ce165ad9bf63fe73ebf9e974",
-    },
+    "rtn": {**SIDE_FILES, "model.safetensors": RTN_WEIGHTS},
+    "memory": {**SIDE_FILES, "model.safetensors": RTN_WEIGHTS},
 }
 
 

@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from awq_plugin import cli
-from awq_plugin.algorithm.scale import apply_group_scales
 from awq_plugin.calibration.capture import InputRecorder, capture_decoder_inputs, forward_block, plan_samples
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import TemplateError
@@ -67,6 +66,7 @@ from awq_plugin.runtime import modeling
 from awq_plugin.runtime.modeling import replace_module
 from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import load_shipped_templates, resolve_template
+from awq_plugin.templates.folds import apply_group_scales
 from awq_plugin.tools import synthetic
 from greedy import Greedy, assert_same_or_near_tie, first_divergence, generate_greedy, reference_greedy
 

@@ -353,7 +353,7 @@ def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source:
     import awq_plugin.pipeline.quantize as pipeline
 
     reads: list[str] = []
-    real_get, real_load_block = pipeline.SafetensorsReader.get, pipeline._load_block
+    real_get, real_load_block = pipeline.SafetensorsReader.get, pipeline.load_block
 
     def recording_get(self, name: str, *args, **kwargs) -> torch.Tensor:
         reads.append(name)
@@ -370,7 +370,7 @@ def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source:
         return real_load_block(model, resolved, i, reader)
 
     monkeypatch.setattr(pipeline.SafetensorsReader, "get", recording_get)
-    monkeypatch.setattr(pipeline, "_load_block", checking_load_block)
+    monkeypatch.setattr(pipeline, "load_block", checking_load_block)
     _quantize(source, tmp_path / "out", method="rtn")
     assert reads.count("lm_head.weight") == 1
     assert reads.index("lm_head.weight") > reads.index("<block 3>")

@@ -20,10 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from awq_plugin.algorithm.scale import apply_group_scales
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.errors import TemplateError
 from awq_plugin.templates import load_shipped_templates, resolve_template
+from awq_plugin.templates.folds import apply_group_scales
 
 torch.set_num_threads(1)
 

@@ -24,22 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from awq_plugin.numerics.quant_ref import resolve_group_size
-
-
-def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Sum over tokens of ``x_g x_g^T`` per input group: ``x`` ``[T, K]`` -> ``[K/G, G, G]`` (fp32)."""
-    t, k = x.shape
-    g = resolve_group_size(group_size, k)
-    xg = x.float().reshape(t, k // g, g).permute(1, 2, 0)  # (K/G, G, T)
-    return torch.bmm(xg, xg.transpose(1, 2))  # (K/G, G, G)
-
-
-def rescale_gram(gram: torch.Tensor, s_cols: torch.Tensor) -> torch.Tensor:
-    """The Gram matrices of ``x / s_cols``: ``C[g, i, j] / (s_i s_j)``."""
-    n_groups, g, _ = gram.shape
-    inv = (1.0 / s_cols.to(gram.dtype)).reshape(n_groups, g)  # (K/G, G)
-    return gram * inv[:, :, None] * inv[:, None, :]
+from awq_plugin.calibration.statistics import group_gram, rescale_gram  # noqa: F401 (part of this API)
 
 
 def partial_output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

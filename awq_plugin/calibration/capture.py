@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_plugin.algorithm.clip import group_gram, rescale_gram
+from awq_plugin.calibration.statistics import group_gram, rescale_gram
 
 
 class _StopForward(Exception):

@@ -31,7 +31,11 @@ from typing import Any
 
 import torch
 
+from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.errors import CalibrationError
+
+#: A built-in set name, a text file, documents, or token ids ``[n_samples, seq_len]`` (integers).
+CalibSource = str | Path | Sequence[str] | torch.Tensor
 
 BUILTIN_SOURCES = ("enwiki", "enwiki-heldout", "news", "pydoc")
 HELDOUT_EVERY = 5  # article i is held out when i % HELDOUT_EVERY == 0
@@ -163,9 +167,9 @@ def _windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def calibration_windows(
     tokenizer: Any,
-    source: str | Path | Sequence[str] = "enwiki",
-    n_samples: int = 128,
-    seq_len: int = 512,
+    source: str | Path | Sequence[str] = DEFAULTS.source,
+    n_samples: int = DEFAULTS.n_samples,
+    seq_len: int = DEFAULTS.seq_len,
     seed: int = 0,
 ) -> torch.Tensor:
     """``n_samples`` random non-overlapping windows of ``seq_len`` tokens: ``[n_samples, seq_len]``.
@@ -202,3 +206,31 @@ def evaluation_windows(
             f"{n_windows or 1} needed"
         )
     return windows if n_windows is None else windows[:n_windows]
+
+
+def check_token_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids given directly as calibration data: an integer tensor ``[n_samples, seq_len]``."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise CalibrationError(f"calibration token ids must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(
+            f"calibration token ids must be [n_samples >= 1, seq_len >= 2], got shape {list(ids.shape)}"
+        )
+    return ids.long()
+
+
+def calibration_ids(
+    source: CalibSource,
+    tokenizer: Any,
+    n_samples: int = DEFAULTS.n_samples,
+    seq_len: int = DEFAULTS.seq_len,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Calibration token ids ``[n_samples, seq_len]``: given ids as they are, else windows of text."""
+    if isinstance(source, torch.Tensor):
+        return check_token_ids(source)
+    if tokenizer is None:
+        raise CalibrationError(
+            "calibration text needs a tokenizer: pass tokenizer=..., or token ids as a tensor"
+        )
+    return calibration_windows(tokenizer, source, n_samples, seq_len, seed)

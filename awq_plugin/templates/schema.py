@@ -74,7 +74,7 @@ Unknown keys, missing required keys and wrong types are errors that name the
 field and the template file. Lookup order: ``config.architectures[0]`` (the
 model's class name when the config has none), then ``config.model_type``.
 
-Folding rules (what :mod:`awq_plugin.algorithm.scale` does with a resolved group)
+Folding rules (what :mod:`awq_plugin.templates.folds` does with a resolved group)
 -----------------------------------------------------------------------
 * ``prev_op`` an ``nn.Linear``: its output rows (and bias entries) are divided
   by ``s``. ``layers`` then sees ``prev_op``'s output through an elementwise

@@ -5,7 +5,7 @@ through steps that commute with a positive per-channel scale. Names and shapes
 cannot show that (a Llama template renamed for BitNet resolves, yet BitNet
 normalises between ``v_proj`` and ``o_proj``). So each group is checked on the
 block itself, in float32: fold a random scale ``s`` (``prev_op`` / s,
-``layers`` * s, exactly as :func:`awq_plugin.algorithm.scale.apply_group_scales`
+``layers`` * s, exactly as :func:`awq_plugin.templates.folds.apply_group_scales`
 will) into a copy of the block and compare the block's output with the
 unchanged block's. A correct fold differs by float32 rounding only (relative
 error ~1e-6); a wrong one by O(1).
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from awq_plugin.algorithm.scale import apply_group_scales, scale_linear_inputs
 from awq_plugin.calibration.capture import BlockInputs, forward_block
 from awq_plugin.errors import TemplateError
+from awq_plugin.templates.folds import apply_group_scales, scale_linear_inputs
 from awq_plugin.templates.schema import BlockTemplate, ScalingGroup
 
 # Relative output error (||out - ref|| / ||ref||, float32) below which a fold counts as exact.

@@ -25,7 +25,6 @@ import random
 import re
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,17 +108,17 @@ def stream_completion(
         "stream": True,
         "return_token_ids": True,
     }
-    request = urllib.request.Request(
-        f"{base_url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    import httpx  # the tooling's one HTTP client (the soak test uses it too)
+
     start = time.perf_counter()
     first = None
     tokens = 0
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        for raw in response:
-            line = raw.decode().strip()
+    with httpx.stream(
+        "POST", f"{base_url}/v1/completions", json=body, timeout=timeout_s, trust_env=False
+    ) as response:
+        response.raise_for_status()
+        for raw in response.iter_lines():
+            line = raw.strip()
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             choice = json.loads(line[len("data:") :])["choices"][0]

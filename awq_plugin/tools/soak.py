@@ -48,6 +48,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -456,14 +457,15 @@ def compare_greedy(
 # ---------------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: int) -> float | None:
     """The ``q``-th percentile (0-100) with linear interpolation; None for no values."""
     if not values:
         return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    if len(values) == 1 or q <= 0:
+        return float(min(values))
+    if q >= 100:
+        return float(max(values))
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -1,4 +1,5 @@
-"""Apply-scale: fold an AWQ scale into a block so that its full-precision output is unchanged.
+"""Apply-scale: what a template's fold does. Divide an AWQ scale out of a group's producer and into
+its linears so that the block's full-precision output is unchanged.
 
 For a scaling group with scale ``s`` (one value per channel of ``prev_op``'s
 output), ``prev_op``'s output is divided by ``s`` and the consuming linears'
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from awq_plugin.templates import ScalingGroup
+from awq_plugin.templates.schema import ScalingGroup
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
