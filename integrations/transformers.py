@@ -47,6 +47,7 @@ from transformers.utils.quantization_config import AwqConfig as HfAwqConfig
 from transformers.utils.quantization_config import QuantizationMethod
 
 from awq_plugin.algorithm.awq import AwqOptions
+from awq_plugin.calibration.settings import DEFAULTS as CALIBRATION
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CheckpointError, ConfigError
 from awq_plugin.format.checkpoint import iter_quantized_prefixes, read_safetensors_header
@@ -130,9 +131,9 @@ class AwqConfig(HfAwqConfig):
         zero_point: bool = True,
         version: str | None = None,
         modules_to_not_convert: Sequence[str] | None = None,
-        dataset: str | Path | Sequence[str] = "enwiki",
-        n_samples: int = 128,
-        seq_len: int = 512,
+        dataset: str | Path | Sequence[str] = CALIBRATION.source,
+        n_samples: int = CALIBRATION.n_samples,
+        seq_len: int = CALIBRATION.seq_len,
         duo_scaling: bool = AwqOptions.duo_scaling,
         clip: bool = AwqOptions.clip,
         template: str | Path | Mapping[str, Any] | None = None,
