@@ -26,7 +26,7 @@ def prepared(k: int, n: int, group_size: int, backend: str, seed: int) -> kernel
     return kernels.prepare_awq_weight(p.qweight, p.qzeros, p.scales, group_size, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "avx2", "portable", "reference"])
 def test_compiled_module_matches_eager(backend: str) -> None:
     if backend == "cpu" and "cpu" not in kernels.available_backends():
         pytest.skip("CPU kernel unavailable on this machine")

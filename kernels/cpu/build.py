@@ -27,6 +27,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("awq_gemm.cpp")
 EXTENSION_NAME = "awq_plugin_cpu_kernels"
+AVX2_SOURCE = Path(__file__).with_name("awq_gemm_avx2.cpp")
+AVX2_EXTENSION_NAME = "awq_plugin_cpu_avx2_kernels"
 CACHE_ENV = "AWQ_PLUGIN_CACHE"
 TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while another build runs
 
@@ -41,7 +43,8 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         return frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        # x86 says "flags", ARM says "Features" (asimd, asimddp, ...).
+        if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
 
@@ -78,10 +81,27 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "awq_plugin" / "kernels"
 
 
-def build_key(cflags: list[str]) -> str:
-    """Hash of everything that changes the binary: source, flags, torch, Python, CPU."""
+def avx2_compile_flags() -> list[str]:
+    """Compiler flags for ``awq_gemm_avx2.cpp``: AVX2, FMA and F16C only, also on AVX-512 hosts.
+
+    Never ``-mavx512*``: the kernel tested and benchmarked on an AVX-512 machine is
+    then the very code an AVX2-only CPU runs. Its AVX-VNNI inner product gets
+    ``avxvnni`` from a function attribute and runs only where the CPU has it.
+    """
+    return ["-O3", "-fopenmp", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c"]
+
+
+def build_key(cflags: list[str], source: Path = SOURCE) -> str:
+    """Hash of everything that changes the binary or its build command: source (bytes and path),
+    flags, torch (version and location), Python, CPU.
+
+    The paths matter: torch writes them into ``build.ninja``, so two checkouts (or two
+    virtualenvs) sharing one cache directory would make ninja rebuild on every alternate load.
+    """
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    h.update(source.read_bytes())
+    h.update(str(source.resolve()).encode())
+    h.update(str(Path(torch.__file__).resolve().parent).encode())
     h.update(" ".join(cflags).encode())
     h.update(torch.__version__.encode())
     h.update(platform.python_version().encode())
@@ -107,10 +127,21 @@ def load_extension(verbose: bool = False) -> ModuleType:
     Raises whatever the compiler raises; callers that want a fallback catch it
     (see ``kernels.cpu_kernel_available``).
     """
+    return _build(EXTENSION_NAME, SOURCE, compile_flags(), verbose)
+
+
+@functools.cache
+def load_avx2_extension(verbose: bool = False) -> ModuleType:
+    """Compile (first call per cache key) and import the AVX2 / AVX-VNNI kernel (x86 only)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"the AVX2 kernel needs an x86-64 CPU; this is {platform.machine()}")
+    return _build(AVX2_EXTENSION_NAME, AVX2_SOURCE, avx2_compile_flags(), verbose)
+
+
+def _build(name: str, source: Path, cflags: list[str], verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
-    cflags = compile_flags()
-    build_dir = cache_root() / build_key(cflags)
+    build_dir = cache_root() / build_key(cflags, source)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(build_dir / "build.lock"):
         # torch's own build baton is a plain file that a killed build leaves
@@ -119,8 +150,8 @@ def load_extension(verbose: bool = False) -> ModuleType:
         # builds, so a baton found while we hold it is stale.
         (build_dir / TORCH_BATON).unlink(missing_ok=True)
         return cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(SOURCE)],
+            name=name,
+            sources=[str(source)],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

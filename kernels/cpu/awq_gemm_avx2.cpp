@@ -1,0 +1,423 @@
+// AWQ INT4 x activation GEMM for x86 CPUs without AVX-512 VNNI (AVX2, and AVX-VNNI).
+//
+// y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/G]) * s[n, k/G]  (+ bias[n])
+//
+// The arithmetic is the AVX-512 kernel's (awq_gemm.cpp): activations are
+// quantized to int8 per (row, group), the int4 x int8 dot of a group is exact in
+// integers, the zero point is corrected exactly (sum (q - z) a = sum q a - z sum a)
+// and each group is scaled once in fp32. So the error bound is the same.
+//
+// The weight layout is the AVX-512 kernel's too (kernels.repack_for_cpu): a
+// 64-byte row holds 16 output channels x 8 input channels as nibbles, byte 4*j + i
+// = q[n0 + j, k0 + i] (low) | q[n0 + j, k0 + 4 + i] (high). Its two 32-byte halves
+// are exactly two ymm registers of "4 consecutive k of one output channel" per
+// 32-bit lane (channels 0-7 and 8-15), so the same blocked stream serves both
+// kernels and one repack (tested once) serves both.
+//
+// Two inner products, chosen at run time by the caller from the CPU flags:
+//   - AVX2: vpmaddubsw (u8 nibble x s8 activation, pairs summed to int16), two of
+//     them (low and high nibbles) added in int16, accumulated in int16 over
+//     kChunk rows of 8 k, then vpmaddwd with ones widens to int32 once per chunk.
+//     No saturation: |pair| <= 2 * 15 * 127 = 3810, a row adds two pairs (7620)
+//     and kChunk = 4 rows stay below 32767.
+//   - AVX-VNNI: the VEX vpdpbusd (u8 x s8, 4 products summed into int32), as the
+//     AVX-512 kernel does with zmm. Compiled with a function target attribute so
+//     that the rest of this file stays plain AVX2 and runs on CPUs without it.
+//
+// This file is compiled with -mavx2 -mfma -mf16c only (never -mavx512*), also on
+// AVX-512 hosts, so the code tested here is the code an AVX2-only CPU runs.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define AWQ_HAVE_AVX2 1
+#include <immintrin.h>
+#else
+#define AWQ_HAVE_AVX2 0
+#endif
+
+#if AWQ_HAVE_AVX2 && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 11)
+#define AWQ_HAVE_AVXVNNI_CODE 1  // the compiler knows the VEX vpdpbusd
+#elif AWQ_HAVE_AVX2 && defined(__clang__) && (__clang_major__ >= 12)
+#define AWQ_HAVE_AVXVNNI_CODE 1
+#else
+#define AWQ_HAVE_AVXVNNI_CODE 0
+#endif
+
+namespace {
+
+constexpr int64_t kTileN = 16;      // output channels per tile (as in awq_gemm.cpp)
+constexpr int64_t kBlockTiles = 4;  // tiles per block (as in awq_gemm.cpp and kernels.CPU_BLOCK_TILES)
+constexpr int64_t kMaxRows = 4;     // activation rows per micro-kernel call
+constexpr int64_t kChunk = 4;       // rows of 8 k accumulated in int16 before widening (see top)
+
+struct Problem {
+  int64_t M, N, K, G, Gp, NG, Kp, tiles, blocks;
+};
+
+Problem make_problem(int64_t M, int64_t N, int64_t K, int64_t G) {
+  Problem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.Gp = (G + 7) / 8 * 8;
+  p.NG = K / G;
+  p.Kp = p.NG * p.Gp;
+  p.tiles = (N + kTileN - 1) / kTileN;
+  p.blocks = (p.tiles + kBlockTiles - 1) / kBlockTiles;
+  return p;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+#if AWQ_HAVE_AVX2
+
+// 8 consecutive elements as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline int32_t hsum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// int8 activations per (row, group): a_q = round_half_even(x * (127 / amax)), s_a = amax / 127.
+template <typename scalar_t>
+void quantize_rows(const scalar_t* x, const Problem& p, int64_t m0, int64_t m1, int8_t* aq, float* sa,
+                   int32_t* suma) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const int64_t g8 = p.G / 8 * 8;
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t g = 0; g < p.NG; ++g) {
+      const scalar_t* xg = x + m * p.K + g * p.G;
+      int8_t* qg = aq + m * p.Kp + g * p.Gp;
+      __m256 vmax = _mm256_setzero_ps();
+      for (int64_t i = 0; i < g8; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, load8(xg + i)));
+      float amax = hmax8(vmax);
+      for (int64_t i = g8; i < p.G; ++i) amax = std::max(amax, std::fabs(to_float(xg[i])));
+      const float inv_s = amax > 0.f ? 127.f / amax : 0.f;
+      const __m256 inv = _mm256_set1_ps(inv_s);
+      __m256i vsum = _mm256_setzero_si256();
+      for (int64_t i = 0; i < g8; i += 8) {
+        // cvtps_epi32 rounds half to even (default MXCSR), like torch.round.
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8(xg + i), inv));  // |q| <= 127
+        vsum = _mm256_add_epi32(vsum, q);
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        const __m128i q8 = _mm_packs_epi16(q16, q16);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(qg + i), q8);
+      }
+      int32_t sum = hsum8(vsum);
+      for (int64_t i = g8; i < p.G; ++i) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(xg[i]) * inv_s));
+        qg[i] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      for (int64_t i = p.G; i < p.Gp; ++i) qg[i] = 0;
+      sa[m * p.NG + g] = amax / 127.f;
+      suma[m * p.NG + g] = sum;
+    }
+  }
+}
+
+// Group end for ROWS rows x NT tiles: exact zero-point correction of the int32
+// dots in `iacc` ([ROWS][2 * NT] ymm), then y += dot * (s_w * s_a) in fp32.
+template <int ROWS, int NT>
+inline void fold_group(const __m256i (&iacc)[ROWS][2 * NT], const c10::Half* ws, const uint8_t* wz,
+                       int64_t meta0, const float* sa_rows, const int32_t* suma_rows, int64_t ng_stride,
+                       int64_t g, float* acc) {
+  for (int c = 0; c < 2 * NT; ++c) {
+    const int64_t meta = meta0 + 8 * c;  // tile c / 2, channels 8 * (c % 2) ..
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + meta)));
+    const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wz + meta)));
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i zsum = _mm256_mullo_epi32(z, _mm256_set1_epi32(suma_rows[r * ng_stride + g]));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(iacc[r][c], zsum));
+      const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(sa_rows[r * ng_stride + g]));
+      float* y = acc + r * kBlockTiles * kTileN + 8 * c;
+      _mm256_storeu_ps(y, _mm256_fmadd_ps(dot, scale, _mm256_loadu_ps(y)));
+    }
+  }
+}
+
+// The micro-kernel arguments: NT tiles starting at tile t0 of a block of nb tiles.
+struct Tiles {
+  const uint8_t* wq;     // the block's weight stream
+  const c10::Half* ws;   // the block's scales
+  const uint8_t* wz;     // the block's zeros
+  int64_t nb, t0;        // tiles in the block, first tile of this call
+  bool prefetch;         // prefetch the block's stream 4 KiB ahead (first pass over it)
+};
+
+// ROWS activation rows x NT tiles (2 * NT ymm columns of 8 channels), over all of K.
+// Registers: ROWS * 2 * NT int16 accumulators (<= 8) plus the decoded nibbles.
+template <int ROWS, int NT>
+void tiles_avx2(const Tiles& tl, const int8_t* __restrict aq, const float* __restrict sa,
+                const int32_t* __restrict suma, const Problem& p, int64_t m0, float* __restrict acc) {
+  constexpr int C = 2 * NT;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t k8n = p.Gp / 8;
+  const int64_t row_bytes = tl.nb * 64;  // one row of 8 k across the block's tiles
+  const int8_t* a_rows = aq + m0 * p.Kp;
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * kBlockTiles * kTileN + tl.t0 * kTileN + 8 * c, _mm256_setzero_ps());
+
+  for (int64_t g = 0; g < p.NG; ++g) {
+    __m256i iacc[ROWS][C];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < C; ++c) iacc[r][c] = _mm256_setzero_si256();
+    const int8_t* ag = a_rows + g * p.Gp;
+    for (int64_t k0 = 0; k0 < k8n; k0 += kChunk) {
+      const int64_t k1 = std::min(k8n, k0 + kChunk);
+      __m256i acc16[ROWS][C];
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < C; ++c) acc16[r][c] = _mm256_setzero_si256();
+      for (int64_t k8 = k0; k8 < k1; ++k8) {
+        const uint8_t* w = tl.wq + (g * k8n + k8) * row_bytes + tl.t0 * 64;
+        if (tl.prefetch)
+          for (int64_t t = 0; t < tl.nb; ++t) _mm_prefetch(reinterpret_cast<const char*>(w) + 4096 + 64 * t, _MM_HINT_T0);
+        __m256i a_lo[ROWS], a_hi[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+          a_lo[r] = _mm256_set1_epi32(load_i32(ag + r * p.Kp + 8 * k8));
+          a_hi[r] = _mm256_set1_epi32(load_i32(ag + r * p.Kp + 8 * k8 + 4));
+        }
+        for (int c = 0; c < C; ++c) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+          const __m256i lo = _mm256_and_si256(raw, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+          for (int r = 0; r < ROWS; ++r) {
+            const __m256i two = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo[r]), _mm256_maddubs_epi16(hi, a_hi[r]));
+            acc16[r][c] = _mm256_add_epi16(acc16[r][c], two);
+          }
+        }
+      }
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < C; ++c) iacc[r][c] = _mm256_add_epi32(iacc[r][c], _mm256_madd_epi16(acc16[r][c], ones));
+    }
+    fold_group<ROWS, NT>(iacc, tl.ws, tl.wz, (g * tl.nb + tl.t0) * kTileN, sa + m0 * p.NG, suma + m0 * p.NG,
+                         p.NG, g, acc + tl.t0 * kTileN);
+  }
+}
+
+#if AWQ_HAVE_AVXVNNI_CODE
+// The same with the VEX vpdpbusd of AVX-VNNI (Alder Lake and later, Zen 5): int32
+// accumulators, no int16 stage. Only ever called when the CPU reports avx_vnni.
+template <int ROWS, int NT>
+__attribute__((target("avx2,fma,f16c,avxvnni"))) void tiles_avxvnni(
+    const Tiles& tl, const int8_t* __restrict aq, const float* __restrict sa, const int32_t* __restrict suma,
+    const Problem& p, int64_t m0, float* __restrict acc) {
+  constexpr int C = 2 * NT;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t k8n = p.Gp / 8;
+  const int64_t row_bytes = tl.nb * 64;
+  const int8_t* a_rows = aq + m0 * p.Kp;
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * kBlockTiles * kTileN + tl.t0 * kTileN + 8 * c, _mm256_setzero_ps());
+
+  for (int64_t g = 0; g < p.NG; ++g) {
+    __m256i iacc[ROWS][C];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < C; ++c) iacc[r][c] = _mm256_setzero_si256();
+    const int8_t* ag = a_rows + g * p.Gp;
+    for (int64_t k8 = 0; k8 < k8n; ++k8) {
+      const uint8_t* w = tl.wq + (g * k8n + k8) * row_bytes + tl.t0 * 64;
+      if (tl.prefetch)
+        for (int64_t t = 0; t < tl.nb; ++t) _mm_prefetch(reinterpret_cast<const char*>(w) + 4096 + 64 * t, _MM_HINT_T0);
+      __m256i a_lo[ROWS], a_hi[ROWS];
+      for (int r = 0; r < ROWS; ++r) {
+        a_lo[r] = _mm256_set1_epi32(load_i32(ag + r * p.Kp + 8 * k8));
+        a_hi[r] = _mm256_set1_epi32(load_i32(ag + r * p.Kp + 8 * k8 + 4));
+      }
+      for (int c = 0; c < C; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+        const __m256i lo = _mm256_and_si256(raw, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        for (int r = 0; r < ROWS; ++r) {
+          iacc[r][c] = _mm256_dpbusd_avx_epi32(iacc[r][c], lo, a_lo[r]);
+          iacc[r][c] = _mm256_dpbusd_avx_epi32(iacc[r][c], hi, a_hi[r]);
+        }
+      }
+    }
+    fold_group<ROWS, NT>(iacc, tl.ws, tl.wz, (g * tl.nb + tl.t0) * kTileN, sa + m0 * p.NG, suma + m0 * p.NG,
+                         p.NG, g, acc + tl.t0 * kTileN);
+  }
+}
+#endif  // AWQ_HAVE_AVXVNNI_CODE
+
+// One block for `rows` rows starting at m0: the tiles in passes of NT, with NT
+// chosen so that ROWS * 2 * NT accumulators fit the 16 ymm registers.
+template <bool VNNI>
+void run_block(const Tiles& base, const int8_t* aq, const float* sa, const int32_t* suma, const Problem& p,
+               int64_t m0, int64_t rows, float* acc) {
+  for (int64_t t0 = 0; t0 < base.nb;) {
+    Tiles tl = base;
+    tl.t0 = t0;
+    tl.prefetch = base.prefetch && t0 == 0;
+    int64_t step;
+#if AWQ_HAVE_AVXVNNI_CODE
+#define AWQ_CALL(R, T) (VNNI ? tiles_avxvnni<R, T>(tl, aq, sa, suma, p, m0, acc) : tiles_avx2<R, T>(tl, aq, sa, suma, p, m0, acc))
+#else
+#define AWQ_CALL(R, T) tiles_avx2<R, T>(tl, aq, sa, suma, p, m0, acc)
+#endif
+    const int64_t left = base.nb - t0;
+    if (rows == 1) {
+      step = left;
+      switch (left) {
+        case 1: AWQ_CALL(1, 1); break;
+        case 2: AWQ_CALL(1, 2); break;
+        case 3: AWQ_CALL(1, 3); break;
+        default: step = 4; AWQ_CALL(1, 4); break;
+      }
+    } else if (rows == 2) {
+      step = std::min<int64_t>(2, left);
+      if (step == 2) AWQ_CALL(2, 2); else AWQ_CALL(2, 1);
+    } else {
+      step = 1;
+      if (rows == 3) AWQ_CALL(3, 1); else AWQ_CALL(4, 1);
+    }
+#undef AWQ_CALL
+    t0 += step;
+  }
+}
+
+#endif  // AWQ_HAVE_AVX2
+
+// Adds bias and writes `rows` rows of one block's fp32 results to y.
+template <typename scalar_t>
+void store_block(const float* acc, const float* bias, const Problem& p, int64_t m0, int64_t rows, int64_t n0,
+                 int64_t nb, scalar_t* y) {
+  const int64_t n_end = std::min(p.N, n0 + nb * kTileN);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = acc + r * kBlockTiles * kTileN;
+    scalar_t* out = y + (m0 + r) * p.N;
+    for (int64_t n = n0; n < n_end; ++n) out[n] = static_cast<scalar_t>(a[n - n0] + (bias != nullptr ? bias[n] : 0.f));
+  }
+}
+
+template <typename scalar_t>
+void run_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, const at::Tensor& wz,
+              const float* bias, const Problem& p, bool vnni, at::Tensor& y) {
+#if AWQ_HAVE_AVX2
+  auto aq = at::empty({p.M, p.Kp}, x.options().dtype(at::kChar));
+  auto sa = at::empty({p.M, p.NG}, x.options().dtype(at::kFloat));
+  auto suma = at::empty({p.M, p.NG}, x.options().dtype(at::kInt));
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  int8_t* aqp = aq.data_ptr<int8_t>();
+  float* sap = sa.data_ptr<float>();
+  int32_t* sump = suma.data_ptr<int32_t>();
+  const int64_t row_grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.K, 1));
+  at::parallel_for(0, p.M, row_grain, [&](int64_t m0, int64_t m1) { quantize_rows(xp, p, m0, m1, aqp, sap, sump); });
+
+  const uint8_t* wqp = wq.data_ptr<uint8_t>();
+  const c10::Half* wsp = ws.data_ptr<c10::Half>();
+  const uint8_t* wzp = wz.data_ptr<uint8_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t tile_bytes = p.NG * p.Gp * kTileN / 2;
+  const int64_t tile_meta = p.NG * kTileN;
+
+  // Dynamic blocks, as in awq_gemm.cpp: the machine is shared.
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.blocks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    alignas(64) float acc[kMaxRows * kBlockTiles * kTileN];
+    for (int64_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < p.blocks;) {
+      const int64_t t0 = b * kBlockTiles;
+      Tiles tl{wqp + t0 * tile_bytes, wsp + t0 * tile_meta, wzp + t0 * tile_meta,
+               std::min(kBlockTiles, p.tiles - t0), 0, false};
+      for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, p.M - m0);
+        tl.prefetch = m0 == 0;  // later row chunks find the block in L2
+        if (vnni)
+          run_block<true>(tl, aqp, sap, sump, p, m0, rows, acc);
+        else
+          run_block<false>(tl, aqp, sap, sump, p, m0, rows, acc);
+        store_block(acc, bias, p, m0, rows, t0 * kTileN, tl.nb, yp);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "the AVX2 AWQ kernel was compiled without AVX2");
+#endif
+}
+
+}  // namespace
+
+// x: [M, K] fp32/bf16/fp16, contiguous. wq/ws/wz: the repacked weight (kernels.repack_for_cpu).
+// bias: optional [N]. vnni: use the AVX-VNNI inner product (only where the CPU has avx_vnni).
+// Returns y: [M, N] in x's dtype.
+at::Tensor awq_gemm_avx2(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, const at::Tensor& wz,
+                         int64_t group_size, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                         bool vnni) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.is_contiguous(), "wq must be contiguous uint8");
+  TORCH_CHECK(ws.scalar_type() == at::kHalf && ws.is_contiguous(), "ws must be contiguous fp16");
+  TORCH_CHECK(wz.scalar_type() == at::kByte && wz.is_contiguous(), "wz must be contiguous uint8");
+  TORCH_CHECK(!vnni || AWQ_HAVE_AVXVNNI_CODE, "this build has no AVX-VNNI path");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size must divide K");
+  const Problem p = make_problem(x.size(0), out_features, K, group_size);
+  TORCH_CHECK(wq.numel() == p.tiles * p.NG * p.Gp * kTileN / 2, "wq size does not match K, N, group_size");
+  TORCH_CHECK(ws.numel() == p.tiles * p.NG * kTileN && wz.numel() == ws.numel(),
+              "scales/zeros size does not match K, N, group_size");
+  const float* bias_ptr = nullptr;
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_f.numel() == out_features, "bias must have out_features elements");
+    bias_ptr = bias_f.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({p.M, p.N}, x.options());
+  if (p.M == 0) return y;
+  switch (x.scalar_type()) {
+    case at::kFloat: run_gemm<float>(x, wq, ws, wz, bias_ptr, p, vnni, y); break;
+    case at::kBFloat16: run_gemm<c10::BFloat16>(x, wq, ws, wz, bias_ptr, p, vnni, y); break;
+    case at::kHalf: run_gemm<c10::Half>(x, wq, ws, wz, bias_ptr, p, vnni, y); break;
+    default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  }
+  return y;
+}
+
+bool awq_avx2_compiled() { return AWQ_HAVE_AVX2; }
+bool awq_avxvnni_compiled() { return AWQ_HAVE_AVXVNNI_CODE; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("awq_gemm_avx2", &awq_gemm_avx2, "AWQ int4 GEMM (AVX2 / AVX-VNNI) on the repacked CPU layout",
+        py::arg("x"), py::arg("wq"), py::arg("ws"), py::arg("wz"), py::arg("group_size"),
+        py::arg("out_features"), py::arg("bias") = py::none(), py::arg("vnni") = false);
+  m.def("has_avx2", &awq_avx2_compiled, "whether the AVX2 path was compiled in");
+  m.def("has_avxvnni_code", &awq_avxvnni_compiled, "whether the AVX-VNNI path was compiled in");
+}
