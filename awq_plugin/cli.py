@@ -207,6 +207,7 @@ BENCHMARKS = {
     "serve": "awq_plugin.tools.bench_serve",  # vllm serve throughput: plugin vs built-in AWQ vs bf16
     "generate": "awq_plugin.tools.bench_generate",  # transformers generate(): AWQ vs fp32 and bf16
     "large-model": "awq_plugin.tools.bench_large_model",  # quantize a model 3x larger than its peak RSS
+    "architectures": "awq_plugin.tools.bench_architectures",  # every transformers decoder/VLM through AWQ
     "soak": "awq_plugin.tools.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
 }
 

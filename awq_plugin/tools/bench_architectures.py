@@ -1,0 +1,285 @@
+"""Coverage: every causal-LM and image-text-to-text architecture transformers builds, through AWQ.
+
+For each ``model_type`` in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` and
+``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``: shrink the default config
+(hidden 64, 2 layers, 4 heads / 2 KV heads, FFN 128, vocab 512, sub-configs
+likewise), build a random-weight model and save it, then run what a new user
+would::
+
+    folder -> template (shipped, else inferred) -> quantize -> inspect -> from_pretrained -> finite logits
+
+Each architecture runs in its own process with a time limit, so one crash or
+hang costs one row. Per architecture the result says which step failed and
+why, and how many linears got a proven AWQ scale and how many only clip +
+rounding. ``--json OUT`` writes the rows, ``--png OUT`` a bar chart of the
+pass rates.
+
+    awq-plugin bench architectures --json arch.json --png arch.png [--only llama,qwen2] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+SMALL = {  # config field -> tiny value, applied wherever a (sub-)config has the field
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "ffn_dim": 128,
+    "d_model": 64,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "num_layers": 2,
+    "depth": 2,
+    "embed_dim": 64,
+}
+STEPS = ("build", "template", "quantize", "inspect", "from_pretrained", "logits")
+N_TOKENS = 16
+
+
+def _shrink(config: Any, seen: set[int] | None = None) -> None:
+    """Set every field of ``SMALL`` the config (and its sub-configs) already has."""
+    from transformers import PretrainedConfig
+
+    seen = seen if seen is not None else set()
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for key, value in SMALL.items():
+        current = getattr(config, key, None)
+        if isinstance(current, int) and not isinstance(current, bool) and current > value:
+            with contextlib.suppress(Exception):  # read-only aliases
+                setattr(config, key, value)
+    for key in ("layer_types", "mlp_only_layers"):
+        current = getattr(config, key, None)
+        if isinstance(current, list) and len(current) > SMALL["num_hidden_layers"]:
+            setattr(config, key, current[: SMALL["num_hidden_layers"]])
+    for key in ("rope_scaling", "rope_parameters"):  # M-RoPE sections must sum to head_dim / 2
+        rope = getattr(config, key, None)
+        vl = "vl" in str(getattr(config, "model_type", ""))  # Qwen-VL text configs default it in code
+        if isinstance(rope, dict) and (isinstance(rope.get("mrope_section"), list) or vl):
+            rope.setdefault("mrope_section", [16, 24, 24])
+            half = SMALL["head_dim"] // 2
+            n = len(rope["mrope_section"])
+            rope["mrope_section"] = [half - (n - 1) * (half // n)] + [half // n] * (n - 1)
+    for value in list(vars(config).values()):
+        if isinstance(value, PretrainedConfig):
+            _shrink(value, seen)
+
+
+def _count_linears(template: dict[str, Any], model: Any) -> tuple[int, int]:
+    """(linears with a proven AWQ scale, linears with clip + rounding only), over all decoder layers."""
+    from awq_plugin.templates import resolve_template
+
+    resolved = resolve_template(model, template)
+    scaled = sum(len(g.layers) for b in resolved.blocks for g in b.groups)
+    rounded = sum(len(b.unscaled) for b in resolved.blocks)
+    return scaled, rounded
+
+
+def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
+    """Every step for one architecture; the row of the report (never raises)."""
+    import torch
+
+    row: dict[str, Any] = {"model_type": model_type, "mapping": mapping, "ok": False}
+    step = "build"
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        from awq_plugin.templates import find_shipped_template
+        from awq_plugin.templates.infer import infer_template
+
+        config = AutoConfig.for_model(model_type)
+        _shrink(config)
+        auto = transformers.AutoModelForCausalLM
+        if mapping == "image-text-to-text":
+            auto = transformers.AutoModelForImageTextToText
+        torch.manual_seed(0)
+        model = auto.from_config(config).eval()
+        row["architecture"] = type(model).__name__
+        src = work / "src"
+        model.save_pretrained(src)
+        step = "template"
+        arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        try:
+            template, _ = find_shipped_template(arch, model.config.model_type)
+            row["template"] = template["name"]
+        except Exception:
+            template, _ = infer_template(model)
+            row["template"] = "inferred"
+        row["scaled_linears"], row["rounded_linears"] = _count_linears(template, model)
+        del model
+        step = "quantize"
+        from awq_plugin.api import quantize
+
+        ids = torch.randint(1, 400, (4, N_TOKENS), generator=torch.Generator().manual_seed(0))
+        out = work / "awq"
+        quantize(str(src), "uint4_wo_32", ids, out_dir=out, template=template, progress=False)
+        step = "inspect"
+        from awq_plugin.format.checkpoint import validate_checkpoint
+
+        validate_checkpoint(out)
+        step = "from_pretrained"
+        import awq_plugin.integrations.transformers as awq_transformers
+
+        awq_transformers.activate()
+        loaded = auto.from_pretrained(out, dtype=torch.float32).eval()
+        step = "logits"
+        with torch.no_grad():
+            logits = loaded(input_ids=ids[:1]).logits
+        if not torch.isfinite(logits).all():
+            raise ValueError("non-finite logits")
+        row["ok"] = True
+        step = "done"
+    except BaseException as exc:  # one row per architecture, whatever happened
+        row["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    row["step"] = step
+    return row
+
+
+def _run_isolated(model_type: str, mapping: str, timeout: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"arch-{model_type}-") as tmp:
+        result = Path(tmp) / "row.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "awq_plugin.tools.bench_architectures",
+            "--one",
+            model_type,
+            mapping,
+            tmp,
+        ]
+        start = time.monotonic()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {
+                "model_type": model_type,
+                "mapping": mapping,
+                "ok": False,
+                "step": "?",
+                "reason": "timeout",
+            }
+        if result.is_file():
+            row = json.loads(result.read_text())
+        else:
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            row = {"model_type": model_type, "mapping": mapping, "ok": False, "step": "?", "reason": tail[0]}
+        row["seconds"] = round(time.monotonic() - start, 1)
+        return row
+
+
+def model_types(mapping: str) -> list[str]:
+    from transformers.models.auto import modeling_auto
+
+    names = {
+        "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "image-text-to-text": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    }[mapping]
+    return sorted(names)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per mapping: buildable (passed the build step), passed, pass rate over buildable."""
+    out = {}
+    for mapping in ("causal-lm", "image-text-to-text"):
+        mine = [r for r in rows if r["mapping"] == mapping]
+        built = [r for r in mine if r.get("step") != "build"]
+        passed = [r for r in mine if r["ok"]]
+        out[mapping] = {
+            "tried": len(mine),
+            "buildable": len(built),
+            "passed": len(passed),
+            "pass_rate": round(len(passed) / len(built), 3) if built else None,
+            "scaled_linears": sum(r.get("scaled_linears", 0) for r in passed),
+            "rounded_linears": sum(r.get("rounded_linears", 0) for r in passed),
+        }
+    return out
+
+
+def _plot(summary: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = list(summary)
+    built = [summary[n]["buildable"] for n in names]
+    passed = [summary[n]["passed"] for n in names]
+    ax.barh(names, built, color="#ddd", label="buildable")
+    ax.barh(names, passed, color="#3a7", label="folder -> AWQ -> reload -> finite logits")
+    for i, (b, p) in enumerate(zip(built, passed)):
+        ax.text(b, i, f" {p}/{b}", va="center")
+    ax.set_xlabel("architectures")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="awq-plugin bench architectures", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--json", metavar="OUT", help="write the rows and the summary as JSON")
+    parser.add_argument("--png", metavar="OUT", help="draw the pass rates")
+    parser.add_argument("--only", help="comma-separated model_types (default: every one)")
+    parser.add_argument(
+        "--mapping", choices=["causal-lm", "image-text-to-text", "both"], default="both", help="which mapping"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="architectures run at once (default 2)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per architecture (default 300)")
+    parser.add_argument("--one", nargs=3, metavar=("MODEL_TYPE", "MAPPING", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        model_type, mapping, work = args.one
+        row = run_one(model_type, mapping, Path(work))
+        (Path(work) / "row.json").write_text(json.dumps(row))
+        return 0
+    mappings = ["causal-lm", "image-text-to-text"] if args.mapping == "both" else [args.mapping]
+    only = set(args.only.split(",")) if args.only else None
+    todo = [(t, m) for m in mappings for t in model_types(m) if only is None or t in only]
+    rows: list[dict[str, Any]] = []
+
+    def run(item: tuple[str, str]) -> dict[str, Any]:
+        row = _run_isolated(item[0], item[1], args.timeout)
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(run, todo))
+    summary = summarize(rows)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    if args.png:
+        _plot(summary, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
