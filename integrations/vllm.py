@@ -63,7 +63,7 @@ from typing import Any
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
-from awq_plugin.kernels import KERNEL_ENV  # the one variable; in vLLM it also accepts ``marlin``
+from awq_plugin.kernels import BACKEND_ALIASES, KERNEL_ENV  # in vLLM the variable also accepts ``marlin``
 from awq_plugin.numerics import PER_CHANNEL, effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
@@ -79,7 +79,8 @@ _CLAIMABLE_USER_QUANT = (None, PLUGIN_QUANT_NAME, "marlin", *BUILTIN_AWQ_NAMES)
 
 #: ``marlin`` means vLLM's own AWQ linear method, whose ``choose_mp_linear_kernel`` picks
 #: Marlin on CUDA GPUs that support it (and its CPU/XPU WNA16 kernels elsewhere).
-KERNELS = ("cpu", "triton", "marlin", "reference")
+KERNELS = ("cpu", "avx2", "portable", "triton", "marlin", "reference")
+_CPU_KERNELS = ("cpu", "avx2", "portable")  # ours, for CPU tensors (see awq_plugin.kernels)
 _GPU_PLATFORMS = ("cuda", "rocm")
 
 
@@ -100,7 +101,12 @@ class KernelChoice:
 
 
 def choose_kernel(
-    platform: str, env_value: str | None, *, cpu_kernel_ok: bool, marlin_ok: bool
+    platform: str,
+    env_value: str | None,
+    *,
+    cpu_kernel_ok: bool,
+    marlin_ok: bool,
+    cpu_fallback: KernelChoice | None = None,
 ) -> KernelChoice:
     """Pick the kernel for one layer: a pure function of its inputs (tested per case).
 
@@ -108,23 +114,28 @@ def choose_kernel(
     ``env_value``: ``AWQ_PLUGIN_KERNEL`` (``None``, ``""`` and ``"auto"`` mean auto).
     ``cpu_kernel_ok``: our AVX-512 VNNI kernel runs on this CPU.
     ``marlin_ok``: vLLM's Marlin supports this GPU, quant type, group size and layer shape.
+    ``cpu_fallback``: our kernel for a CPU without AVX-512 VNNI (``avx2`` or ``portable``, with
+    the reason ``awq_plugin.kernels.auto_cpu_choice`` gives), or None where none runs.
 
-    Auto: CPU -> ``cpu`` (or vLLM's own ``marlin`` route, whose CPU kernel beats our
-    reference, where ours cannot run); CUDA/ROCm -> ``marlin`` where supported, else our
-    ``triton``; other platforms -> vLLM's own route. A forced value must suit the platform.
+    Auto: CPU -> ``cpu``, else ``cpu_fallback``, else vLLM's own ``marlin`` route; CUDA/ROCm ->
+    ``marlin`` where supported, else our ``triton``; other platforms -> vLLM's own route. A
+    forced value must suit the platform.
     """
     wanted = (env_value or "").strip().lower()
+    wanted = BACKEND_ALIASES.get(wanted, wanted)
     if wanted not in ("", "auto"):
         if wanted not in KERNELS:
             raise ValueError(f"{KERNEL_ENV}={env_value!r} is not one of auto, {', '.join(KERNELS)}")
-        if wanted == "cpu" and platform != "cpu":
-            raise ValueError(f"{KERNEL_ENV}=cpu needs the CPU platform; this is {platform!r}")
+        if wanted in _CPU_KERNELS and platform != "cpu":
+            raise ValueError(f"{KERNEL_ENV}={wanted} needs the CPU platform; this is {platform!r}")
         if wanted == "triton" and platform not in _GPU_PLATFORMS:
             raise ValueError(f"{KERNEL_ENV}=triton needs a CUDA or ROCm GPU; this is {platform!r}")
         return KernelChoice(wanted, f"forced by {KERNEL_ENV}")
     if platform == "cpu":
         if cpu_kernel_ok:
             return KernelChoice("cpu", "CPU with AVX-512 VNNI: the awq-plugin C++ kernel")
+        if cpu_fallback is not None:
+            return cpu_fallback
         return KernelChoice("marlin", "CPU without AVX-512 VNNI: vLLM's own WNA16 CPU kernel")
     if platform in _GPU_PLATFORMS:
         if marlin_ok:
@@ -214,7 +225,7 @@ def _log_kernel_once(choice: KernelChoice, method: str = "AwqPluginLinearMethod"
 
 #: Kernels :class:`AwqPluginMoEMethod` runs itself, one expert at a time; the others
 #: (``marlin``, and ``triton`` on GPUs) hand the experts to vLLM's own AWQ MoE method.
-_MOE_KERNELS = ("cpu", "reference")
+_MOE_KERNELS = ("cpu", "avx2", "portable", "reference")
 #: Gated activations ``act(gate) * up`` by vLLM's ``MoEActivation`` value; ``NAME_no_mul``
 #: applies ``act`` alone to a single projection.
 _MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
@@ -372,12 +383,24 @@ def _choose_kernel_here(layer: Any, group_size: int, quant: AwqQuantConfig) -> K
         platform = "cuda"
     else:
         platform = str(current_platform.device_type)
+    cpu_kernel_ok = platform == "cpu" and _cpu_kernel_ok()
     return choose_kernel(
         platform,
         os.environ.get(KERNEL_ENV),
-        cpu_kernel_ok=platform == "cpu" and _cpu_kernel_ok(),
+        cpu_kernel_ok=cpu_kernel_ok,
         marlin_ok=platform in _GPU_PLATFORMS and _marlin_ok(layer, quant, group_size),
+        cpu_fallback=_cpu_fallback() if platform == "cpu" and not cpu_kernel_ok else None,
     )
+
+
+def _cpu_fallback() -> KernelChoice | None:
+    """Our kernel for a CPU without AVX-512 VNNI (AVX2 or portable), as auto picks it, or None."""
+    from awq_plugin.kernels import auto_cpu_choice
+
+    choice = auto_cpu_choice()
+    if choice.backend in ("avx2", "portable"):
+        return KernelChoice(choice.backend, choice.reason)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,29 +13,45 @@ The public surface:
 
 Backends:
 
-- ``"cpu"``: the C++ AVX-512 VNNI kernel in ``kernels/cpu/awq_gemm.cpp``,
-  compiled on first use (see ``kernels/cpu/build.py``). Activations are
-  quantized to int8 per (row, group) inside the kernel: the result differs from
-  the reference by at most ``sum_k |w_hat[n, k]| * s_a[m, k // G] / 2`` plus
-  fp32 rounding, with ``s_a = max_{k in group} |x[m, k]| / 127``.
+- ``"cpu"`` (alias ``"avx512"``): the C++ AVX-512 VNNI kernel in
+  ``kernels/cpu/awq_gemm.cpp``, compiled on first use (see
+  ``kernels/cpu/build.py``). Activations are quantized to int8 per (row, group)
+  inside the kernel: the result differs from the reference by at most
+  ``sum_k |w_hat[n, k]| * s_a[m, k // G] / 2`` plus fp32 rounding, with
+  ``s_a = max_{k in group} |x[m, k]| / 127``.
+- ``"avx2"``: the C++ AVX2 kernel in ``kernels/cpu/awq_gemm_avx2.cpp`` for x86
+  CPUs without AVX-512 VNNI (``vpmaddubsw``/``vpmaddwd``, or the VEX ``vpdpbusd``
+  where the CPU has AVX-VNNI), on the same repacked layout and with the same
+  int8 activations, hence the same error bound.
+- ``"portable"``: PyTorch's int4 kernel ``aten._weight_int4pack_mm_for_cpu``
+  (vectorised by ATen for AVX2, AVX-512 and NEON), for ARM and any other CPU.
+  It computes ``(q - 8) * s + z`` with bf16 scales ``s`` and offsets
+  ``z = (8 - z_awq) * s`` on bf16 activations: see :func:`repack_for_portable`
+  for the layout and the error bound.
 - ``"reference"``: :func:`awq_plugin.numerics.quant_ref.linear_ref` on unpacked
-  integers; exact in fp32. The fallback everywhere.
+  integers; exact in fp32. The fallback where nothing else runs.
 - ``"triton"``: ``awq_plugin.kernels.triton_awq.awq_gemm_triton`` for CUDA
   tensors, on the checkpoint layout as is.
 
 Choice: an explicit ``backend=`` argument wins; otherwise the environment
-variable ``AWQ_PLUGIN_KERNEL`` (``auto|cpu|triton|reference``) decides; ``auto``
-(or unset) picks triton for CUDA weights, the CPU kernel where the CPU has
-AVX-512 VNNI and the kernel builds, and the reference otherwise. Importing
-this module compiles nothing.
+variable ``AWQ_PLUGIN_KERNEL`` (``auto|cpu|avx512|avx2|portable|triton|reference``)
+decides; ``auto`` (or unset) picks triton for CUDA weights and, on a CPU, the
+first of cpu (AVX-512 VNNI), avx2 (AVX2 + FMA + F16C), portable (anything else)
+that the CPU flags allow; a C++ kernel that fails to build falls through to
+the next. :func:`choose_backend` is that rule as a pure function of the CPU
+flags, and returns the reason with the choice (logged once per process).
+Importing this module compiles nothing.
 """
 
 import functools
+import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
+from awq_plugin.kernels.cpu.build import AVX512_VNNI_FLAGS
 from awq_plugin.numerics.pack import PACK_FACTOR, unpack_int4_columns
 from awq_plugin.numerics.quant_ref import linear_ref, resolve_group_size
 
@@ -43,6 +59,8 @@ __all__ = [
     "BACKENDS",
     "KERNEL_ENV",
     "AwqKernelWeight",
+    "BackendChoice",
+    "auto_cpu_choice",
     "available_backends",
     "awq_gemm",
     "awq_linear",
@@ -50,12 +68,22 @@ __all__ = [
     "cpu_kernel_available",
     "prepare_awq_weight",
     "repack_for_cpu",
+    "repack_for_portable",
 ]
 
 KERNEL_ENV = "AWQ_PLUGIN_KERNEL"
-BACKENDS = ("cpu", "triton", "reference")
+BACKENDS = ("cpu", "avx2", "portable", "triton", "reference")
+BACKEND_ALIASES = {"avx512": "cpu"}  # the AVX-512 VNNI kernel kept its first name, "cpu"
+CPU_BACKENDS = ("cpu", "avx2", "portable")  # the kernels that run on CPU tensors, fastest first
 # Integer ids: the custom op takes tensors and ints only.
-_BACKEND_IDS = {"reference": 0, "cpu": 1, "triton": 2}
+_BACKEND_IDS = {"reference": 0, "cpu": 1, "triton": 2, "avx2": 3, "portable": 4}
+
+# CPU flags (as /proc/cpuinfo names them) each kernel needs (AVX512_VNNI_FLAGS: kernels.cpu.build).
+AVX2_FLAGS = ("avx2", "fma", "f16c")
+AVX_VNNI_FLAG = "avx_vnni"  # the VEX vpdpbusd (Alder Lake and later, Zen 5), without AVX-512
+ARM_DOTPROD_FLAG = "asimddp"  # ARMv8.2 SDOT/UDOT
+
+log = logging.getLogger(__name__)
 
 CPU_TILE_N = 16  # output channels per tile: one zmm of int32 accumulators
 CPU_BLOCK_TILES = 4  # tiles per streamed block; must match kBlockTiles in awq_gemm.cpp
@@ -68,8 +96,12 @@ class AwqKernelWeight:
 
     The three tensors mean different things per backend:
 
-    - ``"cpu"``: ``qweight`` uint8 (blocked nibbles), ``scales`` fp16 and
-      ``qzeros`` uint8 (blocked per group), all 1-D; see ``awq_gemm.cpp``.
+    - ``"cpu"`` and ``"avx2"``: ``qweight`` uint8 (blocked nibbles), ``scales``
+      fp16 and ``qzeros`` uint8 (blocked per group), all 1-D; see ``awq_gemm.cpp``
+      (both kernels read this one layout).
+    - ``"portable"``: ``qweight`` ATen's packed int4 (uint8), ``scales`` bf16
+      ``[K'/sub, N', 2]`` (scale, offset), ``qzeros`` empty; see
+      :func:`repack_for_portable`.
     - ``"reference"``: ``qweight`` uint8 ``[N, K]``, ``qzeros`` uint8
       ``[N, K/G]``, ``scales`` fp16 ``[N, K/G]`` (``quant_ref`` layout).
     - ``"triton"``: the AutoAWQ checkpoint tensors unchanged
@@ -90,34 +122,83 @@ class AwqKernelWeight:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    """A backend and the reason it was chosen (for the log)."""
+
+    backend: str  # one of BACKENDS
+    reason: str
+
+
+def cpu_backend_for(flags: Collection[str], unavailable: Collection[str] = ()) -> BackendChoice:
+    """The fastest CPU kernel these CPU flags run, skipping ``unavailable`` ones (pure; tested).
+
+    AVX-512 VNNI -> ``cpu``; AVX2 with FMA and F16C -> ``avx2`` (its VEX ``vpdpbusd``
+    inner product where ``avx_vnni`` is present, see :func:`avx2_uses_avx_vnni`);
+    anything else (ARM, with or without dot product, or an old x86) -> ``portable``.
+    """
+    flags = frozenset(flags)
+    if "cpu" not in unavailable and all(f in flags for f in AVX512_VNNI_FLAGS):
+        return BackendChoice("cpu", "CPU has AVX-512 VNNI: the AVX-512 kernel (vpdpbusd on zmm)")
+    if "avx2" not in unavailable and all(f in flags for f in AVX2_FLAGS):
+        if avx2_uses_avx_vnni(flags):
+            return BackendChoice(
+                "avx2", "CPU has AVX-VNNI but not AVX-512 VNNI: the AVX2 kernel with VEX vpdpbusd"
+            )
+        return BackendChoice(
+            "avx2", "CPU has AVX2 but no AVX-512 VNNI or AVX-VNNI: the AVX2 kernel (vpmaddubsw)"
+        )
+    if "portable" not in unavailable:
+        if ARM_DOTPROD_FLAG in flags:
+            why = "ARM CPU with dot product (asimddp)"
+        elif "asimd" in flags:
+            why = "ARM CPU without dot product"
+        else:
+            why = "CPU without AVX2 or AVX-512 VNNI"
+        return BackendChoice("portable", f"{why}: the portable kernel (ATen int4, vectorised by PyTorch)")
+    return BackendChoice("reference", "no CPU kernel is available: the pure-PyTorch reference")
+
+
+def avx2_uses_avx_vnni(flags: Collection[str]) -> bool:
+    """Whether the ``avx2`` kernel uses the VEX ``vpdpbusd`` of AVX-VNNI on a CPU with these flags."""
+    return AVX_VNNI_FLAG in flags
+
+
+def _is_auto(value: str | None) -> bool:
+    return value is None or value.strip().lower() in ("", "auto")
+
+
 def choose_backend(
     requested: str | None,
     env_value: str | None,
     device_type: str,
-    cpu_kernel_ok: bool,
-) -> str:
-    """Pick a backend: a pure function of its inputs (tested directly).
+    cpu_flags: Collection[str],
+    unavailable: Collection[str] = (),
+) -> BackendChoice:
+    """Pick a backend: a pure function of its inputs (tested directly with fake flag sets).
 
     ``requested`` (the ``backend=`` argument) wins over ``env_value`` (the
     ``AWQ_PLUGIN_KERNEL`` variable); ``None``, ``""`` and ``"auto"`` defer to
-    the next rule. Auto picks ``"triton"`` for CUDA, ``"cpu"`` when
-    ``cpu_kernel_ok`` (AVX-512 VNNI present and the extension builds), else
-    ``"reference"``.
+    the next rule. Auto picks ``"triton"`` for CUDA and, on a CPU,
+    :func:`cpu_backend_for` of ``cpu_flags`` minus the ``unavailable`` backends
+    (those whose extension failed to build); ``"reference"`` elsewhere.
     """
-    for choice in (requested, env_value):
+    for source, choice in (("backend argument", requested), (KERNEL_ENV, env_value)):
         if choice is None:
             continue
         choice = choice.strip().lower()
         if choice in ("", "auto"):
             continue
+        choice = BACKEND_ALIASES.get(choice, choice)
         if choice not in BACKENDS:
-            raise ValueError(f"unknown AWQ kernel backend {choice!r}; expected auto or one of {BACKENDS}")
-        return choice
+            names = (*BACKENDS, *BACKEND_ALIASES)
+            raise ValueError(f"unknown AWQ kernel backend {choice!r}; expected auto or one of {names}")
+        return BackendChoice(choice, f"forced by the {source}")
     if device_type == "cuda":
-        return "triton"
-    if device_type == "cpu" and cpu_kernel_ok:
-        return "cpu"
-    return "reference"
+        return BackendChoice("triton", "CUDA tensors: the Triton kernel")
+    if device_type == "cpu":
+        return cpu_backend_for(cpu_flags, unavailable)
+    return BackendChoice("reference", f"no kernel for {device_type!r} tensors: the pure-PyTorch reference")
 
 
 @functools.cache
@@ -136,11 +217,70 @@ def cpu_kernel_available() -> bool:
         return False
 
 
+@functools.cache
+def avx2_kernel_available() -> bool:
+    """True when the CPU has AVX2 (+ FMA, F16C) and the AVX2 kernel builds (builds it once)."""
+    from awq_plugin.kernels.cpu import build
+
+    if not all(f in build.cpu_flags() for f in AVX2_FLAGS):
+        return False
+    try:
+        ext = build.load_avx2_extension()
+    except Exception as exc:  # a missing compiler must not break inference
+        import warnings
+
+        warnings.warn(f"AWQ AVX2 kernel failed to build: {exc}", stacklevel=2)
+        return False
+    return bool(ext.has_avx2()) and (ext.has_avxvnni_code() or not _avx2_vnni_here())
+
+
+@functools.cache
+def _avx2_vnni_here() -> bool:
+    from awq_plugin.kernels.cpu import build
+
+    return avx2_uses_avx_vnni(build.cpu_flags())
+
+
+def portable_kernel_available() -> bool:
+    """True when this PyTorch has the ATen int4 CPU kernel the portable backend calls."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def _backend_runs(name: str) -> bool:
+    """Whether CPU backend ``name`` runs in this process (builds its extension once)."""
+    if name == "cpu":
+        return cpu_kernel_available()
+    if name == "avx2":
+        return avx2_kernel_available()
+    if name == "portable":
+        return portable_kernel_available()
+    return True
+
+
+@functools.cache
+def auto_cpu_choice() -> BackendChoice:
+    """What auto picks for CPU tensors in this process: :func:`cpu_backend_for` of this CPU's
+    flags, falling through kernels that fail to build. Logged once."""
+    from awq_plugin.kernels.cpu import build
+
+    flags = build.cpu_flags()
+    unavailable: set[str] = set()
+    while True:
+        choice = cpu_backend_for(flags, unavailable)
+        if choice.backend == "reference" or _backend_runs(choice.backend):
+            break
+        unavailable.add(choice.backend)
+    if unavailable:
+        choice = BackendChoice(
+            choice.backend, f"{choice.reason} ({', '.join(sorted(unavailable))} unavailable)"
+        )
+    log.info("awq-plugin: CPU kernel '%s' (%s)", choice.backend, choice.reason)
+    return choice
+
+
 def available_backends() -> list[str]:
-    """Backends usable in this process (``"reference"`` always; builds the CPU kernel)."""
-    out = []
-    if cpu_kernel_available():
-        out.append("cpu")
+    """Backends usable in this process (``"reference"`` always; builds the CPU kernels)."""
+    out = [name for name in CPU_BACKENDS if _backend_runs(name)]
     if torch.cuda.is_available():
         out.append("triton")
     out.append("reference")
@@ -151,6 +291,12 @@ def _cpu_extension():
     from awq_plugin.kernels.cpu import build
 
     return build.load_extension()
+
+
+def _avx2_extension():
+    from awq_plugin.kernels.cpu import build
+
+    return build.load_avx2_extension()
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +351,76 @@ def repack_for_cpu(
     return blocked(rows), blocked(zp), blocked(sp)
 
 
+#: Group sizes the ATen int4 kernel takes; other groups are split into sub-groups of 32.
+ATEN_INT4_GROUPS = (32, 64, 128, 256)
+ATEN_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu wants N divisible by 16
+
+
+def portable_geometry(k: int, group_size: int) -> tuple[int, int]:
+    """``(sub-group size, padded group size)`` of the portable layout for K and group G.
+
+    G itself where ATen takes it; otherwise sub-groups of 32 sharing the group's
+    scale and zero, the group padded to a multiple of 32 (a padded k carries x = 0).
+    """
+    g = resolve_group_size(group_size, k)
+    sub = g if g in ATEN_INT4_GROUPS else ATEN_INT4_GROUPS[0]
+    return sub, -(-g // sub) * sub
+
+
+def repack_for_portable(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ tensors -> ATen's int4 layout ``(packed uint8, scale_zero bf16 [K'/sub, N', 2])``.
+
+    ATen computes ``w = (q - 8) * s + z`` per sub-group; AWQ's ``w = (q - z_awq) * s``
+    is that with ``z = (8 - z_awq) * s``. N is padded to 16, each group to its
+    padded size (see :func:`portable_geometry`). Both ``s`` and ``z`` are rounded to
+    bf16, so the dequantized weight differs from AWQ's by at most
+    ``|q - 8| * |s - bf16(s)| + |z - bf16(z)|`` (<= ``|s| * 2**-5``); the tests
+    bound the kernel with exactly these rounded values.
+    """
+    k = qweight.shape[0]
+    n = qweight.shape[1] * PACK_FACTOR
+    g = resolve_group_size(group_size, k)
+    ng = k // g
+    sub, gp = portable_geometry(k, g)
+    np_ = -(-n // ATEN_N_MULTIPLE) * ATEN_N_MULTIPLE
+    q = unpack_int4_columns(qweight.cpu()).t().reshape(n, ng, g)  # (N, NG, G)
+    qp = torch.zeros(np_, ng, gp, dtype=torch.int32)
+    qp[:n, :, :g] = q
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qp.reshape(np_, ng * gp), 2)
+    s = scales.cpu().float()  # (NG, N)
+    z = (8 - unpack_int4_columns(qzeros.cpu()).float()) * s  # (NG, N)
+    sz = torch.zeros(ng, np_, 2)
+    sz[:, :n, 0] = s
+    sz[:, :n, 1] = z
+    sz = sz.repeat_interleave(gp // sub, dim=0)  # (K'/sub, N', 2)
+    return packed, sz.to(torch.bfloat16).contiguous()
+
+
+def _portable_gemm(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_zero: torch.Tensor,
+    group_size: int,
+    n: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] (any float dtype) -> [M, N] in x's dtype through ATen's int4 kernel on bf16 x."""
+    m, k = x.shape
+    sub, gp = portable_geometry(k, group_size)
+    xb = x.to(torch.bfloat16)
+    if gp != group_size:  # pad every group with zero activations
+        ng = k // group_size
+        xb = torch.nn.functional.pad(xb.reshape(m, ng, group_size), (0, gp - group_size))
+        xb = xb.reshape(m, ng * gp)  # (M, K')
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, sub, scale_zero)  # (M, N')
+    y = y[:, :n]  # (M, N)
+    if bias is not None:
+        y = y.float() + bias.float()
+    return y.to(x.dtype)
+
+
 def prepare_awq_weight(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -217,8 +433,8 @@ def prepare_awq_weight(
 
     qweight: int32 ``[K, N/8]``; qzeros: int32 ``[K/G, N/8]``; scales: fp16
     ``[K/G, N]`` (see ``awq_plugin.numerics.pack``). ``group_size`` may be ``-1``
-    (per-channel). ``backend``: ``None``/``"auto"``, ``"cpu"``, ``"triton"``
-    or ``"reference"`` (see :func:`choose_backend`).
+    (per-channel). ``backend``: ``None``/``"auto"`` or one of :data:`BACKENDS`
+    (see :func:`choose_backend`).
     """
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError("qweight and qzeros must be 2-D int32 tensors in the AutoAWQ layout")
@@ -231,18 +447,18 @@ def prepare_awq_weight(
             f"scales {tuple(scales.shape)}"
         )
     device_type = qweight.device.type
-    wants_auto_cpu = device_type == "cpu" and backend in (None, "auto")
-    name = choose_backend(
-        backend,
-        os.environ.get(KERNEL_ENV),
-        device_type,
-        # Building the extension is only worth it when auto could pick it.
-        cpu_kernel_available() if wants_auto_cpu else False,
-    )
-    if name == "cpu":
-        if device_type != "cpu":
-            raise ValueError("the 'cpu' AWQ kernel needs CPU tensors")
+    env_value = os.environ.get(KERNEL_ENV)
+    if device_type == "cpu" and _is_auto(backend) and _is_auto(env_value):
+        name = auto_cpu_choice().backend  # this CPU's flags; builds the chosen extension once
+    else:  # forced, or not a CPU: the flags do not matter
+        name = choose_backend(backend, env_value, device_type, frozenset()).backend
+    if name in CPU_BACKENDS and device_type != "cpu":
+        raise ValueError(f"the {name!r} AWQ kernel needs CPU tensors")
+    if name in ("cpu", "avx2"):
         wq, wz, ws = repack_for_cpu(qweight, qzeros, scales, g)
+    elif name == "portable":
+        wq, ws = repack_for_portable(qweight, qzeros, scales, g)
+        wz = torch.empty(0, dtype=torch.uint8)  # the offsets travel with the scales
     elif name == "reference":
         wq = unpack_int4_columns(qweight).t().contiguous()  # (N, K)
         wz = unpack_int4_columns(qzeros).t().contiguous()  # (N, K/G)
@@ -291,6 +507,12 @@ def _awq_gemm_impl(
         return _cpu_extension().awq_gemm_cpu(
             x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias
         )
+    if backend_id == _BACKEND_IDS["avx2"]:
+        return _avx2_extension().awq_gemm_avx2(
+            x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias, _avx2_vnni_here()
+        )
+    if backend_id == _BACKEND_IDS["portable"]:
+        return _portable_gemm(x, qweight, scales, group_size, out_features, bias)
     if backend_id == _BACKEND_IDS["triton"]:
         from awq_plugin.kernels.triton_awq import awq_gemm_triton
 
@@ -328,7 +550,7 @@ if not _op_registered():
 
 #: ``awq_gemm(x [M, K], qweight, qzeros, scales, group_size, out_features, backend_id, bias=None)
 #: -> y [M, N]`` on the tensors of an :class:`AwqKernelWeight`; ``backend_id``: 0 reference,
-#: 1 cpu, 2 triton; ``y`` has ``x``'s dtype. This is ``torch.ops.awq_plugin.awq_gemm``.
+#: 1 cpu, 2 triton, 3 avx2, 4 portable; ``y`` has ``x``'s dtype. This is ``torch.ops.awq_plugin.awq_gemm``.
 awq_gemm = torch.ops.awq_plugin.awq_gemm
 
 
@@ -338,7 +560,7 @@ def awq_linear(x: torch.Tensor, weight: AwqKernelWeight, bias: torch.Tensor | No
         raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {weight.in_features}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features)  # (M, K)
-    if weight.backend == "cpu":
+    if weight.backend in ("cpu", "avx2"):
         x2 = x2.contiguous()
     y = awq_gemm(
         x2,
