@@ -2,7 +2,11 @@
 
 Contenders, all timed in the same process on the same quantized weights:
 
-- ``ours``: ``awq_plugin.kernels.awq_linear`` on the CPU backend (bf16 activations);
+- ``ours``: ``awq_plugin.kernels.awq_linear`` on the AVX-512 VNNI backend (``cpu``; bf16 activations);
+- ``avx2``: the same on the ``avx2`` backend (the kernel x86 CPUs without AVX-512 VNNI run; its
+  AVX-VNNI inner product only where the CPU has ``avx_vnni``);
+- ``portable``: the same on the ``portable`` backend (ARM and other CPUs: ATen's int4 kernel
+  behind our layout conversion);
 - ``dense_bf16``: ``F.linear`` on the dequantized weight in bf16 (the unquantized baseline);
 - ``dense_onednn``: the same bf16 weight through vLLM's own CPU linear for unquantized layers
   (``onednn_mm`` on the handle ``dispatch_cpu_unquantized_gemm`` creates), i.e. what
@@ -15,7 +19,7 @@ Contenders, all timed in the same process on the same quantized weights:
 Every contender cycles through more than ``--cycle-mib`` of distinct weight copies
 so that the L3 cache (260 MiB here) cannot hold them: each call reads its weight
 from DRAM, as a decode step through a large model does. The machine's read
-bandwidth is measured in the same run (summing a 1 GiB tensor), and ``ours`` is
+bandwidth is measured in the same run (summing a 1 GiB tensor), and our backends are
 reported as a fraction of the bytes / bandwidth limit.
 
 Prints a JSON list of rows to stdout (and writes it with ``--json``); ``--png``
@@ -43,7 +47,9 @@ LARGE_SHAPES = SHAPES[:3]
 MS = [1, 4, 16, 64, 256]
 QUICK_SHAPES = [(576, 1536), (1536, 576)]
 QUICK_MS = [1, 16]
-IMPLS = ("ours", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
+IMPLS = ("ours", "avx2", "portable", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
+#: Our backends by contender name (``ours`` kept its name: it is the AVX-512 VNNI ``cpu`` backend).
+OUR_BACKENDS = {"ours": "cpu", "avx2": "avx2", "portable": "portable"}
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -81,16 +87,21 @@ def copies_needed(weight_bytes: int, cycle_bytes: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def make_ours(p: pack.AwqPacked, group_size: int, cycle_bytes: int) -> Contender:
+def make_ours(p: pack.AwqPacked, group_size: int, cycle_bytes: int, name: str = "ours") -> Contender | None:
+    """One of our backends (``OUR_BACKENDS[name]``), or None where it does not run here."""
     from awq_plugin import kernels
 
-    w = kernels.prepare_awq_weight(p.qweight, p.qzeros, p.scales, group_size, backend="cpu")
+    backend = OUR_BACKENDS[name]
+    if backend not in kernels.available_backends():
+        print(f"{name} unavailable: backend {backend!r} does not run on this machine", file=sys.stderr)
+        return None
+    w = kernels.prepare_awq_weight(p.qweight, p.qzeros, p.scales, group_size, backend=backend)
     nbytes = tensor_bytes(w.qweight, w.qzeros, w.scales)
     copies = [w] + [
         dataclasses.replace(w, qweight=w.qweight.clone(), qzeros=w.qzeros.clone(), scales=w.scales.clone())
         for _ in range(copies_needed(nbytes, cycle_bytes) - 1)
     ]
-    return Contender("ours", [lambda x, w=w: kernels.awq_linear(x, w) for w in copies], nbytes)
+    return Contender(name, [lambda x, w=w: kernels.awq_linear(x, w) for w in copies], nbytes)
 
 
 def make_dense(gq: quant_ref.GroupQuantized, cycle_bytes: int) -> Contender:
@@ -255,23 +266,21 @@ def bench_shape(
     cycle_bytes: int,
     budget_s: float,
     group_size: int | None = None,
+    impls: tuple[str, ...] = IMPLS,
 ) -> list[dict[str, Any]]:
     g = group_size or group_size_for(k, n)
     gen = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=gen) * 0.02  # (N, K)
     gq = quant_ref.quantize(w, 4, g)
     packed = pack.pack(gq)
-    contenders = [
-        c
-        for c in (
-            make_ours(packed, g, cycle_bytes),
-            make_dense(gq, cycle_bytes),
-            make_dense_onednn(gq, cycle_bytes),
-            make_aten_int4(gq, cycle_bytes),
-            make_vllm_wna16(gq, cycle_bytes),
-        )
-        if c is not None
-    ]
+    makers: dict[str, Callable[[], Contender | None]] = {
+        **{name: (lambda name=name: make_ours(packed, g, cycle_bytes, name)) for name in OUR_BACKENDS},
+        "dense_bf16": lambda: make_dense(gq, cycle_bytes),
+        "dense_onednn": lambda: make_dense_onednn(gq, cycle_bytes),
+        "aten_int4": lambda: make_aten_int4(gq, cycle_bytes),
+        "vllm_wna16": lambda: make_vllm_wna16(gq, cycle_bytes),
+    }
+    contenders = [c for name in impls if (c := makers[name]()) is not None]
     rows = []
     for m in ms:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -311,14 +320,14 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 
 def add_bandwidth_fractions(rows: list[dict[str, Any]], bandwidth: dict[int, float]) -> None:
-    """For ``ours``: the bytes / bandwidth time limit and the fraction of it reached.
+    """For our backends: the bytes / bandwidth time limit and the fraction of it reached.
 
     ``bw_fraction`` uses the machine's best read bandwidth (any thread count);
     ``bw_fraction_same_threads`` the bandwidth measured at the row's thread count.
     """
     best_bw = max(bandwidth.values())
     for r in rows:
-        if r["impl"] != "ours":
+        if r["impl"] not in OUR_BACKENDS:
             continue
         nbytes = r["weight_bytes"] + 2 * r["M"] * (r["K"] + r["N"])  # weight + bf16 x and y
         r["limit_ms"] = round(nbytes / (best_bw * 1e6), 4)
@@ -338,30 +347,26 @@ def best_over_threads(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int, s
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
-    """A human-readable table: best-of-threads ms per contender and ours' ratios."""
+    """A human-readable table: best-of-threads ms per contender; each of ours vs dense and its bw fraction."""
     best = best_over_threads(rows)
-    lines = [
-        f"{'K':>6} {'N':>6} {'M':>4} | {'ours':>14} {'dense_bf16':>14} {'dense_onednn':>14} {'aten_int4':>14}"
-        f" {'vllm_wna16':>14} | {'x dense':>7} {'x onednn':>8} {'x aten':>7} {'x vllm':>7} {'bw frac':>7}"
-    ]
+    impls = [i for i in IMPLS if any(key[3] == i for key in best)]
+    ours = [i for i in impls if i in OUR_BACKENDS]
+    head = " ".join(f"{i:>14}" for i in impls)
+    ratios = " ".join(f"{i + ' x dense':>16} {'bw':>5}" for i in ours)
+    lines = [f"{'K':>6} {'N':>6} {'M':>4} | {head} | {ratios}"]
     order = list(dict.fromkeys((k, n) for k, n, _, _ in best))  # shapes in the order they were run
     for k, n, m in sorted({(r[0], r[1], r[2]) for r in best}, key=lambda s: (order.index(s[:2]), s[2])):
-
-        def cell(impl: str, k: int = k, n: int = n, m: int = m) -> str:
+        cells = []
+        for impl in impls:
             r = best.get((k, n, m, impl))
-            return f"{r['ms']:8.3f} ({r['threads']}t)" if r else f"{'-':>14}"
-
-        def ratio(impl: str, k: int = k, n: int = n, m: int = m, width: int = 7) -> str:
-            a, b = best.get((k, n, m, "ours")), best.get((k, n, m, impl))
-            return f"{b['ms'] / a['ms']:{width}.2f}" if a and b else f"{'-':>{width}}"
-
-        ours = best.get((k, n, m, "ours"))
-        frac = f"{ours['bw_fraction']:7.2f}" if ours else f"{'-':>7}"
-        lines.append(
-            f"{k:6d} {n:6d} {m:4d} | {cell('ours')} {cell('dense_bf16')} {cell('dense_onednn')}"
-            f" {cell('aten_int4')} {cell('vllm_wna16')} | {ratio('dense_bf16')} {ratio('dense_onednn', width=8)}"
-            f" {ratio('aten_int4')} {ratio('vllm_wna16')} {frac}"
-        )
+            cells.append(f"{r['ms']:8.3f} ({r['threads']}t)" if r else f"{'-':>14}")
+        dense = best.get((k, n, m, "dense_bf16"))
+        marks = []
+        for impl in ours:
+            r = best.get((k, n, m, impl))
+            x = f"{dense['ms'] / r['ms']:16.2f}" if r and dense else f"{'-':>16}"
+            marks.append(f"{x} {r['bw_fraction']:5.2f}" if r else f"{x} {'-':>5}")
+        lines.append(f"{k:6d} {n:6d} {m:4d} | {' '.join(cells)} | {' '.join(marks)}")
     return "\n".join(lines)
 
 
@@ -431,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
     parser.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help=f"comma-separated contenders (default: all of {','.join(IMPLS)})",
+    )
+    parser.add_argument(
         "--group-size",
         type=int,
         default=None,
@@ -439,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise SystemExit(f"--impls: {unknown} unknown; choose from {','.join(IMPLS)}")
     shapes, ms = (QUICK_SHAPES, QUICK_MS) if args.quick else (SHAPES, MS)
     if args.shapes:
         shapes = [parse_shape(text) for text in args.shapes.split(",")]
@@ -461,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 bandwidth[t] = max(bandwidth.get(t, 0.0), measure_read_bandwidth(bw_bytes))
             print(f"read bandwidth so far (GB/s per thread count): {bandwidth}", file=sys.stderr, flush=True)
             if shape is not None:
-                rows += bench_shape(*shape, ms, threads, cycle_mib * 2**20, budget, args.group_size)
+                rows += bench_shape(*shape, ms, threads, cycle_mib * 2**20, budget, args.group_size, impls)
     finally:
         torch.set_num_threads(saved_threads)
     rows += [
