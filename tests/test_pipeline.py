@@ -183,7 +183,7 @@ def test_interrupt_between_state_writes_then_rerun_is_byte_identical(
     is an exception raised right after the chosen write (in-process, same threads and
     options as the CLI runs it).
     """
-    from awq_plugin.pipeline.quantize import quantize as pipeline
+    import awq_plugin.pipeline.quantize as pipeline
 
     torch.set_num_threads(1)
     real = getattr(pipeline.WorkDir, write)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from awq_plugin.calibration.capture import BlockInputs, forward_block
-from awq_plugin.errors import TemplateError
+from awq_plugin.errors import CalibrationError, TemplateError
 from awq_plugin.templates.folds import apply_group_scales, scale_linear_inputs
 from awq_plugin.templates.schema import BlockTemplate, ScalingGroup
 
@@ -106,6 +106,10 @@ def check_block_folds(
     block32 = float32_copy(block)
     inputs32 = BlockInputs(inputs.hidden_states[:max_batches], inputs.kwargs[:max_batches]).to(torch.float32)
     references = forward_block(block32, inputs32)
+    if not all(torch.isfinite(r).all() for r in references):  # nothing to compare a fold against
+        raise CalibrationError(
+            f"calibration activations became NaN or Inf at the output of layer {template.index}"
+        )
     generator = torch.Generator().manual_seed(seed + template.index)
     checks = []
     for group in template.groups:
