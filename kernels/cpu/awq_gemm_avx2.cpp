@@ -154,9 +154,9 @@ void quantize_rows(const scalar_t* x, const Problem& p, int64_t m0, int64_t m1, 
 }
 
 // Group end for ROWS rows x NT tiles: exact zero-point correction of the int32
-// dots in `iacc` ([ROWS][2 * NT] ymm), then y += dot * (s_w * s_a) in fp32.
+// dots in `iacc` ([ROWS][2 * NT][8], in L1), then y += dot * (s_w * s_a) in fp32.
 template <int ROWS, int NT>
-inline void fold_group(const __m256i (&iacc)[ROWS][2 * NT], const c10::Half* ws, const uint8_t* wz,
+inline void fold_group(const int32_t* iacc, const c10::Half* ws, const uint8_t* wz,
                        int64_t meta0, const float* sa_rows, const int32_t* suma_rows, int64_t ng_stride,
                        int64_t g, float* acc) {
   for (int c = 0; c < 2 * NT; ++c) {
@@ -165,7 +165,8 @@ inline void fold_group(const __m256i (&iacc)[ROWS][2 * NT], const c10::Half* ws,
     const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wz + meta)));
     for (int r = 0; r < ROWS; ++r) {
       const __m256i zsum = _mm256_mullo_epi32(z, _mm256_set1_epi32(suma_rows[r * ng_stride + g]));
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(iacc[r][c], zsum));
+      const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(iacc + (r * 2 * NT + c) * 8));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(d, zsum));
       const __m256 scale = _mm256_mul_ps(s, _mm256_set1_ps(sa_rows[r * ng_stride + g]));
       float* y = acc + r * kBlockTiles * kTileN + 8 * c;
       _mm256_storeu_ps(y, _mm256_fmadd_ps(dot, scale, _mm256_loadu_ps(y)));
@@ -183,7 +184,9 @@ struct Tiles {
 };
 
 // ROWS activation rows x NT tiles (2 * NT ymm columns of 8 channels), over all of K.
-// Registers: ROWS * 2 * NT int16 accumulators (<= 8) plus the decoded nibbles.
+// Registers: ROWS * 2 * NT int16 accumulators (<= 8) plus the decoded nibbles; the
+// int32 group sums live in L1 (touched once per kChunk rows), so nothing spills from
+// the inner loop (16 ymm registers in all).
 template <int ROWS, int NT>
 void tiles_avx2(const Tiles& tl, const int8_t* __restrict aq, const float* __restrict sa,
                 const int32_t* __restrict suma, const Problem& p, int64_t m0, float* __restrict acc) {
@@ -196,10 +199,9 @@ void tiles_avx2(const Tiles& tl, const int8_t* __restrict aq, const float* __res
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * kBlockTiles * kTileN + tl.t0 * kTileN + 8 * c, _mm256_setzero_ps());
 
+  alignas(32) int32_t iacc[ROWS * C * 8];
   for (int64_t g = 0; g < p.NG; ++g) {
-    __m256i iacc[ROWS][C];
-    for (int r = 0; r < ROWS; ++r)
-      for (int c = 0; c < C; ++c) iacc[r][c] = _mm256_setzero_si256();
+    for (int i = 0; i < ROWS * C * 8; i += 8) _mm256_store_si256(reinterpret_cast<__m256i*>(iacc + i), _mm256_setzero_si256());
     const int8_t* ag = a_rows + g * p.Gp;
     for (int64_t k0 = 0; k0 < k8n; k0 += kChunk) {
       const int64_t k1 = std::min(k8n, k0 + kChunk);
@@ -226,7 +228,10 @@ void tiles_avx2(const Tiles& tl, const int8_t* __restrict aq, const float* __res
         }
       }
       for (int r = 0; r < ROWS; ++r)
-        for (int c = 0; c < C; ++c) iacc[r][c] = _mm256_add_epi32(iacc[r][c], _mm256_madd_epi16(acc16[r][c], ones));
+        for (int c = 0; c < C; ++c) {
+          __m256i* dst = reinterpret_cast<__m256i*>(iacc + (r * C + c) * 8);
+          _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), _mm256_madd_epi16(acc16[r][c], ones)));
+        }
     }
     fold_group<ROWS, NT>(iacc, tl.ws, tl.wz, (g * tl.nb + tl.t0) * kTileN, sa + m0 * p.NG, suma + m0 * p.NG,
                          p.NG, g, acc + tl.t0 * kTileN);
@@ -272,7 +277,10 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) void tiles_avxvnni(
         }
       }
     }
-    fold_group<ROWS, NT>(iacc, tl.ws, tl.wz, (g * tl.nb + tl.t0) * kTileN, sa + m0 * p.NG, suma + m0 * p.NG,
+    alignas(32) int32_t sums[ROWS * C * 8];
+    for (int r = 0; r < ROWS; ++r)
+      for (int c = 0; c < C; ++c) _mm256_store_si256(reinterpret_cast<__m256i*>(sums + (r * C + c) * 8), iacc[r][c]);
+    fold_group<ROWS, NT>(sums, tl.ws, tl.wz, (g * tl.nb + tl.t0) * kTileN, sa + m0 * p.NG, suma + m0 * p.NG,
                          p.NG, g, acc + tl.t0 * kTileN);
   }
 }
