@@ -29,13 +29,15 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_awq import AwqQuantizer as TransformersAwqQuantizer
 
 import awq_plugin
-from awq_plugin import AwqConfig, modeling, pack, quant_ref
+from awq_plugin import AwqConfig
 from awq_plugin.api import quantize_model
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.format.checkpoint import read_json, validate_checkpoint
 from awq_plugin.integrations import transformers as hf_integration
 from awq_plugin.kernels.cpu import build
+from awq_plugin.numerics import pack, quant_ref
+from awq_plugin.runtime import modeling
 from awq_plugin.runtime.qlinear import AwqLinear
 from greedy import Greedy, assert_same_or_near_tie, generate_greedy, reference_greedy, vllm_generate
 
