@@ -42,3 +42,47 @@ def test_an_architecture_without_shipped_template_goes_folder_to_finite_logits(t
         "scaled_linears": 10,
         "rounded_linears": 2,
     }
+
+
+def test_vlm_checkpoint_keys_are_read_under_the_model_names(tmp_path: Path) -> None:
+    """transformers saves Gemma 3 / LLaVA-style keys as language_model.model.*; the model says
+    model.language_model.*: the streaming reader serves the model's names."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from awq_plugin.format.checkpoint import SafetensorsReader
+    from awq_plugin.runtime.checkpoint_keys import renamed_reader
+    from awq_plugin.tools.bench_architectures import _shrink
+
+    config = AutoConfig.for_model("gemma3")
+    _shrink(config)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(tmp_path)
+    raw = SafetensorsReader(tmp_path)
+    reader = renamed_reader(raw, model)
+    state = model.state_dict()
+    assert any(k.startswith("language_model.model.") for k in raw)  # the legacy layout on disk
+    expected = {k for k in state if k != "lm_head.weight"}  # tied to the embeddings, not stored
+    assert set(reader.keys()) == expected
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(reader.get(name), state[name])
+    assert tuple(reader.get_slice_shape(name)) == tuple(state[name].shape)
+    # a model whose checkpoint already uses its names gets the plain reader back
+    llama = make_llama(tmp_path / "llama")
+    assert renamed_reader(SafetensorsReader(tmp_path / "llama"), llama).__class__ is SafetensorsReader
+
+
+def make_llama(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=256,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    return model

@@ -46,6 +46,7 @@ from awq_plugin.pipeline.assemble import RESULTS_FILE, assemble_checkpoint
 from awq_plugin.pipeline.blocks import load_block, load_non_layer, pack_block, release_non_layer
 from awq_plugin.pipeline.workdir import WorkDir, fingerprint, source_fingerprint, work_dir_path
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
+from awq_plugin.runtime.checkpoint_keys import renamed_reader
 from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 
@@ -116,6 +117,7 @@ def _open_source(
     reader = SafetensorsReader(folder)
     hf_config = hf_config_from_dict(config, trust_remote_code, folder)
     model = build_empty_model(hf_config, torch.float32, trust_remote_code)
+    reader = renamed_reader(reader, model)  # transformers' key renamings (VLM checkpoint layouts)
     return _Source(folder, config, reader, model, resolve_template(model, template))
 
 
