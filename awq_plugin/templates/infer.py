@@ -92,6 +92,8 @@ def find_decoder_layers(model: nn.Module) -> str:
         except Exception:  # some models raise instead of returning None
             decoder = None
     scope = _path_of(model, decoder) if isinstance(decoder, nn.Module) else None
+    if scope is not None and not any(isinstance(m, nn.ModuleList) for m in decoder.modules()):
+        scope = None  # get_decoder() names something else (ModernBERT's decoder head)
     best, best_size = None, 0
     blocks_without_linears = []
     for name, module in model.named_modules():
@@ -146,6 +148,13 @@ def find_non_layer_modules(model: nn.Module, layers_path: str) -> dict[str, str]
     norms = [n for n, m in base.named_children() if _is_norm(m)] or [
         n for n, m in base.named_children() if "norm" in type(m).__name__.lower()
     ]
+    if not norms:  # post-norm stacks (RoFormer) end without one: the last norm outside the layers
+        outside = [
+            n
+            for n, m in model.named_modules()
+            if _is_norm(m) and not (n == layers_path or n.startswith(layers_path + "."))
+        ]
+        norms, prefix = outside[-1:], ""
     rotary = [n for n, m in base.named_children() if "rotary" in type(m).__name__.lower()]
     for role, path in (
         ("embed_tokens", embed),

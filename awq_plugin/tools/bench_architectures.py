@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,12 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
         if isinstance(current, int) and not isinstance(current, bool) and current > value:
             with contextlib.suppress(Exception):  # read-only aliases
                 setattr(config, key, value)
+    vocab = getattr(config, "vocab_size", None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids beyond the tiny vocabulary
+        current = getattr(config, key, None)
+        if isinstance(vocab, int) and isinstance(current, int) and current >= vocab:
+            with contextlib.suppress(Exception):
+                setattr(config, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
     for key in ("layer_types", "mlp_only_layers"):
         current = getattr(config, key, None)
         if isinstance(current, list) and len(current) > SMALL["num_hidden_layers"]:
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=2, help="architectures run at once (default 2)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per architecture (default 300)")
+    parser.add_argument("--shuffle", type=int, metavar="SEED", help="run in a seeded random order")
     parser.add_argument("--one", nargs=3, metavar=("MODEL_TYPE", "MAPPING", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     mappings = ["causal-lm", "image-text-to-text"] if args.mapping == "both" else [args.mapping]
     only = set(args.only.split(",")) if args.only else None
     todo = [(t, m) for m in mappings for t in model_types(m) if only is None or t in only]
+    if args.shuffle is not None:  # a run cut short is then a fair sample of both mappings
+        random.Random(args.shuffle).shuffle(todo)
     rows: list[dict[str, Any]] = []
 
     def run(item: tuple[str, str]) -> dict[str, Any]:
