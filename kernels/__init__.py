@@ -454,6 +454,10 @@ def prepare_awq_weight(
         name = choose_backend(backend, env_value, device_type, frozenset()).backend
     if name in CPU_BACKENDS and device_type != "cpu":
         raise ValueError(f"the {name!r} AWQ kernel needs CPU tensors")
+    if name == "avx2" and not avx2_kernel_available():  # it would die of SIGILL, not raise
+        raise ValueError(
+            f"the 'avx2' AWQ kernel needs an x86 CPU with {', '.join(AVX2_FLAGS)} and a compiler"
+        )
     if name in ("cpu", "avx2"):
         wq, wz, ws = repack_for_cpu(qweight, qzeros, scales, g)
     elif name == "portable":

@@ -232,6 +232,14 @@ def test_forced_choices(requested: str | None, env: str | None, device: str, exp
     assert choice.reason
 
 
+def test_forcing_avx2_where_it_cannot_run_is_a_clear_error(
+    layer_448x200: Layer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernels, "avx2_kernel_available", lambda: False)  # e.g. an ARM machine
+    with pytest.raises(ValueError, match="'avx2' AWQ kernel needs an x86 CPU with avx2, fma, f16c"):
+        prepare(layer_448x200, "avx2")
+
+
 def test_unknown_backend_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="unknown AWQ kernel backend 'marlin'"):
         kernels.choose_backend(None, "marlin", "cpu", frozenset(AVX2_ONLY))
