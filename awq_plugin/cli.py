@@ -195,6 +195,21 @@ def _cmd_template_infer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from awq_plugin.pipeline.cache import cache_root, clear_entries, list_entries
+
+    root = cache_root()
+    if args.action == "list":
+        entries = list_entries(root)
+        print(f"cache {root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
+        for item in entries:
+            print(item.render())
+        return EXIT_OK
+    removed, busy = clear_entries(root, args.keys or None)
+    print(f"removed {len(removed)} from {root}" + (f"; in use, kept: {', '.join(busy)}" if busy else ""))
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -280,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("cache", help="list or clear the quantize-on-start cache ($AWQ_PLUGIN_CACHE)")
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("keys", nargs="*", metavar="KEY", help="with clear: only entries whose key starts so")
+    p.set_defaults(func=_cmd_cache)
     return parser
 
 

@@ -423,6 +423,9 @@ class AwqHfQuantizer(HfQuantizer):
                 "(load with device_map=None or a single device)"
             )
         (device,) = devices
+        source = _cacheable_source(model, config)
+        if source is not None:
+            return _load_from_cache(model, source, config, device)
         logger.info(
             "AWQ: quantizing %s on load (%s, %s)",
             model.config.name_or_path,
@@ -484,6 +487,89 @@ class AwqHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False  # packed integer buffers carry no gradient
+
+
+def _cacheable_source(model: nn.Module, config: AwqConfig) -> Path | None:
+    """The local folder ``model`` was loaded from, when the shared cache can stand for this run.
+
+    The checkpoint cache (:mod:`awq_plugin.pipeline.cache`, the one ``vllm serve FP_DIR
+    --quantization awq`` fills) keys a run by its source folder and plain options. A
+    tokenizer object, a list of texts or a custom template has no key, and MoE experts load
+    under other names: those runs quantize in memory, as before.
+    """
+    folder = Path(model.config.name_or_path or "")
+    if not model.config.name_or_path or not (folder / "config.json").is_file():
+        return None
+    if not any(folder.glob("*.safetensors")):
+        return None
+    if (
+        config.tokenizer is not None
+        or config.template is not None
+        or not isinstance(config.dataset, (str, Path))
+    ):
+        return None
+    if _has_shipped_experts(model):
+        return None
+    return folder
+
+
+def _has_shipped_experts(model: nn.Module) -> bool:
+    """Whether the model's shipped template lists MoE experts (their checkpoint names differ)."""
+    from awq_plugin.errors import TemplateError
+    from awq_plugin.templates import find_shipped_template
+
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    try:
+        data, _ = find_shipped_template(architectures[0], getattr(config, "model_type", None))
+    except TemplateError:
+        return False
+    return data["experts"] is not None
+
+
+def _load_from_cache(model: nn.Module, source: Path, config: AwqConfig, device: torch.device) -> nn.Module:
+    """Quantize ``source`` into the shared cache (or find it there), then load that checkpoint into ``model``.
+
+    Every tensor comes from the cached checkpoint: the packed linears and also the
+    norms that AWQ divided by its scales, so the model equals ``from_pretrained(ENTRY)``.
+    """
+    from safetensors.torch import load_file
+
+    from awq_plugin.pipeline.cache import QuantizeRequest, ensure_quantized
+
+    quant = config.quant_config()
+    defaults = AwqOptions().to_dict()
+    options = {k: v for k, v in config.awq_options().to_dict().items() if v != defaults[k]}
+    request = QuantizeRequest(
+        scheme=quant.scheme,
+        method="awq",
+        calib=str(config.dataset),
+        n_samples=config.n_samples,
+        seq_len=config.seq_len,
+        options=options,
+    )
+    entry = ensure_quantized(source, request, logger=logger)
+    files = sorted(entry.path.glob("*.safetensors"))
+    paths = [_module_path(model, p) for p in _checkpoint_quantized_layers([str(f) for f in files])]
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    swap_in_awq_linears(model, paths, quant.group_size, config.kernel_backend, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)  # copies into the model's own dtypes
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"cache entry {entry.path} does not fit the loaded model (missing {missing[:1]}, "
+            f"unexpected {result.unexpected_keys[:1]}); from_pretrained arguments may have changed its shape"
+        )
+    _keep_scales_in_fp16(model)
+    for module in model.modules():
+        if isinstance(module, AwqLinear):
+            module.invalidate()
+            module.to(device)
+    return model
 
 
 def _cast_renamed_parameters(model: nn.Module, names: CheckpointNames, dtype: torch.dtype) -> None:

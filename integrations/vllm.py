@@ -18,6 +18,10 @@ end in our config:
   instance ``--quantization awq`` on a checkpoint whose AWQ settings live only in
   ``quant_config.json``) find our class because it is registered under those names too.
 
+``--quantization awq`` on a full-precision folder quantizes it first, once, into the
+checkpoint cache (:mod:`awq_plugin.pipeline.cache`), and serves that: see
+:func:`quantize_on_start`.
+
 With ``VLLM_PLUGINS=""`` the entry point is not loaded, nothing of this package is
 imported, and vLLM's built-in AWQ path runs: that is how the two are compared.
 
@@ -803,8 +807,108 @@ def register() -> None:
         # Our own name, plus the built-in AWQ names: see BUILTIN_AWQ_NAMES for why we take them.
         for name in (PLUGIN_QUANT_NAME, *BUILTIN_AWQ_NAMES):
             register_quantization_config(name)(config_cls)
+        _install_quantize_on_start()  # `--quantization awq` on a full-precision folder
         _registered = True
         log.info(
             "awq-plugin: registered AwqPluginConfig for quantization %s",
             ", ".join((PLUGIN_QUANT_NAME, *BUILTIN_AWQ_NAMES)),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize on first start: `vllm serve FP_DIR --quantization awq` (and LLM(FP_DIR, quantization="awq"))
+# ---------------------------------------------------------------------------------------------
+#
+# vLLM reads the quantization config while it builds its VllmConfig, in the API-server (or
+# offline) process, before any engine or tensor-parallel worker exists: for a folder without
+# a quantization_config, get_quant_config then fails with "Cannot find the config file for
+# awq". So the AWQ checkpoint must exist, and vLLM's `model` must name it, before vLLM builds
+# its ModelConfig from the engine arguments. vLLM 0.32 has no public hook there: general
+# plugins are loaded (EngineArgs.__post_init__) without the arguments, the quantization
+# config's hooks (from_config, override_quantization_method, maybe_update_config) run after
+# ModelConfig fixed the model path the workers load weights from, and `model_weights` is read
+# only by the RunAI loader. Hence the one patch: EngineArgs.create_model_config is wrapped so
+# that, for `--quantization awq` on an unquantized local folder, it first makes (or finds)
+# the checkpoint in the cache and points `model` at it. It runs once per start, in the
+# process that spawns the engine, so tensor-parallel ranks never quantize and no engine
+# start-up timeout applies to it.
+
+#: ``--quantization`` values that quantize a full-precision folder on start.
+QUANTIZE_ON_START_NAMES = (PLUGIN_QUANT_NAME, *BUILTIN_AWQ_NAMES)
+#: The ``--hf-overrides`` key that carries the options (see the README, "Serve any model").
+OPTIONS_KEY = "quantization_config"
+
+
+def quantize_on_start(engine_args: Any) -> None:
+    """Point ``engine_args`` at the cached AWQ checkpoint of its full-precision model (made if missing).
+
+    Does nothing unless ``--quantization`` is an AWQ name and ``model`` is a local folder
+    without a quantization config (AWQ checkpoints are served as they are). Options come from
+    ``--hf-overrides '{"quantization_config": {...}}'`` (keys of
+    :meth:`~awq_plugin.pipeline.cache.QuantizeRequest.from_dict`), which this removes: the
+    checkpoint's own config.json carries the result. The served model name stays the folder
+    the user gave. Bad input raises ``ValueError`` with one line saying what and why.
+    """
+    from pathlib import Path
+
+    if engine_args.quantization not in QUANTIZE_ON_START_NAMES or not isinstance(engine_args.model, str):
+        return
+    source = Path(engine_args.model).expanduser()
+    if not (source / "config.json").is_file():
+        return  # a hub id or another location: vLLM's own route
+    from awq_plugin.errors import AwqPluginError
+    from awq_plugin.pipeline.cache import QuantizeRequest, ensure_quantized, quantized_method
+
+    overrides = engine_args.hf_overrides
+    options = overrides.get(OPTIONS_KEY) if isinstance(overrides, dict) else None
+    try:
+        method = quantized_method(source)
+        if method is not None and method.lower() == "awq":
+            if options is not None:
+                log.warning(
+                    "awq-plugin: %s is already an AWQ checkpoint; ignoring the %s override",
+                    source,
+                    OPTIONS_KEY,
+                )
+            return
+        if method is not None:
+            raise ConfigError(
+                f"it is already quantized with {method!r} (its config.json says so); --quantization "
+                f"{engine_args.quantization} quantizes full-precision models: serve this one without "
+                "--quantization, or give its full-precision original"
+            )
+        request = QuantizeRequest.from_dict(options)
+        entry = ensure_quantized(
+            source,
+            request,
+            tp_size=int(engine_args.tensor_parallel_size or 1),
+            trust_remote_code=bool(engine_args.trust_remote_code),
+            logger=log,
+        )
+    except (AwqPluginError, OSError) as exc:
+        message = f"awq-plugin: cannot quantize {source} on start: {exc}"
+        log.error("%s", message)
+        raise ValueError(message) from None
+    if not engine_args.served_model_name:
+        engine_args.served_model_name = engine_args.model  # clients keep the name they started with
+    engine_args.model = str(entry.path)
+    if isinstance(overrides, dict) and OPTIONS_KEY in overrides:
+        engine_args.hf_overrides = {k: v for k, v in overrides.items() if k != OPTIONS_KEY}
+    log.info("awq-plugin: serving %s from cache entry %s", source, entry.path)
+
+
+def _install_quantize_on_start() -> None:
+    """Wrap ``EngineArgs.create_model_config`` with :func:`quantize_on_start` (once; see above)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_model_config
+    if getattr(original, "_awq_plugin_quantize_on_start", False):
+        return
+
+    @functools.wraps(original)
+    def create_model_config(self: Any) -> Any:
+        quantize_on_start(self)
+        return original(self)
+
+    create_model_config._awq_plugin_quantize_on_start = True  # type: ignore[attr-defined]
+    EngineArgs.create_model_config = create_model_config
