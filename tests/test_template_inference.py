@@ -120,3 +120,25 @@ def test_cli_template_infer_prints_a_template_that_resolves(
     assert "unscaled (clip + rounding): mlp.c_proj" in out.err
     resolved = resolve_template(model, template)  # the user can review it and pass it back
     assert len(resolved.block(0).groups) == 3
+
+
+def test_equal_values_from_two_norms_are_not_one_shared_input() -> None:
+    """GPT-NeoX reads two freshly initialised (so equal-valued) norms in parallel: two groups."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_neox",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=256,
+    )
+    torch.manual_seed(0)
+    _, report = infer_template(AutoModelForCausalLM.from_config(config).eval())
+    assert report.proven == [
+        "input_layernorm -> attention.query_key_value",
+        "post_attention_layernorm -> mlp.dense_h_to_4h",
+    ]
+    # dense reads per-head interleaved q/k/v rows, dense_4h_to_h a GELU: neither folds
+    assert report.unscaled == ["attention.dense", "mlp.dense_4h_to_h"]

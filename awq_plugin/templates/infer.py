@@ -154,11 +154,11 @@ def find_non_layer_modules(model: nn.Module, layers_path: str) -> dict[str, str]
             for n, m in model.named_modules()
             if _is_norm(m) and not (n == layers_path or n.startswith(layers_path + "."))
         ]
-        norms, prefix = outside[-1:], ""
+        norms = [f"/{n}" for n in outside[-1:]]  # "/": a model path, not relative to the base
     rotary = [n for n, m in base.named_children() if "rotary" in type(m).__name__.lower()]
     for role, path in (
         ("embed_tokens", embed),
-        ("norm", prefix + norms[-1] if norms else None),
+        ("norm", (norms[-1][1:] if norms[-1].startswith("/") else prefix + norms[-1]) if norms else None),
         ("lm_head", head),
     ):
         if path is None:
@@ -211,18 +211,25 @@ def _observe(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) 
     return obs
 
 
+def _same_object(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The very same tensor (storage, shape and strides), not merely equal values."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape:
-        return False
-    return a.data_ptr() == b.data_ptr() or torch.equal(a, b)
+    return a.shape == b.shape and (_same_object(a, b) or torch.equal(a, b))
 
 
 def _shared_input_sets(obs: _Observation, linears: Sequence[str]) -> list[list[str]]:
-    """Linears grouped by identical input tensor, in call order."""
+    """Linears grouped by the very same input tensor, in call order.
+
+    Identity, not equal values: two freshly initialised norms give equal outputs that
+    different linears read (GPT-NeoX's parallel attention and MLP).
+    """
     groups: list[list[str]] = []
     for name in [n for n in obs.order if n in linears and n in obs.inputs]:
         for group in groups:
-            if _same_tensor(obs.inputs[group[0]], obs.inputs[name]):
+            if _same_object(obs.inputs[group[0]], obs.inputs[name]):
                 group.append(name)
                 break
         else:
@@ -270,14 +277,16 @@ def _proposals(block: nn.Module, obs: _Observation, layers: Sequence[str], confi
     x = obs.inputs[layers[0]]
     first = obs.order.index(layers[0])
     out: list[_Proposal] = []
-    for name in obs.order[:first]:
-        module = block.get_submodule(name)
-        if (
-            not isinstance(module, nn.Linear)
-            and _same_tensor(obs.outputs[name], x)
-            and module.weight.numel() == k
-        ):
-            out += [_Proposal(name, False, norm_offset=0.0), _Proposal(name, False, norm_offset=1.0)]
+    norms = [
+        n
+        for n in obs.order[:first]
+        if not isinstance(block.get_submodule(n), nn.Linear)
+        and block.get_submodule(n).weight.numel() == k
+        and _same_tensor(obs.outputs[n], x)
+    ]
+    norms.sort(key=lambda n: not _same_object(obs.outputs[n], x))  # the very tensor first
+    for name in norms:
+        out += [_Proposal(name, False, norm_offset=0.0), _Proposal(name, False, norm_offset=1.0)]
     heads = _head_dim(config)
     linears = [n for n in reversed(obs.order[:first]) if isinstance(block.get_submodule(n), nn.Linear)]
     tried = 0
@@ -448,12 +457,22 @@ def infer_template(
         "model_decoder_layers": layers_path,
         "non_layer_modules": non_layer,
         "scaling_layers": [_group_json(g) for g in groups],
-        "unscaled": report.unscaled,
+        # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
+        # resolver quantizes any other unscaled linear too, and logs it.
+        "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)],
         "norm_weight_offset": offset,
         "notes": "Inferred from the model's data flow; every fold proven numerically. Unscaled: "
         + ("; ".join(f"{n}: {r}" for n, r in report.reasons.items()) or "none"),
     }
     return template, report
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _group_json(g: _ProvenGroup) -> dict[str, Any]:
