@@ -42,6 +42,7 @@ from torch import nn
 
 from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
 from awq_plugin.errors import TemplateError
+from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.schema import ScalingGroup
 from awq_plugin.templates.verify import FOLD_TOLERANCE, measure_group_fold
 
@@ -436,11 +437,22 @@ def infer_template(
         groups = [g for g in groups if g.proposal.prev_is_linear or g.proposal.norm_offset == offset]
     elif offsets:
         offset = offsets.pop()
+    first_linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    # Output rows pack PACK_FACTOR to an int32: a linear with fewer or a remainder (a router
+    # over 4 experts) stays in full precision, and no group may scale it.
+    unpackable = [
+        n
+        for n in first_linears
+        if all(_has_module(layer, n) for layer in layers)
+        and layers[0].get_submodule(n).out_features % PACK_FACTOR != 0
+    ]
+    groups = [g for g in groups if not set(g.layers) & set(unpackable)]
     report = InferenceReport(proven=[f"{g.proposal.prev_op} -> {', '.join(g.layers)}" for g in groups])
     scaled = {name for g in groups for name in g.layers}
-    first_linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
     for name in first_linears:
-        if name not in scaled:
+        if name in unpackable:
+            report.reasons[name] = f"kept in full precision: {PACK_FACTOR} does not divide its output rows"
+        elif name not in scaled:
             report.unscaled.append(name)
             report.reasons[name] = reasons.get(name, "its fold is not proven in every decoder layer")
     if not groups:
@@ -460,6 +472,7 @@ def infer_template(
         # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
         # resolver quantizes any other unscaled linear too, and logs it.
         "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)],
+        "not_quantized": unpackable,
         "norm_weight_offset": offset,
         "notes": "Inferred from the model's data flow; every fold proven numerically. Unscaled: "
         + ("; ".join(f"{n}: {r}" for n, r in report.reasons.items()) or "none"),
