@@ -47,7 +47,13 @@ from awq_plugin.algorithm.results import (  # re-exported: the results are part 
     BlockAwqResult,
     GroupScaleResult,
 )
-from awq_plugin.algorithm.search import ScaleSearchResult, replaced_weights, search_best_scale
+from awq_plugin.algorithm.search import (
+    ScaleSearchResult,
+    replaced_weights,
+    search_best_scale,
+    token_loss_weights,
+    weighted_output_mse,
+)
 from awq_plugin.calibration.capture import (
     BlockInputs,
     InputRecorder,
@@ -123,6 +129,12 @@ class AwqOptions:
     # token reaching its MoE block instead (statistics, search rows and clip statistics), with a
     # warning naming it. Routing itself is unchanged; see awq_block_step.
     expert_min_tokens: int = 16
+    # Outlier tokens in the search loss and the block error: a token whose full-precision output
+    # has more than this many times the median token's squared norm counts by its relative error
+    # (see search.token_loss_weights). Attention-sink tokens with "massive activations" otherwise
+    # own 97-100% of the MSE in some blocks (Qwen2.5, SmolLM2), and the scales are tuned for them
+    # alone. None: plain MSE over all tokens (llm-awq).
+    outlier_token_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -140,6 +152,8 @@ class AwqOptions:
                 f"expert_min_tokens must be >= 1 (an expert with no tokens has no statistics), "
                 f"got {self.expert_min_tokens}"
             )
+        if self.outlier_token_ratio is not None and not self.outlier_token_ratio >= 1.0:
+            raise ConfigError(f"outlier_token_ratio must be >= 1 or None, got {self.outlier_token_ratio}")
         if self.search_dtype not in SEARCH_DTYPES:
             raise ConfigError(
                 f"search_dtype must be one of {sorted(SEARCH_DTYPES)}, got {self.search_dtype!r}"
@@ -246,16 +260,8 @@ def _forward_in_dtype(block: nn.Module, inputs: BlockInputs, dtype: torch.dtype)
     return [out.float() for out in forward_block(copy_, inputs.to(dtype))]
 
 
-def _mse(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    for out, ref in zip(outputs, targets):
-        total += float((out.float() - ref.float()).pow(2).sum(dtype=torch.float64))
-        count += ref.numel()
-    return total / max(count, 1)
-
-
 def _search_loss(
-    module: nn.Module, name: str, recorded: RecordedInputs, dtype: torch.dtype
+    module: nn.Module, name: str, recorded: RecordedInputs, dtype: torch.dtype, outlier_ratio: float | None
 ) -> Callable[[], float]:
     """``loss()``: MSE of ``module`` (run in ``dtype``) on the search sample against its output now."""
     if not recorded.is_token_wise(name):
@@ -273,7 +279,8 @@ def _search_loss(
             return [first_output(module(c.unsqueeze(0))) for c in chunks]  # (1, S_c, H) each
 
     targets = run()
-    return lambda: _mse(run(), targets)
+    weights = token_loss_weights(targets, outlier_ratio)
+    return lambda: weighted_output_mse(run(), targets, weights)
 
 
 def _relative_name(name: str, parent: str) -> str:
@@ -343,8 +350,11 @@ def awq_block_step(
                 experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
             )
         fp_sample = [recorded.outputs[m] for m in plan.search_batches]
+        fp_weights = token_loss_weights(fp_sample, options.outlier_token_ratio)
         with fake_quantized(block, names, quant_config):
-            mse_rtn = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
+            mse_rtn = weighted_output_mse(
+                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
+            )
 
         searches = [
             _search_group(block, group, target, names, recorded, quant_config, options)
@@ -358,7 +368,9 @@ def awq_block_step(
             clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
 
         with fake_quantized(block, names, quant_config):
-            mse_awq = _mse(forward_block(block, inputs, plan.search_batches), fp_sample)
+            mse_awq = weighted_output_mse(
+                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
+            )
         if not mse_awq <= mse_rtn:  # the guard (NaN included): never ship a block worse than rounding
             searches, clip_min, clip_max = _fall_back_to_rounding(
                 block, groups, original, searches, mse_rtn, mse_awq
@@ -504,7 +516,7 @@ def _search_group(
         weights=[block.get_submodule(n).weight.data for n in names],
         probes=[probe.get_submodule(_relative_name(n, target)) for n in names],
         x_mean=group.reduce_columns(recorded.mean_abs(group.inp)),
-        loss_fn=_search_loss(probe, target, recorded, dtype),
+        loss_fn=_search_loss(probe, target, recorded, dtype, options.outlier_token_ratio),
         fake_quantize=make_fake_quantizer(quant_config),
         n_grid=options.n_grid,
         duo_scaling=options.duo_scaling,

@@ -62,6 +62,44 @@ def candidate_scales(
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+def token_loss_weights(
+    targets: Sequence[torch.Tensor], outlier_ratio: float | None
+) -> list[torch.Tensor] | None:
+    """Per-token weights of the search loss, so that a few outlier tokens cannot own it.
+
+    ``targets``: the inspected module's full-precision outputs, each ``(..., T, H)``.
+    A token whose output's squared norm is more than ``outlier_ratio`` times the
+    median token's counts with weight ``outlier_ratio * median / ||y_t||^2``: by
+    its error relative to its own size, as if it were a token of that capped
+    size. The others keep weight 1 (plain squared error). Why: attention-sink
+    tokens (the first of a window, in Qwen2.5 and SmolLM2) carry "massive
+    activations" 10^3-10^5 times a normal token's squared norm and would hold
+    97-100% of a plain MSE, so the search would tune the scales for them alone,
+    although the next RMSNorm divides their error by that same huge norm.
+    ``None``: every weight 1 (plain MSE, llm-awq's objective).
+    """
+    if outlier_ratio is None:
+        return None
+    norms = [t.float().pow(2).sum(dim=-1) for t in targets]  # (..., T) each
+    median = torch.cat([n.reshape(-1) for n in norms]).median()
+    cap = outlier_ratio * median
+    return [torch.where(n > cap, cap / n, torch.ones_like(n)) for n in norms]
+
+
+def weighted_output_mse(
+    outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None
+) -> float:
+    """Mean squared error over all elements, each token's squared error times its weight (fp64 sum)."""
+    total, count = 0.0, 0
+    for i, (out, ref) in enumerate(zip(outputs, targets)):
+        err = (out.float() - ref.float()).pow(2)  # (..., T, H)
+        if weights is not None:
+            err = err.sum(dim=-1) * weights[i]  # (..., T)
+        total += float(err.sum(dtype=torch.float64))
+        count += ref.numel()
+    return total / max(count, 1)
+
+
 @contextmanager
 def replaced_weights(linears: Sequence[nn.Linear], weights: Sequence[torch.Tensor]) -> Iterator[None]:
     """Temporarily give each linear another weight tensor (restored on exit)."""
