@@ -864,12 +864,13 @@ def quantize_on_start(engine_args: Any) -> None:
     try:
         method = quantized_method(source)
         if method is not None and method.lower() == "awq":
-            if options is not None:
+            if options is not None:  # its own config wins; ours would replace it in vLLM's hf_config
                 log.warning(
                     "awq-plugin: %s is already an AWQ checkpoint; ignoring the %s override",
                     source,
                     OPTIONS_KEY,
                 )
+                engine_args.hf_overrides = {k: v for k, v in overrides.items() if k != OPTIONS_KEY}
             return
         if method is not None:
             raise ConfigError(

@@ -490,3 +490,24 @@ def test_bad_input_stops_vllm_serve_with_one_clear_line(
         assert "ERROR" in lines[0] and str(model) in lines[0]  # the log line, before any engine
         assert "EngineCore" not in text
         assert leftovers(root) == []
+
+
+@pytest.mark.vllm
+def test_an_awq_checkpoint_is_served_as_it_is(
+    tiny_llama_awq: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "base"))
+    overrides = {"quantization_config": {"n_samples": 4}}  # ignored: the checkpoint's own config wins
+    args = EngineArgs(
+        model=str(tiny_llama_awq),
+        quantization="awq",
+        enforce_eager=True,
+        max_model_len=512,
+        hf_overrides=overrides,
+    )
+    config = args.create_engine_config()
+    assert config.model_config.model == str(tiny_llama_awq)
+    assert config.model_config.quantization == "awq_plugin" and config.quant_config.quant.group_size == 64
+    assert not (tmp_path / "base" / "models").exists()  # nothing quantized, nothing cached
