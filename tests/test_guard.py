@@ -113,3 +113,23 @@ def test_held_out_windows_are_the_calibration_draws_unused_windows() -> None:
         assert row not in calib.tolist()
     assert held_out_windows(tok, docs, n_samples=10_000, seq_len=16, seed=3) is None
     assert held_out_windows(None, torch.zeros(2, 4, dtype=torch.long), 2, 4, 0) is None
+
+
+def test_quantize_checkpoint_reports_the_guard_last(tiny_llama_fp, tmp_path) -> None:
+    """The pipeline runs the guard after assembly; its verdict is the report's closing line."""
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline.quantize import quantize_checkpoint
+
+    report = quantize_checkpoint(
+        tiny_llama_fp,
+        tmp_path / "out",
+        AwqQuantConfig(bits=4, group_size=64),
+        n_samples=4,
+        seq_len=64,
+        options=dataclasses.replace(FAST, clip=False),
+        progress=False,
+    )
+    assert report.guard is not None
+    assert report.guard["windows"] == 4 and report.guard["seq_len"] == 64
+    assert math.isfinite(report.guard["nll_awq"]) and math.isfinite(report.guard["nll_rtn"])
+    assert report.render().splitlines()[-1] == report.guard["message"]

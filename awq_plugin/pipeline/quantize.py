@@ -44,6 +44,7 @@ from awq_plugin.format.checkpoint import SafetensorsReader, read_json
 from awq_plugin.fsutil import check_output_dir
 from awq_plugin.pipeline.assemble import RESULTS_FILE, assemble_checkpoint
 from awq_plugin.pipeline.blocks import load_block, load_non_layer, pack_block, release_non_layer
+from awq_plugin.pipeline.guard import guard_checkpoint
 from awq_plugin.pipeline.workdir import WorkDir, fingerprint, source_fingerprint, work_dir_path
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
 from awq_plugin.runtime.checkpoint_keys import renamed_reader
@@ -73,6 +74,7 @@ class QuantizeReport:
     threads: int
     resumed_from_block: int
     blocks: list[dict[str, Any]] = field(default_factory=list)
+    guard: dict[str, Any] | None = None  # the end-to-end check against plain rounding (pipeline.guard)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +92,8 @@ class QuantizeReport:
             lines.append("block output MSE vs full precision: plain rounding -> AWQ")
             for b in self.blocks:
                 lines.append(f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}")
+        if self.guard:  # last, so that it is the CLI's closing line
+            lines.append(self.guard["message"])
         return "\n".join(lines)
 
 
@@ -262,6 +266,9 @@ def quantize_checkpoint(
         shutil.rmtree(work.path, ignore_errors=True)
         raise
     shutil.rmtree(work.path, ignore_errors=True)
+    guard = awq_results and guard_checkpoint(
+        source, awq_results, quant, calib, n_samples, seq_len, options.seed, trust_remote_code
+    )
     return QuantizeReport(
         out=str(out),
         method=method,
@@ -275,4 +282,5 @@ def quantize_checkpoint(
         threads=torch.get_num_threads(),
         resumed_from_block=done,
         blocks=[{"layer": r.layer_index, "mse_rtn": r.mse_rtn, "mse_awq": r.mse_awq} for r in results if r],
+        guard=guard.to_dict() if guard else None,
     )
