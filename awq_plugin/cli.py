@@ -223,6 +223,7 @@ BENCHMARKS = {
     "generate": "awq_plugin.tools.bench_generate",  # transformers generate(): AWQ vs fp32 and bf16
     "large-model": "awq_plugin.tools.bench_large_model",  # quantize a model 3x larger than its peak RSS
     "architectures": "awq_plugin.tools.bench_architectures",  # every transformers decoder/VLM through AWQ
+    "quality": "awq_plugin.tools.bench_quality",  # AWQ vs rounding perplexity on a panel of real models
     "soak": "awq_plugin.tools.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
 }
 
