@@ -19,6 +19,13 @@ from awq_plugin.errors import OutputExistsError
 
 MODEL_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
+CACHE_ENV = "AWQ_PLUGIN_CACHE"  # the one cache root: kernels/ (CPU builds) and models/ (quantize-on-start)
+
+
+def cache_base() -> Path:
+    """``$AWQ_PLUGIN_CACHE``, else ``~/.cache/awq_plugin``."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/awq_plugin").expanduser()
+
 
 def holds_model(path: Path) -> bool:
     """Whether ``path`` is a directory that already contains a model."""

@@ -15,6 +15,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_model_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Models quantized on load or on start during the tests go to a temporary cache, not the
+    user's; the CPU kernel builds stay shared (a link to the user's kernels/), so a session does
+    not rebuild them. Subprocesses (vllm serve, the CLI) inherit the variable."""
+    from awq_plugin.fsutil import CACHE_ENV, cache_base
+
+    if CACHE_ENV in os.environ:  # the caller chose a cache: use it as it is
+        yield
+        return
+    kernels = cache_base() / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    base = tmp_path_factory.mktemp("awq-plugin-cache")
+    (base / "kernels").symlink_to(kernels, target_is_directory=True)
+    os.environ[CACHE_ENV] = str(base)
+    yield
+    os.environ.pop(CACHE_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded SmolLM2-135M-Instruct, written as an fp16 transformers folder."""

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from awq_plugin import cli
 from awq_plugin.errors import AwqPluginError, ConfigError
+from awq_plugin.fsutil import cache_base as shared_cache_base
 from awq_plugin.pipeline.cache import (
     CACHE_ENV,
     ENTRY_INFO,
@@ -329,10 +330,12 @@ def cache_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     is the quantization's and the engine's, as for a user whose kernel is already built.
     """
     base = tmp_path_factory.mktemp("awq-plugin-cache")
-    built = Path.home() / ".cache" / "awq_plugin" / "kernels"  # where other tests built them
-    for build in built.iterdir() if built.is_dir() and CACHE_ENV not in os.environ else ():
+    built = shared_cache_base() / "kernels"  # where other tests built them
+    for build in built.iterdir() if built.is_dir() else ():
         if build.is_dir():
-            shutil.copytree(build, base / build.name, ignore=shutil.ignore_patterns("*.lock", "lock"))
+            shutil.copytree(
+                build, base / "kernels" / build.name, ignore=shutil.ignore_patterns("*.lock", "lock")
+            )
     code = "from awq_plugin.kernels import cpu_kernel_available; print(cpu_kernel_available())"
     env = {**os.environ, CACHE_ENV: str(base)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, cwd=base)

@@ -46,7 +46,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import shutil
 import struct
 import sys
@@ -59,9 +58,8 @@ from typing import Any
 
 from awq_plugin.config import CONFIG_SCHEMA_VERSION, AwqQuantConfig
 from awq_plugin.errors import AwqPluginError, CheckpointError, ConfigError
+from awq_plugin.fsutil import CACHE_ENV, cache_base
 
-CACHE_ENV = "AWQ_PLUGIN_CACHE"
-DEFAULT_CACHE_BASE = Path("~/.cache/awq_plugin")
 MODELS_DIR = "models"  # beside the CPU kernel builds that share the base
 #: Layout of an entry and of the key's inputs; bump to invalidate every entry.
 CACHE_FORMAT = 1
@@ -85,7 +83,7 @@ class CacheFullError(AwqPluginError, OSError):
 
 def cache_root() -> Path:
     """``$AWQ_PLUGIN_CACHE/models``, else ``~/.cache/awq_plugin/models``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_BASE).expanduser() / MODELS_DIR
+    return cache_base() / MODELS_DIR
 
 
 def _pipeline_default(name: str) -> Any:

@@ -2,7 +2,7 @@
 
 Nothing here runs at import time: :func:`load_extension` compiles
 ``awq_gemm.cpp`` with ``torch.utils.cpp_extension.load`` the first time it is
-called, into ``$AWQ_PLUGIN_CACHE`` (default ``~/.cache/awq_plugin/kernels``)
+called, into ``$AWQ_PLUGIN_CACHE/kernels`` (default ``~/.cache/awq_plugin/kernels``)
 under a directory named by a hash of everything that changes the binary. A
 file lock serialises concurrent builds (two test workers, or a server's
 processes) so that nobody loads a half-written ``.so``.
@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import os
 import platform
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,12 @@ from types import ModuleType
 
 import torch
 
+from awq_plugin.fsutil import cache_base
+
 SOURCE = Path(__file__).with_name("awq_gemm.cpp")
 EXTENSION_NAME = "awq_plugin_cpu_kernels"
 AVX2_SOURCE = Path(__file__).with_name("awq_gemm_avx2.cpp")
 AVX2_EXTENSION_NAME = "awq_plugin_cpu_avx2_kernels"
-CACHE_ENV = "AWQ_PLUGIN_CACHE"
 TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while another build runs
 
 # The instruction sets the AVX-512 path needs (names as in /proc/cpuinfo).
@@ -76,9 +76,8 @@ def compile_flags(flags: frozenset[str] | None = None) -> list[str]:
 
 
 def cache_root() -> Path:
-    """Where built kernels live: ``$AWQ_PLUGIN_CACHE`` or ``~/.cache/awq_plugin/kernels``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "awq_plugin" / "kernels"
+    """Where built kernels live: ``kernels/`` under the cache base (``$AWQ_PLUGIN_CACHE``)."""
+    return cache_base() / "kernels"
 
 
 def avx2_compile_flags() -> list[str]:
