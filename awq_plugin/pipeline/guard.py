@@ -157,40 +157,24 @@ def guard_checkpoint(
     (another Auto class, remote code) gets a warning saying why, not a failed run.
     """
     try:
-        return _guard_checkpoint(
-            source, results, quant_config, calib, n_samples, seq_len, seed, trust_remote_code, count
-        )
+        from transformers import AutoTokenizer
+
+        tokenizer = None
+        if not isinstance(calib, torch.Tensor):
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        windows = held_out_windows(tokenizer, calib, n_samples, seq_len, seed, count)
+        if windows is None:
+            log.info("end-to-end check skipped: the calibration leaves no held-out text")
+            return None
+
+        def load() -> nn.Module:
+            return load_fp_model(source, torch.float32, trust_remote_code)
+
+        name = calib if isinstance(calib, str) else "calibration text"
+        return compare_with_rounding(load, results, quant_config, windows, f"held-out windows of {name!r}")
     except Exception as exc:
         log.warning("end-to-end check against plain rounding could not run: %s: %s", type(exc).__name__, exc)
         return None
-
-
-def _guard_checkpoint(
-    source: str | Path,
-    results: AwqResults,
-    quant_config: QuantConfigLike,
-    calib: CalibSource,
-    n_samples: int,
-    seq_len: int,
-    seed: int,
-    trust_remote_code: bool,
-    count: int,
-) -> GuardResult | None:
-    from transformers import AutoTokenizer
-
-    tokenizer = None
-    if not isinstance(calib, torch.Tensor):
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    windows = held_out_windows(tokenizer, calib, n_samples, seq_len, seed, count)
-    if windows is None:
-        log.info("end-to-end check skipped: the calibration leaves no held-out text")
-        return None
-
-    def load() -> nn.Module:
-        return load_fp_model(source, torch.float32, trust_remote_code)
-
-    name = calib if isinstance(calib, str) else "calibration text"
-    return compare_with_rounding(load, results, quant_config, windows, f"held-out windows of {name!r}")
 
 
 def copying_loader(model: nn.Module) -> Callable[[], nn.Module]:
