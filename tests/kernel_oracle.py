@@ -33,6 +33,21 @@ class Layer:
         return self.gq.dequantize(torch.float32)  # (N, K)
 
 
+def outputs_on_one_and_two_threads(
+    x: torch.Tensor, weight: kernels.AwqKernelWeight
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``awq_linear(x, weight)`` with torch set to one thread, then two (restored afterwards)."""
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.awq_linear(x, weight)
+        torch.set_num_threads(2)
+        two = kernels.awq_linear(x, weight)
+    finally:
+        torch.set_num_threads(saved)
+    return one, two
+
+
 def make_layer(k: int, n: int, group_size: int, zero_point: bool = True, seed: int = 0) -> Layer:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * 0.05  # (N, K)

@@ -6,7 +6,7 @@ kernel's int8 activations) live in ``kernel_oracle``, shared with the other CPU 
 
 import pytest
 import torch
-from kernel_oracle import Layer, check_against_reference, make_layer, prepare
+from kernel_oracle import Layer, check_against_reference, make_layer, outputs_on_one_and_two_threads, prepare
 
 import awq_plugin.kernels as kernels
 from awq_plugin.kernels.cpu import build
@@ -99,14 +99,7 @@ def test_one_thread_matches_two(layer_384x200: Layer, m: int) -> None:
     rows; that is a prefetch only, so the result equals the two-thread split bit for bit."""
     w = prepare(layer_384x200)
     x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernels.awq_linear(x, w)
-        torch.set_num_threads(2)
-        two = kernels.awq_linear(x, w)
-    finally:
-        torch.set_num_threads(saved)
+    one, two = outputs_on_one_and_two_threads(x, w)
     assert torch.equal(one, two)
     check_against_reference(x, layer_384x200, one)
 

@@ -9,7 +9,14 @@ with fake flag sets, and its presence in the build is checked.
 
 import pytest
 import torch
-from kernel_oracle import Layer, check_against_reference, check_portable, make_layer, prepare
+from kernel_oracle import (
+    Layer,
+    check_against_reference,
+    check_portable,
+    make_layer,
+    outputs_on_one_and_two_threads,
+    prepare,
+)
 
 import awq_plugin.kernels as kernels
 from awq_plugin.kernels.cpu import build
@@ -103,14 +110,7 @@ def test_avx2_one_thread_matches_two(layer_448x200: Layer) -> None:
     """Blocks are handed out dynamically; each output is computed by one thread in a fixed order."""
     w = prepare(layer_448x200, "avx2")
     x = torch.randn(37, 448, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    saved = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernels.awq_linear(x, w)
-        torch.set_num_threads(2)
-        two = kernels.awq_linear(x, w)
-    finally:
-        torch.set_num_threads(saved)
+    one, two = outputs_on_one_and_two_threads(x, w)
     assert torch.equal(one, two)
 
 
