@@ -230,6 +230,7 @@ def test_a_killed_first_run_resumes(default_model_dir: Path, tmp_path: Path) -> 
     assert second.wait(timeout=540) == 0
     log = (tmp_path / "second.log").read_text()
     assert "found an interrupted run's state" in log and "resumed the interrupted run after block" in log
+    assert "quantized block 4/4" in log and "ETA 0s" in log  # every block it stores, the last one too
     (entry,) = list_entries(root)
     assert entry.complete and entry.info["resumed_from_block"] >= 1
     assert not any(".awq-work" in p for p in leftovers(root))

@@ -49,7 +49,6 @@ import logging
 import shutil
 import struct
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -72,7 +71,6 @@ DEFAULT_GROUPS = (128, 64, 32)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _BIG_SIDE_FILE = 64 * 2**20  # side files above this are fingerprinted by size and mtime
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-_PROGRESS_POLL_S = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -358,47 +356,29 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-class _ProgressLogger(threading.Thread):
-    """Logs the pipeline's block count (its work dir's progress.json) with an ETA, once per block."""
+class _ProgressLogger:
+    """Logs each stored block with the rate and ETA of this run (the pipeline's ``on_block``).
 
-    def __init__(self, work: Path, total: int | None, logger: logging.Logger) -> None:
-        super().__init__(name="awq-plugin-progress", daemon=True)
-        self.work, self.total, self.logger = work, total, logger
-        self.stopped = threading.Event()
+    The rate counts from this run's start (so it includes the calibration capture) and only the
+    blocks this run stored (a resumed run's earlier blocks cost it nothing).
+    """
 
-    def _done(self) -> int | None:
-        try:
-            return int(json.loads((self.work / "progress.json").read_text())["done"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.started = time.monotonic()
+        self.resumed_at: int | None = None
 
-    def run(self) -> None:
-        first: tuple[int, float] | None = None
-        last = None
-        while not self.stopped.wait(_PROGRESS_POLL_S):
-            done = self._done()
-            if done is None or done == last:
-                continue
-            now = time.monotonic()
-            if first is None:
-                first = (done, now)
-            last = done
-            if done == first[0]:
-                continue
-            total = self.total
-            rate = (now - first[1]) / (done - first[0])  # seconds per block since this run started
-            eta = f", ETA {_format_seconds(rate * (total - done))}" if total else ""
-            self.logger.info(
-                "awq-plugin: quantized block %d/%s (%s per block%s)",
-                done,
-                total or "?",
-                _format_seconds(rate),
-                eta,
-            )
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=5)
+    def __call__(self, done: int, total: int) -> None:
+        if self.resumed_at is None:
+            self.resumed_at = done - 1
+        rate = (time.monotonic() - self.started) / (done - self.resumed_at)  # seconds per block
+        self.logger.info(
+            "awq-plugin: quantized block %d/%d (%s per block, ETA %s)",
+            done,
+            total,
+            _format_seconds(rate),
+            _format_seconds(rate * (total - done)),
+        )
 
 
 def _drop_partial(entry: Path) -> None:
@@ -497,8 +477,6 @@ def _quantize_into(
             total or "?",
             work,
         )
-    progress = _ProgressLogger(work, total, logger)
-    progress.start()
     try:
         report = quantize_checkpoint(
             source,
@@ -512,6 +490,7 @@ def _quantize_into(
             overwrite=True,  # the entry is absent (checked under the lock); leftovers are ours
             progress=sys.stderr.isatty(),
             trust_remote_code=trust_remote_code,
+            on_block=_ProgressLogger(logger),
         )
     except OSError as exc:
         if exc.errno not in _NO_SPACE:
@@ -524,8 +503,6 @@ def _quantize_into(
     except AwqPluginError:
         _drop_partial(entry)  # the pipeline drops its work dir too; bad input is not resumable
         raise
-    finally:
-        progress.stop()
     if report.resumed_from_block:
         logger.info("awq-plugin: resumed the interrupted run after block %d", report.resumed_from_block - 1)
     info = {

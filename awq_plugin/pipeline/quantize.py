@@ -26,6 +26,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ def _quantize_blocks(
     method: str,
     options: AwqOptions,
     progress: bool,
+    on_block: Callable[[int, int], None] | None,
 ) -> list[str]:
     """Capture block 0's inputs, then search, pack and store each block not yet done.
 
@@ -196,6 +198,8 @@ def _quantize_blocks(
         block.to("meta")  # free the block's weights; the next block is read fresh from the shards
         release_freed_memory()  # else heap fragmentation makes the peak creep up block after block
         bar.update(1)
+        if on_block is not None:
+            on_block(i + 1, len(layers))
     bar.close()
     return non_layer_names
 
@@ -214,6 +218,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
 ) -> QuantizeReport:
     """Quantize the transformers folder ``source`` into an AWQ checkpoint at ``out``.
 
@@ -222,7 +227,8 @@ def quantize_checkpoint(
     ``method="rtn"`` skips the search: plain round-to-nearest, the baseline AWQ is measured
     against. ``calib`` is a built-in text name, a file, documents, or token ids
     ``[n_samples, seq_len]``. Python code shipped with ``source`` (``auto_map``) is imported
-    only with ``trust_remote_code=True``.
+    only with ``trust_remote_code=True``. ``on_block(done, total)`` is called after each block
+    is stored (the quantize-on-start cache logs progress with it).
     """
     started = time.monotonic()
     source, out = Path(source), Path(out)
@@ -237,7 +243,9 @@ def quantize_checkpoint(
     work = WorkDir(work_dir_path(out), _run_fingerprint(src, quant, method, calib_ids, options))
     done = work.open()
     try:
-        non_layer_names = _quantize_blocks(src, work, done, calib_ids, quant, method, options, progress)
+        non_layer_names = _quantize_blocks(
+            src, work, done, calib_ids, quant, method, options, progress, on_block
+        )
         results = [work.load_result(i) for i in range(n_layers)] if method == "awq" else []
         awq_results = None
         if method == "awq":
