@@ -339,6 +339,116 @@ void run_block(const Tiles& base, const int8_t* aq, const float* sa, const int32
   }
 }
 
+// ---------------------------------------------------------------------------------
+// Many rows (M >= kPanelMinRows): decode once, reuse for a panel of rows.
+//
+// The kernels above decode the nibbles in registers for every 1-3 rows, which costs
+// three ALU ops per column per 8 k next to the four of the arithmetic. With many rows
+// the block's weights are decoded once per chunk of kChunk rows of 8 k into an L1
+// buffer of bytes (low and high nibbles apart) and every row of the panel reads them
+// from there: per column and row only the two vpmaddubsw and two adds remain, so the
+// arithmetic, not the decode, bounds the speed (the regime of M = 16..256). The int32
+// group sums of the panel live in L1 too, widened once per chunk as above.
+constexpr int64_t kPanelRows = 64;     // rows sharing one decode (iacc: 16 KiB, acc: 16 KiB)
+constexpr int64_t kPanelMinRows = 4;   // from here on the decoded panel is faster
+constexpr int64_t kPanelStep = 4;      // rows per micro-kernel call (see panel_chunk)
+constexpr int64_t kColBytes = 64;      // one decoded column of 8 k: 32 bytes low, 32 high nibbles
+constexpr int64_t kDecRowBytes = 2 * kBlockTiles * kColBytes;  // one row of 8 k, all columns
+
+// Decodes rows k0..k1 of 8 k of group g of the block (nb tiles) into dec.
+inline void decode_chunk(const uint8_t* wq, int64_t nb, int64_t g, int64_t k8n, int64_t k0, int64_t k1,
+                         uint8_t* __restrict dec) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t row_bytes = nb * 64;
+  for (int64_t k8 = k0; k8 < k1; ++k8) {
+    const uint8_t* w = wq + (g * k8n + k8) * row_bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(w) + 4096, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + 4096 + 64 * (nb - 1), _MM_HINT_T0);
+    uint8_t* d = dec + (k8 - k0) * kDecRowBytes;
+    for (int64_t c = 0; c < 2 * nb; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d + kColBytes * c), _mm256_and_si256(raw, low4));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d + kColBytes * c + 32),
+                         _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4));
+    }
+  }
+}
+
+// ROWS rows x all columns of the block over one decoded chunk of nk8 rows of 8 k:
+// iacc[r][c][0..8] += the int32 dots. A tile (2 columns) at a time: its 4 decoded
+// vectors stay in registers while each row's 2 activation broadcasts stream past
+// (ROWS * 2 accumulators + 4 + 2 <= 14 of the 16 ymm).
+template <int ROWS>
+inline void panel_chunk(const uint8_t* __restrict dec, int64_t nk8, int64_t columns, const int8_t* __restrict a,
+                        int64_t Kp, int32_t* __restrict iacc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c = 0; c < columns; c += 2) {
+    __m256i acc16[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) acc16[r][0] = acc16[r][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < nk8; ++k) {
+      const uint8_t* d = dec + k * kDecRowBytes + kColBytes * c;
+      const __m256i w0lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(d));
+      const __m256i w0hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(d + 32));
+      const __m256i w1lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(d + 64));
+      const __m256i w1hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(d + 96));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i a_lo = _mm256_set1_epi32(load_i32(a + r * Kp + 8 * k));
+        const __m256i a_hi = _mm256_set1_epi32(load_i32(a + r * Kp + 8 * k + 4));
+        acc16[r][0] = _mm256_add_epi16(acc16[r][0], _mm256_maddubs_epi16(w0lo, a_lo));
+        acc16[r][0] = _mm256_add_epi16(acc16[r][0], _mm256_maddubs_epi16(w0hi, a_hi));
+        acc16[r][1] = _mm256_add_epi16(acc16[r][1], _mm256_maddubs_epi16(w1lo, a_lo));
+        acc16[r][1] = _mm256_add_epi16(acc16[r][1], _mm256_maddubs_epi16(w1hi, a_hi));
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < 2; ++j) {
+        __m256i* dst = reinterpret_cast<__m256i*>(iacc + (r * 2 * kBlockTiles + c + j) * 8);
+        _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), _mm256_madd_epi16(acc16[r][j], ones)));
+      }
+  }
+}
+
+// One block for the panel of `rows` rows at m0: acc[r][0..16 * nb] = the block's outputs.
+void run_block_panel(const Tiles& tl, const int8_t* aq, const float* sa, const int32_t* suma, const Problem& p,
+                     int64_t m0, int64_t rows, float* __restrict acc, int32_t* __restrict iacc,
+                     uint8_t* __restrict dec) {
+  const int64_t k8n = p.Gp / 8;
+  const int64_t columns = 2 * tl.nb;
+  for (int64_t r = 0; r < rows; ++r)
+    std::fill(acc + r * kBlockTiles * kTileN, acc + r * kBlockTiles * kTileN + tl.nb * kTileN, 0.f);
+  for (int64_t g = 0; g < p.NG; ++g) {
+    std::fill(iacc, iacc + rows * 2 * kBlockTiles * 8, 0);
+    for (int64_t k0 = 0; k0 < k8n; k0 += kChunk) {
+      const int64_t k1 = std::min(k8n, k0 + kChunk);
+      decode_chunk(tl.wq, tl.nb, g, k8n, k0, k1, dec);
+      const int8_t* a = aq + m0 * p.Kp + g * p.Gp + 8 * k0;
+      for (int64_t r = 0; r < rows; r += kPanelStep) {
+        int32_t* ia = iacc + r * 2 * kBlockTiles * 8;
+        switch (std::min(kPanelStep, rows - r)) {
+          case 1: panel_chunk<1>(dec, k1 - k0, columns, a + r * p.Kp, p.Kp, ia); break;
+          case 2: panel_chunk<2>(dec, k1 - k0, columns, a + r * p.Kp, p.Kp, ia); break;
+          case 3: panel_chunk<3>(dec, k1 - k0, columns, a + r * p.Kp, p.Kp, ia); break;
+          default: panel_chunk<4>(dec, k1 - k0, columns, a + r * p.Kp, p.Kp, ia); break;
+        }
+      }
+    }
+    // Group end: the exact zero-point correction and the scales, column by column.
+    for (int64_t c = 0; c < columns; ++c) {
+      const int64_t meta = (g * tl.nb) * kTileN + 8 * c;
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tl.ws + meta)));
+      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tl.wz + meta)));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t ag = (m0 + r) * p.NG + g;
+        const __m256i zsum = _mm256_mullo_epi32(z, _mm256_set1_epi32(suma[ag]));
+        const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(iacc + (r * 2 * kBlockTiles + c) * 8));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(d, zsum));
+        float* y = acc + r * kBlockTiles * kTileN + 8 * c;
+        _mm256_storeu_ps(y, _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(sa[ag])), _mm256_loadu_ps(y)));
+      }
+    }
+  }
+}
+
 #endif  // AWQ_HAVE_AVX2
 
 // Adds bias and writes `rows` rows of one block's fp32 results to y.
@@ -377,13 +487,23 @@ void run_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, c
   // Dynamic blocks, as in awq_gemm.cpp: the machine is shared.
   std::atomic<int64_t> next_block{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.blocks));
+  // With many rows (and no AVX-VNNI, whose int32 accumulators decode cheaply enough) each
+  // block is decoded once per panel of rows instead of once per 1-3 rows (see run_block_panel).
+  const bool panel = !vnni && p.M >= kPanelMinRows;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    alignas(64) float acc[kMaxRows * kBlockTiles * kTileN];
+    alignas(64) float acc[kPanelRows * kBlockTiles * kTileN];
+    alignas(64) int32_t iacc[kPanelRows * 2 * kBlockTiles * 8];
+    alignas(64) uint8_t dec[kChunk * kDecRowBytes];
     for (int64_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < p.blocks;) {
       const int64_t t0 = b * kBlockTiles;
       Tiles tl{wqp + t0 * tile_bytes, wsp + t0 * tile_meta, wzp + t0 * tile_meta,
                std::min(kBlockTiles, p.tiles - t0), 0, false};
-      for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
+      for (int64_t m0 = 0; panel && m0 < p.M; m0 += kPanelRows) {
+        const int64_t rows = std::min(kPanelRows, p.M - m0);
+        run_block_panel(tl, aqp, sap, sump, p, m0, rows, acc, iacc, dec);
+        store_block(acc, bias, p, m0, rows, t0 * kTileN, tl.nb, yp);
+      }
+      for (int64_t m0 = 0; !panel && m0 < p.M; m0 += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, p.M - m0);
         tl.prefetch = m0 == 0;  // later row chunks find the block in L2
         if (vnni)
