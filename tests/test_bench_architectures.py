@@ -86,3 +86,17 @@ def make_llama(folder: Path):
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     return model
+
+
+@pytest.mark.parametrize(
+    ("model_type", "why"),
+    [
+        ("xglm", "its decoder layers get the attention mask and more as positional arguments"),
+        ("roformer", "its head cls.predictions.decoder (weight and bias) is tied, so not in the checkpoint"),
+    ],
+)
+def test_older_layer_calls_and_heads_tied_under_other_names(model_type: str, why: str, tmp_path: Path) -> None:
+    """Folder -> AWQ -> inspect -> from_pretrained -> finite logits for designs outside the Llama mould."""
+    row = run_one(model_type, "causal-lm", tmp_path)
+    assert row["ok"], (why, row)
+    assert row["step"] == "done" and row["scaled_linears"] > 0

@@ -23,6 +23,7 @@ Calibration is processed in micro-batches of whole sequences to bound memory.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -109,15 +110,35 @@ def _passthrough(*args: Any, **kwargs: Any) -> Any:
 
 
 def _split_hidden(
-    args: tuple[Any, ...], kwargs: dict[str, Any], where: str
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], where: str
 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A decoder layer's call as (hidden states, every other argument by keyword).
+
+    Models since transformers 4.56 pass all but the hidden states as keywords; older
+    designs (XGLM, mBART, RoFormer, ...) still pass the mask and friends positionally.
+    Those are named from the layer's ``forward`` signature, so that every recorded call
+    replays as ``layer(hidden, **kwargs)``.
+    """
     kwargs = dict(kwargs)
-    if args:
-        if len(args) > 1:
+    if len(args) > 1:
+        try:
+            bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+        except TypeError as exc:
             raise NotImplementedError(
-                f"{where} is called with {len(args)} positional arguments; only the hidden states may be "
-                "positional (the model passes the rest as keywords in transformers >= 4.56)"
+                f"{where} is called with {len(args)} positional arguments that its forward signature "
+                f"does not name ({exc})"
+            ) from None
+        params = list(bound.signature.parameters.values())
+        if any(p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY) for p in params[: len(args) + 1]):
+            raise NotImplementedError(
+                f"{where} takes positional-only or *args parameters; its call cannot be replayed by keyword"
             )
+        named = dict(bound.arguments)
+        named.pop(params[0].name)  # self
+        extra = named.pop(params[-1].name, {}) if params[-1].kind is params[-1].VAR_KEYWORD else {}
+        hidden = named.pop(params[1].name)
+        return hidden, {**named, **extra}
+    if args:
         return args[0], kwargs
     if "hidden_states" not in kwargs:
         raise NotImplementedError(f"{where} was called without hidden states (keys: {sorted(kwargs)})")
@@ -144,7 +165,7 @@ def capture_decoder_inputs(
 
     def make_hook(index: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            h, kw = _split_hidden(args, kwargs, f"decoder layer {index}")
+            h, kw = _split_hidden(module, args, kwargs, f"decoder layer {index}")
             if index == 0:
                 hidden.append(h.detach())
             layer_kwargs[index].append(kw)

@@ -16,6 +16,7 @@ from awq_plugin.errors import CheckpointError
 from awq_plugin.format.checkpoint import SafetensorsReader
 from awq_plugin.format.packing import packed_state_dict
 from awq_plugin.models.experts import split_fused_expert_tensors
+from awq_plugin.models.tied import tied_parameters
 from awq_plugin.numerics.quant_ref import is_all_finite
 from awq_plugin.templates import ResolvedTemplate
 
@@ -50,15 +51,17 @@ def load_block(
 
 
 def output_head_names(model: torch.nn.Module) -> set[str]:
-    """The output head's own parameters (``lm_head.weight``), unless it is tied to the embeddings."""
+    """The output head's own parameters (``lm_head.weight``), except those tied to another one."""
     head = model.get_output_embeddings()
-    if head is None or getattr(model.config, "tie_word_embeddings", False):
+    if head is None:
         return set()
+    tied = tied_parameters(model)
     return {
         f"{name}.{leaf}" if name else leaf
         for name, module in model.named_modules()
         if module is head
         for leaf, _ in module.named_parameters(recurse=False)
+        if (f"{name}.{leaf}" if name else leaf) not in tied
     }
 
 
@@ -77,11 +80,11 @@ def load_non_layer(model: torch.nn.Module, layers_path: str, reader: Safetensors
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"source checkpoint has unexpected tensor {result.unexpected_keys[0]}")
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    tied = tied_parameters(model)  # the checkpoint stores only the other side of a tie
     missing = [
         k
         for k in result.missing_keys
-        if not k.startswith(layers_path + ".") and not (tied and k == "lm_head.weight") and k not in head
+        if not k.startswith(layers_path + ".") and k not in tied and k not in head
     ]
     for name in sorted(head):
         if name not in reader:

@@ -26,6 +26,7 @@ from awq_plugin.format.checkpoint import (
     read_json,
     validate_checkpoint,
 )
+from awq_plugin.models.tied import tied_parameters
 from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import unfuse_experts_for_loading
 
@@ -190,7 +191,7 @@ def load_awq_model(
             tensor = tensor.to(dtype)
         state[to_model_name(name)] = tensor
     result = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    tied = tied_parameters(model)  # the checkpoint stores only the other side of a tie
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
         raise CheckpointError(f"{folder}: tensors missing for {len(missing)} parameters, e.g. {missing[0]!r}")
