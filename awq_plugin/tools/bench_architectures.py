@@ -3,8 +3,9 @@
 For each ``model_type`` in transformers' ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` and
 ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES``: shrink the default config
 (hidden 64, 2 layers, 4 heads / 2 KV heads, FFN 128, vocab 512, sub-configs
-likewise), build a random-weight model and save it, then run what a new user
-would::
+likewise), build a random-weight model, run it once (a skeleton whose own
+forward fails on the shrunk config counts as not buildable, step ``build``)
+and save it, then run what a new user would::
 
     folder -> template (shipped, else inferred) -> quantize -> inspect -> from_pretrained -> finite logits
 
@@ -127,6 +128,8 @@ def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
         torch.manual_seed(0)
         model = auto.from_config(config).eval()
         row["architecture"] = type(model).__name__
+        with torch.no_grad():  # a skeleton whose own forward fails (shrunk config) is not buildable
+            model(input_ids=torch.randint(1, 400, (1, 8), generator=torch.Generator().manual_seed(0)))
         src = work / "src"
         model.save_pretrained(src)
         step = "template"
