@@ -40,6 +40,14 @@ SMALL = {  # config field -> tiny value, applied wherever a (sub-)config has the
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
+    # multi-head latent attention (DeepSeek-V2/V3 and kin): rope part = head_dim, the rest small
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32,
+    "qk_head_dim": 48,
+    "v_head_dim": 32,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 64,
+    "rotary_dim": 16,  # partial rotary (CodeGen, GPT-J): at most the head size 64 / 4
     "vocab_size": 512,
     "max_position_embeddings": 256,
     "moe_intermediate_size": 32,
@@ -74,6 +82,8 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
         if isinstance(current, int) and not isinstance(current, bool) and current > value:
             with contextlib.suppress(Exception):  # read-only aliases
                 setattr(config, key, value)
+    if getattr(config, "kv_lora_rank", None) and getattr(config, "num_key_value_heads", None):
+        config.num_key_value_heads = config.num_attention_heads  # latent attention: one K/V per head
     vocab = getattr(config, "vocab_size", None)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids beyond the tiny vocabulary
         current = getattr(config, key, None)
