@@ -225,6 +225,7 @@ def test_missing_decoder_layers_path() -> None:
     ("mutate", "pattern"),
     [
         (lambda d: d.pop("scaling_layers"), "'scaling_layers' is missing"),
+        (lambda d: d.update(scaling_layers=[]), "'scaling_layers' is empty and so is 'unscaled'"),
         (lambda d: d["scaling_layers"][0].pop("inp"), r"'scaling_layers\[0\].inp' is missing"),
         (lambda d: d.update(model_decoder_layers=3), "'model_decoder_layers' must be str, got int"),
         (lambda d: d["scaling_layers"][1].update(layers="self_attn.o_proj"), r"layers' must be list"),

@@ -455,10 +455,13 @@ def infer_template(
         elif name not in scaled:
             report.unscaled.append(name)
             report.reasons[name] = reasons.get(name, "its fold is not proven in every decoder layer")
-    if not groups:
-        raise TemplateError(
-            f"{type(model).__name__}: no scaling group could be proven in {layers_path!r} "
-            f"(linears: {first_linears[:8]}); quantize with plain rounding (--scheme without AWQ) instead"
+    if not groups:  # still AWQ's clip search + rounding for every linear, just no scale
+        logger.warning(
+            "%s: no scaling group could be proven in %r (linears: %s); every linear gets clip search "
+            "and rounding without an AWQ scale",
+            type(model).__name__,
+            layers_path,
+            first_linears[:8],
         )
     architectures = list(getattr(config, "architectures", None) or [type(model).__name__])
     model_type = getattr(config, "model_type", None)

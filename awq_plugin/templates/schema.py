@@ -354,8 +354,13 @@ def validate_template_data(data: Any, source: str) -> dict[str, Any]:
             source, f"config_keys.{unknown_keys[0]}", f"is unknown; known: {sorted(DEFAULT_CONFIG_KEYS)}"
         )
     out["config_keys"] = {**DEFAULT_CONFIG_KEYS, **out["config_keys"]}
-    if not out["scaling_layers"]:
-        raise _error(source, "scaling_layers", "is empty; a template needs at least one scaling group")
+    if not out["scaling_layers"] and not out["unscaled"]:
+        raise _error(
+            source,
+            "scaling_layers",
+            "is empty and so is 'unscaled'; list at least one scaling group, or the linears to quantize "
+            "without a scale",
+        )
     out["scaling_layers"] = [
         _validate_group(group, source, f"scaling_layers[{i}]")
         for i, group in enumerate(out["scaling_layers"])
