@@ -541,13 +541,14 @@ def validate_quantized_layer(
 def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
     """Parameter shapes of the architecture, built on the meta device (None if unknown)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
+        from awq_plugin.runtime.modeling import auto_model_class
         from awq_plugin.templates import unfuse_experts_for_loading
 
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
+        with torch.device("meta"):  # a VLM's checkpoint holds the whole model, not its text part
+            model = auto_model_class(hf_config).from_config(hf_config)
         # MoE: transformers' fused experts become the per-expert layers checkpoints store.
         names = unfuse_experts_for_loading(model)
     except Exception:  # an architecture transformers cannot build: fall back to the generic checks
