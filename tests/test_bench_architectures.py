@@ -99,6 +99,8 @@ def make_llama(folder: Path):
         ),
         ("deepseek_v3", True, "latent attention (q_a/q_b, kv_a/kv_b projections with their own norms)"),
         ("xlm", False, "no fold is provable: every linear still gets clip search + rounding"),
+        ("gptj", True, "parallel attention and MLP read one norm: the search runs the whole layer"),
+        ("falcon", True, "multi-query attention under a config name the defaults do not know"),
     ],
 )
 def test_designs_outside_the_llama_mould(model_type: str, scaled: bool, why: str, tmp_path: Path) -> None:

@@ -142,3 +142,46 @@ def test_equal_values_from_two_norms_are_not_one_shared_input() -> None:
     ]
     # dense reads per-head interleaved q/k/v rows, dense_4h_to_h a GELU: neither folds
     assert report.unscaled == ["attention.dense", "mlp.dense_4h_to_h"]
+
+
+def _shrunk_model(model_type: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from awq_plugin.tools.bench_architectures import _shrink
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # norms start at 1: perturb them so that a wrong fold shows
+                param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
+def test_parallel_attention_and_mlp_are_judged_on_the_whole_layer() -> None:
+    """GPT-J: ln_1 feeds q/k/v and fc_in side by side; only the layer itself holds all four."""
+    template, report = infer_template(_shrunk_model("gptj"))
+    assert "ln_1 -> attn.q_proj, attn.k_proj, attn.v_proj, mlp.fc_in" in report.proven
+    (group,) = [g for g in template["scaling_layers"] if g["prev_op"] == "ln_1"]
+    assert group["module2inspect"] == ""
+    resolved = resolve_template(_shrunk_model("gptj"), template)
+    assert resolved.block(0).groups[0].module2inspect == ""
+
+
+def test_multi_query_attention_the_config_does_not_name_states_its_head_ratio() -> None:
+    """Falcon says multi_query, not num_key_value_heads: the template carries the proven ratio,
+    and the fold check at quantize time (which failed with the config's 1:1) passes."""
+    from test_fold_check import block_inputs
+
+    from awq_plugin.templates.verify import verify_block_folds
+
+    model = _shrunk_model("falcon")
+    template, _ = infer_template(model)
+    (vo,) = [g for g in template["scaling_layers"] if g["layers"] == ["self_attention.dense"]]
+    assert vo["repeat_kv"] == model.config.num_attention_heads  # one KV head
+    resolved = resolve_template(model, template)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    checks = verify_block_folds(layers[0], resolved.block(0), captured.for_layer(0), "inferred")
+    assert checks and all(c.error < 1e-5 for c in checks), checks

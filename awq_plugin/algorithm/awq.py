@@ -284,7 +284,10 @@ def _search_loss(
 
 
 def _relative_name(name: str, parent: str) -> str:
-    """``mlp.up_proj`` relative to ``mlp`` is ``up_proj``; a module relative to itself is ``""``."""
+    """``mlp.up_proj`` relative to ``mlp`` is ``up_proj``; a module relative to itself is ``""``;
+    anything relative to the block (``""``) is its own name."""
+    if not parent:
+        return name
     return "" if name == parent else name[len(parent) + 1 :]
 
 
@@ -332,7 +335,7 @@ def awq_block_step(
         plan = plan_samples(
             inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
         )
-        inspect_names = [g.module2inspect or g.layers[0] for g in groups.groups]
+        inspect_names = [g.layers[0] if g.module2inspect is None else g.module2inspect for g in groups.groups]
         experts = routed_experts_in(block, groups.experts)
         for routed in experts.values():
             routed.reset_token_counts()

@@ -21,8 +21,9 @@ model instead of a file:
    nearest first, wins; a group with none is quantized without a scale
    (``unscaled``: clip search + rounding) and reported.
 5. **module2inspect**: a group fed by a norm is judged on the smallest module
-   holding all its layers and their siblings (the attention or MLP sub-block);
-   a group fed by a linear on its layers (one layer: itself).
+   holding all its layers and their siblings (the attention or MLP sub-block;
+   ``""``, the decoder layer itself, where one norm feeds parallel attention and
+   MLP); a group fed by a linear on its layers (one layer: itself).
 
 Only groups present and proven in every decoder layer are kept (hybrid models
 alternate block kinds); the result is a template dict in the shipped schema,
@@ -365,17 +366,14 @@ def infer_block_groups(
             for name in layers:
                 reasons[name] = "no producer whose fold leaves the block output unchanged"
             continue
-        inspect = _module_to_inspect(block, layers, found)
-        if inspect == "":
-            for name in layers:
-                reasons[name] = "the group spans the whole block (no sub-module to inspect)"
-            continue
+        inspect = _module_to_inspect(block, layers, found)  # "": the search runs the whole block
         proven.append(_ProvenGroup(tuple(layers), found, inspect))
     return proven, reasons
 
 
 def _module_to_inspect(block: nn.Module, layers: Sequence[str], proposal: _Proposal) -> str | None:
-    """None: each layer alone; "": only the whole block would do; else the sub-module's path."""
+    """None: each layer alone; "": only the whole block would do (parallel attention and MLP
+    reading one norm, as in GPT-J, Falcon, CodeGen); else the sub-module's path."""
     if proposal.prev_is_linear and len(layers) == 1:
         return None
     parent = _common_parent(layers)
@@ -471,7 +469,7 @@ def infer_template(
         "model_types": [model_type] if model_type else [],
         "model_decoder_layers": layers_path,
         "non_layer_modules": non_layer,
-        "scaling_layers": [_group_json(g) for g in groups],
+        "scaling_layers": [_group_json(g, config) for g in groups],
         # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
         # resolver quantizes any other unscaled linear too, and logs it.
         "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)],
@@ -491,12 +489,23 @@ def _has_module(root: nn.Module, path: str) -> bool:
     return True
 
 
-def _group_json(g: _ProvenGroup) -> dict[str, Any]:
+def _config_kv_repeat(config: Any) -> int | None:
+    """Query heads per KV head as the resolver derives it from the default config keys."""
+    text = getattr(config, "get_text_config", None)
+    cfg = text() if callable(text) else config
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads // kv if heads and kv and heads % kv == 0 else None
+
+
+def _group_json(g: _ProvenGroup, config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": list(g.layers), "inp": g.layers[0]}
     if g.module2inspect is not None:
         out["module2inspect"] = g.module2inspect
     if g.proposal.kv_repeat > 1:
-        out["repeat_kv"] = True
+        # The resolver reads the head ratio from the config; where the config's names do not
+        # give the proven ratio (Falcon's multi_query), the template states it.
+        out["repeat_kv"] = True if _config_kv_repeat(config) == g.proposal.kv_repeat else g.proposal.kv_repeat
     if g.proposal.fused:
         out["fused_prev_op"] = True
     return out

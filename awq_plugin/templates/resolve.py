@@ -298,7 +298,8 @@ def _resolve_group(
     inspect_name = spec["module2inspect"]
     if inspect_name is not None:
         _find_module(layer, inspect_name, where, f"{field}.module2inspect", context)
-        outside = [n for n in spec["layers"] if not n.startswith(inspect_name + ".")]
+        # "" is the decoder layer itself (parallel attention + MLP read one norm's output)
+        outside = [n for n in spec["layers"] if inspect_name and not n.startswith(inspect_name + ".")]
         if outside:
             raise TemplateError(
                 f"architecture template {where}: field '{field}.module2inspect' = {inspect_name!r} does not "
@@ -315,7 +316,8 @@ def _resolve_group(
             )
     kv_repeat, head_dim = 1, 0
     if spec["repeat_kv"]:
-        kv_repeat, head_dim = _kv_repeat(data, config, k, where, field)
+        ratio = None if spec["repeat_kv"] is True else int(spec["repeat_kv"])
+        kv_repeat, head_dim = _kv_repeat(data, config, k, where, field, ratio)
     n_scales = k // kv_repeat
     prev = _find_module(layer, spec["prev_op"], where, f"{field}.prev_op", context)
     _check_prev_op(prev, spec, n_scales, field, where, context)
@@ -335,14 +337,17 @@ def _resolve_group(
 
 
 def _kv_repeat(
-    data: Mapping[str, Any], config: Any, in_features: int, where: str, field: str
+    data: Mapping[str, Any], config: Any, in_features: int, where: str, field: str, ratio: int | None = None
 ) -> tuple[int, int]:
-    """(query heads per KV head, head_dim) from the model config, checked against in_features."""
+    """(query heads per KV head, head_dim) from the model config (the head ratio itself where the
+    template gives it), checked against in_features."""
     keys = data["config_keys"]
     if not hasattr(config, keys["num_attention_heads"]) and hasattr(config, "get_text_config"):
         config = config.get_text_config()  # a VLM: the language model's heads live in text_config
     n_heads = getattr(config, keys["num_attention_heads"], None)
     n_kv = getattr(config, keys["num_key_value_heads"], None) or n_heads
+    if ratio is not None and n_heads:
+        n_kv = max(n_heads // ratio, 1) if n_heads % ratio == 0 else 0
     head_dim = getattr(config, keys["head_dim"], None)
     if not n_heads:
         raise TemplateError(
@@ -351,7 +356,7 @@ def _kv_repeat(
         )
     if not head_dim:
         head_dim = getattr(config, "hidden_size", 0) // n_heads
-    if n_heads % n_kv != 0 or n_heads * head_dim != in_features:
+    if not n_kv or n_heads % n_kv != 0 or n_heads * head_dim != in_features:
         raise TemplateError(
             f"architecture template {where}: field '{field}.repeat_kv': {n_heads} heads x head_dim {head_dim} "
             f"with {n_kv} KV heads does not match the layers' in_features {in_features}"

@@ -33,7 +33,8 @@ paths are relative to the model (``model.layers``). Fields::
                                                 # nn.Linear layers whose input columns get * s
           "inp": "self_attn.q_proj",            # module whose input is recorded (stats, search)
           "module2inspect": "self_attn",        # optional: module whose output the search
-                                                #   compares; absent = the single layer
+                                                #   compares; absent = the single layer;
+                                                #   "" = the decoder layer itself
           "repeat_kv": false,                   # optional, see "Grouped-query attention"
           "fused_prev_op": false                # optional, see "Fused previous linears"
         }
@@ -89,7 +90,9 @@ Folding rules (what :mod:`awq_plugin.templates.folds` does with a resolved group
   ``len(s)`` output rows feed ``layers`` (the v part, the up part). 1/s
   divides exactly those rows; the others are untouched. Without the flag, a
   ``prev_op`` whose row count differs from ``len(s)`` is an error.
-* Grouped-query attention (``repeat_kv: true``, for the v -> o group): when the
+* Grouped-query attention (``repeat_kv: true``, or the number of query heads per KV
+  head where the config does not say it under the config_keys names, as Falcon's
+  ``multi_query``; for the v -> o group): when the
   model has fewer KV heads than query heads, ``v_proj`` has ``n_kv * head_dim``
   rows but ``o_proj`` has ``n_heads * head_dim`` input columns, each KV head
   serving ``n_rep = n_heads / n_kv`` query heads. There is one scale per KV
@@ -163,7 +166,7 @@ _GROUP_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
     "layers": ((list,), True, None),
     "inp": ((str,), True, None),
     "module2inspect": ((str, type(None)), False, None),
-    "repeat_kv": ((bool,), False, False),
+    "repeat_kv": ((bool, int), False, False),
     "fused_prev_op": ((bool,), False, False),
     "unquantized_readers": ((list,), False, []),
 }
@@ -478,6 +481,9 @@ def _validate_group(group: Any, source: str, field: str) -> dict[str, Any]:
     _check_string_list(out["layers"], source, f"{field}.layers")
     if len(set(out["layers"])) != len(out["layers"]):
         raise _error(source, f"{field}.layers", f"lists a layer twice: {out['layers']}")
+    repeat = out["repeat_kv"]
+    if not isinstance(repeat, bool) and repeat < 1:
+        raise _error(source, f"{field}.repeat_kv", f"must be true, false or a head ratio >= 1, got {repeat}")
     if out["module2inspect"] is None and len(out["layers"]) > 1:
         raise _error(source, f"{field}.module2inspect", "is required when a group has more than one layer")
     return out
