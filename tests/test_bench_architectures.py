@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from awq_plugin.runtime.modeling import auto_model_class
+from awq_plugin.models.auto import auto_model_class
 from awq_plugin.tools.bench_architectures import run_one, summarize
 
 

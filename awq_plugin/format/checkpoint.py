@@ -543,7 +543,8 @@ def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] 
     try:
         from transformers import AutoConfig
 
-        from awq_plugin.runtime.modeling import auto_model_class
+        from awq_plugin.models.auto import auto_model_class
+        from awq_plugin.models.tied import tied_parameters
         from awq_plugin.templates import unfuse_experts_for_loading
 
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
@@ -554,10 +555,8 @@ def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] 
     except Exception:  # an architecture transformers cannot build: fall back to the generic checks
         return None
     rename = names.to_checkpoint_name if names is not None else str
-    shapes = {rename(name): tuple(p.shape) for name, p in model.named_parameters()}
-    if getattr(hf_config, "tie_word_embeddings", False):
-        shapes = {k: v for k, v in shapes.items() if not k.startswith("lm_head.")}
-    return shapes
+    tied = tied_parameters(model)  # a checkpoint stores only the other side of a tie
+    return {rename(name): tuple(p.shape) for name, p in model.named_parameters() if name not in tied}
 
 
 def validate_checkpoint(folder: str | Path, check_architecture: bool = True) -> CheckpointSummary:

@@ -26,6 +26,7 @@ from awq_plugin.format.checkpoint import (
     read_json,
     validate_checkpoint,
 )
+from awq_plugin.models.auto import auto_model_class
 from awq_plugin.models.tied import tied_parameters
 from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import unfuse_experts_for_loading
@@ -108,25 +109,6 @@ def build_empty_model(
     with init_empty_weights(include_buffers=False):
         model = auto.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
-
-
-def auto_model_class(hf_config: Any) -> Any:
-    """The transformers Auto class that builds ``config.architectures[0]``.
-
-    A causal LM's class is in ``AutoModelForCausalLM``'s mapping; a vision-language model
-    (``Qwen2VLForConditionalGeneration``, ``LlavaForConditionalGeneration``) only in
-    ``AutoModelForImageTextToText``'s. Without ``architectures`` the causal LM is assumed.
-    """
-    import transformers
-    from transformers.models.auto import modeling_auto
-
-    wanted = (getattr(hf_config, "architectures", None) or [None])[0]
-    model_type = getattr(hf_config, "model_type", None)
-    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    vlm = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    if vlm is not None and (causal is None or (wanted is not None and wanted == vlm != causal)):
-        return transformers.AutoModelForImageTextToText
-    return transformers.AutoModelForCausalLM
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
