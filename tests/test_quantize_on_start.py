@@ -270,10 +270,11 @@ def test_transformers_quantize_on_load_shares_the_cache(
 
 
 @pytest.fixture(scope="module")
-def mamba_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
-    """An architecture the quantizer has no template for (state-space blocks, no attention)."""
-    preset = {"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 49152}
-    return make_random_model(tmp_path_factory.mktemp("mamba") / "mamba-fp", default_model_dir, preset)
+def gpt2_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """An architecture the quantizer cannot handle: GPT-2's projections are Conv1D, not nn.Linear
+    (templates are inferred for anything else, so a Mamba or an unknown decoder no longer fails)."""
+    preset = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 49152}
+    return make_random_model(tmp_path_factory.mktemp("gpt2") / "gpt2-fp", default_model_dir, preset)
 
 
 @pytest.fixture(scope="module")
@@ -286,10 +287,10 @@ def gptq_model(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) ->
     return path
 
 
-def test_unsupported_architecture_is_one_clear_error(mamba_fp: Path, tmp_path: Path) -> None:
+def test_unsupported_architecture_is_one_clear_error(gpt2_fp: Path, tmp_path: Path) -> None:
     root = tmp_path / "cache"
-    with pytest.raises(AwqPluginError, match=r"(?i)mamba"):
-        ensure_quantized(mamba_fp, QuantizeRequest(**RTN), root=root)
+    with pytest.raises(AwqPluginError, match=r"GPT2LMHeadModel.*no nn\.Linear"):
+        ensure_quantized(gpt2_fp, QuantizeRequest(**RTN), root=root)
     assert leftovers(root) == []
 
 
@@ -466,10 +467,10 @@ def test_tensor_parallel_2_quantizes_once(tiny_llama_fp: Path, cache_base: Path,
 @pytest.mark.vllm
 @pytest.mark.parametrize("case", ["architecture", "other-method", "full-disk"])
 def test_bad_input_stops_vllm_serve_with_one_clear_line(
-    case: str, mamba_fp: Path, gptq_model: Path, tiny_llama_fp: Path, tmp_path: Path
+    case: str, gpt2_fp: Path, gptq_model: Path, tiny_llama_fp: Path, tmp_path: Path
 ) -> None:
     model, expected = {
-        "architecture": (mamba_fp, "MambaForCausalLM"),
+        "architecture": (gpt2_fp, "GPT2LMHeadModel"),
         "other-method": (gptq_model, "already quantized with 'gptq'"),
         "full-disk": (tiny_llama_fp, "free space there"),
     }[case]

@@ -185,3 +185,23 @@ def test_multi_query_attention_the_config_does_not_name_states_its_head_ratio() 
     layers, captured = block_inputs(model, resolved.decoder_layers)
     checks = verify_block_folds(layers[0], resolved.block(0), captured.for_layer(0), "inferred")
     assert checks and all(c.error < 1e-5 for c in checks), checks
+
+
+def test_the_streaming_quantizer_infers_the_same_template_one_layer_at_a_time(tmp_path) -> None:
+    """No shipped template and no --template: the folder's own weights, one decoder layer in memory
+    at a time, give the template the in-memory inference gives on the whole model."""
+    from awq_plugin.algorithm.results import AwqResults
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline.quantize import quantize_checkpoint
+    from awq_plugin.templates.schema import validate_template_data
+
+    model = _shrunk_model("gptj")  # parallel attention + MLP, a position-table buffer in each layer
+    expected, _ = infer_template(model)
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(1, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    quant = AwqQuantConfig.from_scheme("uint4_wo_32")
+    quantize_checkpoint(tmp_path / "src", tmp_path / "out", quant, calib=ids, progress=False)
+    used = AwqResults.load(tmp_path / "out" / "awq_plugin" / "awq_results.safetensors").template
+    expected = validate_template_data(expected, "<inferred>")  # as stored: defaults filled in
+    assert used["scaling_layers"] == expected["scaling_layers"] and used["unscaled"] == expected["unscaled"]
+    assert any(g["module2inspect"] == "" for g in used["scaling_layers"])

@@ -7,7 +7,8 @@ turns the finished block into checkpoint tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -41,6 +42,13 @@ def load_block(
     if resolved.experts is not None:  # a source that stores the experts fused
         state = split_fused_expert_tensors(state, resolved.experts)
     check_finite({prefix + k: v for k, v in state.items()}, "source checkpoint")
+    return _assign_block(model, layers_path, i, state)
+
+
+def _assign_block(
+    model: torch.nn.Module, layers_path: str, i: int, state: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    prefix = f"{layers_path}.{i}."
     block = model.get_submodule(f"{layers_path}.{i}")
     result = block.load_state_dict(state, strict=False, assign=True)
     if result.missing_keys:
@@ -48,6 +56,25 @@ def load_block(
     if result.unexpected_keys:
         raise CheckpointError(f"source checkpoint has unexpected tensor {prefix}{result.unexpected_keys[0]}")
     return block
+
+
+@contextlib.contextmanager
+def layer_as_built(
+    model: torch.nn.Module, layers_path: str, i: int, reader: SafetensorsReader
+) -> Iterator[None]:
+    """Decoder layer ``i`` with its weights, as transformers builds it (fused experts stay fused:
+    the reader serves the model's names), back on the meta device afterwards."""
+    prefix = f"{layers_path}.{i}."
+    state = {
+        name[len(prefix) :]: reader.get(name, torch.float32) for name in reader if name.startswith(prefix)
+    }
+    check_finite({prefix + k: v for k, v in state.items()}, "source checkpoint")
+    block = _assign_block(model, layers_path, i, state)
+    try:
+        yield
+    finally:  # parameters only: buffers the checkpoint lacks (GPT-J's position table) must stay
+        for module in block.modules():
+            _parameters_to_meta(module)
 
 
 def output_head_names(model: torch.nn.Module) -> set[str]:
@@ -110,8 +137,13 @@ def release_non_layer(model: torch.nn.Module, layers_path: str) -> None:
     for name, module in model.named_modules():
         if name == layers_path or name.startswith(layers_path + "."):
             continue
-        for leaf, param in list(module.named_parameters(recurse=False)):
-            setattr(module, leaf, torch.nn.Parameter(param.to("meta"), requires_grad=False))
+        _parameters_to_meta(module)
+
+
+def _parameters_to_meta(module: torch.nn.Module) -> None:
+    """Free a module's own parameters (not its children's, not its buffers)."""
+    for leaf, param in list(module.named_parameters(recurse=False)):
+        setattr(module, leaf, torch.nn.Parameter(param.to("meta"), requires_grad=False))
 
 
 def pack_block(

@@ -40,17 +40,25 @@ from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.calibration.text import CalibSource, calibration_ids
 from awq_plugin.config import AwqQuantConfig
-from awq_plugin.errors import AwqPluginError, CalibrationError, ConfigError
+from awq_plugin.errors import AwqPluginError, CalibrationError, ConfigError, TemplateError
 from awq_plugin.format.checkpoint import SafetensorsReader, read_json
 from awq_plugin.fsutil import check_output_dir
 from awq_plugin.pipeline.assemble import RESULTS_FILE, assemble_checkpoint
-from awq_plugin.pipeline.blocks import load_block, load_non_layer, pack_block, release_non_layer
+from awq_plugin.pipeline.blocks import (
+    layer_as_built,
+    load_block,
+    load_non_layer,
+    pack_block,
+    release_non_layer,
+)
 from awq_plugin.pipeline.guard import guard_checkpoint
 from awq_plugin.pipeline.workdir import WorkDir, fingerprint, source_fingerprint, work_dir_path
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
 from awq_plugin.runtime.checkpoint_keys import renamed_reader
 from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict
 from awq_plugin.templates import ResolvedTemplate, resolve_template
+from awq_plugin.templates.infer import find_decoder_layers, infer_template
+from awq_plugin.templates.shipped import find_shipped_template
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +131,42 @@ def _open_source(
     hf_config = hf_config_from_dict(config, trust_remote_code, folder)
     model = build_empty_model(hf_config, torch.float32, trust_remote_code)
     reader = renamed_reader(reader, model)  # transformers' key renamings (VLM checkpoint layouts)
+    if template is None and not _has_shipped_template(model):
+        template = _inferred_template(model, reader)
     return _Source(folder, config, reader, model, resolve_template(model, template))
+
+
+def _has_shipped_template(model: torch.nn.Module) -> bool:
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    try:
+        find_shipped_template(architectures[0], getattr(config, "model_type", None))
+    except TemplateError:
+        return False
+    return True
+
+
+def _inferred_template(model: torch.nn.Module, reader: SafetensorsReader) -> dict[str, Any]:
+    """No shipped template: infer one from the source's weights, one decoder layer in memory at a time.
+
+    Deterministic (seeded probe tokens), so a resumed run infers the same template.
+    """
+    layers_path = find_decoder_layers(model)
+    load_non_layer(model, layers_path, reader)
+    try:
+        template, report = infer_template(
+            model, layer_weights=lambda i: layer_as_built(model, layers_path, i, reader)
+        )
+    finally:
+        release_non_layer(model, layers_path)
+    log.warning(
+        "no shipped template for %s: using one inferred from its data flow, every fold proven (%d groups); "
+        "'awq-plugin template infer' prints it for review",
+        type(model).__name__,
+        len(template["scaling_layers"]),
+    )
+    report.warn_unscaled(log)
+    return template
 
 
 def _calibration_tokens(

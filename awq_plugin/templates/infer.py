@@ -32,9 +32,11 @@ which :func:`awq_plugin.templates.resolve_template` then checks like any other.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,10 @@ class InferenceReport:
     proven: list[str] = field(default_factory=list)  # group names with a proven fold
     unscaled: list[str] = field(default_factory=list)  # linears quantized without a scale
     reasons: dict[str, str] = field(default_factory=dict)  # unscaled linear -> why
+
+    def warn_unscaled(self, log: logging.Logger) -> None:
+        for name, reason in self.reasons.items():
+            log.warning("inferred template: %s is quantized without an AWQ scale: %s", name, reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +404,18 @@ def _probe_ids(model: nn.Module, n_tokens: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def infer_template(
-    model: nn.Module, input_ids: torch.Tensor | None = None, seed: int = 0
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    seed: int = 0,
+    layer_weights: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> tuple[dict[str, Any], InferenceReport]:
     """A template dict (shipped schema) whose every group was proven on every decoder layer.
 
     ``model`` has real weights (random ones do: the proofs are about data flow).
     ``input_ids`` ``[B, T]`` are the probe tokens (default: two random sequences).
+    ``layer_weights(i)``: where the decoder layers' weights are not in memory (the
+    streaming quantizer holds one at a time), a context in which layer ``i`` has them;
+    the modules outside the layers must have theirs.
     """
     config = getattr(model, "config", None)
     layers_path = find_decoder_layers(model)
@@ -418,7 +430,10 @@ def infer_template(
     reasons: dict[str, str] = {}
     for i, block in enumerate(layers):
         inputs = captured.for_layer(i)
-        proven, why = infer_block_groups(block, inputs.hidden_states[0], inputs.kwargs[0], config, seed + i)
+        with layer_weights(i) if layer_weights is not None else contextlib.nullcontext():
+            proven, why = infer_block_groups(
+                block, inputs.hidden_states[0], inputs.kwargs[0], config, seed + i
+            )
         per_layer.append({g.layers: g for g in proven})
         for name, reason in why.items():
             reasons.setdefault(name, f"{reason} (decoder layer {i})")

@@ -152,8 +152,7 @@ def _inferred(model: nn.Module) -> tuple[dict[str, Any], str]:
             "run 'awq-plugin template infer MODEL_DIR' and pass the result with --template"
         )
     data, report = infer_template(model)
-    for name, reason in report.reasons.items():
-        logger.warning("inferred template: %s is quantized without an AWQ scale: %s", name, reason)
+    report.warn_unscaled(logger)
     return validate_template_data(data, "<inferred>"), "the model's data flow (inferred, every fold proven)"
 
 
