@@ -60,6 +60,8 @@ SMALL = {  # config field -> tiny value, applied wherever a (sub-)config has the
     "d_model": 64,
     "n_embd": 64,
     "n_layer": 2,
+    "decoder_layers": 2,  # encoder-decoder configs used as decoders (mBART, ...)
+    "encoder_layers": 2,
     "n_head": 4,
     "num_layers": 2,
     "depth": 2,
@@ -90,10 +92,15 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
         if isinstance(vocab, int) and isinstance(current, int) and current >= vocab:
             with contextlib.suppress(Exception):
                 setattr(config, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
+    n_layers = SMALL["num_hidden_layers"]
     for key in ("layer_types", "mlp_only_layers"):
         current = getattr(config, key, None)
-        if isinstance(current, list) and len(current) > SMALL["num_hidden_layers"]:
-            setattr(config, key, current[: SMALL["num_hidden_layers"]])
+        if isinstance(current, list) and len(current) > n_layers:
+            kept = current[:n_layers]
+            if key == "layer_types":  # a hybrid keeps one layer of each kind (full attention among them)
+                missing = [t for t in dict.fromkeys(current) if t not in kept][:n_layers]
+                kept = kept[: n_layers - len(missing)] + missing
+            setattr(config, key, kept)
     for key in ("rope_scaling", "rope_parameters"):  # M-RoPE sections must sum to head_dim / 2
         rope = getattr(config, key, None)
         vl = "vl" in str(getattr(config, "model_type", ""))  # Qwen-VL text configs default it in code
