@@ -101,6 +101,7 @@ def make_llama(folder: Path):
         ("xlm", False, "no fold is provable: every linear still gets clip search + rounding"),
         ("gptj", True, "parallel attention and MLP read one norm: the search runs the whole layer"),
         ("falcon", True, "multi-query attention under a config name the defaults do not know"),
+        ("olmo_hybrid", True, "a linear with 30 output rows in some layers only stays full precision"),
     ],
 )
 def test_designs_outside_the_llama_mould(model_type: str, scaled: bool, why: str, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from awq_plugin.errors import TemplateError
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
+from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.schema import (
     WILDCARD,
     BlockTemplate,
@@ -235,7 +236,21 @@ def _resolve_block(
                     "not listed in 'not_quantized'; list it there, or move it to the group's layers"
                 )
         groups.append(group)
-    linears = tuple(n for n in all_linears if n not in not_quantized)
+    # int4 packs PACK_FACTOR output rows to an int32: a linear with fewer or a remainder (a small
+    # router or gate) stays in full precision, as 'not_quantized' would keep it.
+    unpackable = [
+        n
+        for n in all_linears
+        if n not in scaled and n not in not_quantized and layer.get_submodule(n).out_features % PACK_FACTOR
+    ]
+    if unpackable:
+        logger.info(
+            "%s: %s kept in full precision (output rows not a multiple of %d)",
+            context,
+            unpackable,
+            PACK_FACTOR,
+        )
+    linears = tuple(n for n in all_linears if n not in not_quantized and n not in unpackable)
     unscaled = tuple(n for n in linears if n not in scaled)
     uncovered = [n for n in unscaled if n not in lists["unscaled"]]
     if uncovered and index == 0:
