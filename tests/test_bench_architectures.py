@@ -37,8 +37,10 @@ def test_an_architecture_without_shipped_template_goes_folder_to_finite_logits(t
     assert summary["causal-lm"] == {
         "tried": 2,
         "buildable": 1,
+        "runs": 1,
         "passed": 1,
         "pass_rate": 1.0,
+        "pass_rate_of_runs": 1.0,
         "scaled_linears": 10,
         "rounded_linears": 2,
     }
