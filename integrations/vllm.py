@@ -63,6 +63,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from awq_plugin.config import AwqQuantConfig
@@ -842,20 +843,19 @@ OPTIONS_KEY = "quantization_config"
 def quantize_on_start(engine_args: Any) -> None:
     """Point ``engine_args`` at the cached AWQ checkpoint of its full-precision model (made if missing).
 
-    Does nothing unless ``--quantization`` is an AWQ name and ``model`` is a local folder
-    without a quantization config (AWQ checkpoints are served as they are). Options come from
+    Does nothing unless ``--quantization`` is an AWQ name and ``model`` is a local folder or a
+    hub id (its snapshot in the hub cache) without a quantization config (AWQ checkpoints are
+    served as they are). Options come from
     ``--hf-overrides '{"quantization_config": {...}}'`` (keys of
     :meth:`~awq_plugin.pipeline.cache.QuantizeRequest.from_dict`), which this removes: the
     checkpoint's own config.json carries the result. The served model name stays the folder
     the user gave. Bad input raises ``ValueError`` with one line saying what and why.
     """
-    from pathlib import Path
-
     if engine_args.quantization not in QUANTIZE_ON_START_NAMES or not isinstance(engine_args.model, str):
         return
-    source = Path(engine_args.model).expanduser()
-    if not (source / "config.json").is_file():
-        return  # a hub id or another location: vLLM's own route
+    source = _local_model_folder(engine_args.model, getattr(engine_args, "revision", None))
+    if source is None:
+        return  # nothing this process can read: vLLM's own route (and its error)
     from awq_plugin.errors import AwqPluginError
     from awq_plugin.pipeline.cache import QuantizeRequest, ensure_quantized, quantized_method
 
@@ -896,6 +896,29 @@ def quantize_on_start(engine_args: Any) -> None:
     if isinstance(overrides, dict) and OPTIONS_KEY in overrides:
         engine_args.hf_overrides = {k: v for k, v in overrides.items() if k != OPTIONS_KEY}
     log.info("awq-plugin: serving %s from cache entry %s", source, entry.path)
+
+
+#: What a hub snapshot needs for quantizing and serving: config, weights, tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def _local_model_folder(model: str, revision: str | None = None) -> Path | None:
+    """``model`` as a local folder: itself, or a Hugging Face hub id's snapshot in the hub cache
+    (fetched the way vLLM would fetch it; only the cache with ``HF_HUB_OFFLINE=1``). None where
+    it is neither (vLLM then reports the model as it always does)."""
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if path.exists() or model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # unknown repo, no network and not cached, gated: vLLM's route says so
+        log.info("awq-plugin: %s is no local folder and the hub gave no snapshot (%s)", model, exc)
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _install_quantize_on_start() -> None:

@@ -172,6 +172,44 @@ def test_second_call_reuses_the_entry_and_the_cli_lists_and_clears_it(
     assert list_entries(root) == [] and leftovers(root) == []
 
 
+def test_a_hub_id_is_quantized_from_its_snapshot_in_the_hub_cache(
+    tiny_llama_fp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vllm serve ORG/NAME --quantization awq``: the hub id's snapshot (here from an offline hub
+    cache) is quantized into our cache, and clients keep the name they asked for."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants as hub
+
+    from awq_plugin.integrations.vllm import quantize_on_start
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--awq-test--tiny-llama"
+    snapshot = shutil.copytree(tiny_llama_fp, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "base"))
+    args = SimpleNamespace(
+        model="awq-test/tiny-llama",
+        revision=None,
+        quantization="awq",
+        hf_overrides={"quantization_config": RTN},
+        tensor_parallel_size=1,
+        trust_remote_code=False,
+        served_model_name=None,
+    )
+    quantize_on_start(args)
+    (entry,) = list_entries(cache_root())
+    assert Path(args.model) == entry.path and entry.complete
+    assert Path(entry.info["source"]).resolve() == snapshot.resolve()
+    assert args.served_model_name == "awq-test/tiny-llama" and args.hf_overrides == {}
+    unknown = SimpleNamespace(**{**vars(args), "model": "awq-test/not-cached", "served_model_name": None})
+    quantize_on_start(unknown)  # neither a folder nor in the cache: left to vLLM, which reports it
+    assert unknown.model == "awq-test/not-cached"
+
+
 RUN_ENSURE = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
