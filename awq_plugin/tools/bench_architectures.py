@@ -160,6 +160,13 @@ def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
             template, _ = infer_template(model)
             row["template"] = "inferred"
         row["scaled_linears"], row["rounded_linears"] = _count_linears(template, model)
+        # Experts transformers keeps fused in 3-D parameters are only quantized where a shipped
+        # template splits them into linears; elsewhere they stay in full precision: say so.
+        row["fp_fused_expert_tensors"] = sum(
+            1
+            for name, p in model.named_parameters()
+            if p.dim() == 3 and "expert" in name and name.startswith(template["model_decoder_layers"])
+        )
         del model
         step = "quantize"
         from awq_plugin.api import quantize
