@@ -38,8 +38,9 @@ def block_inputs(model: torch.nn.Module, layers_path: str) -> tuple[torch.nn.Mod
     return layers, capture_decoder_inputs(model, layers, ids, micro_batch_size=2)
 
 
-def make_model(model_type: str) -> torch.nn.Module:
-    config = AutoConfig.for_model(model_type, **SMALL)
+def make_model(model_type: str, config: object | None = None) -> torch.nn.Module:
+    """A seeded random model (``config``, else the type's defaults with SMALL) with perturbed norms."""
+    config = config if config is not None else AutoConfig.for_model(model_type, **SMALL)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

@@ -145,19 +145,14 @@ def test_equal_values_from_two_norms_are_not_one_shared_input() -> None:
 
 
 def _shrunk_model(model_type: str) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The coverage bench's tiny config of ``model_type`` (consistent for GPT-J, Falcon, MLA ...)."""
+    from transformers import AutoConfig
 
     from awq_plugin.tools.bench_architectures import _shrink
 
     config = AutoConfig.for_model(model_type)
     _shrink(config)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:  # norms start at 1: perturb them so that a wrong fold shows
-                param.add_(0.3 * torch.randn_like(param))
-    return model
+    return make_model(model_type, config)
 
 
 def test_parallel_attention_and_mlp_are_judged_on_the_whole_layer() -> None:
