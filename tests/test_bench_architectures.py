@@ -111,3 +111,113 @@ def test_designs_outside_the_llama_mould(model_type: str, scaled: bool, why: str
     row = run_one(model_type, "causal-lm", tmp_path)
     assert row["ok"], (why, row)
     assert row["step"] == "done" and (row["scaled_linears"] > 0) == scaled and row["rounded_linears"] >= 0
+
+
+def _shrunk(model_type: str):
+    from awq_plugin.tools.bench_architectures import _shrink
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config)
+    return config
+
+
+def _rotary_half(text) -> int:
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    factor = text.rope_parameters.get("partial_rotary_factor") or 1.0
+    return int(head_dim * factor) // 2
+
+
+@pytest.mark.parametrize(
+    ("sections", "half", "expected"),
+    [
+        ([16, 24, 24], 8, [2, 3, 3]),  # Qwen2-VL: proportions kept
+        ([24, 20, 20], 8, [4, 2, 2]),  # Qwen3-VL: the rounding rest goes to the odd section
+        ([22, 22, 20], 8, [3, 3, 2]),  # ERNIE-VL stacks h and w: they stay equal
+        ([8, 12, 12], 4, [2, 1, 1]),  # GLM-4V with half rotary: one each, the odd one the rest
+        ([11, 11, 10], 2, None),  # fewer rotary pairs than sections: left to the model
+    ],
+)
+def test_mrope_sections_scale_to_the_tiny_rotary_dim(sections, half, expected) -> None:
+    from awq_plugin.tools.bench_architectures import _mrope_sections
+
+    assert _mrope_sections(sections, half) == expected
+
+
+@pytest.mark.parametrize(
+    ("model_type", "code_default"),
+    [
+        ("glm4v_moe", [8, 12, 12]),  # partial rotary 0.5: the sections must sum to head_dim / 4
+        ("ernie4_5_vl_moe", [22, 22, 20]),
+        ("qwen2_vl", [16, 24, 24]),
+    ],
+)
+def test_shrunk_mrope_sections_sum_to_half_the_rotary_dim(model_type: str, code_default) -> None:
+    """The config names no sections, the model's code defaults them for the full-size model:
+    the shrunk config names ones that fit its rotary dim."""
+    from awq_plugin.tools.bench_architectures import _code_mrope_default
+
+    default_text = AutoConfig.for_model(model_type).text_config
+    assert "mrope_section" not in default_text.rope_parameters
+    assert _code_mrope_default(default_text) == code_default
+    text = _shrunk(model_type).text_config
+    sections = text.rope_parameters["mrope_section"]
+    assert sum(sections) == _rotary_half(text) and min(sections) >= 1
+    if model_type == "ernie4_5_vl_moe":
+        assert sections[0] == sections[1]  # its h and w sections are stacked
+
+
+def test_shrunk_configs_stay_consistent() -> None:
+    xlstm = _shrunk("xlstm")  # its second names for hidden size and layer count follow
+    assert xlstm.embedding_dim == xlstm.hidden_size == 64 and xlstm.num_blocks == xlstm.num_hidden_layers == 2
+    assert xlstm.qk_dim == xlstm.hidden_size * xlstm.qk_dim_factor  # layers and cache agree on q/k size
+    hrm = _shrunk("hrm_text")  # cache slots = layers per stack x cycles
+    assert hrm.num_layers_per_stack == 1
+    assert hrm.num_hidden_layers == hrm.num_layers_per_stack * hrm.H_cycles * (hrm.L_cycles + 1)
+    xmod = _shrunk("xmod")  # a default language adapter, so input_ids alone run
+    assert xmod.default_language == next(iter(xmod.languages))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "auto"),
+    [
+        ("xmod", "AutoModelForCausalLM"),
+        ("xlstm", "AutoModelForCausalLM"),
+        ("hrm_text", "AutoModelForCausalLM"),
+        ("ernie4_5_vl_moe", "AutoModelForImageTextToText"),
+        ("glm4v_moe", "AutoModelForImageTextToText"),
+    ],
+)
+def test_shrunk_models_run_their_own_forward(model_type: str, auto: str) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, auto).from_config(_shrunk(model_type)).eval()
+    ids = torch.randint(1, 400, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[:2] == (1, 8) and torch.isfinite(logits).all()
+
+
+def test_a_checkpoint_the_load_mapping_does_not_invert_is_read_under_the_model_names(tmp_path: Path) -> None:
+    """A shieldgemma2 config builds a Gemma3ForConditionalGeneration; save_pretrained stores its
+    model.language_model.* as model.language_model.model.*, and transformers' load mapping for
+    shieldgemma2 adds a model. prefix that does not undo that. The reader reverses the save renaming."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from awq_plugin.format.checkpoint import SafetensorsReader
+    from awq_plugin.runtime.checkpoint_keys import renamed_reader
+
+    model = AutoModelForImageTextToText.from_config(_shrunk("shieldgemma2"))
+    model.save_pretrained(tmp_path)
+    raw = SafetensorsReader(tmp_path)
+    assert "model.language_model.model.embed_tokens.weight" in set(raw)
+    reader = renamed_reader(raw, model)
+    state = model.state_dict()
+    assert set(reader.keys()) == {k for k in state if k != "lm_head.weight"}  # tied, not stored
+    for name in (
+        "model.language_model.embed_tokens.weight",
+        "model.multi_modal_projector.mm_input_projection_weight",
+    ):
+        assert torch.equal(reader.get(name), state[name])

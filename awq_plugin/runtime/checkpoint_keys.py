@@ -66,6 +66,46 @@ def _transformers_mapping(model: nn.Module) -> tuple[list[Any], list[Any]] | Non
     return renamings, converters
 
 
+def _saved_names(model: nn.Module, names: set[str]) -> dict[str, str]:
+    """Stored name -> model name, for the model's tensors ``save_pretrained`` stores under a renamed key.
+
+    transformers' load-time mapping does not always invert its save-time one: a model built from
+    scratch is saved without the mapping's prefix changes, and a mapping chosen by the config's
+    ``model_type`` can carry a prefix change for another class (a ``shieldgemma2`` config builds a
+    ``Gemma3ForConditionalGeneration``, whose ``model.language_model.*`` is saved as
+    ``model.language_model.model.*``, which the load mapping turns into ``model.model.language_model.model.*``).
+    Reproducing the save renaming (as ``revert_weight_conversion`` does for a model built from
+    scratch) reads such a checkpoint back; tensors a converter merges are left to the converters.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            PrefixChange,
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
+        transforms = getattr(model, "_weight_conversions", None)
+        if transforms is None:
+            transforms = get_model_conversion_mapping(model, add_legacy=False)
+            transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
+        reverse = [t.reverse_transform() for t in transforms[::-1]]
+    except Exception:  # an older transformers, or not a PreTrainedModel
+        return {}
+    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
+    converters = [t for t in reverse if isinstance(t, WeightConverter)]
+    saved: dict[str, str] = {}
+    for name in sorted(names):
+        try:
+            stored, pattern = rename_source_key(name, renamings, converters, reverse=True)
+        except Exception:
+            return {}
+        if pattern is None:  # stored as is, or renamed
+            saved[stored] = name
+    return saved
+
+
 def checkpoint_key_renamer(model: nn.Module) -> Any:
     """transformers' load-time pure key renaming for ``model`` (None when it has none).
 
@@ -241,10 +281,14 @@ def _plan_conversions(
     pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
     to_source: dict[str, str] = {}
     groups: dict[str, _Conversion] = {}
+    saved: dict[str, str] | None = None  # built on the first stored key the load mapping misses
     for stored in sorted(reader, key=dot_natural_key):
         plain = rename_source_key(stored, renamings, [])[0]
         target, pattern = rename_source_key(stored, renamings, converters) if converters else (plain, None)
         if pattern is None or target not in model_names:
+            if plain not in model_names:  # the load mapping misses it: is it the model's save name?
+                saved = _saved_names(model, model_names) if saved is None else saved
+                plain = saved.get(stored, plain)
             to_source[plain] = stored
             continue
         group = groups.setdefault(target, _Conversion(target, pattern_to_converter[pattern], [], {}))

@@ -67,6 +67,8 @@ SMALL = {  # config field -> tiny value, applied wherever a (sub-)config has the
     "num_layers": 2,
     "depth": 2,
     "embed_dim": 64,
+    "embedding_dim": 64,  # xLSTM: its own name for the hidden size, read by the blocks' norms
+    "num_blocks": 2,  # xLSTM: its own name for the layer count
 }
 STEPS = ("build", "run", "template", "quantize", "inspect", "from_pretrained", "logits")
 N_TOKENS = 16
@@ -80,11 +82,30 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
     if id(config) in seen:
         return
     seen.add(id(config))
+    # A layer count that counts cache slots of stacked layers (HRM: num_hidden_layers =
+    # num_layers_per_stack * cycles) keeps its multiple of the stack: shrink the stack, not the slots.
+    per_stack = getattr(config, "num_layers_per_stack", None)
+    total = getattr(config, "num_hidden_layers", None)
+    stacked = (
+        isinstance(per_stack, int) and isinstance(total, int) and per_stack > 0 and total % per_stack == 0
+    )
     for key, value in SMALL.items():
         current = getattr(config, key, None)
         if isinstance(current, int) and not isinstance(current, bool) and current > value:
             with contextlib.suppress(Exception):  # read-only aliases
                 setattr(config, key, value)
+    if stacked and per_stack > 1:
+        config.num_layers_per_stack = 1
+        config.num_hidden_layers = total // per_stack
+    for key, current in vars(config).items():
+        # xLSTM sizes q/k/v as hidden * factor in its layers but hidden * factor rounded up to a
+        # multiple of 64 in its cache: equal at the tiny hidden size 64 only with the full factor
+        if key.endswith("_dim_factor") and isinstance(current, float) and current < 1.0:
+            setattr(config, key, 1.0)
+    if getattr(config, "default_language", "") is None and getattr(config, "languages", None):
+        config.default_language = next(
+            iter(config.languages)
+        )  # X-MOD: input_ids alone need a default adapter
     if getattr(config, "kv_lora_rank", None) and getattr(config, "num_key_value_heads", None):
         config.num_key_value_heads = config.num_attention_heads  # latent attention: one K/V per head
     vocab = getattr(config, "vocab_size", None)
@@ -102,17 +123,67 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
                 missing = [t for t in dict.fromkeys(current) if t not in kept][:n_layers]
                 kept = kept[: n_layers - len(missing)] + missing
             setattr(config, key, kept)
-    for key in ("rope_scaling", "rope_parameters"):  # M-RoPE sections must sum to head_dim / 2
+    for key in ("rope_scaling", "rope_parameters"):  # M-RoPE sections must sum to the rotary dim / 2
         rope = getattr(config, key, None)
-        vl = "vl" in str(getattr(config, "model_type", ""))  # Qwen-VL text configs default it in code
-        if isinstance(rope, dict) and (isinstance(rope.get("mrope_section"), list) or vl):
-            rope.setdefault("mrope_section", [16, 24, 24])
-            half = SMALL["head_dim"] // 2
-            n = len(rope["mrope_section"])
-            rope["mrope_section"] = [half - (n - 1) * (half // n)] + [half // n] * (n - 1)
+        if isinstance(rope, dict) and rope:
+            nested = [r for r in rope.values() if isinstance(r, dict)]  # one per layer type
+            for params in nested or [rope]:
+                _shrink_mrope(config, params)
     for value in list(vars(config).values()):
         if isinstance(value, PretrainedConfig):
             _shrink(value, seen)
+
+
+def _code_mrope_default(config: Any) -> list[int] | None:
+    """The M-RoPE sections the model's code uses when its config names none (Qwen-VL, GLM-4V, ERNIE-VL
+    read ``rope_parameters.get("mrope_section", [16, 24, 24])``), from the modeling module's source."""
+    import importlib.util
+    import re
+
+    module = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        spec = importlib.util.find_spec(module)
+        source = Path(spec.origin).read_text() if spec and spec.origin else ""
+    except (ImportError, ValueError, OSError):
+        return None
+    found = re.search(r"""get\(\s*["']mrope_section["']\s*,\s*\[([\d,\s]+)\]""", source)
+    return [int(v) for v in found.group(1).split(",") if v.strip()] if found else None
+
+
+def _mrope_sections(default: list[int], half: int) -> list[int] | None:
+    """``default`` scaled to sum to ``half``, every section at least 1 and equal sections kept equal
+    (ERNIE-VL stacks its h and w sections); None when ``half`` is too small for one per section."""
+    n, total = len(default), sum(default)
+    if n == 0 or half < n or total <= 0:
+        return None
+    new = [max(1, round(s * half / total)) for s in default]
+    unique = [i for i, s in enumerate(default) if default.count(s) == 1]
+    i = unique[0] if unique else 0
+    new[i] += half - sum(new)
+    if new[i] < 1:  # the others take one each, the odd one the rest
+        new = [1] * n
+        new[i] = half - (n - 1)
+    return new
+
+
+def _shrink_mrope(config: Any, rope: dict[str, Any]) -> None:
+    """Make ``rope``'s M-RoPE sections (given, or the code's default) sum to the tiny rotary dim / 2."""
+    sections = rope.get("mrope_section")
+    if not isinstance(sections, list):
+        sections = _code_mrope_default(config)
+    if not sections:
+        return
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not isinstance(head_dim, int):
+        return
+    factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    half = int(head_dim * factor) // 2
+    if sum(sections) == half:
+        return
+    new = _mrope_sections(sections, half)
+    if new is not None:
+        rope["mrope_section"] = new
 
 
 def _count_linears(template: dict[str, Any], model: Any) -> tuple[int, int]:
