@@ -221,3 +221,11 @@ def test_a_checkpoint_the_load_mapping_does_not_invert_is_read_under_the_model_n
         "model.multi_modal_projector.mm_input_projection_weight",
     ):
         assert torch.equal(reader.get(name), state[name])
+
+
+def test_mrope_sections_only_where_a_text_config_uses_them() -> None:
+    """Vision sub-configs (no vocabulary) share the modeling module's default but not its use:
+    they get no sections; a -vl text config whose code has no default gets Qwen-VL's, scaled."""
+    assert "mrope_section" not in _shrunk("qwen3_5").vision_config.rope_parameters
+    text = _shrunk("hunyuan_vl").text_config
+    assert sum(text.rope_parameters["mrope_section"]) == _rotary_half(text)

@@ -169,8 +169,9 @@ def _mrope_sections(default: list[int], half: int) -> list[int] | None:
 def _shrink_mrope(config: Any, rope: dict[str, Any]) -> None:
     """Make ``rope``'s M-RoPE sections (given, or the code's default) sum to the tiny rotary dim / 2."""
     sections = rope.get("mrope_section")
-    if not isinstance(sections, list):
-        sections = _code_mrope_default(config)
+    vl = "vl" in str(getattr(config, "model_type", ""))  # Qwen-VL kin: sections even where the code has none
+    if not isinstance(sections, list) and (getattr(config, "vocab_size", None) or vl):  # a text config
+        sections = _code_mrope_default(config) or ([16, 24, 24] if vl else None)
     if not sections:
         return
     heads = getattr(config, "num_attention_heads", None)
