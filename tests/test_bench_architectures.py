@@ -171,7 +171,7 @@ def test_shrunk_configs_stay_consistent() -> None:
     assert xlstm.embedding_dim == xlstm.hidden_size == 64 and xlstm.num_blocks == xlstm.num_hidden_layers == 2
     assert xlstm.qk_dim == xlstm.hidden_size * xlstm.qk_dim_factor  # layers and cache agree on q/k size
     hrm = _shrunk("hrm_text")  # cache slots = layers per stack x cycles
-    assert hrm.num_layers_per_stack == 1
+    assert hrm.num_layers_per_stack == 2  # the tiny layer count, in each stack
     assert hrm.num_hidden_layers == hrm.num_layers_per_stack * hrm.H_cycles * (hrm.L_cycles + 1)
     xmod = _shrunk("xmod")  # a default language adapter, so input_ids alone run
     assert xmod.default_language == next(iter(xmod.languages))

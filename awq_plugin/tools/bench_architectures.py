@@ -94,9 +94,9 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
         if isinstance(current, int) and not isinstance(current, bool) and current > value:
             with contextlib.suppress(Exception):  # read-only aliases
                 setattr(config, key, value)
-    if stacked and per_stack > 1:
-        config.num_layers_per_stack = 1
-        config.num_hidden_layers = total // per_stack
+    if stacked and per_stack > SMALL["num_hidden_layers"]:  # each stack gets the tiny layer count
+        config.num_layers_per_stack = SMALL["num_hidden_layers"]
+        config.num_hidden_layers = total // per_stack * SMALL["num_hidden_layers"]
     for key, current in vars(config).items():
         # xLSTM sizes q/k/v as hidden * factor in its layers but hidden * factor rounded up to a
         # multiple of 64 in its cache: equal at the tiny hidden size 64 only with the full factor
