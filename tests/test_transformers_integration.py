@@ -396,3 +396,18 @@ def test_vllm_greedy_matches_transformers(
     # least half of the prompts must agree token for token, so that the test compares something.
     notes = assert_same_or_near_tie(reference, result["tokens"], f"vLLM ({engine})")
     assert len(notes) <= len(VLLM_PROMPTS) // 2, notes
+
+
+def test_weight_of_a_quantized_linear_is_a_stand_in_that_cannot_pass_for_the_weight() -> None:
+    """Model code reads `.weight` of linears (dtype, device; transformers' init on load): it gets a
+    NaN expanded to [out, in], marked initialised, following the module's dtype, never saved."""
+    layer = AwqLinear(64, 16, 32, bias=False, dtype=torch.bfloat16)
+    w = layer.weight
+    assert w.shape == (16, 64) and w.dtype == torch.bfloat16 and w.device == layer.qweight.device
+    assert w._is_hf_initialized and torch.isnan(w).all() and w.untyped_storage().nbytes() == 2
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales"}
+    assert layer.to(torch.float32).weight.dtype == torch.float32
+    layer.weight.zero_()  # a write reaches nothing
+    assert torch.isnan(layer.weight).all()
+    x = torch.randn(3, 64)
+    assert torch.isnan(torch.nn.functional.linear(x, layer.weight)).all()

@@ -52,7 +52,25 @@ class AwqLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kwargs))
         else:
             self.bias = None
+        # Zero elements in the compute dtype, moved by .to() with the module: `weight`'s dtype and device.
+        self.register_buffer("_dtype_device", torch.empty(0, dtype=dtype, **kwargs), persistent=False)
         self._kernel_weight = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in ``[out, in]`` for model code that reads a linear's ``.weight``.
+
+        Its dtype, device and shape are the layer's; it holds no memory (a fresh NaN, expanded),
+        so using it as a weight gives non-finite output rather than a silently wrong one, and
+        writing to it changes nothing. It is marked initialised, so transformers' weight
+        initialisation on load (``init.kaiming_uniform_(mixer.out_proj.weight)`` in Mamba)
+        leaves it alone.
+        """
+        like = self._dtype_device
+        stand_in = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
+        stand_in = stand_in.expand(self.out_features, self.in_features)
+        stand_in._is_hf_initialized = True
+        return stand_in
 
     @classmethod
     def from_packed(
