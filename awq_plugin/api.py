@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from awq_plugin.algorithm.awq import AwqOptions, AwqResults, quantized_linear_names, run_awq
+from awq_plugin.algorithm.awq import (
+    AwqOptions,
+    AwqResults,
+    keeping_ungroupable_in_full_precision,
+    quantized_linear_names,
+    run_awq,
+)
 from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.calibration.text import CalibSource, calibration_ids, evaluation_windows
 from awq_plugin.config import AwqQuantConfig
@@ -114,7 +120,7 @@ def quantize_model(
     from awq_plugin.runtime.qlinear import AwqLinear
 
     quant.check_packable()
-    resolved = _scale_model(
+    resolved, quant = _scale_model(
         model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
     )
     for block, name in _quantized_linears(model, resolved, quant):
@@ -146,16 +152,20 @@ def _scale_model(
     seq_len: int,
     template: Any,
     options: AwqOptions | None,
-) -> Any:
+) -> tuple[Any, AwqQuantConfig]:
+    """Resolve the template, search and apply AWQ (unless rtn); return the template and the config
+    (with the linears the group size cannot split added to ``modules_to_not_convert``)."""
     if method not in METHODS:
         raise ConfigError(f"quantization method {method!r} is unknown; choose one of {list(METHODS)}")
     options = options or AwqOptions()
+    resolved = resolve_template(model, template)
+    layers = model.get_submodule(resolved.decoder_layers)
+    quant = keeping_ungroupable_in_full_precision(layers, resolved, quant)
     if method == "awq":
         ids = calibration_ids(calib_data, tokenizer, n_samples, seq_len, options.seed)
-        results: AwqResults = run_awq(model, quant, ids, template, options)
+        results: AwqResults = run_awq(model, quant, ids, dict(resolved.data), options)
         model.awq_results = results  # kept for inspection / saving alongside the model
-        return resolve_template(model, results.template)
-    return resolve_template(model, template)
+    return resolved, quant
 
 
 def fake_quantize_model(
@@ -174,7 +184,7 @@ def fake_quantize_model(
 
     This is how schemes that cannot be packed (2- and 3-bit) are studied.
     """
-    resolved = _scale_model(
+    resolved, quant = _scale_model(
         model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
     )
     with torch.no_grad():

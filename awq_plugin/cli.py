@@ -80,7 +80,11 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.seq_len,
         help=f"tokens per calibration window (default {DEFAULTS.seq_len})",
     )
-    p.add_argument("--template", help="architecture template JSON (default: the shipped one for the model)")
+    p.add_argument(
+        "--template",
+        help="architecture template: a JSON file, a shipped template's name, or 'infer' (inferred from the "
+        "model's data flow, every fold proven); default: the shipped one for the model, else inferred",
+    )
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation AND weight magnitude")
     p.add_argument("--no-clip", action="store_true", help="skip the clip (max-range shrink) search")
     # Defaults equal AwqOptions' (tested), so the CLI and the Python API write the same checkpoint;

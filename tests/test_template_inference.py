@@ -200,3 +200,111 @@ def test_the_streaming_quantizer_infers_the_same_template_one_layer_at_a_time(tm
     expected = validate_template_data(expected, "<inferred>")  # as stored: defaults filled in
     assert used["scaling_layers"] == expected["scaling_layers"] and used["unscaled"] == expected["unscaled"]
     assert any(g["module2inspect"] == "" for g in used["scaling_layers"])
+
+
+def tiny_mamba(dt_rank: int) -> nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2, time_step_rank=dt_rank
+    )
+    torch.manual_seed(0)
+    return MambaForCausalLM(config).eval()
+
+
+def test_a_small_linear_the_group_cannot_split_stays_in_full_precision(tmp_path) -> None:
+    """Mamba's dt_proj reads dt_rank = 48 columns: group 32 keeps it in fp16, listed, and the rest loads."""
+    from transformers import AutoModelForCausalLM
+
+    import awq_plugin.integrations.transformers as awq_transformers
+    from awq_plugin.api import quantize
+    from awq_plugin.format.checkpoint import read_json
+    from awq_plugin.runtime.qlinear import AwqLinear
+
+    src, out = tmp_path / "src", tmp_path / "awq"
+    tiny_mamba(dt_rank=48).save_pretrained(src)
+    ids = torch.randint(1, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    quantize(str(src), "uint4_wo_32", ids, out_dir=out, progress=False)
+    kept = read_json(out / "config.json")["quantization_config"]["modules_to_not_convert"]
+    assert kept == [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)]
+    awq_transformers.activate()
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    mixer = loaded.backbone.layers[0].mixer
+    assert isinstance(mixer.dt_proj, nn.Linear) and isinstance(mixer.in_proj, AwqLinear)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=ids[:1]).logits).all()
+
+
+def test_a_large_linear_the_group_cannot_split_is_a_clear_error(tmp_path) -> None:
+    from awq_plugin.algorithm.awq import ungroupable_linears
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.errors import ConfigError
+
+    model = tiny_mamba(dt_rank=120)  # dt_proj: 120 x 128 of the block's linear weights
+    resolved = resolve_template(model)
+    layers = model.get_submodule(resolved.decoder_layers)
+    quant = AwqQuantConfig.from_scheme("uint4_wo_32")
+    with pytest.raises(
+        ConfigError,
+        match=r"'backbone\.layers\.0\.mixer\.dt_proj' has in_features=120, not a multiple of group_size=32 \(with 0 more",
+    ):
+        ungroupable_linears(layers, resolved, quant)
+    # Listed by the user, it is theirs to keep: no error, nothing added.
+    assert ungroupable_linears(layers, resolved, quant.replace(modules_to_not_convert=("dt_proj",))) == ()
+
+
+def test_gpt2_conv1d_layers_quantize_and_load_as_the_reference_computes(tmp_path, monkeypatch) -> None:
+    """GPT-2 keeps its linears as Conv1D ([in, out] weights). Quantized ones load as AwqLinear, the one
+    kept in full precision is written in Conv1D's layout, and transformers' logits equal the
+    reference (the source model, AWQ re-applied, fake-quantized): a transposition slip in any square
+    c_proj would not."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    import awq_plugin.integrations.transformers as awq_transformers
+    from awq_plugin.algorithm.awq import AwqResults, apply_awq
+    from awq_plugin.api import quantize
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.format.checkpoint import SafetensorsReader
+    from awq_plugin.pipeline.guard import fake_quantize_linears
+    from awq_plugin.pipeline.quantize import RESULTS_FILE
+    from awq_plugin.runtime.qlinear import AwqLinear
+
+    src, out = tmp_path / "src", tmp_path / "awq"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    GPT2LMHeadModel(config).eval().save_pretrained(src)
+    ids = torch.randint(1, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    quant = AwqQuantConfig.from_scheme("uint4_wo_32").replace(modules_to_not_convert=("mlp.c_proj",))
+    quantize(str(src), quant, ids, out_dir=out, progress=False)
+    reader = SafetensorsReader(out)
+    assert "transformer.h.0.attn.c_attn.qweight" in reader
+    assert list(reader.get_slice_shape("transformer.h.0.mlp.c_proj.weight")) == [256, 64]  # Conv1D: [in, out]
+
+    reference = GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32).eval()
+    results = AwqResults.load(out / RESULTS_FILE)
+    apply_awq(reference, results)
+    fake_quantize_linears(reference, quant, results.template)
+    awq_transformers.activate()
+    monkeypatch.setenv("AWQ_PLUGIN_KERNEL", "reference")  # the kernels have their own tests
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    block = loaded.transformer.h[0]
+    assert isinstance(block.attn.c_attn, AwqLinear) and isinstance(block.attn.c_proj, AwqLinear)
+    assert isinstance(block.mlp.c_proj, Conv1D)
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_a_post_norm_model_without_a_final_norm_gets_a_template() -> None:
+    """OpenAI GPT normalises inside its blocks only (and keeps Conv1D linears): no norm role, still a template."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    torch.manual_seed(0)
+    model = OpenAIGPTLMHeadModel(
+        OpenAIGPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    )
+    template, report = infer_template(model.eval())
+    assert set(template["non_layer_modules"]) == {"embed_tokens", "lm_head"}
+    assert report.proven  # the folds of the post-attention norm into the MLP, at least
+    assert resolve_template(model, template).block(1).linears

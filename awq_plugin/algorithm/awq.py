@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ from awq_plugin.templates.folds import apply_group_scales, clamp_weight
 from awq_plugin.templates.verify import verify_block_folds
 
 logger = logging.getLogger(__name__)
+QuantConfigT = TypeVar("QuantConfigT")
 
 SEARCH_CHUNK_ROWS = 8192  # token rows per forward of a token-wise module in the search (memory bound)
 PROPAGATE_CHOICES = ("fp", "quantized")
@@ -206,6 +207,68 @@ def _skips(quant_config: QuantConfigLike, full_name: str) -> bool:
     if callable(skips):
         return bool(skips(full_name))
     return any(p in full_name for p in getattr(quant_config, "modules_to_not_convert", ()) or ())
+
+
+#: A linear whose input width the group size does not divide stays in full precision (and is
+#: added to ``modules_to_not_convert``) when it holds at most this share of its block's linear
+#: weights: a small projection such as Mamba's ``dt_proj`` (48 inputs; 2% of a real Mamba
+#: block, 15% of the bench's tiny one). Beyond it (hidden size 576 at group 128 would leave
+#: most of the model unquantized) an error asks for another group size.
+UNGROUPABLE_MAX_SHARE = 0.25
+
+
+def ungroupable_linears(
+    layers: Sequence[nn.Module], resolved: ResolvedTemplate, quant_config: QuantConfigLike
+) -> tuple[str, ...]:
+    """Full names of the decoder linears to keep in full precision because the group size does not
+    divide their input width; :class:`ConfigError` naming the first one if it is not small.
+
+    Works on a skeleton with parameters on the meta device (only shapes are read).
+    """
+    g = quant_config.group_size
+    if g == -1:
+        return ()
+    kept: list[str] = []
+    for i, block in enumerate(layers):
+        groups = resolved.block(i)
+        linears = {n: block.get_submodule(n) for n in groups.linears}
+        linears = {n: m for n, m in linears.items() if not _skips(quant_config, groups.full_name(n))}
+        bad = [n for n, m in linears.items() if m.in_features % g]
+        if not bad:
+            continue
+
+        sizes = {n: m.in_features * m.out_features for n, m in linears.items()}
+        share = sum(sizes[n] for n in bad) / sum(sizes.values())
+        if share > UNGROUPABLE_MAX_SHARE:
+            first = linears[bad[0]]
+            raise ConfigError(
+                f"linear '{groups.full_name(bad[0])}' has in_features={first.in_features}, not a multiple "
+                f"of group_size={g} (with {len(bad) - 1} more such linears, {share:.0%} of the block's "
+                "linear weights); choose a group size that divides it or list the module in "
+                "modules_to_not_convert"
+            )
+        kept.extend(groups.full_name(name) for name in bad)
+    return tuple(kept)
+
+
+def keeping_ungroupable_in_full_precision(
+    layers: Sequence[nn.Module], resolved: ResolvedTemplate, quant_config: QuantConfigT
+) -> QuantConfigT:
+    """``quant_config`` with :func:`ungroupable_linears` added to ``modules_to_not_convert``, logged."""
+    kept = ungroupable_linears(layers, resolved, quant_config)
+    if not kept:
+        return quant_config
+    logger.warning(
+        "%d linear(s) kept in full precision: group_size=%d does not divide their input width "
+        "(listed in modules_to_not_convert): %s%s",
+        len(kept),
+        quant_config.group_size,
+        ", ".join(kept[:4]),
+        " ..." if len(kept) > 4 else "",
+    )
+    return dataclasses.replace(
+        quant_config, modules_to_not_convert=(*quant_config.modules_to_not_convert, *kept)
+    )
 
 
 def quantized_linear_names(

@@ -34,7 +34,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from awq_plugin.algorithm.awq import AwqOptions, AwqResults, awq_block_step, quant_config_dict
+from awq_plugin.algorithm.awq import (
+    AwqOptions,
+    AwqResults,
+    awq_block_step,
+    keeping_ungroupable_in_full_precision,
+    quant_config_dict,
+)
 from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.calibration.settings import DEFAULTS
@@ -43,6 +49,7 @@ from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import AwqPluginError, CalibrationError, ConfigError, TemplateError
 from awq_plugin.format.checkpoint import SafetensorsReader, read_json
 from awq_plugin.fsutil import check_output_dir
+from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.pipeline.assemble import RESULTS_FILE, assemble_checkpoint
 from awq_plugin.pipeline.blocks import (
     layer_as_built,
@@ -58,6 +65,7 @@ from awq_plugin.runtime.checkpoint_keys import renamed_reader
 from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 from awq_plugin.templates.infer import find_decoder_layers, infer_template
+from awq_plugin.templates.resolve import INFER
 from awq_plugin.templates.shipped import find_shipped_template
 
 log = logging.getLogger(__name__)
@@ -130,8 +138,9 @@ def _open_source(
     reader = SafetensorsReader(folder)
     hf_config = hf_config_from_dict(config, trust_remote_code, folder)
     model = build_empty_model(hf_config, torch.float32, trust_remote_code)
+    linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear (loads the source's [in, out] weights)
     reader = renamed_reader(reader, model)  # transformers' key renamings (VLM checkpoint layouts)
-    if template is None and not _has_shipped_template(model):
+    if template == INFER or (template is None and not _has_shipped_template(model)):
         template = _inferred_template(model, reader)
     return _Source(folder, config, reader, model, resolve_template(model, template))
 
@@ -281,6 +290,7 @@ def quantize_checkpoint(
     options = options or AwqOptions()
     check_output_dir(out, overwrite)
     src = _open_source(source, template, trust_remote_code)
+    quant = keeping_ungroupable_in_full_precision(src.layers, src.resolved, quant)
     calib_ids = _calibration_tokens(src, calib, n_samples, seq_len, options.seed, trust_remote_code)
     n_layers = len(src.layers)
     work = WorkDir(work_dir_path(out), _run_fingerprint(src, quant, method, calib_ids, options))

@@ -128,15 +128,19 @@ def swap_in_awq_linears(
     model: nn.Module, prefixes: Iterable[str], group_size: int, backend: str | None, dtype: torch.dtype
 ) -> None:
     """Replace each ``nn.Linear`` named in ``prefixes`` by an empty :class:`AwqLinear`."""
+    from transformers.pytorch_utils import Conv1D
+
     for prefix in prefixes:
         old = get_submodule(model, prefix)
-        if not isinstance(old, nn.Linear):
+        if isinstance(old, nn.Linear):
+            n_in, n_out = old.in_features, old.out_features
+        elif isinstance(old, Conv1D):  # GPT-2's linear, weight stored [in, out]
+            n_in, n_out = old.weight.shape
+        else:
             raise CheckpointError(
                 f"checkpoint quantizes {prefix!r}, which is a {type(old).__name__}, not a Linear"
             )
-        new = AwqLinear(
-            old.in_features, old.out_features, group_size, old.bias is not None, backend=backend, dtype=dtype
-        )
+        new = AwqLinear(n_in, n_out, group_size, old.bias is not None, backend=backend, dtype=dtype)
         replace_module(model, prefix, new)
 
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
 from awq_plugin.errors import TemplateError
+from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.schema import ScalingGroup
 from awq_plugin.templates.verify import FOLD_TOLERANCE, measure_group_fold
@@ -145,7 +146,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def find_non_layer_modules(model: nn.Module, layers_path: str) -> dict[str, str]:
-    """Roles embed_tokens, norm, lm_head (and rotary_emb when present) as model paths."""
+    """Roles embed_tokens, lm_head (and norm, rotary_emb when present) as model paths."""
     roles: dict[str, str] = {}
     embed = _path_of(model, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
     head = _path_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
@@ -164,17 +165,15 @@ def find_non_layer_modules(model: nn.Module, layers_path: str) -> dict[str, str]
         ]
         norms = [f"/{n}" for n in outside[-1:]]  # "/": a model path, not relative to the base
     rotary = [n for n, m in base.named_children() if "rotary" in type(m).__name__.lower()]
-    for role, path in (
-        ("embed_tokens", embed),
-        ("norm", (norms[-1][1:] if norms[-1].startswith("/") else prefix + norms[-1]) if norms else None),
-        ("lm_head", head),
-    ):
+    for role, path in (("embed_tokens", embed), ("lm_head", head)):
         if path is None:
             raise TemplateError(
-                f"{type(model).__name__}: cannot infer non_layer_modules.{role} (looked for the input "
-                f"embeddings, a norm beside {layers_path!r}, and the output embeddings)"
+                f"{type(model).__name__}: cannot infer non_layer_modules.{role} (looked for the "
+                "model's input and output embeddings)"
             )
         roles[role] = path
+    if norms:  # a post-norm stack may have none at all (OpenAI GPT)
+        roles["norm"] = norms[-1][1:] if norms[-1].startswith("/") else prefix + norms[-1]
     if rotary:
         roles["rotary_emb"] = prefix + rotary[0]
     return roles
@@ -418,6 +417,7 @@ def infer_template(
     the modules outside the layers must have theirs.
     """
     config = getattr(model, "config", None)
+    linearize_conv1d(model)  # GPT-2's Conv1D is a linear: make it one, in place
     layers_path = find_decoder_layers(model)
     layers = model.get_submodule(layers_path)
     non_layer = find_non_layer_modules(model, layers_path)

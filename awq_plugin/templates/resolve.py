@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from awq_plugin.errors import TemplateError
+from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.schema import (
@@ -159,6 +160,7 @@ def _inferred(model: nn.Module) -> tuple[dict[str, Any], str]:
 
 def _as_model(model_or_config: Any) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
+        linearize_conv1d(model_or_config)  # GPT-2's Conv1D is a linear: make it one, in place
         return model_or_config
     # A config: build the module tree without allocating weights (names are all we need).
     from transformers import AutoModelForCausalLM

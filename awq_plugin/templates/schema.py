@@ -21,8 +21,9 @@ paths are relative to the model (``model.layers``). Fields::
       "model_types": ["llama"],                 # config.model_type values (fallback key)
       "model_decoder_layers": "model.layers",   # the nn.ModuleList of decoder layers
       "non_layer_modules": {                    # role -> path, for a streaming driver
-        "embed_tokens": "model.embed_tokens",   #   required roles: embed_tokens, norm, lm_head
-        "rotary_emb": "model.rotary_emb",       #   any other role is optional
+        "embed_tokens": "model.embed_tokens",   #   required roles: embed_tokens, lm_head; any
+        "rotary_emb": "model.rotary_emb",       #   other is optional (OpenAI GPT, post-norm,
+                                                #   has no final norm)
         "norm": "model.norm",
         "lm_head": "lm_head"
       },
@@ -135,7 +136,7 @@ import torch
 from awq_plugin.errors import TemplateError
 from awq_plugin.models.experts import ExpertsLayout
 
-REQUIRED_ROLES = ("embed_tokens", "norm", "lm_head")
+REQUIRED_ROLES = ("embed_tokens", "lm_head")
 DEFAULT_CONFIG_KEYS = {
     "num_attention_heads": "num_attention_heads",
     "num_key_value_heads": "num_key_value_heads",
