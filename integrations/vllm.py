@@ -213,7 +213,46 @@ def read_awq_config(raw: dict[str, Any]) -> AwqQuantConfig:
     return quant
 
 
+def map_module_patterns(mapper: Any, patterns: list[str]) -> list[str]:
+    """``modules_to_not_convert`` under the names a vLLM model gives its modules.
+
+    vLLM's ``WeightsMapper`` renames *weight* names (``model.visual.blocks.0.attn.qkv.weight``);
+    a pattern is a module name, often a subtree (``model.visual``). Mapped as it is, a subtree
+    without its trailing dot misses its own rule (``"model.visual."`` -> ``"visual."``) and falls
+    to a shorter one (``"model."`` -> ``"language_model.model."``), giving
+    ``language_model.model.visual``, which matches nothing. So each pattern is mapped as a
+    module prefix (with a dot) and the dot it did not have is taken off again; a pattern the
+    mapper drops (a weight vLLM ignores) keeps its plain mapping, or itself.
+    """
+    out: list[str] = []
+    for pattern in patterns:
+        dotted = pattern if pattern.endswith(".") else pattern + "."
+        mapped = mapper.apply_list([dotted])
+        if mapped:
+            name = mapped[0] if pattern.endswith(".") else mapped[0].removesuffix(".")
+        else:
+            plain = mapper.apply_list([pattern])
+            name = plain[0] if plain else pattern
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
 _logged_kernels: set[str] = set()
+_logged_skip = False
+
+
+def _log_skipped_once(prefix: str, patterns: list[str]) -> None:
+    """One line per process when a linear stays in full precision by ``modules_to_not_convert``."""
+    global _logged_skip
+    if not _logged_skip:
+        _logged_skip = True
+        shown = patterns[:8] + (["..."] if len(patterns) > 8 else [])
+        log.info(
+            "awq-plugin: %s (and any other layer matching modules_to_not_convert %s) stays in full precision",
+            prefix,
+            shown,
+        )
 
 
 def _log_kernel_once(choice: KernelChoice, method: str = "AwqPluginLinearMethod") -> None:
@@ -478,6 +517,7 @@ class _ConfigImpl:
             if is_layer_skipped(
                 prefix, self.modules_to_not_convert, self.packed_modules_mapping, match_mode="substring"
             ):
+                _log_skipped_once(prefix, self.modules_to_not_convert)
                 return UnquantizedLinearMethod()
             return _vllm_classes()["AwqPluginLinearMethod"](self)
         if isinstance(layer, RoutedExperts):
@@ -504,7 +544,7 @@ class _ConfigImpl:
         # Models that rename modules on load (e.g. "model." -> "language_model.model.") rename
         # the skip list too, or it would never match.
         if self.modules_to_not_convert:
-            self.modules_to_not_convert = hf_to_vllm_mapper.apply_list(self.modules_to_not_convert)
+            self.modules_to_not_convert = map_module_patterns(hf_to_vllm_mapper, self.modules_to_not_convert)
 
     def vllm_awq_config(self) -> Any:
         """vLLM's ``AutoAWQConfig`` for the same settings: the routes we reuse rather than rewrite."""

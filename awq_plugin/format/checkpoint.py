@@ -12,6 +12,7 @@ carries ``quantization_config`` (see :mod:`awq_plugin.config`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -45,6 +46,10 @@ COPIED_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    # multimodal processors (vision-language models): what AutoProcessor and vLLM read
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
 )
 
 
@@ -442,8 +447,19 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
 
 
 def write_model_config(source_config: Mapping[str, Any], dest: Path, quant: AwqQuantConfig) -> None:
-    """Write config.json: the source's, with our ``quantization_config`` and fp16 as dtype."""
+    """Write config.json: the source's, with our ``quantization_config`` and fp16 as dtype.
+
+    ``dest`` holds the checkpoint's shards already: the modules they keep in full precision
+    outside the quantized layer stacks (a VLM's vision tower and projector) are added to
+    ``modules_to_not_convert`` (see :func:`full_precision_modules`).
+    """
     config = dict(source_config)
+    if any(Path(dest).glob("*.safetensors")):
+        extra = full_precision_modules(config, iter_quantized_prefixes(SafetensorsReader(dest).keys()))
+        listed = tuple(quant.modules_to_not_convert)
+        missing = tuple(p for p in extra if p not in listed)
+        if missing:
+            quant = dataclasses.replace(quant, modules_to_not_convert=listed + missing)
     config["quantization_config"] = quant.to_quantization_config()
     config["torch_dtype"] = "float16"
     config.pop("dtype", None)
@@ -538,13 +554,12 @@ def validate_quantized_layer(
     return k, n
 
 
-def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Parameter shapes of the architecture, built on the meta device (None if unknown)."""
+def _meta_model(config: Mapping[str, Any]) -> tuple[torch.nn.Module, Any] | None:
+    """(the architecture on the meta device, model name -> checkpoint name), None if unknown."""
     try:
         from transformers import AutoConfig
 
         from awq_plugin.models.auto import auto_model_class
-        from awq_plugin.models.tied import tied_parameters
         from awq_plugin.templates import unfuse_experts_for_loading
 
         hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
@@ -554,9 +569,56 @@ def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] 
         names = unfuse_experts_for_loading(model)
     except Exception:  # an architecture transformers cannot build: fall back to the generic checks
         return None
-    rename = names.to_checkpoint_name if names is not None else str
+    return model, (names.to_checkpoint_name if names is not None else str)
+
+
+def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Parameter shapes of the architecture, built on the meta device (None if unknown)."""
+    from awq_plugin.models.tied import tied_parameters
+
+    built = _meta_model(config)
+    if built is None:
+        return None
+    model, rename = built
     tied = tied_parameters(model)  # a checkpoint stores only the other side of a tie
     return {rename(name): tuple(p.shape) for name, p in model.named_parameters() if name not in tied}
+
+
+def full_precision_modules(config: Mapping[str, Any], quantized: Iterable[str]) -> list[str]:
+    """Module-name patterns (``"model.visual."``) covering the linears kept in full precision
+    outside the quantized layer stacks, for ``modules_to_not_convert``.
+
+    For each ``nn.Linear`` of the architecture that is not quantized, the outermost module
+    holding it and no quantized layer: a VLM's vision tower (``model.visual``,
+    ``model.vision_tower``) or projector. Loaders that give every linear the AWQ method unless
+    the list says otherwise (vLLM) need it. Not listed: the output head (never quantized, no
+    loader expects it listed) and linears inside a numbered layer stack (a router, a linear
+    with an ungroupable input), which the templates and the pipeline already handle. The
+    trailing dot keeps the substring match from catching a sibling (``model.visual_proj``).
+    Empty when the architecture cannot be built.
+    """
+    built = _meta_model(config)
+    if built is None:
+        return []
+    model, rename = built
+    quantized = set(quantized)
+    holding = {".".join(q.split(".")[:i]) for q in quantized for i in range(1, q.count(".") + 2)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    patterns: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        name = rename(name)
+        if name in quantized or any(name == p or name.startswith(p) for p in patterns if p.endswith(".")):
+            continue
+        parts = name.split(".")
+        outer = next(
+            ".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in holding
+        )
+        if any(part.isdigit() for part in outer.split(".")):
+            continue  # inside a layer stack
+        patterns.append(outer + "." if outer != name else outer)
+    return patterns
 
 
 def validate_checkpoint(folder: str | Path, check_architecture: bool = True) -> CheckpointSummary:
