@@ -383,3 +383,59 @@ def test_asymmetric_clip_results_round_trip(tmp_path) -> None:
     apply_awq(fresh, AwqResults.load(results.save(tmp_path / "asym.safetensors")))
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class _StatefulLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(
+        self, hidden_states: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, str]:
+        return self.proj(hidden_states), "state"
+
+
+class _UnpackingStack(nn.Module):
+    """Like xLSTM's backbone: each layer's output is unpacked as (hidden, state)."""
+
+    def __init__(self, n_layers: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList(_StatefulLayer() for _ in range(n_layers))
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            hidden, _ = layer(hidden, state=torch.full((1,), float(i)))
+        return hidden
+
+
+@pytest.mark.parametrize("weights", ["real", "meta"])
+def test_capture_works_where_the_model_unpacks_each_layer_output(weights: str) -> None:
+    """A bare tensor cannot stand in for an (hidden, state) output; the capture still records every
+    layer's call, with the layers bypassed (also when their weights are not loaded)."""
+    torch.manual_seed(0)
+    model = _UnpackingStack()
+    ids = torch.randint(0, 16, (4, 5))
+    want = model.embed(ids).detach()
+    if weights == "meta":
+        model.layers.to_empty(device="meta")
+    captured = capture_decoder_inputs(model, model.layers, ids, micro_batch_size=2)
+    torch.testing.assert_close(torch.cat(captured.hidden_states), want)
+    for i in range(3):
+        assert [float(kw["state"]) for kw in captured.layer_kwargs[i]] == [float(i)] * 2
+
+
+def test_capture_reports_the_model_error_when_no_way_of_bypassing_fits() -> None:
+    class Triple(_UnpackingStack):
+        def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+            hidden = self.embed(input_ids)
+            for layer in self.layers:
+                hidden, _, _ = layer(hidden)  # the layers return two values: the model itself is broken
+            return hidden
+
+    model = Triple()
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        capture_decoder_inputs(model, model.layers, torch.zeros(1, 3, dtype=torch.long))
+    assert all("forward" not in vars(layer) for layer in model.layers)  # the bypass is removed again

@@ -24,6 +24,7 @@ Calibration is processed in micro-batches of whole sequences to bound memory.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ import torch
 from torch import nn
 
 from awq_plugin.calibration.statistics import group_gram, rescale_gram
+
+logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -109,6 +112,11 @@ def _passthrough(*args: Any, **kwargs: Any) -> Any:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _passthrough_pair(*args: Any, **kwargs: Any) -> Any:
+    """For models that unpack a layer's output as ``(hidden, state)`` (xLSTM)."""
+    return _passthrough(*args, **kwargs), None
+
+
 def _split_hidden(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], where: str
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -174,26 +182,47 @@ def capture_decoder_inputs(
 
         return hook
 
-    handles = [
-        layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-        for i, layer in enumerate(decoder_layers)
-    ]
-    # The layers must not compute while we only want their inputs: shadow their bound
-    # forward with a pass-through (an instance attribute; removed again below).
-    for layer in decoder_layers:
-        layer.forward = _passthrough
-    try:
-        for batch in input_ids.split(micro_batch_size):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                continue
-            raise RuntimeError(f"the forward pass never reached decoder layer {n_layers - 1}")
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer in decoder_layers:
-            del layer.forward
+    def run(bypass: Callable[..., Any] | None) -> None:
+        hidden.clear()
+        for calls in layer_kwargs:
+            calls.clear()
+        handles = [
+            layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+            for i, layer in enumerate(decoder_layers)
+        ]
+        # The layers must not compute while we only want their inputs: shadow their bound
+        # forward with a pass-through (an instance attribute; removed again below).
+        if bypass is not None:
+            for layer in decoder_layers:
+                layer.forward = bypass
+        try:
+            for batch in input_ids.split(micro_batch_size):
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    continue
+                raise RuntimeError(f"the forward pass never reached decoder layer {n_layers - 1}")
+        finally:
+            for handle in handles:
+                handle.remove()
+            if bypass is not None:
+                for layer in decoder_layers:
+                    del layer.forward
+
+    # Most models pass a layer's output on as a tensor or take its first element; xLSTM
+    # unpacks (hidden, state). Where neither stand-in fits, the layers compute (weights
+    # in memory only); the last decoder layer is cut short either way.
+    attempts: list[Callable[..., Any] | None] = [_passthrough, _passthrough_pair]
+    if not any(p.device.type == "meta" for p in decoder_layers.parameters()):
+        attempts.append(None)
+    for n, bypass in enumerate(attempts, 1):
+        try:
+            run(bypass)
+            break
+        except (TypeError, ValueError, AttributeError, IndexError) as exc:
+            if n == len(attempts):
+                raise
+            logger.debug("capturing decoder inputs with %s failed (%s); trying the next way", bypass, exc)
     return CapturedInputs(hidden_states=hidden, layer_kwargs=layer_kwargs)
 
 
