@@ -573,7 +573,14 @@ def _meta_model(config: Mapping[str, Any]) -> tuple[torch.nn.Module, Any] | None
 
 
 def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Parameter shapes of the architecture, built on the meta device (None if unknown)."""
+    """Parameter shapes of the architecture, built on the meta device (None if unknown).
+
+    As the checkpoint stores them, except that a linear's weight is ``[out, in]`` also where
+    the architecture keeps it transposed (GPT-2's ``Conv1D``), which only a quantized layer's
+    check reads: a full-precision ``Conv1D`` weight is checked in its own layout.
+    """
+    from transformers.pytorch_utils import Conv1D
+
     from awq_plugin.models.tied import tied_parameters
 
     built = _meta_model(config)
@@ -581,7 +588,11 @@ def _meta_model_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] 
         return None
     model, rename = built
     tied = tied_parameters(model)  # a checkpoint stores only the other side of a tie
-    return {rename(name): tuple(p.shape) for name, p in model.named_parameters() if name not in tied}
+    shapes = {rename(name): tuple(p.shape) for name, p in model.named_parameters() if name not in tied}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            shapes[rename(f"{name}.weight:linear")] = tuple(reversed(module.weight.shape))
+    return shapes
 
 
 def full_precision_modules(config: Mapping[str, Any], quantized: Iterable[str]) -> list[str]:
@@ -687,9 +698,12 @@ def _check_against_architecture(
     quantized: Mapping[str, tuple[int, int]],
 ) -> None:
     for name, shape in expected.items():
+        if name.endswith(":linear"):  # a Conv1D weight as [out, in]: see _meta_model_shapes
+            continue
         prefix, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         if prefix in quantized and leaf == "weight":
             k, n = quantized[prefix]
+            shape = expected.get(f"{name}:linear", shape)
             _expect(
                 (n, k) == tuple(shape),
                 f"quantized layer {prefix} is [K={k}, N={n}] but the architecture expects "
