@@ -6,8 +6,21 @@ config) with a tokenizer and processor that work offline, quantize it with
 
 - transformers: ``from_pretrained`` of the AWQ folder generates greedily like the fake-quant
   reference (the checkpoint's own dequantized weights, fp32, full recompute), up to near ties;
-- vLLM: ``vllm serve`` of the AWQ folder on CPU answers a text chat (and an image chat, which runs
-  the full-precision vision tower) through the plugin's linear method.
+- vLLM: ``vllm serve`` of the AWQ folder on CPU answers a text chat through the plugin's linear
+  method, and the vision linears vLLM builds get the unquantized method (the checkpoint's
+  ``modules_to_not_convert`` under vLLM's names, as the plugin logs it).
+
+The server runs ``--language-model-only``: vLLM still constructs the vision layers (each asks
+the plugin for its method), but takes no image input. Image requests cannot be served on this machine, for reasons outside the plugin
+(checked with vLLM 0.32 / transformers 5.19, no torchvision):
+
+- Qwen2-VL: vLLM builds ``Qwen2VLProcessor``, which needs ``Qwen2VLVideoProcessor``, which
+  needs torchvision ("Qwen2VLVideoProcessor requires the Torchvision library");
+- Gemma 3: vLLM loads the SigLIP tower as ``vision_tower.vision_model.*`` (the hub layout);
+  transformers 5.19 names it ``vision_tower.*`` in the model and in ``save_pretrained``, so
+  vLLM refuses even the unquantized folder transformers saves ("There is no module or
+  parameter named 'vision_tower.embeddings'"), and the AWQ checkpoint, written under the
+  model's names, likewise.
 
 One server per model (module-scoped, parametrized fixtures: pytest finishes one model's tests
 before it starts the next model's server).
@@ -255,7 +268,8 @@ def prompt_ids(folders: tuple[Path, Path]) -> list[list[int]]:
 def server(
     model_type: str, folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmServer]:
-    """``vllm serve AWQ_DIR`` in text-only mode (see the module's notes on this machine)."""
+    """``vllm serve AWQ_DIR --language-model-only`` (see the module docstring), vLLM's processes
+    importing transformers' torchvision image processors as their PIL twins (``PIL_TWINS``)."""
     root = tmp_path_factory.mktemp("server")
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(PIL_TWINS)
