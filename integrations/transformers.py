@@ -52,7 +52,7 @@ from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CheckpointError, ConfigError
 from awq_plugin.format.checkpoint import iter_quantized_prefixes, read_safetensors_header
 from awq_plugin.kernels import BACKENDS
-from awq_plugin.runtime.modeling import replace_module, swap_in_awq_linears
+from awq_plugin.runtime.modeling import dequantize_awq_linears, swap_in_awq_linears
 from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import CheckpointNames, unfuse_experts_for_loading
 
@@ -464,22 +464,7 @@ class AwqHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """``model.dequantize()``: every AwqLinear back to an ``nn.Linear`` holding its dequantized weight."""
-        targets = [(name, m) for name, m in model.named_modules() if isinstance(m, AwqLinear)]
-        for name, module in targets:
-            weight = module.dequantized_weight(dtype or torch.float32)  # (N, K)
-            linear = nn.Linear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                device=weight.device,
-                dtype=weight.dtype,
-            )
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            replace_module(model, name, linear)
-        return model
+        return dequantize_awq_linears(model, dtype or torch.float32)
 
     def is_serializable(self) -> bool:
         return True  # AwqLinear's buffers are the checkpoint tensors; to_dict is the checkpoint's config

@@ -63,7 +63,6 @@ from awq_plugin.models.experts import (
 )
 from awq_plugin.numerics.pack import AwqPacked, unpack
 from awq_plugin.runtime import modeling
-from awq_plugin.runtime.modeling import replace_module
 from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import load_shipped_templates, resolve_template
 from awq_plugin.templates.folds import apply_group_scales
@@ -203,14 +202,7 @@ def quantize_with_cli(source: Path, out: Path, calib: str | Path, extra: list[st
 def dense_reference(folder: Path) -> nn.Module:
     """The checkpoint through our loader in fp32, each AwqLinear replaced by its dequantized weight."""
     model = modeling.load_awq_model(folder, dtype=torch.float32, backend="reference")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, AwqLinear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantized_weight(torch.float32)
-            if module.bias is not None:
-                dense.bias.data = module.bias.float()
-            replace_module(model, name, dense)
-    return model.eval()
+    return modeling.dequantize_awq_linears(model).eval()
 
 
 @torch.inference_mode()

@@ -116,17 +116,10 @@ def dense_reference(served_model_dir: Path) -> torch.nn.Module:
     Identical math to ``load_awq_model(..., backend="reference")`` (W_hat = (q - z) * s, fp32),
     dequantized once instead of on every call, which makes greedy decoding fast enough to test.
     """
-    from awq_plugin.runtime.modeling import load_awq_model, replace_module
-    from awq_plugin.runtime.qlinear import AwqLinear
+    from awq_plugin.runtime.modeling import dequantize_awq_linears, load_awq_model
 
     model = load_awq_model(served_model_dir, dtype=torch.float32, backend="reference")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, AwqLinear):
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantized_weight(torch.float32)
-            if module.bias is not None:
-                dense.bias.data = module.bias.float()
-            replace_module(model, name, dense)
+    dequantize_awq_linears(model)
     return model.eval()
 
 

@@ -289,18 +289,9 @@ def load(folder: Path, **kwargs: Any) -> Any:
 def dense_reference(folder: Path) -> Any:
     """The fake-quant model of the checkpoint: each AwqLinear replaced by its dequantized weight (fp32)."""
     from awq_plugin import AwqConfig
-    from awq_plugin.runtime.modeling import replace_module
-    from awq_plugin.runtime.qlinear import AwqLinear
+    from awq_plugin.runtime.modeling import dequantize_awq_linears
 
-    model = load(folder, quantization_config=AwqConfig(backend="reference"))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, AwqLinear):
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantized_weight(torch.float32)
-            if module.bias is not None:
-                dense.bias.data = module.bias.float()
-            replace_module(model, name, dense)
-    return model
+    return dequantize_awq_linears(load(folder, quantization_config=AwqConfig(backend="reference")))
 
 
 # ---------------------------------------------------------------------------------------------

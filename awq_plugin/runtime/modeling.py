@@ -144,6 +144,27 @@ def swap_in_awq_linears(
         replace_module(model, prefix, new)
 
 
+def dequantize_awq_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Every :class:`AwqLinear` of ``model`` back to an ``nn.Linear`` holding its dequantized weight
+    (the reference math, ``(q - z) * s``), in place; returns ``model``."""
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, AwqLinear)]
+    for name, module in targets:
+        weight = module.dequantized_weight(dtype)  # (N, K)
+        linear = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        replace_module(model, name, linear)
+    return model
+
+
 def load_awq_model(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
