@@ -308,11 +308,20 @@ def test_transformers_quantize_on_load_shares_the_cache(
 
 
 @pytest.fixture(scope="module")
-def gpt2_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
-    """An architecture the quantizer cannot handle: GPT-2's projections are Conv1D, not nn.Linear
-    (templates are inferred for anything else, so a Mamba or an unknown decoder no longer fails)."""
-    preset = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 49152}
-    return make_random_model(tmp_path_factory.mktemp("gpt2") / "gpt2-fp", default_model_dir, preset)
+def unsupported_fp(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """An architecture the quantizer cannot handle: PP-FormulaNet, an image-to-formula
+    encoder-decoder whose decoder reads the image (templates are inferred for the decoders;
+    GPT-2's Conv1D, a Mamba or an unknown decoder no longer fail)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from awq_plugin.tools import synthetic
+    from awq_plugin.tools.bench_architectures import _shrink
+
+    config = AutoConfig.for_model("pp_formulanet")
+    _shrink(config)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    return synthetic.write_model(tmp_path_factory.mktemp("ppf") / "ppf-fp", model, default_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -325,10 +334,12 @@ def gptq_model(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) ->
     return path
 
 
-def test_unsupported_architecture_is_one_clear_error(gpt2_fp: Path, tmp_path: Path) -> None:
+def test_unsupported_architecture_is_one_clear_error(unsupported_fp: Path, tmp_path: Path) -> None:
     root = tmp_path / "cache"
-    with pytest.raises(AwqPluginError, match=r"GPT2LMHeadModel.*no nn\.Linear"):
-        ensure_quantized(gpt2_fp, QuantizeRequest(**RTN), root=root)
+    with pytest.raises(
+        AwqPluginError, match=r"PPFormulaNet\w*: cannot infer non_layer_modules\.embed_tokens"
+    ):
+        ensure_quantized(unsupported_fp, QuantizeRequest(**RTN), root=root)
     assert leftovers(root) == []
 
 
@@ -505,10 +516,10 @@ def test_tensor_parallel_2_quantizes_once(tiny_llama_fp: Path, cache_base: Path,
 @pytest.mark.vllm
 @pytest.mark.parametrize("case", ["architecture", "other-method", "full-disk"])
 def test_bad_input_stops_vllm_serve_with_one_clear_line(
-    case: str, gpt2_fp: Path, gptq_model: Path, tiny_llama_fp: Path, tmp_path: Path
+    case: str, unsupported_fp: Path, gptq_model: Path, tiny_llama_fp: Path, tmp_path: Path
 ) -> None:
     model, expected = {
-        "architecture": (gpt2_fp, "GPT2LMHeadModel"),
+        "architecture": (unsupported_fp, "PPFormulaNet"),
         "other-method": (gptq_model, "already quantized with 'gptq'"),
         "full-disk": (tiny_llama_fp, "free space there"),
     }[case]

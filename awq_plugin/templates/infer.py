@@ -82,6 +82,15 @@ def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Linear) for m in module.modules())
 
 
+def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` (or the output one); None where the model has none to give
+    (transformers raises NotImplementedError for some encoder-decoders, e.g. PP-FormulaNet)."""
+    try:
+        return getattr(model, getter)() if hasattr(model, getter) else None
+    except NotImplementedError:
+        return None
+
+
 def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -148,8 +157,8 @@ def _is_norm(module: nn.Module) -> bool:
 def find_non_layer_modules(model: nn.Module, layers_path: str) -> dict[str, str]:
     """Roles embed_tokens, lm_head (and norm, rotary_emb when present) as model paths."""
     roles: dict[str, str] = {}
-    embed = _path_of(model, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
-    head = _path_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    embed = _path_of(model, _embeddings(model, "get_input_embeddings"))
+    head = _path_of(model, _embeddings(model, "get_output_embeddings"))
     parent = layers_path.rpartition(".")[0]
     base = model.get_submodule(parent) if parent else model
     prefix = f"{parent}." if parent else ""
