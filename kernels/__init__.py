@@ -23,11 +23,11 @@ Backends:
   CPUs without AVX-512 VNNI (``vpmaddubsw``/``vpmaddwd``, or the VEX ``vpdpbusd``
   where the CPU has AVX-VNNI), on the same repacked layout and with the same
   int8 activations, hence the same error bound.
-- ``"portable"``: PyTorch's int4 kernel ``aten._weight_int4pack_mm_for_cpu``
-  (vectorised by ATen for AVX2, AVX-512 and NEON), for ARM and any other CPU.
-  It computes ``(q - 8) * s + z`` with bf16 scales ``s`` and offsets
-  ``z = (8 - z_awq) * s`` on bf16 activations: see :func:`repack_for_portable`
-  for the layout and the error bound.
+- ``"portable"``: the C++ kernel in ``kernels/cpu/awq_gemm_portable.cpp``, for
+  ARM and any other CPU: no intrinsics, generic vectors that the compiler lowers
+  for this CPU (``-march=native``: NEON, AVX2, AVX-512). Same int8 activations
+  and exact integer group dots as the other CPU kernels, hence the same error
+  bound; its own layout (:func:`repack_for_portable`).
 - ``"reference"``: :func:`awq_plugin.numerics.quant_ref.linear_ref` on unpacked
   integers; exact in fp32. The fallback where nothing else runs.
 - ``"triton"``: ``awq_plugin.kernels.triton_awq.awq_gemm_triton`` for CUDA
@@ -99,8 +99,8 @@ class AwqKernelWeight:
     - ``"cpu"`` and ``"avx2"``: ``qweight`` uint8 (blocked nibbles), ``scales``
       fp16 and ``qzeros`` uint8 (blocked per group), all 1-D; see ``awq_gemm.cpp``
       (both kernels read this one layout).
-    - ``"portable"``: ``qweight`` ATen's packed int4 (uint8), ``scales`` bf16
-      ``[K'/sub, N', 2]`` (scale, offset), ``qzeros`` empty; see
+    - ``"portable"``: ``qweight`` uint8 (tiles of 64 channels x K, nibbles),
+      ``scales`` fp32 and ``qzeros`` uint8 (per tile and group), all 1-D; see
       :func:`repack_for_portable`.
     - ``"reference"``: ``qweight`` uint8 ``[N, K]``, ``qzeros`` uint8
       ``[N, K/G]``, ``scales`` fp16 ``[N, K/G]`` (``quant_ref`` layout).
@@ -155,7 +155,9 @@ def cpu_backend_for(flags: Collection[str], unavailable: Collection[str] = ()) -
             why = "ARM CPU without dot product"
         else:
             why = "CPU without AVX2 or AVX-512 VNNI"
-        return BackendChoice("portable", f"{why}: the portable kernel (ATen int4, vectorised by PyTorch)")
+        return BackendChoice(
+            "portable", f"{why}: the portable kernel (generic C++ vectors, compiled for this CPU)"
+        )
     return BackendChoice("reference", "no CPU kernel is available: the pure-PyTorch reference")
 
 
@@ -241,9 +243,19 @@ def _avx2_vnni_here() -> bool:
     return avx2_uses_avx_vnni(build.cpu_flags())
 
 
+@functools.cache
 def portable_kernel_available() -> bool:
-    """True when this PyTorch has the ATen int4 CPU kernel the portable backend calls."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    """True when the portable C++ kernel builds here (builds it once)."""
+    from awq_plugin.kernels.cpu import build
+
+    try:
+        build.load_portable_extension()
+    except Exception as exc:  # a missing compiler must not break inference
+        import warnings
+
+        warnings.warn(f"AWQ portable kernel failed to build: {exc}", stacklevel=2)
+        return False
+    return True
 
 
 def _backend_runs(name: str) -> bool:
@@ -291,6 +303,12 @@ def _cpu_extension():
     from awq_plugin.kernels.cpu import build
 
     return build.load_extension()
+
+
+def _portable_extension():
+    from awq_plugin.kernels.cpu import build
+
+    return build.load_portable_extension()
 
 
 def _avx2_extension():
@@ -351,74 +369,39 @@ def repack_for_cpu(
     return blocked(rows), blocked(zp), blocked(sp)
 
 
-#: Group sizes the ATen int4 kernel takes; other groups are split into sub-groups of 32.
-ATEN_INT4_GROUPS = (32, 64, 128, 256)
-ATEN_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu wants N divisible by 16
-
-
-def portable_geometry(k: int, group_size: int) -> tuple[int, int]:
-    """``(sub-group size, padded group size)`` of the portable layout for K and group G.
-
-    G itself where ATen takes it; otherwise sub-groups of 32 sharing the group's
-    scale and zero, the group padded to a multiple of 32 (a padded k carries x = 0).
-    """
-    g = resolve_group_size(group_size, k)
-    sub = g if g in ATEN_INT4_GROUPS else ATEN_INT4_GROUPS[0]
-    return sub, -(-g // sub) * sub
+PORTABLE_TILE_N = 64  # output channels per tile of the portable layout (kTileN in awq_gemm_portable.cpp)
 
 
 def repack_for_portable(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """AutoAWQ tensors -> ATen's int4 layout ``(packed uint8, scale_zero bf16 [K'/sub, N', 2])``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AutoAWQ tensors -> the portable layout ``(wq uint8, wz uint8, ws fp32)``, all 1-D.
 
-    ATen computes ``w = (q - 8) * s + z`` per sub-group; AWQ's ``w = (q - z_awq) * s``
-    is that with ``z = (8 - z_awq) * s``. N is padded to 16, each group to its
-    padded size (see :func:`portable_geometry`). Both ``s`` and ``z`` are rounded to
-    bf16, so the dequantized weight differs from AWQ's by at most
-    ``|q - 8| * |s - bf16(s)| + |z - bf16(z)|`` (<= ``|s| * 2**-5``); the tests
-    bound the kernel with exactly these rounded values.
+    Tiles of 64 output channels, each ``[K][32 bytes]``: byte ``i`` of row ``k``
+    holds ``q[n0+i, k]`` (low nibble) and ``q[n0+32+i, k]`` (high nibble). Zeros and
+    scales are ``[tile][K/G][64]`` (scales in fp32, exact). N is padded to 64 with
+    zero channels.
     """
     k = qweight.shape[0]
     n = qweight.shape[1] * PACK_FACTOR
     g = resolve_group_size(group_size, k)
     ng = k // g
-    sub, gp = portable_geometry(k, g)
-    np_ = -(-n // ATEN_N_MULTIPLE) * ATEN_N_MULTIPLE
-    q = unpack_int4_columns(qweight.cpu()).t().reshape(n, ng, g)  # (N, NG, G)
-    qp = torch.zeros(np_, ng, gp, dtype=torch.int32)
-    qp[:n, :, :g] = q
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qp.reshape(np_, ng * gp), 2)
-    s = scales.cpu().float()  # (NG, N)
-    z = (8 - unpack_int4_columns(qzeros.cpu()).float()) * s  # (NG, N)
-    sz = torch.zeros(ng, np_, 2)
-    sz[:, :n, 0] = s
-    sz[:, :n, 1] = z
-    sz = sz.repeat_interleave(gp // sub, dim=0)  # (K'/sub, N', 2)
-    return packed, sz.to(torch.bfloat16).contiguous()
+    tiles = -(-n // PORTABLE_TILE_N)
+    np_ = tiles * PORTABLE_TILE_N
+    half = PORTABLE_TILE_N // 2
+    q = torch.zeros(k, np_, dtype=torch.uint8)
+    q[:, :n] = unpack_int4_columns(qweight.cpu())  # (K, N')
+    q = q.reshape(k, tiles, 2, half)  # (K, T, nibble, i)
+    rows = (q[:, :, 0] | (q[:, :, 1] << 4)).permute(1, 0, 2)  # (T, K, 32)
+    zp = torch.zeros(ng, np_, dtype=torch.uint8)
+    zp[:, :n] = unpack_int4_columns(qzeros.cpu())
+    sp = torch.zeros(ng, np_, dtype=torch.float32)
+    sp[:, :n] = scales.cpu().float()
 
+    def by_tile(t: torch.Tensor) -> torch.Tensor:  # (NG, N') -> [tile][NG][64], flat
+        return t.reshape(ng, tiles, PORTABLE_TILE_N).permute(1, 0, 2).contiguous().reshape(-1)
 
-def _portable_gemm(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale_zero: torch.Tensor,
-    group_size: int,
-    n: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """x [M, K] (any float dtype) -> [M, N] in x's dtype through ATen's int4 kernel on bf16 x."""
-    m, k = x.shape
-    sub, gp = portable_geometry(k, group_size)
-    xb = x.to(torch.bfloat16)
-    if gp != group_size:  # pad every group with zero activations
-        ng = k // group_size
-        xb = torch.nn.functional.pad(xb.reshape(m, ng, group_size), (0, gp - group_size))
-        xb = xb.reshape(m, ng * gp)  # (M, K')
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, sub, scale_zero)  # (M, N')
-    y = y[:, :n]  # (M, N)
-    if bias is not None:
-        y = y.float() + bias.float()
-    return y.to(x.dtype)
+    return rows.contiguous().reshape(-1), by_tile(zp), by_tile(sp)
 
 
 def prepare_awq_weight(
@@ -461,8 +444,7 @@ def prepare_awq_weight(
     if name in ("cpu", "avx2"):
         wq, wz, ws = repack_for_cpu(qweight, qzeros, scales, g)
     elif name == "portable":
-        wq, ws = repack_for_portable(qweight, qzeros, scales, g)
-        wz = torch.empty(0, dtype=torch.uint8)  # the offsets travel with the scales
+        wq, wz, ws = repack_for_portable(qweight, qzeros, scales, g)
     elif name == "reference":
         wq = unpack_int4_columns(qweight).t().contiguous()  # (N, K)
         wz = unpack_int4_columns(qzeros).t().contiguous()  # (N, K/G)
@@ -516,7 +498,9 @@ def _awq_gemm_impl(
             x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias, _avx2_vnni_here()
         )
     if backend_id == _BACKEND_IDS["portable"]:
-        return _portable_gemm(x, qweight, scales, group_size, out_features, bias)
+        return _portable_extension().awq_gemm_portable(
+            x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias
+        )
     if backend_id == _BACKEND_IDS["triton"]:
         from awq_plugin.kernels.triton_awq import awq_gemm_triton
 

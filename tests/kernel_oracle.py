@@ -1,15 +1,12 @@
 """Oracles for the CPU kernels: the one numeric reference plus error bounds derived per kernel.
 
-Two oracles for the int8-activation kernels (``cpu`` and ``avx2``):
+Two oracles for the int8-activation kernels (``cpu``, ``avx2`` and ``portable``):
 
 - ``linear_ref`` on the unquantized activations, with a per-element error bound
   derived from the kernel's arithmetic (see :func:`kernel_error_bound`);
 - an emulation of the kernel's int8 activation quantization followed by
   ``linear_ref`` in fp32, which must agree to fp32 rounding: this pins the
   layout, zero points and scales far more tightly than the bound can.
-
-And for the ``portable`` backend (ATen's int4 kernel, bf16 scales and offsets, bf16
-activations): :func:`portable_error_bound`, derived from the weights it actually holds.
 """
 
 import dataclasses
@@ -134,65 +131,3 @@ def check_against_reference(
     tight = accum * (1 + u) + 2 * u * y_emul.abs() + 1e-30
     worst = ((y2 - y_emul).abs() / tight).max().item()
     assert worst <= 1.0, f"kernel disagrees with its int8 emulation by {worst:.3f}x the fp32 bound"
-
-
-# ---------------------------------------------------------------------------
-# The portable backend (ATen int4)
-# ---------------------------------------------------------------------------
-
-BF16_U = 2.0**-9  # unit roundoff of bf16
-
-
-def portable_weight(layer: Layer) -> torch.Tensor:
-    """The weight the portable backend holds, [N, K] in fp64: (q - 8) * bf16(s) + bf16((8 - z) * s)."""
-    gq = layer.gq
-    g = gq.group_size
-    s = gq.scales.float()  # (N, K/G)
-    z = (8 - gq.zeros.float()) * s  # ATen's offset, rounded to bf16 like the scale
-    s_b = s.to(torch.bfloat16).double().repeat_interleave(g, dim=1)  # (N, K)
-    z_b = z.to(torch.bfloat16).double().repeat_interleave(g, dim=1)
-    return (gq.q.double() - 8) * s_b + z_b
-
-
-def portable_error_bound(
-    x2: torch.Tensor, layer: Layer, y_ref32: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """Per-element bound on |portable - linear_ref| for x2 [M, K] -> [M, N].
-
-    - weights: |w_hat - w_b| per element, exactly (bf16 scale and offset, see
-      ``kernels.repack_for_portable``);
-    - activations: rounded to bf16, |x - bf16(x)| per element, exactly;
-    - the kernel itself on (bf16(x), w_b): ATen may round the dequantized weight to
-      bf16 (u = 2^-9) and rounds its output to bf16 (2^-9 of |y| <= sum |x_b| |w_b|),
-      plus fp32 accumulation: (2^-8 + (K + 4) u32) sum |x_b| |w_b|;
-    - the bias add and the cast to the output dtype: (1 + u) and 2 u |y_ref|.
-    """
-    k = x2.shape[1]
-    w_b = portable_weight(layer)  # (N, K)
-    w_hat = layer.w_hat.double()
-    x = x2.double()
-    x_b = x2.to(torch.bfloat16).double()
-    weights = x.abs() @ (w_hat - w_b).abs().t()  # (M, N)
-    acts = (x - x_b).abs() @ w_b.abs().t()
-    kernel = (2 * BF16_U + (k + 4) * U32) * (x_b.abs() @ w_b.abs().t())
-    u = UNIT_ROUNDOFF[out_dtype]
-    e = weights + acts + kernel
-    return (e * (1 + u) + 2 * u * y_ref32.double().abs() + 1e-30).float()
-
-
-def check_portable(x: torch.Tensor, layer: Layer, y: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Assert the portable backend's y for x [..., K]: within its own bound, and within the
-    int8-activation kernels' bound (the issue's acceptance: no worse than the AVX kernels)."""
-    gq = layer.gq
-    k, n = gq.q.shape[1], gq.q.shape[0]
-    assert y.shape == (*x.shape[:-1], n)
-    assert y.dtype == x.dtype
-    x2 = x.reshape(-1, k)  # (M, K)
-    y2 = y.reshape(-1, n).float()  # (M, N)
-    y_ref32 = quant_ref.linear_ref(x2.float(), gq.q, gq.scales, gq.zeros, gq.group_size, bias)
-    err = (y2 - y_ref32).abs()
-    worst = (err / portable_error_bound(x2, layer, y_ref32, x.dtype)).max().item()
-    assert worst <= 1.0, f"portable error exceeds its derived bound by {worst:.3f}x"
-    int8_bound = kernel_error_bound(x2, layer.w_hat, gq.group_size, y_ref32, x.dtype)
-    worst = (err / int8_bound).max().item()
-    assert worst <= 1.0, f"portable error exceeds the int8-activation kernels' bound by {worst:.3f}x"

@@ -1,7 +1,7 @@
 """The CPU paths for machines without AVX-512 VNNI (``avx2``, ``portable``) and the choice among them.
 
-Every path runs here (this CPU executes AVX2 code; the portable backend is ATen's int4
-kernel), against the one numeric reference on awkward shapes: K not a multiple of 64,
+Every path runs here (this CPU executes AVX2 code; the portable backend is generic C++
+compiled for this CPU), against the one numeric reference on awkward shapes: K not a multiple of 64,
 N not a multiple of 16, groups 32/64/128/per-channel, M from 1 to 300. The AVX-VNNI
 inner product of the ``avx2`` kernel cannot run on this CPU: its *selection* is tested
 with fake flag sets, and its presence in the build is checked.
@@ -12,7 +12,6 @@ import torch
 from kernel_oracle import (
     Layer,
     check_against_reference,
-    check_portable,
     make_layer,
     outputs_on_one_and_two_threads,
     prepare,
@@ -27,10 +26,9 @@ PATHS = ("avx2", "portable")
 def check(
     backend: str, x: torch.Tensor, layer: Layer, y: torch.Tensor, bias: torch.Tensor | None = None
 ) -> None:
-    if backend == "portable":
-        check_portable(x, layer, y, bias)
-    else:  # the avx2 kernel has the AVX-512 kernel's arithmetic, hence its oracles and bound
-        check_against_reference(x, layer, y, bias)
+    # Both paths have the AVX-512 kernel's arithmetic (int8 activations, exact integer
+    # group dots), hence its oracles and bound.
+    check_against_reference(x, layer, y, bias)
 
 
 # ---------------------------------------------------------------------------
@@ -64,7 +62,7 @@ def test_m_sweep(backend: str, layer_448x200: Layer, m: int) -> None:
         (192, 104, 64),  # K = 3 groups of 64
         (640, 136, 128),  # K = 5 groups of 128, N = 8.5 tiles
         (1152, 8, 128),  # a single half tile
-        (200, 24, -1),  # per-channel, one group of 200 (ATen: padded sub-groups of 32)
+        (200, 24, -1),  # per-channel, one group of 200 (portable: int16 chunks of 32 k and a tail)
         (203, 40, -1),  # per-channel, K odd (padded group)
         (4096, 16, -1),  # per-channel, a long group
     ],

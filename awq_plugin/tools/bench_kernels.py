@@ -5,8 +5,8 @@ Contenders, all timed in the same process on the same quantized weights:
 - ``ours``: ``awq_plugin.kernels.awq_linear`` on the AVX-512 VNNI backend (``cpu``; bf16 activations);
 - ``avx2``: the same on the ``avx2`` backend (the kernel x86 CPUs without AVX-512 VNNI run; its
   AVX-VNNI inner product only where the CPU has ``avx_vnni``);
-- ``portable``: the same on the ``portable`` backend (ARM and other CPUs: ATen's int4 kernel
-  behind our layout conversion);
+- ``portable``: the same on the ``portable`` backend (ARM and other CPUs: our generic C++
+  kernel, compiled for the host CPU);
 - ``dense_bf16``: ``F.linear`` on the dequantized weight in bf16 (the unquantized baseline);
 - ``dense_onednn``: the same bf16 weight through vLLM's own CPU linear for unquantized layers
   (``onednn_mm`` on the handle ``dispatch_cpu_unquantized_gemm`` creates), i.e. what

@@ -30,6 +30,8 @@ SOURCE = Path(__file__).with_name("awq_gemm.cpp")
 EXTENSION_NAME = "awq_plugin_cpu_kernels"
 AVX2_SOURCE = Path(__file__).with_name("awq_gemm_avx2.cpp")
 AVX2_EXTENSION_NAME = "awq_plugin_cpu_avx2_kernels"
+PORTABLE_SOURCE = Path(__file__).with_name("awq_gemm_portable.cpp")
+PORTABLE_EXTENSION_NAME = "awq_plugin_cpu_portable_kernels"
 TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while another build runs
 
 # The instruction sets the AVX-512 path needs (names as in /proc/cpuinfo).
@@ -90,6 +92,21 @@ def avx2_compile_flags() -> list[str]:
     return ["-O3", "-fopenmp", "-DNDEBUG", "-mavx2", "-mfma", "-mf16c"]
 
 
+def portable_compile_flags() -> list[str]:
+    """Compiler flags for ``awq_gemm_portable.cpp``: whatever vector unit this CPU has.
+
+    ``-march=native`` (``-mcpu=native`` on ARM, where GCC spells it so) lets the
+    compiler lower the kernel's generic vectors to NEON, AVX2 or AVX-512 as the
+    host allows; the CPU's flags are part of the cache key (:func:`build_key`).
+    """
+    out = ["-O3", "-fopenmp", "-DNDEBUG"]
+    if platform.machine() in ("aarch64", "arm64", "ppc64le"):
+        out.append("-mcpu=native")
+    else:
+        out.append("-march=native")
+    return out
+
+
 def build_key(cflags: list[str], source: Path = SOURCE) -> str:
     """Hash of everything that changes the binary or its build command: source (bytes and path),
     flags, torch (version and location), Python, CPU.
@@ -105,6 +122,8 @@ def build_key(cflags: list[str], source: Path = SOURCE) -> str:
     h.update(torch.__version__.encode())
     h.update(platform.python_version().encode())
     h.update(platform.machine().encode())
+    if any(f.endswith("=native") for f in cflags):  # the binary is this CPU's
+        h.update(" ".join(sorted(cpu_flags())).encode())
     return h.hexdigest()[:16]
 
 
@@ -135,6 +154,12 @@ def load_avx2_extension(verbose: bool = False) -> ModuleType:
     if platform.machine() not in ("x86_64", "AMD64"):
         raise RuntimeError(f"the AVX2 kernel needs an x86-64 CPU; this is {platform.machine()}")
     return _build(AVX2_EXTENSION_NAME, AVX2_SOURCE, avx2_compile_flags(), verbose)
+
+
+@functools.cache
+def load_portable_extension(verbose: bool = False) -> ModuleType:
+    """Compile (first call per cache key) and import the generic C++ kernel (any CPU)."""
+    return _build(PORTABLE_EXTENSION_NAME, PORTABLE_SOURCE, portable_compile_flags(), verbose)
 
 
 def _build(name: str, source: Path, cflags: list[str], verbose: bool) -> ModuleType:
