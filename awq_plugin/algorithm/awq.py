@@ -70,6 +70,7 @@ from awq_plugin.models.experts import (
     routed_experts_in,
     row_positions_lookup,
 )
+from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import BlockTemplate, ResolvedTemplate, ScalingGroup, resolve_template
 from awq_plugin.templates.folds import apply_group_scales, clamp_weight
@@ -226,14 +227,12 @@ def ungroupable_linears(
     Works on a skeleton with parameters on the meta device (only shapes are read).
     """
     g = quant_config.group_size
-    if g == -1:
-        return ()
     kept: list[str] = []
     for i, block in enumerate(layers):
         groups = resolved.block(i)
         linears = {n: block.get_submodule(n) for n in groups.linears}
         linears = {n: m for n, m in linears.items() if not _skips(quant_config, groups.full_name(n))}
-        bad = [n for n, m in linears.items() if m.in_features % g]
+        bad = [n for n, m in linears.items() if m.in_features % effective_group_size(g, m.in_features)]
         if not bad:
             continue
 
@@ -281,7 +280,7 @@ def quantized_linear_names(
             continue
         k = block.get_submodule(name).in_features
         g = quant_config.group_size
-        if g != -1 and k % g != 0:
+        if k % effective_group_size(g, k) != 0:
             raise ConfigError(
                 f"linear '{groups.full_name(name)}' has in_features={k}, not a multiple of group_size={g}; "
                 "choose a group size that divides it or list the module in modules_to_not_convert"
