@@ -1,7 +1,12 @@
 """awq-plugin: Activation-aware Weight Quantization for vLLM and transformers.
 
-Code map, in the order data flows (each stage imports only earlier ones; a test holds it)::
+Code map, in the order data flows (each imports only earlier ones, kernels/ only numerics and
+fsutil; a test holds it)::
 
+    config.py      the quantization config: one frozen object read from every dialect
+    errors.py      the exceptions a user can cause (all AwqPluginError)
+    fsutil.py      atomic writes, output-folder checks, the cache root ($AWQ_PLUGIN_CACHE)
+    procmem.py     a process's resident memory, read from /proc
     numerics/      the one pure-PyTorch group quantizer (quant_ref) and the int32 bit layout (pack)
     models/        model surgery: fused MoE experts as one nn.Linear per expert
     calibration/   text -> token windows (text), settings and defaults (settings),
@@ -11,13 +16,16 @@ Code map, in the order data flows (each stage imports only earlier ones; a test 
     algorithm/     AWQ on plain torch modules: scale search, clip search, MoE routing,
                    per-block step, results as data
     format/        checkpoint tensors (packing) and files: safetensors I/O, config, validation
+    kernels/       INT4 GEMM: CPU C++ and Triton, checked against numerics (awq_plugin.kernels)
     runtime/       loading for inference: skeletons, AwqLinear on the kernels
     pipeline/      the streaming, resumable quantizer: blocks, work dir, assembly
-    api.py cli.py  the public Python surface and the command line (thin shells)
+    evaluate.py    perplexity on fixed token windows
+    api.py         the public Python surface (a thin shell over the stages)
+    awq.py         deprecated alias of algorithm.awq, kept for one release
     integrations/  vLLM and transformers hooks (installed as awq_plugin.integrations)
-    kernels/       INT4 GEMM: CPU C++ and Triton, checked against numerics (awq_plugin.kernels)
     tools/         benchmarks, soak test, demo, server launcher, synthetic models (the
                    ``tools`` extra); the core never imports them
+    cli.py         the awq-plugin command line, a shell over the API and the tools
 
 Importing this package is cheap: it builds no kernel and imports neither torch, vLLM nor
 transformers. Heavy pieces load on first use.
