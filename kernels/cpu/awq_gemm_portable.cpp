@@ -36,6 +36,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "awq_common.h"
+
 namespace {
 
 constexpr int64_t kTileN = 64;   // output channels per tile
@@ -59,9 +61,7 @@ struct Problem {
   int64_t M, N, K, G, NG, tiles;
 };
 
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(c10::Half v) { return static_cast<float>(v); }
+using awq_cpu::to_float;
 
 // int8 activations per (row, group), widened to int16 so that the inner loop
 // broadcasts them straight from memory: a_q = round_half_even(x * (127 / amax)),
@@ -205,31 +205,17 @@ void run_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, c
 // bias: optional [N]. Returns y: [M, N] in x's dtype.
 at::Tensor awq_gemm_portable(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, const at::Tensor& wz,
                              int64_t group_size, int64_t out_features, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
-  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.is_contiguous(), "wq must be contiguous uint8");
-  TORCH_CHECK(ws.scalar_type() == at::kFloat && ws.is_contiguous(), "ws must be contiguous fp32");
-  TORCH_CHECK(wz.scalar_type() == at::kByte && wz.is_contiguous(), "wz must be contiguous uint8");
-  const int64_t K = x.size(1);
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size must divide K");
+  const int64_t K = awq_cpu::check_gemm_args(x, wq, ws, wz, at::kFloat, "fp32", group_size);
   Problem p{x.size(0), out_features, K, group_size, K / group_size, (out_features + kTileN - 1) / kTileN};
   TORCH_CHECK(wq.numel() == p.tiles * p.K * kTileBytes, "wq size does not match K, N");
-  TORCH_CHECK(ws.numel() == p.tiles * p.NG * kTileN && wz.numel() == ws.numel(),
-              "scales/zeros size does not match K, N, group_size");
-  const float* bias_ptr = nullptr;
+  awq_cpu::check_meta_size(ws, wz, p.tiles * p.NG * kTileN);
   at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    bias_f = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_f.numel() == out_features, "bias must have out_features elements");
-    bias_ptr = bias_f.data_ptr<float>();
-  }
+  const float* bias_ptr = awq_cpu::bias_as_float(bias, out_features, bias_f);
   at::Tensor y = at::empty({p.M, p.N}, x.options());
   if (p.M == 0) return y;
-  switch (x.scalar_type()) {
-    case at::kFloat: run_gemm<float>(x, wq, ws, wz, bias_ptr, p, y); break;
-    case at::kBFloat16: run_gemm<c10::BFloat16>(x, wq, ws, wz, bias_ptr, p, y); break;
-    case at::kHalf: run_gemm<c10::Half>(x, wq, ws, wz, bias_ptr, p, y); break;
-    default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16, got ", x.scalar_type());
-  }
+  awq_cpu::dispatch_activation_dtype(x.scalar_type(), [&](auto zero) {
+    run_gemm<decltype(zero)>(x, wq, ws, wz, bias_ptr, p, y);
+  });
   return y;
 }
 

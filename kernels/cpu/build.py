@@ -109,7 +109,8 @@ def portable_compile_flags() -> list[str]:
 
 def build_key(cflags: list[str], source: Path = SOURCE) -> str:
     """Hash of everything that changes the binary or its build command: source (bytes and path),
-    flags, torch (version and location), Python, CPU.
+    the headers beside it (``awq_common.h``, which every kernel includes), flags, torch (version
+    and location), Python, CPU.
 
     The paths matter: torch writes them into ``build.ninja``, so two checkouts (or two
     virtualenvs) sharing one cache directory would make ninja rebuild on every alternate load.
@@ -117,6 +118,9 @@ def build_key(cflags: list[str], source: Path = SOURCE) -> str:
     h = hashlib.sha256()
     h.update(source.read_bytes())
     h.update(str(source.resolve()).encode())
+    for header in sorted(source.parent.glob("*.h")):  # an edited header must rebuild too
+        h.update(header.name.encode())
+        h.update(header.read_bytes())
     h.update(str(Path(torch.__file__).resolve().parent).encode())
     h.update(" ".join(cflags).encode())
     h.update(torch.__version__.encode())

@@ -1,0 +1,67 @@
+// What the three CPU kernels (awq_gemm.cpp, awq_gemm_avx2.cpp,
+// awq_gemm_portable.cpp) share word for word: reading an activation as fp32,
+// the entry points' argument checks, the optional bias as fp32, and the switch
+// over the activation dtype. No arithmetic or layout lives here; each kernel
+// keeps its own tiles, packing and inner loops.
+//
+// Each kernel is its own extension (its own translation unit), so this header
+// is compiled into all three; kernels.cpu.build hashes it into every build key.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace awq_cpu {
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+// x: contiguous [M, K]; wq: contiguous uint8; ws: contiguous `ws_dtype`
+// (`ws_name` in the message); wz: contiguous uint8; group_size divides K.
+// Returns K.
+inline int64_t check_gemm_args(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws,
+                               const at::Tensor& wz, at::ScalarType ws_dtype, const char* ws_name,
+                               int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [M, K] tensor");
+  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.is_contiguous(), "wq must be contiguous uint8");
+  TORCH_CHECK(ws.scalar_type() == ws_dtype && ws.is_contiguous(), "ws must be contiguous ", ws_name);
+  TORCH_CHECK(wz.scalar_type() == at::kByte && wz.is_contiguous(), "wz must be contiguous uint8");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size must divide K");
+  return K;
+}
+
+// Scales and zeros hold one entry each per (padded channel, group): `expected`.
+inline void check_meta_size(const at::Tensor& ws, const at::Tensor& wz, int64_t expected) {
+  TORCH_CHECK(ws.numel() == expected && wz.numel() == ws.numel(),
+              "scales/zeros size does not match K, N, group_size");
+}
+
+// The optional bias as contiguous fp32 [out_features], kept alive in `holder`;
+// nullptr when there is none.
+inline const float* bias_as_float(const c10::optional<at::Tensor>& bias, int64_t out_features,
+                                  at::Tensor& holder) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  holder = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(holder.numel() == out_features, "bias must have out_features elements");
+  return holder.data_ptr<float>();
+}
+
+// Calls f(scalar_t{}) for the activation dtype: fp32, bf16 or fp16.
+template <typename F>
+void dispatch_activation_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16, got ", dtype);
+  }
+}
+
+}  // namespace awq_cpu
