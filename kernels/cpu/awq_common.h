@@ -1,7 +1,7 @@
 // What the three CPU kernels (awq_gemm.cpp, awq_gemm_avx2.cpp,
 // awq_gemm_portable.cpp) share word for word: reading an activation as fp32,
-// the entry points' argument checks, the optional bias as fp32, and the switch
-// over the activation dtype. No arithmetic or layout lives here; each kernel
+// the two x86 kernels' tiled problem sizes, the entry points' argument checks,
+// the optional bias as fp32, and the switch over the activation dtype. No arithmetic or layout lives here; each kernel
 // keeps its own tiles, packing and inner loops.
 //
 // Each kernel is its own extension (its own translation unit), so this header
@@ -21,6 +21,28 @@ namespace awq_cpu {
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+// The problem as the two x86 kernels (awq_gemm.cpp, awq_gemm_avx2.cpp) tile it; they share one
+// weight layout: each group of G k padded to Gp (G rounded up to 8), tiles of `tile_n` output
+// channels, blocks of `block_tiles` tiles. (awq_gemm_portable.cpp has its own layout.)
+struct TiledProblem {
+  int64_t M, N, K, G, Gp, NG, Kp, tiles, blocks;
+};
+
+inline TiledProblem make_tiled_problem(int64_t M, int64_t N, int64_t K, int64_t G, int64_t tile_n,
+                                       int64_t block_tiles) {
+  TiledProblem p;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.G = G;
+  p.Gp = (G + 7) / 8 * 8;
+  p.NG = K / G;
+  p.Kp = p.NG * p.Gp;
+  p.tiles = (N + tile_n - 1) / tile_n;
+  p.blocks = (p.tiles + block_tiles - 1) / block_tiles;
+  return p;
+}
 
 // x: contiguous [M, K]; wq: contiguous uint8; ws: contiguous `ws_dtype`
 // (`ws_name` in the message); wz: contiguous uint8; group_size divides K.

@@ -54,23 +54,7 @@ constexpr int64_t kTileN = 16;      // output channels per tile (one zmm of int3
 constexpr int64_t kBlockTiles = 4;  // tiles per block (one parallel work item)
 constexpr int64_t kMaxRows = 4;     // activation rows per micro-kernel call
 
-struct Problem {
-  int64_t M, N, K, G, Gp, NG, Kp, tiles, blocks;
-};
-
-Problem make_problem(int64_t M, int64_t N, int64_t K, int64_t G) {
-  Problem p;
-  p.M = M;
-  p.N = N;
-  p.K = K;
-  p.G = G;
-  p.Gp = (G + 7) / 8 * 8;
-  p.NG = K / G;
-  p.Kp = p.NG * p.Gp;
-  p.tiles = (N + kTileN - 1) / kTileN;
-  p.blocks = (p.tiles + kBlockTiles - 1) / kBlockTiles;
-  return p;
-}
+using Problem = awq_cpu::TiledProblem;
 
 using awq_cpu::to_float;
 
@@ -369,7 +353,7 @@ at::Tensor awq_gemm_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Ten
                         const at::Tensor& wz, int64_t group_size, int64_t out_features,
                         const c10::optional<at::Tensor>& bias, bool generic) {
   const int64_t K = awq_cpu::check_gemm_args(x, wq, ws, wz, at::kHalf, "fp16", group_size);
-  const Problem p = make_problem(x.size(0), out_features, K, group_size);
+  const Problem p = awq_cpu::make_tiled_problem(x.size(0), out_features, K, group_size, kTileN, kBlockTiles);
   TORCH_CHECK(wq.numel() == p.tiles * p.NG * p.Gp * kTileN / 2, "wq size does not match K, N, group_size");
   awq_cpu::check_meta_size(ws, wz, p.tiles * p.NG * kTileN);
   at::Tensor bias_f;
