@@ -27,6 +27,18 @@ def test_skeleton_auto_class_follows_the_architecture(model_type, architectures,
     assert auto_model_class(config).__name__ == auto
 
 
+def test_a_text_config_no_auto_mapping_lists_is_built_by_its_named_class(tmp_path: Path) -> None:
+    # MllamaForCausalLM saves a `mllama_text_model` config, which AutoModelForCausalLM refuses;
+    # quantize (skeleton, fp load) and the load back go through the class `architectures` names.
+    row = run_one("mllama", "causal-lm", tmp_path)
+    assert row["ok"], row
+    assert row["architecture"] == "MllamaForCausalLM" and row["step"] == "done"
+    saved = AutoConfig.from_pretrained(tmp_path / "awq")
+    assert saved.model_type == "mllama_text_model"
+    model = auto_model_class(saved).from_config(saved)
+    assert type(model).__name__ == "MllamaForCausalLM"
+
+
 def test_an_architecture_without_shipped_template_goes_folder_to_finite_logits(tmp_path: Path) -> None:
     row = run_one("starcoder2", "causal-lm", tmp_path)
     assert row["ok"], row

@@ -213,11 +213,14 @@ def load_fp_model(
     folder: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> nn.Module:
     """Load a full-precision transformers folder from safetensors only (no pickle)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).eval()
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return (
+        auto_model_class(hf_config)
+        .from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        .eval()
+    )
 
 
 def is_awq_checkpoint(folder: str | Path) -> bool:

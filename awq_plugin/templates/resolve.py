@@ -163,10 +163,10 @@ def _as_model(model_or_config: Any) -> nn.Module:
         linearize_conv1d(model_or_config)  # GPT-2's Conv1D is a linear: make it one, in place
         return model_or_config
     # A config: build the module tree without allocating weights (names are all we need).
-    from transformers import AutoModelForCausalLM
+    from awq_plugin.models.auto import auto_model_class
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_or_config)
+        return auto_model_class(model_or_config).from_config(model_or_config)
 
 
 def _check_config_requirements(data: Mapping[str, Any], config: Any, where: str) -> None:

@@ -106,6 +106,8 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
         config.default_language = next(
             iter(config.languages)
         )  # X-MOD: input_ids alone need a default adapter
+    if getattr(config, "num_experts_per_tok", 0) is None and getattr(config, "n_routed_experts", None):
+        config.num_experts_per_tok = SMALL["num_experts_per_tok"]  # DeepSeek-V2 leaves it unset
     if getattr(config, "kv_lora_rank", None) and getattr(config, "num_key_value_heads", None):
         config.num_key_value_heads = config.num_attention_heads  # latent attention: one K/V per head
     vocab = getattr(config, "vocab_size", None)
@@ -115,11 +117,15 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
             with contextlib.suppress(Exception):
                 setattr(config, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
     n_layers = SMALL["num_hidden_layers"]
-    for key in ("layer_types", "mlp_only_layers"):
+    # Per-layer lists (layer_types, mlp_layer_types, ...) must match the tiny layer count.
+    per_layer = [k for k in vars(config) if k.endswith("layer_types") or k == "mlp_only_layers"]
+    for key in per_layer:
         current = getattr(config, key, None)
         if isinstance(current, list) and len(current) > n_layers:
             kept = current[:n_layers]
-            if key == "layer_types":  # a hybrid keeps one layer of each kind (full attention among them)
+            if key.endswith(
+                "layer_types"
+            ):  # a hybrid keeps one layer of each kind (full attention among them)
                 missing = [t for t in dict.fromkeys(current) if t not in kept][:n_layers]
                 kept = kept[: n_layers - len(missing)] + missing
             setattr(config, key, kept)
@@ -252,9 +258,11 @@ def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
         validate_checkpoint(out)
         step = "from_pretrained"
         import awq_plugin.integrations.transformers as awq_transformers
+        from awq_plugin.models.auto import auto_model_class
 
         awq_transformers.activate()
-        loaded = auto.from_pretrained(out, dtype=torch.float32).eval()
+        saved = AutoConfig.from_pretrained(out)  # a text model's config may be in no Auto mapping
+        loaded = auto_model_class(saved).from_pretrained(out, dtype=torch.float32).eval()
         step = "logits"
         with torch.no_grad():
             logits = loaded(input_ids=ids[:1]).logits
