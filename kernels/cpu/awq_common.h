@@ -1,5 +1,6 @@
 // What the three CPU kernels (awq_gemm.cpp, awq_gemm_avx2.cpp,
 // awq_gemm_portable.cpp) share word for word: reading an activation as fp32,
+// the scalar int8 quantization of one activation group,
 // the two x86 kernels' tiled problem sizes, the entry points' argument checks,
 // the optional bias as fp32, and the switch over the activation dtype. No arithmetic or layout lives here; each kernel
 // keeps its own tiles, packing and inner loops.
@@ -14,6 +15,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace awq_cpu {
@@ -21,6 +24,26 @@ namespace awq_cpu {
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+// One group of G activations to int8 values (stored as q_t: int8 or int16), in
+// scalar code: a_q = round_half_even(x * (127 / amax)) (std::nearbyint in the
+// default rounding mode), |a_q| <= 127. Writes the sum of a_q (for the exact
+// zero-point correction) and returns s_a = amax / 127. The SIMD paths compute
+// the same values in registers.
+template <typename scalar_t, typename q_t>
+inline float quantize_group(const scalar_t* xg, int64_t G, q_t* qg, int32_t* sum_out) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(to_float(xg[i])));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < G; ++i) {
+    const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(xg[i]) * inv));
+    qg[i] = static_cast<q_t>(q);
+    sum += q;
+  }
+  *sum_out = sum;
+  return amax / 127.f;
+}
 
 // The problem as the two x86 kernels (awq_gemm.cpp, awq_gemm_avx2.cpp) tile it; they share one
 // weight layout: each group of G k padded to Gp (G rounded up to 8), tiles of `tile_n` output

@@ -68,20 +68,9 @@ void quantize_rows_generic(const scalar_t* x, const Problem& p, int64_t m0, int6
                            float* sa, int32_t* suma) {
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t g = 0; g < p.NG; ++g) {
-      const scalar_t* xg = x + m * p.K + g * p.G;
       int8_t* qg = aq + m * p.Kp + g * p.Gp;
-      float amax = 0.f;
-      for (int64_t i = 0; i < p.G; ++i) amax = std::max(amax, std::fabs(to_float(xg[i])));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < p.G; ++i) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(xg[i]) * inv));
-        qg[i] = static_cast<int8_t>(q);
-        sum += q;
-      }
+      sa[m * p.NG + g] = awq_cpu::quantize_group(x + m * p.K + g * p.G, p.G, qg, suma + m * p.NG + g);
       for (int64_t i = p.G; i < p.Gp; ++i) qg[i] = 0;
-      sa[m * p.NG + g] = amax / 127.f;
-      suma[m * p.NG + g] = sum;
     }
   }
 }

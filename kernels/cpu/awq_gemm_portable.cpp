@@ -61,7 +61,6 @@ struct Problem {
   int64_t M, N, K, G, NG, tiles;
 };
 
-using awq_cpu::to_float;
 
 // int8 activations per (row, group), widened to int16 so that the inner loop
 // broadcasts them straight from memory: a_q = round_half_even(x * (127 / amax)),
@@ -69,23 +68,10 @@ using awq_cpu::to_float;
 template <typename scalar_t>
 void quantize_rows(const scalar_t* x, const Problem& p, int64_t m0, int64_t m1, int16_t* aq, float* sa,
                    int32_t* suma) {
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t g = 0; g < p.NG; ++g) {
-      const scalar_t* xg = x + m * p.K + g * p.G;
-      int16_t* qg = aq + m * p.K + g * p.G;
-      float amax = 0.f;
-      for (int64_t i = 0; i < p.G; ++i) amax = std::max(amax, std::fabs(to_float(xg[i])));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < p.G; ++i) {
-        const int32_t q = static_cast<int32_t>(std::nearbyint(to_float(xg[i]) * inv));  // |q| <= 127
-        qg[i] = static_cast<int16_t>(q);
-        sum += q;
-      }
-      sa[m * p.NG + g] = amax / 127.f;
-      suma[m * p.NG + g] = sum;
-    }
-  }
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t g = 0; g < p.NG; ++g)
+      sa[m * p.NG + g] =
+          awq_cpu::quantize_group(x + m * p.K + g * p.G, p.G, aq + m * p.K + g * p.G, suma + m * p.NG + g);
 }
 
 inline void widen_add(int32_t* dst, v32i16 v) {
