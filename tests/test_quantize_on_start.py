@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -51,13 +52,24 @@ QUANTIZING = "awq-plugin: quantizing "  # the line that starts a quantization
 RTN = {"method": "rtn", "n_samples": 2, "seq_len": 32}
 #: The real AWQ search, kept tiny: 4 windows of 64 tokens, a 4-point scale grid, no clip search.
 TINY_AWQ = {"method": "awq", "n_samples": 4, "seq_len": 64, "n_grid": 4, "clip": False}
-#: The options the default-model serving tests pass, and the same as `awq-plugin quantize` flags.
+#: The options the default-model serving test passes (`awq-plugin quantize` takes them as flags).
 SERVE_OPTIONS = {"scheme": "uint4_wo_64", "method": "rtn", "n_samples": 4, "seq_len": 64}
-SERVE_CLI_FLAGS = ["--scheme", "uint4_wo_64", "--method", "rtn", "--n-samples", "4", "--seq-len", "64"]
 
 
 def hf_overrides(options: dict) -> list[str]:
     return ["--hf-overrides", json.dumps({"quantization_config": options})]
+
+
+def cli_flags(options: dict) -> list[str]:
+    """The ``awq-plugin quantize`` flags of a ``quantization_config`` dict (the keys the CLI has)."""
+    flags = []
+    for key, value in options.items():
+        if key == "clip":
+            flags += [] if value else ["--no-clip"]
+        else:
+            assert key in ("scheme", "method", "calib", "n_samples", "seq_len"), f"no CLI flag for {key}"
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
 
 
 def leftovers(root: Path) -> list[str]:
@@ -423,56 +435,236 @@ def greedy_texts(server: VllmServer) -> list[list[int]]:
     return out
 
 
-def timed_start(model: Path, log: Path, args: list[str], env: dict[str, str]) -> tuple[VllmServer, float]:
+def start_and_answer(
+    model: Path, log: Path, args: list[str], env: dict[str, str]
+) -> tuple[VllmServer, float, str]:
+    """Launch ``vllm serve`` and time it until it answers: the start's *ready time*.
+
+    Ready time = from launching the command to the first chat completion received (the
+    server is polled on /v1/models once a second, then sent the chat request), so it counts
+    everything a user waits for: vLLM's imports, quantizing (or finding the cache entry),
+    the engine's start and the first answer.
+    """
     server = VllmServer(
         model, log, args, env={"VLLM_CPU_KVCACHE_SPACE": "1", **env}, startup_timeout=START_TIMEOUT_S
     )
     started = time.monotonic()
     server.start()
-    return server, time.monotonic() - started
+    try:
+        answer = chat(server)
+    except BaseException:
+        server.stop()
+        raise
+    return server, time.monotonic() - started, answer
+
+
+def quantized_blocks(log: str) -> list[int]:
+    """The block numbers of the ``quantized block N/TOTAL`` progress lines, in order."""
+    marker = "awq-plugin: quantized block "
+    return [int(line.split(marker)[1].split("/")[0]) for line in log.splitlines() if marker in line]
+
+
+#: The first-start test's options: the AWQ search with the tiny calibration. Plain rounding
+#: quantizes the default model in about 20 s, less than vLLM's own start (measured here: 56 s
+#: first, 37 s cached, a ratio of 0.65), so only the search makes "a cached start takes under
+#: half the first's time" a property of the cache rather than of the machine's load.
+FIRST_START_OPTIONS = {"scheme": "uint4_wo_64", **TINY_AWQ}
 
 
 @pytest.mark.vllm
 def test_first_start_quantizes_and_serves_second_start_reuses(
     default_model_dir: Path, cache_base: Path, tmp_path: Path
 ) -> None:
+    """Acceptance 1 and 2 of issue 17 with a small calibration: the first start quantizes (the
+    log names the plugin, the progress and the cache entry) and serves; the second finds the
+    entry, is ready in under half the first's time (ready time: see :func:`start_and_answer`)
+    and gives the same greedy tokens."""
     env = {CACHE_ENV: str(cache_base)}
     root = cache_base / "models"
-    args = [*SERVER_ARGS, "--quantization", "awq", *hf_overrides(SERVE_OPTIONS)]
+    args = [*SERVER_ARGS, "--quantization", "awq", *hf_overrides(FIRST_START_OPTIONS)]
 
-    server, first_s = timed_start(default_model_dir, tmp_path / "first.log", args, env)
+    server, first_s, answer = start_and_answer(default_model_dir, tmp_path / "first.log", args, env)
     try:
-        assert chat(server).strip()
+        assert answer.strip()
         first_tokens = greedy_texts(server)
         log = server.log_text()
     finally:
         server.stop()
-    (entry,) = [e for e in list_entries(root) if e.info.get("source") == str(default_model_dir.resolve())]
+    (entry,) = [
+        e
+        for e in list_entries(root)
+        if e.info.get("source") == str(default_model_dir.resolve()) and e.info["request"]["method"] == "awq"
+    ]
     assert "awq-plugin: registered AwqPluginConfig" in log  # the plugin ...
     assert QUANTIZING in log and f"into cache entry {entry.path}" in log  # ... quantizes into the cache ...
-    assert "quantized block 30/30" in log and "ETA" in log  # ... with progress ...
+    assert quantized_blocks(log) == list(range(1, 31)) and "ETA" in log  # ... with progress ...
     assert f"serving {default_model_dir.resolve()} from cache entry {entry.path}" in log
     assert "quantization=awq_plugin" in log and KERNEL_LOG in log  # ... and serves it through our method
 
-    server, second_s = timed_start(default_model_dir, tmp_path / "second.log", args, env)
+    server, second_s, answer = start_and_answer(default_model_dir, tmp_path / "second.log", args, env)
     try:
+        assert answer.strip()
         second_tokens = greedy_texts(server)
         log = server.log_text()
     finally:
         server.stop()
-    assert f"reusing cache entry {entry.path}" in log and QUANTIZING not in log
+    print(f"ready after launch: first start {first_s:.0f} s (quantizing), cached start {second_s:.0f} s")
+    assert f"reusing cache entry {entry.path}" in log and QUANTIZING not in log and not quantized_blocks(log)
     assert second_tokens == first_tokens
-    assert second_s < first_s, (first_s, second_s)
+    assert second_s < first_s / 2, f"cached start {second_s:.0f} s, first start {first_s:.0f} s"
 
-    # The same options through `awq-plugin quantize` write the same checkpoint, tensor for tensor.
+
+@pytest.mark.vllm
+def test_first_start_answers_as_vllm_serve_of_the_cli_checkpoint(
+    default_model_dir: Path, cache_base: Path, tmp_path: Path
+) -> None:
+    """Acceptance 2, last clause: the first start's greedy tokens equal those of ``vllm serve``
+    on the checkpoint ``awq-plugin quantize`` writes with the same options (plain rounding
+    here: the CLI has no ``n_grid`` flag, and its default 20-point AWQ search takes over 5
+    minutes on these 2 cores even with the tiny calibration)."""
+    env = {CACHE_ENV: str(cache_base)}
+    args = [*SERVER_ARGS, "--quantization", "awq", *hf_overrides(SERVE_OPTIONS)]
+    server = VllmServer(
+        default_model_dir, tmp_path / "first.log", args, env=env, startup_timeout=START_TIMEOUT_S
+    )
+    with server:
+        first_tokens = greedy_texts(server)
+        log = server.log_text()
+    (entry,) = [
+        e
+        for e in list_entries(cache_base / "models")
+        if e.info.get("source") == str(default_model_dir.resolve()) and e.info["request"]["method"] == "rtn"
+    ]
+    assert f"serving {default_model_dir.resolve()} from cache entry {entry.path}" in log
+
+    # `awq-plugin quantize` with the same options writes the same checkpoint, tensor for tensor ...
     out = tmp_path / "cli-awq"
-    assert cli.main(["quantize", str(default_model_dir), str(out), *SERVE_CLI_FLAGS, "--no-progress"]) == 0
+    command = [str(Path(sys.executable).parent / "awq-plugin"), "quantize", str(default_model_dir), str(out)]
+    subprocess.run(
+        [*command, *cli_flags(SERVE_OPTIONS), "--no-progress"], check=True, timeout=900, cwd=tmp_path
+    )
     cached, written = (load_file(str(p / "model.safetensors")) for p in (entry.path, out))
     assert cached.keys() == written.keys()
     assert all(torch.equal(cached[k], written[k]) for k in cached)
     configs = [json.loads((p / "config.json").read_text())["quantization_config"] for p in (entry.path, out)]
     assert configs[0] == configs[1]
-    print(f"first start {first_s:.0f} s (quantizing), cached start {second_s:.0f} s")
+    # ... and `vllm serve` of it answers with the first start's greedy tokens.
+    with VllmServer(
+        out, tmp_path / "cli.log", SERVER_ARGS, env=env, startup_timeout=START_TIMEOUT_S
+    ) as server:
+        assert greedy_texts(server) == first_tokens
+        assert KERNEL_LOG in server.log_text()
+
+
+@pytest.fixture
+def empty_cache_base(cache_base: Path, tmp_path: Path) -> Path:
+    """An ``$AWQ_PLUGIN_CACHE`` with no model in it, sharing ``cache_base``'s built kernels."""
+    base = tmp_path / "empty-cache"
+    base.mkdir()
+    (base / "kernels").symlink_to(cache_base / "kernels", target_is_directory=True)
+    return base
+
+
+#: The model and options of the two-servers test: long enough a quantization (the AWQ search,
+#: 8 blocks) that the second server, launched at the same moment, finds the lock held.
+TOGETHER_LAYERS = 8
+TOGETHER_OPTIONS = {**TINY_AWQ, "n_grid": 8}
+
+
+@pytest.mark.vllm
+def test_two_servers_on_an_empty_cache_one_quantizes_the_other_waits(
+    default_model_dir: Path, empty_cache_base: Path, tmp_path: Path
+) -> None:
+    """Acceptance 3a: two ``vllm serve`` of one model on an empty cache, launched together."""
+    source = make_random_model(
+        tmp_path / "llama", default_model_dir, "tiny-llama", num_hidden_layers=TOGETHER_LAYERS
+    )
+    args = [*SERVER_ARGS, "--quantization", "awq", *hf_overrides(TOGETHER_OPTIONS)]
+    servers = [
+        VllmServer(
+            source,
+            tmp_path / f"server-{core}.log",
+            args,
+            # One core each: two engines spinning OpenMP threads on the same two cores crawl.
+            env={CACHE_ENV: str(empty_cache_base), "VLLM_CPU_OMP_THREADS_BIND": str(core)},
+            startup_timeout=START_TIMEOUT_S,
+        )
+        for core in (0, 1)
+    ]
+    try:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            for started in [pool.submit(server.start) for server in servers]:
+                started.result()
+        answers = [chat(server) for server in servers]
+        logs = [server.log_text() for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+    assert all(answer.strip() for answer in answers), answers  # both answer
+    (entry,) = list_entries(empty_cache_base / "models")
+    assert entry.complete
+    quantizers = [i for i, log in enumerate(logs) if quantized_blocks(log)]
+    assert len(quantizers) == 1, "expected exactly one server to quantize"  # one quantizes ...
+    quantizer, waiter = logs[quantizers[0]], logs[1 - quantizers[0]]
+    assert quantized_blocks(quantizer) == list(range(1, TOGETHER_LAYERS + 1))
+    assert QUANTIZING in quantizer and "waiting for it" not in quantizer
+    # ... the other found the lock held, waited, and reused the result.
+    assert f"another process is quantizing cache entry {entry.key}; waiting for it" in waiter
+    assert f"reusing cache entry {entry.path} (quantized by another process)" in waiter
+    assert QUANTIZING not in waiter
+    for log in logs:
+        assert f"serving {source.resolve()} from cache entry {entry.path}" in log and KERNEL_LOG in log
+
+
+#: The resumed start's model: enough blocks that the kill lands midway.
+RESUME_LAYERS = 6
+RESUME_OPTIONS = {**TINY_AWQ, "n_samples": 2, "seq_len": 32, "n_grid": 2}  # AWQ, as small as it gets
+
+
+@pytest.mark.vllm
+def test_vllm_serve_killed_mid_quantization_resumes_on_restart(
+    default_model_dir: Path, empty_cache_base: Path, tmp_path: Path
+) -> None:
+    """Acceptance 3b: ``vllm serve`` killed (SIGKILL to its process group) once a block is
+    stored; the restart reuses the stored blocks, quantizes only the rest, and serves."""
+    source = make_random_model(
+        tmp_path / "llama", default_model_dir, "tiny-llama", num_hidden_layers=RESUME_LAYERS
+    )
+    env = {CACHE_ENV: str(empty_cache_base)}
+    args = [*SERVER_ARGS, "--quantization", "awq", *hf_overrides(RESUME_OPTIONS)]
+    first = VllmServer(source, tmp_path / "first.log", args, env=env, startup_timeout=START_TIMEOUT_S)
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(first.start)
+        deadline = time.monotonic() + 480
+        while not quantized_blocks(first.log_text()) and time.monotonic() < deadline and not starting.done():
+            time.sleep(0.1)
+        if first.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.process.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="exited with status -9"):
+            starting.result()
+    stored = quantized_blocks(first.log_text())
+    assert stored and stored[-1] < RESUME_LAYERS, f"not killed midway: {stored}\n{first.log_text()[-3000:]}"
+    (unfinished,) = list_entries(empty_cache_base / "models")
+    assert not unfinished.complete  # only resumable state, no entry
+
+    second, _, answer = start_and_answer(source, tmp_path / "second.log", args, env)
+    try:
+        log = second.log_text()
+    finally:
+        second.stop()
+    assert answer.strip()
+    marker = "awq-plugin: found an interrupted run's state ("
+    (line,) = [line for line in log.splitlines() if marker in line]
+    done = int(line.split(marker)[1].split()[0])  # blocks the killed start had stored
+    assert stored[-1] <= done < RESUME_LAYERS
+    assert quantized_blocks(log) == list(range(done + 1, RESUME_LAYERS + 1))  # only the rest is redone
+    assert (
+        f"resumed the interrupted run after block {done - 1} ({done} of {RESUME_LAYERS} blocks reused" in log
+    )
+    (entry,) = list_entries(empty_cache_base / "models")
+    assert entry.complete and entry.info["resumed_from_block"] == done
+    assert f"serving {source.resolve()} from cache entry {entry.path}" in log and KERNEL_LOG in log
 
 
 @pytest.mark.vllm

@@ -504,7 +504,12 @@ def _quantize_into(
         _drop_partial(entry)  # the pipeline drops its work dir too; bad input is not resumable
         raise
     if report.resumed_from_block:
-        logger.info("awq-plugin: resumed the interrupted run after block %d", report.resumed_from_block - 1)
+        logger.info(
+            "awq-plugin: resumed the interrupted run after block %d (%d of %s blocks reused from it, not redone)",
+            report.resumed_from_block - 1,
+            report.resumed_from_block,
+            total or "?",
+        )
     info = {
         "source": str(source),
         "request": request.key_dict(),
