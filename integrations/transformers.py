@@ -425,7 +425,9 @@ class AwqHfQuantizer(HfQuantizer):
         (device,) = devices
         source = _cacheable_source(model, config)
         if source is not None:
-            return _load_from_cache(model, source, config, device)
+            model = _load_from_cache(model, source, config, device)
+            _list_full_precision_modules(model, config)
+            return model
         logger.info(
             "AWQ: quantizing %s on load (%s, %s)",
             model.config.name_or_path,
@@ -447,6 +449,7 @@ class AwqHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, AwqLinear):
                 module.to(device)
+        _list_full_precision_modules(model, config)
         return model
 
     def _calibration_tokenizer(self, model: nn.Module) -> Any:
@@ -510,6 +513,20 @@ def _has_shipped_experts(model: nn.Module) -> bool:
     except TemplateError:
         return False
     return data["experts"] is not None
+
+
+def _list_full_precision_modules(model: nn.Module, config: AwqConfig) -> None:
+    """Add the subtrees left in full precision outside the quantized layers (a VLM's vision
+    tower and projector) to ``config.modules_to_not_convert``, as ``awq-plugin quantize``
+    lists them, so that ``save_pretrained`` writes a checkpoint vLLM loads (it would give
+    every unlisted linear the AWQ method)."""
+    from awq_plugin.format.checkpoint import full_precision_modules
+
+    quantized = [name for name, module in model.named_modules() if isinstance(module, AwqLinear)]
+    listed = list(config.modules_to_not_convert or [])
+    missing = [p for p in full_precision_modules(model.config.to_dict(), quantized) if p not in listed]
+    if missing:
+        config.modules_to_not_convert = listed + missing
 
 
 def _load_from_cache(model: nn.Module, source: Path, config: AwqConfig, device: torch.device) -> nn.Module:

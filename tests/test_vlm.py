@@ -333,6 +333,23 @@ def test_language_model_blocks_are_quantized_and_the_rest_is_not(
     assert vision and all(keys[k] == "F16" for k in vision)  # dense, not packed
 
 
+def test_quantize_on_load_then_save_pretrained_lists_the_vision_tower(
+    model_type: str, folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # from_pretrained(FP, quantization_config=AwqConfig(...)) then save_pretrained: the saved
+    # config must keep the vision tower and projector out of AWQ, as the offline checkpoint does.
+    from awq_plugin import AwqConfig
+    from awq_plugin.format.checkpoint import read_json
+
+    src = folders[0]
+    text = ["The river runs past the old mill and under the stone bridge into town. " * 20] * 2
+    config = AwqConfig(group_size=64, dataset=text, n_samples=2, seq_len=32)
+    model = load(src, quantization_config=config)
+    model.save_pretrained(tmp_path / "saved")
+    saved = read_json(tmp_path / "saved" / "config.json")["quantization_config"]
+    assert saved["modules_to_not_convert"] == VLMS[model_type]["not_convert"], saved
+
+
 def test_transformers_greedy_matches_the_fake_quant_reference(
     folders: tuple[Path, Path], prompt_ids: list[list[int]]
 ) -> None:
