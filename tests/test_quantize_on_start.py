@@ -468,8 +468,10 @@ def quantized_blocks(log: str) -> list[int]:
 #: tokens, a 2-point grid). Plain rounding quantizes the default model in about 20 s, less than
 #: vLLM's own start (measured here: 56 s first, 37 s cached, a ratio of 0.65), so only the
 #: search makes "a cached start takes under half the first's time" a property of the cache
-#: rather than of the machine's load. Measured with these options at load 4.5 on the 2 cores:
-#: 237 s first, 51 s cached (0.22); with 4 x 64 tokens and a 4-point grid: 304 s and 36 s.
+#: rather than of the machine's load. Measured with these options on the 2 shared cores: 267 s
+#: first, 32 s cached (0.12) at load 3; 237 s and 51 s (0.22) at load 4.5. With 4 x 64 tokens
+#: and a 4-point grid: 304 s and 36 s. Most of the search's 7-9 s per block does not shrink
+#: with the calibration, so the test takes about 5 minutes.
 FIRST_START_OPTIONS = {"scheme": "uint4_wo_64", **TINY_AWQ, "n_samples": 2, "seq_len": 32, "n_grid": 2}
 
 
