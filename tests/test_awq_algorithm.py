@@ -32,8 +32,10 @@ from awq_plugin.algorithm.clip import (
     rescale_gram,
     search_clip_max,
     search_clip_range,
+    symmetric_clamp_share,
 )
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block, plan_samples
+from awq_plugin.errors import ConfigError
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import resolve_template
 from awq_plugin.templates.folds import apply_group_scales, fold_scales_into_linear_rows, fold_scales_into_norm
@@ -439,3 +441,62 @@ def test_capture_reports_the_model_error_when_no_way_of_bypassing_fits() -> None
     with pytest.raises(ValueError, match="not enough values to unpack"):
         capture_decoder_inputs(model, model.layers, torch.zeros(1, 3, dtype=torch.long))
     assert all("forward" not in vars(layer) for layer in model.layers)  # the bypass is removed again
+
+
+def clamp_like_llm_awq(linear: nn.Linear, group_size: int = 128, shrink: float = 0.8) -> None:
+    """What llm-awq / AutoAWQ's clip does to a linear: each group clamped to [-c, c], c = shrink * max|w|."""
+    w = linear.weight.data
+    n, k = w.shape
+    grouped = w.reshape(n, k // group_size, group_size)
+    c = grouped.abs().amax(dim=-1, keepdim=True) * shrink
+    linear.weight.data = torch.maximum(torch.minimum(grouped, c), -c).reshape(n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_symmetric_clamp_share_tells_llm_awq_clipped_weights_from_untouched_ones(dtype) -> None:
+    torch.manual_seed(0)
+    # Untouched weights, gaussian and heavy-tailed: exact max == -min is rare (bfloat16's coarse
+    # mantissa makes it most frequent, about 1%).
+    for w in (torch.randn(512, 1024), 0.02 * torch.distributions.StudentT(3.0).sample((512, 1024))):
+        assert symmetric_clamp_share(w.to(dtype)) < 0.02
+        linear = nn.Linear(1024, 512, bias=False)
+        linear.weight.data = w.clone()
+        clamp_like_llm_awq(linear)
+        # A gaussian group of 128 has both ends beyond 0.8 * max|w| in about a third of groups.
+        assert symmetric_clamp_share(linear.weight.data.to(dtype)) > 0.2
+    assert symmetric_clamp_share(torch.zeros(8, 128)) == 0.0  # all-zero groups are not clamped ones
+    assert symmetric_clamp_share(torch.randn(8, 96)) == 0.0  # no size of the list divides K: nothing to tell
+
+
+def test_a_block_processed_by_an_earlier_awq_pass_gets_only_the_q_k_clip(toy) -> None:
+    model, resolved, captured = toy
+    groups = resolved.block(0)
+    qk = {"self_attn.q_proj", "self_attn.k_proj"}
+    block = copy.deepcopy(model.model.layers[0])
+    for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        clamp_like_llm_awq(block.get_submodule(name))
+    untouched = copy.deepcopy(block)
+    result = run_awq_block(block, groups, captured.for_layer(0), QUANT, FAST)
+    assert result.prior_awq and result.prior_awq_share > FAST.prior_awq_share
+    assert all(g.alpha is None and torch.equal(g.scales, torch.ones_like(g.scales)) for g in result.groups)
+    assert set(result.clip_max) == qk  # what llm-awq leaves out
+    for name, param in block.named_parameters():  # nothing but q/k changed
+        if not any(name.startswith(n) for n in qk):
+            assert torch.equal(param, untouched.get_parameter(name)), name
+    assert result.mse_awq <= result.mse_rtn
+    again = BlockAwqResult.from_state(*result.to_state())
+    assert again.prior_awq and again.prior_awq_share == result.prior_awq_share
+
+    # Switched off, the same block gets the full search; an untouched block is never flagged.
+    off = AwqOptions(**{**FAST.to_dict(), "prior_awq_share": None})
+    full = run_awq_block(copy.deepcopy(untouched), groups, captured.for_layer(0), QUANT, off)
+    assert not full.prior_awq and set(full.clip_max) > qk
+    plain = run_awq_block(copy.deepcopy(model.model.layers[0]), groups, captured.for_layer(0), QUANT, FAST)
+    assert not plain.prior_awq and plain.prior_awq_share < 0.02
+    assert "prior_awq" not in plain.to_state()[1]  # unflagged results keep their old bytes
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_prior_awq_share_option_is_checked(value: float) -> None:
+    with pytest.raises(ConfigError, match="prior_awq_share"):
+        AwqOptions(prior_awq_share=value)

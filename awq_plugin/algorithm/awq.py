@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
+from awq_plugin.algorithm.clip import search_clip_max, search_clip_range, symmetric_clamp_share
 from awq_plugin.algorithm.results import (  # re-exported: the results are part of this API
     AwqResults,
     BlockAwqResult,
@@ -137,6 +138,13 @@ class AwqOptions:
     # own 97-100% of the MSE in some blocks (Qwen2.5, SmolLM2), and the scales are tuned for them
     # alone. None: plain MSE over all tokens (llm-awq).
     outlier_token_ratio: float | None = None
+    # A block whose linears an earlier AWQ pass already processed (llm-awq and AutoAWQ
+    # clamp groups to [-c, c]; see clip.symmetric_clamp_share: on average at least this
+    # share of groups, over the linears such a pass clips) gets only what that pass left
+    # out: the template's clip_skip linears (q/k) are clipped, with no second scale search
+    # and no second clip elsewhere. On issue 19's Qwen2.5 (llm-awq-processed) re-scaling and
+    # re-clipping each won block by block and lost end to end. None: always search fully.
+    prior_awq_share: float | None = 0.05
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -154,6 +162,8 @@ class AwqOptions:
                 f"expert_min_tokens must be >= 1 (an expert with no tokens has no statistics), "
                 f"got {self.expert_min_tokens}"
             )
+        if self.prior_awq_share is not None and not 0.0 < self.prior_awq_share <= 1.0:
+            raise ConfigError(f"prior_awq_share must be in (0, 1] or None, got {self.prior_awq_share}")
         if self.outlier_token_ratio is not None and not self.outlier_token_ratio >= 1.0:
             raise ConfigError(f"outlier_token_ratio must be >= 1 or None, got {self.outlier_token_ratio}")
         if self.search_dtype not in SEARCH_DTYPES:
@@ -391,8 +401,25 @@ def awq_block_step(
         inputs = inputs.to(torch.float32)
         names = quantized_linear_names(block, groups, quant_config)
         original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
+        prior_share = _prior_awq_share(block, names, groups)
+        processed = options.prior_awq_share is not None and prior_share >= options.prior_awq_share
+        if processed:
+            logger.warning(
+                "layer %d: %.1f%% of its weight groups are clamped to [-c, c] by an earlier AWQ pass "
+                "(llm-awq, AutoAWQ): no second scale search or clip; clipping searched for %s only",
+                groups.index,
+                100 * prior_share,
+                sorted(set(names) & set(groups.clip_skip)) or "nothing",
+            )
         clip_names = (
-            [n for n in names if options.clip_qk or n not in groups.clip_skip] if options.clip else []
+            [
+                n
+                for n in names
+                if (n in groups.clip_skip and options.clip_qk)
+                or (n not in groups.clip_skip and not processed)
+            ]
+            if options.clip
+            else []
         )
         plan = plan_samples(
             inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
@@ -422,7 +449,9 @@ def awq_block_step(
             )
 
         searches = [
-            _search_group(block, group, target, names, recorded, quant_config, options)
+            _unit_scales(group, recorded)
+            if processed
+            else _search_group(block, group, target, names, recorded, quant_config, options)
             for group, target in zip(groups.groups, inspect_names)
         ]
         for group, found in zip(groups.groups, searches):
@@ -464,6 +493,8 @@ def awq_block_step(
         mse_rtn=mse_rtn,
         mse_awq=mse_awq,
         clip_min=clip_min,
+        prior_awq_share=prior_share,
+        prior_awq=processed,
     )
     logger.info(
         "layer %d: block output MSE vs fp %.4g (RTN) -> %.4g (AWQ); alphas %s",
@@ -560,6 +591,20 @@ def _calibrate_underused_experts(
             old.pop(name, None)
             if name in new:
                 old[name] = new[name]
+
+
+def _prior_awq_share(block: nn.Module, names: Sequence[str], groups: BlockTemplate) -> float:
+    """Mean :func:`symmetric_clamp_share` over the linears an earlier AWQ pass would have clipped."""
+    shares = [
+        symmetric_clamp_share(block.get_submodule(n).weight) for n in names if n not in groups.clip_skip
+    ]
+    return sum(shares) / len(shares) if shares else 0.0
+
+
+def _unit_scales(group: ScalingGroup, recorded: RecordedInputs) -> ScaleSearchResult:
+    """The scale search's result when it is not run: s = 1 (plain rounding of the group)."""
+    ones = torch.ones_like(group.reduce_columns(recorded.mean_abs(group.inp)))
+    return ScaleSearchResult(scales=ones, alpha=None, loss_rtn=math.nan, loss_awq=math.nan, losses=())
 
 
 def _search_group(

@@ -45,6 +45,11 @@ class BlockAwqResult:
     mse_awq: float  # the same with AWQ scales and clips applied
     # linear name -> fp32 [N, K/G] lower clip bound (asymmetric clip only; else -clip_max)
     clip_min: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Share of weight groups clamped to [-c, c] by an earlier AWQ pass (clip.symmetric_clamp_share,
+    # averaged over the linears such a pass clips); at or above AwqOptions.prior_awq_share the
+    # block got no scale search and no second clip.
+    prior_awq_share: float = 0.0
+    prior_awq: bool = False
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (names relative to this block) and JSON-able metadata."""
@@ -68,6 +73,8 @@ class BlockAwqResult:
             "mse_rtn": self.mse_rtn,
             "mse_awq": self.mse_awq,
         }
+        if self.prior_awq:  # only then: results of other blocks keep their bytes
+            meta.update(prior_awq=True, prior_awq_share=self.prior_awq_share)
         return tensors, meta
 
     def save(self, path: str | Path) -> Path:
@@ -105,6 +112,8 @@ class BlockAwqResult:
             mse_rtn=meta["mse_rtn"],
             mse_awq=meta["mse_awq"],
             clip_min=clip_min,
+            prior_awq_share=meta.get("prior_awq_share", 0.0),
+            prior_awq=meta.get("prior_awq", False),
         )
 
 

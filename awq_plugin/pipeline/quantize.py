@@ -108,7 +108,8 @@ class QuantizeReport:
         if self.blocks and "mse_awq" in self.blocks[0]:
             lines.append("block output MSE vs full precision: plain rounding -> AWQ")
             for b in self.blocks:
-                lines.append(f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}")
+                mark = "  (earlier AWQ pass found: q/k clipping only)" if b.get("prior_awq") else ""
+                lines.append(f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}{mark}")
         if self.guard:  # last, so that it is the CLI's closing line
             lines.append(self.guard["message"])
         return "\n".join(lines)
@@ -342,6 +343,10 @@ def quantize_checkpoint(
         seq_len=int(calib_ids.shape[1]),
         threads=torch.get_num_threads(),
         resumed_from_block=done,
-        blocks=[{"layer": r.layer_index, "mse_rtn": r.mse_rtn, "mse_awq": r.mse_awq} for r in results if r],
+        blocks=[
+            {"layer": r.layer_index, "mse_rtn": r.mse_rtn, "mse_awq": r.mse_awq, "prior_awq": r.prior_awq}
+            for r in results
+            if r
+        ],
         guard=guard.to_dict() if guard else None,
     )
