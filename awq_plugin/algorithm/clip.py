@@ -118,10 +118,11 @@ def symmetric_clamp_share(
 
     llm-awq and AutoAWQ clip a group by clamping it to ``[-c, c]``: when both ends
     were cut, the group's max and min are then exact negatives. In weights that no
-    such pass touched that is rare (measured 0.1-1.8% of groups per linear at group
-    64 and 128, in native and GGUF-dequantized models), while the linears of a model
-    that llm-awq had processed show 4-39% at its group size (issue 19's Qwen2.5:
-    all linears but q/k, which llm-awq does not clip).
+    such pass touched that is rare: at most 1.8% of a linear's groups at group 64 and
+    128 (SmolLM2 and Gemma 3 dequantized from GGUF; random fp16 and bf16 weights,
+    bf16's coarse mantissa giving the most). In issue 19's llm-awq-processed Qwen2.5
+    it is 14-21% on average over each block's linears but q/k (which llm-awq does
+    not clip), up to 39% in one linear, at llm-awq's group size 128.
     """
     w = weight.detach()
     n, k = w.shape
