@@ -108,7 +108,11 @@ class QuantizeReport:
         if self.blocks and "mse_awq" in self.blocks[0]:
             lines.append("block output MSE vs full precision: plain rounding -> AWQ")
             for b in self.blocks:
-                mark = "  (earlier AWQ pass found: q/k clipping only)" if b.get("prior_awq") else ""
+                mark = (
+                    "  (earlier AWQ pass found: no scale search; only clip_skip linears clipped)"
+                    if b.get("prior_awq")
+                    else ""
+                )
                 lines.append(f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}{mark}")
         if self.guard:  # last, so that it is the CLI's closing line
             lines.append(self.guard["message"])
