@@ -4,8 +4,9 @@
 //
 // The arithmetic is the AVX-512 kernel's (awq_gemm.cpp): activations are
 // quantized to int8 per (row, group), the int4 x int8 dot of a group is exact in
-// integers, the zero point is corrected exactly (sum (q - z) a = sum q a - z sum a)
-// and each group is scaled once in fp32. So the error bound is the same.
+// integers, the zero point is corrected exactly (sum (q - z) a = sum q a - z sum a;
+// on the many-row path exactly for groups below 8808 k, see run_block_panel) and
+// each group is scaled once in fp32. So the error bound is the same.
 //
 // The weight layout is the AVX-512 kernel's too (kernels.repack_for_cpu): a
 // 64-byte row holds 16 output channels x 8 input channels as nibbles, byte 4*j + i
@@ -346,8 +347,7 @@ inline void decode_chunk(const uint8_t* wq, int64_t nb, int64_t g, int64_t k8n, 
   const int64_t row_bytes = nb * 64;
   for (int64_t k8 = k0; k8 < k1; ++k8) {
     const uint8_t* w = wq + (g * k8n + k8) * row_bytes;
-    _mm_prefetch(reinterpret_cast<const char*>(w) + 4096, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + 4096 + 64 * (nb - 1), _MM_HINT_T0);
+    for (int64_t t = 0; t < nb; ++t) _mm_prefetch(reinterpret_cast<const char*>(w) + 4096 + 64 * t, _MM_HINT_T0);
     uint8_t* d = dec + (k8 - k0) * kDecRowBytes;
     for (int64_t c = 0; c < 2 * nb; ++c) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
@@ -416,18 +416,30 @@ void run_block_panel(const Tiles& tl, const int8_t* aq, const float* sa, const i
         }
       }
     }
-    // Group end: the exact zero-point correction and the scales, column by column.
+    // Group end: the zero-point correction and the scales. The block's scales and zeros go
+    // to fp32 once per group; then per row y += (dot - z * sum a) * (s * s_a), the
+    // correction in one fused multiply-add. That is exact while both terms are integers
+    // below 2^24, i.e. G * 15 * 127 < 2^24 (G < 8808: every grouped scheme). Per-channel
+    // groups on a wider K round dot to fp32 once more (2^-24 relative), far below the
+    // error of the int8 activations. Rows outer, columns inner: two broadcasts per row.
+    alignas(32) float sf[2 * kBlockTiles * 8], zf[2 * kBlockTiles * 8];
     for (int64_t c = 0; c < columns; ++c) {
       const int64_t meta = (g * tl.nb) * kTileN + 8 * c;
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tl.ws + meta)));
-      const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tl.wz + meta)));
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t ag = (m0 + r) * p.NG + g;
-        const __m256i zsum = _mm256_mullo_epi32(z, _mm256_set1_epi32(suma[ag]));
-        const __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(iacc + (r * 2 * kBlockTiles + c) * 8));
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(d, zsum));
-        float* y = acc + r * kBlockTiles * kTileN + 8 * c;
-        _mm256_storeu_ps(y, _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(sa[ag])), _mm256_loadu_ps(y)));
+      _mm256_store_ps(sf + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tl.ws + meta))));
+      _mm256_store_ps(zf + 8 * c, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(tl.wz + meta)))));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t ag = (m0 + r) * p.NG + g;
+      const __m256 asum = _mm256_set1_ps(static_cast<float>(suma[ag]));
+      const __m256 s_a = _mm256_set1_ps(sa[ag]);
+      const int32_t* ia = iacc + r * 2 * kBlockTiles * 8;
+      float* y = acc + r * kBlockTiles * kTileN;
+      for (int64_t c = 0; c < columns; ++c) {
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(ia + 8 * c)));
+        const __m256 dot = _mm256_fnmadd_ps(_mm256_load_ps(zf + 8 * c), asum, d);
+        const __m256 scale = _mm256_mul_ps(_mm256_load_ps(sf + 8 * c), s_a);
+        _mm256_storeu_ps(y + 8 * c, _mm256_fmadd_ps(dot, scale, _mm256_loadu_ps(y + 8 * c)));
       }
     }
   }
