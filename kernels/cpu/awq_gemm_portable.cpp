@@ -21,6 +21,10 @@
 // they are widened to int32. The zero point is corrected once per group and
 // row, exactly: sum a_q (q - z) = sum a_q (q - 8) + (8 - z) * sum a_q.
 //
+// From 2 * kRows rows on (tile_panel), a tile's nibbles are decoded once per chunk
+// into an L1 buffer shared by a panel of up to 32 rows, so the decode and the weight
+// reads are paid once per panel (M = 16: +10%, M = 64: +10-18% in hot-cache A/Bs).
+//
 // Layout (kernels.repack_for_portable): wq [tiles][K][32] bytes; ws fp32 and
 // wz uint8, both [tiles][NG][64]. N is padded to 64 with zero channels.
 
@@ -134,6 +138,75 @@ void tile_rows(const uint8_t* __restrict wq, const float* __restrict ws, const u
   }
 }
 
+// Many rows: a tile's nibbles are decoded once per chunk of kChunk k into an L1 buffer
+// of int16 (q - 8, channels 0..63 per k), and every row of a panel of up to kPanelRows
+// rows multiplies from there, so the decode is paid once per panel instead of once
+// per kRows rows, and the tile's weights are read from memory once per panel.
+constexpr int64_t kPanelRows = 32;     // rows sharing one decode (acc and iacc: 8 KiB each)
+constexpr int64_t kPanelMinRows = 2 * kRows;  // from here on the decoded panel pays off
+
+// ROWS rows from row m0 x the tile's 64 channels over nk decoded k (from k): iacc += the dots.
+template <int ROWS>
+inline void panel_rows(const int16_t* __restrict dec, int64_t nk, const int16_t* __restrict aq, const Problem& p,
+                       int64_t m0, int64_t k, int32_t* __restrict iacc) {
+  v32i16 lo_acc[ROWS], hi_acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) lo_acc[r] = hi_acc[r] = (v32i16){};
+  for (int64_t i = 0; i < nk; ++i) {
+    v32i16 lo, hi;
+    std::memcpy(&lo, dec + i * kTileN, sizeof(lo));
+    std::memcpy(&hi, dec + i * kTileN + 32, sizeof(hi));
+    for (int r = 0; r < ROWS; ++r) {
+      const int16_t a = aq[(m0 + r) * p.K + k + i];
+      lo_acc[r] += lo * a;
+      hi_acc[r] += hi * a;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    widen_add(iacc + r * kTileN, lo_acc[r]);
+    widen_add(iacc + r * kTileN + 32, hi_acc[r]);
+  }
+}
+
+// `rows` rows from m0 (rows <= kPanelRows) x one tile, over all of K; fp32 results to acc [rows][64].
+void tile_panel(const uint8_t* __restrict wq, const float* __restrict ws, const uint8_t* __restrict wz,
+                const int16_t* __restrict aq, const float* __restrict sa, const int32_t* __restrict suma,
+                const Problem& p, int64_t m0, int64_t rows, float* __restrict acc, int32_t* __restrict iacc,
+                int16_t* __restrict dec) {
+  std::fill(acc, acc + rows * kTileN, 0.f);
+  const v32u8 low4 = (v32u8){} + 0x0F;
+  for (int64_t g = 0; g < p.NG; ++g) {
+    std::fill(iacc, iacc + rows * kTileN, 0);
+    const int64_t k0 = g * p.G;
+    for (int64_t c0 = 0; c0 < p.G; c0 += kChunk) {
+      const int64_t nk = std::min(p.G, c0 + kChunk) - c0;
+      for (int64_t i = 0; i < nk; ++i) {
+        v32u8 b;
+        std::memcpy(&b, wq + (k0 + c0 + i) * kTileBytes, sizeof(b));
+        const v32i16 lo = __builtin_convertvector(b & low4, v32i16) - 8;
+        const v32i16 hi = __builtin_convertvector(b >> 4, v32i16) - 8;
+        std::memcpy(dec + i * kTileN, &lo, sizeof(lo));
+        std::memcpy(dec + i * kTileN + 32, &hi, sizeof(hi));
+      }
+      int64_t r = 0;
+      for (; r + kRows <= rows; r += kRows) panel_rows<kRows>(dec, nk, aq, p, m0 + r, k0 + c0, iacc + r * kTileN);
+      for (; r < rows; ++r) panel_rows<1>(dec, nk, aq, p, m0 + r, k0 + c0, iacc + r * kTileN);
+    }
+    const float* s = ws + g * kTileN;
+    const uint8_t* z = wz + g * kTileN;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t ag = (m0 + r) * p.NG + g;
+      const int32_t asum = suma[ag];
+      const float s_a = sa[ag];
+      float* y = acc + r * kTileN;
+      const int32_t* ia = iacc + r * kTileN;
+      for (int64_t j = 0; j < kTileN; ++j) {
+        const int32_t dot = ia[j] + (8 - static_cast<int32_t>(z[j])) * asum;
+        y[j] = std::fma(static_cast<float>(dot), s[j] * s_a, y[j]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void store_tile(const float* acc, const float* bias, const Problem& p, int64_t m0, int64_t rows, int64_t n0,
                 scalar_t* y) {
@@ -167,11 +240,21 @@ void run_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, c
   std::atomic<int64_t> next_tile{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.tiles));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    alignas(64) float acc[kRows * kTileN];
+    alignas(64) float acc[kPanelRows * kTileN];
+    alignas(64) int32_t iacc[kPanelRows * kTileN];
+    alignas(64) int16_t dec[kChunk * kTileN];
     for (int64_t t; (t = next_tile.fetch_add(1, std::memory_order_relaxed)) < p.tiles;) {
       const uint8_t* tq = wqp + t * p.K * kTileBytes;
       const float* ts = wsp + t * p.NG * kTileN;
       const uint8_t* tz = wzp + t * p.NG * kTileN;
+      if (p.M >= kPanelMinRows) {
+        for (int64_t m0 = 0; m0 < p.M; m0 += kPanelRows) {
+          const int64_t rows = std::min(kPanelRows, p.M - m0);
+          tile_panel(tq, ts, tz, aqp, sap, sump, p, m0, rows, acc, iacc, dec);
+          store_tile(acc, bias, p, m0, rows, t * kTileN, yp);
+        }
+        continue;
+      }
       int64_t m0 = 0;
       for (; m0 + kRows <= p.M; m0 += kRows) {
         tile_rows<kRows>(tq, ts, tz, aqp, sap, sump, p, m0, acc);
