@@ -19,6 +19,7 @@ from kernel_oracle import (
 
 import awq_plugin.kernels as kernels
 from awq_plugin.kernels.cpu import build
+from awq_plugin.numerics import pack, quant_ref
 
 PATHS = ("avx2", "portable")
 
@@ -72,6 +73,35 @@ def test_shapes_and_groups(backend: str, k: int, n: int, group_size: int, m: int
     layer = make_layer(k, n, group_size, seed=k + n)
     w = prepare(layer, backend)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    check(backend, x, layer, kernels.awq_linear(x, w))
+
+
+def extreme_layer(k: int, n: int, group_size: int) -> Layer:
+    """Integer weights at the ends of the range: whole channels of q = 15 or q = 0, with
+    zero points 0, 8 or 15, so that every group's dot is as large as int4 x int8 allows."""
+    g = k if group_size == -1 else group_size
+    col = torch.arange(n).unsqueeze(1)  # (N, 1)
+    q = torch.where(col % 2 == 0, 15, 0).expand(n, k).to(torch.uint8).contiguous()
+    zeros = torch.tensor([0, 15, 8])[torch.arange(n) % 3].unsqueeze(1).expand(n, k // g).to(torch.uint8)
+    scales = torch.full((n, k // g), 0.01, dtype=torch.float16)
+    gq = quant_ref.GroupQuantized(q=q, scales=scales, zeros=zeros.contiguous(), bits=4, group_size=g)
+    return Layer(gq, pack.pack(gq))
+
+
+@pytest.mark.parametrize("backend", ("cpu", *PATHS))
+@pytest.mark.parametrize(("k", "n", "group_size"), [(256, 72, 128), (4096, 40, -1)])
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+def test_largest_integer_dots_do_not_overflow(backend: str, k: int, n: int, group_size: int, m: int) -> None:
+    # Every activation quantizes to +-127 (a row is constant) and every weight is 0 or 15:
+    # the kernels' int16 partial sums (avx2, portable) sit at their worst-case bound, and
+    # the group-end corrections at their largest. A wrapped or saturated sum is off by
+    # thousands of units, far outside the oracle's bound.
+    if backend == "cpu" and not kernels.cpu_kernel_available():
+        pytest.skip("the cpu kernel needs AVX-512 VNNI, which this CPU lacks")
+    layer = extreme_layer(k, n, group_size)
+    w = prepare(layer, backend)
+    sign = torch.where(torch.arange(m) % 2 == 0, 1.0, -1.0).unsqueeze(1)  # (M, 1)
+    x = (sign * torch.full((m, k), 3.0)).to(torch.bfloat16)
     check(backend, x, layer, kernels.awq_linear(x, w))
 
 
