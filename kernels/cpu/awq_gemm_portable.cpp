@@ -89,6 +89,26 @@ inline void widen_add(int32_t* dst, v32i16 v) {
   }
 }
 
+// Group g's end for `rows` rows from m0: the exact zero point, then one fp32 product.
+// iacc: the group's int32 dots [rows][64]; acc: the fp32 results [rows][64].
+inline void fold_group(const int32_t* __restrict iacc, int64_t rows, const float* __restrict ws,
+                       const uint8_t* __restrict wz, const float* __restrict sa, const int32_t* __restrict suma,
+                       const Problem& p, int64_t m0, int64_t g, float* __restrict acc) {
+  const float* s = ws + g * kTileN;
+  const uint8_t* z = wz + g * kTileN;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t ag = (m0 + r) * p.NG + g;
+    const int32_t asum = suma[ag];
+    const float s_a = sa[ag];
+    float* y = acc + r * kTileN;
+    const int32_t* ia = iacc + r * kTileN;
+    for (int64_t j = 0; j < kTileN; ++j) {
+      const int32_t dot = ia[j] + (8 - static_cast<int32_t>(z[j])) * asum;
+      y[j] = std::fma(static_cast<float>(dot), s[j] * s_a, y[j]);
+    }
+  }
+}
+
 // ROWS activation rows (from m0) x one tile of 64 channels, over all of K; the
 // fp32 results go to acc [ROWS][64].
 template <int ROWS>
@@ -122,19 +142,7 @@ void tile_rows(const uint8_t* __restrict wq, const float* __restrict ws, const u
         widen_add(iacc[r] + 32, hi_acc[r]);
       }
     }
-    // Group end: exact zero point, then one fp32 product per group.
-    const float* s = ws + g * kTileN;
-    const uint8_t* z = wz + g * kTileN;
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t ag = (m0 + r) * p.NG + g;
-      const int32_t asum = suma[ag];
-      const float s_a = sa[ag];
-      float* y = acc + r * kTileN;
-      for (int64_t j = 0; j < kTileN; ++j) {
-        const int32_t dot = iacc[r][j] + (8 - static_cast<int32_t>(z[j])) * asum;
-        y[j] = std::fma(static_cast<float>(dot), s[j] * s_a, y[j]);
-      }
-    }
+    fold_group(&iacc[0][0], ROWS, ws, wz, sa, suma, p, m0, g, acc);
   }
 }
 
@@ -191,19 +199,7 @@ void tile_panel(const uint8_t* __restrict wq, const float* __restrict ws, const 
       for (; r + kRows <= rows; r += kRows) panel_rows<kRows>(dec, nk, aq, p, m0 + r, k0 + c0, iacc + r * kTileN);
       for (; r < rows; ++r) panel_rows<1>(dec, nk, aq, p, m0 + r, k0 + c0, iacc + r * kTileN);
     }
-    const float* s = ws + g * kTileN;
-    const uint8_t* z = wz + g * kTileN;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t ag = (m0 + r) * p.NG + g;
-      const int32_t asum = suma[ag];
-      const float s_a = sa[ag];
-      float* y = acc + r * kTileN;
-      const int32_t* ia = iacc + r * kTileN;
-      for (int64_t j = 0; j < kTileN; ++j) {
-        const int32_t dot = ia[j] + (8 - static_cast<int32_t>(z[j])) * asum;
-        y[j] = std::fma(static_cast<float>(dot), s[j] * s_a, y[j]);
-      }
-    }
+    fold_group(iacc, rows, ws, wz, sa, suma, p, m0, g, acc);
   }
 }
 
