@@ -23,13 +23,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from awq_plugin.errors import ConfigError
-from awq_plugin.numerics import PER_CHANNEL
+from awq_plugin.numerics import PACKABLE_BITS, PER_CHANNEL, check_packable
 
 #: Version of the dict this package writes under ``awq_plugin`` in quantization_config.
 CONFIG_SCHEMA_VERSION = 1
 
-ALLOWED_BITS = (2, 3, 4, 8)  # 4 packs; the others exist for fake-quant studies
-PACKABLE_BITS = (4,)
+ALLOWED_BITS = (2, 3, 4, 8)  # PACKABLE_BITS pack; the others exist for fake-quant studies
 ALLOWED_GROUP_SIZES = (32, 64, 128, PER_CHANNEL)
 ALLOWED_VERSIONS = ("gemm", "gemv")  # we write gemm; gemv is read
 
@@ -91,7 +90,9 @@ class AwqQuantConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
-            raise _fail("bits", self.bits, f"one of {list(ALLOWED_BITS)} (only 4 can be packed)")
+            raise _fail(
+                "bits", self.bits, f"one of {list(ALLOWED_BITS)} (only {list(PACKABLE_BITS)} can be packed)"
+            )
         if (
             isinstance(self.group_size, bool)
             or not isinstance(self.group_size, int)
@@ -188,11 +189,10 @@ class AwqQuantConfig:
 
     def check_packable(self) -> None:
         """Raise unless this config can be written as a packed AWQ checkpoint."""
-        if not self.packable:
-            raise ConfigError(
-                f"quantization config field 'bits' = {self.bits} cannot be packed (allowed for "
-                f"checkpoints: {list(PACKABLE_BITS)}); use it with fake quantization only"
-            )
+        try:
+            check_packable(self.bits)
+        except ValueError as exc:  # name the field, as a ConfigError like every other field
+            raise ConfigError(f"quantization config field 'bits' = {self.bits}: {exc}") from None
         if self.version != "gemm":
             raise ConfigError(f"quantization config field 'version' = {self.version!r}: we write only 'gemm'")
 

@@ -122,7 +122,7 @@ def test_bad_tensors_are_named(ckpt: Path, case: str) -> None:
 
 BAD_CONFIGS = {
     "no quantization_config": (lambda c: c.pop("quantization_config"), r"has no 'quantization_config'"),
-    "bits 3": (lambda c: c["quantization_config"].update(bits=3), r"'bits' = 3 cannot be packed"),
+    "bits 3": (lambda c: c["quantization_config"].update(bits=3), r"'bits' = 3: bits=3 cannot be packed"),
     "bits 5": (lambda c: c["quantization_config"].update(bits=5), r"'bits' = 5 is invalid"),
     "group 48": (lambda c: c["quantization_config"].update(group_size=48), r"'group_size' = 48 is invalid"),
     "gptq": (lambda c: c["quantization_config"].update(quant_method="gptq"), r"'quant_method' = 'gptq'"),

@@ -434,7 +434,7 @@ def test_template_naming_a_missing_module(tmp_path: Path, source: Path) -> None:
 def test_unknown_scheme_and_unpackable_bits_via_cli(tmp_path: Path, source: Path) -> None:
     for scheme, message in (
         ("uint4_wo_48x", "unknown scheme"),
-        ("uint3_wo_64", "'bits' = 3 cannot be packed"),
+        ("uint3_wo_64", "'bits' = 3: bits=3 cannot be packed"),
     ):
         proc = subprocess.run(
             [CLI, "quantize", str(source), str(tmp_path / "o"), "--scheme", scheme],

@@ -7,6 +7,17 @@ so the config can import them without pulling in torch.
 """
 
 PER_CHANNEL = -1  # group_size value meaning one group spanning all K input channels of an output row
+PACKABLE_BITS = (4,)  # widths the AWQ GEMM layout stores (``pack``); others exist only as fake quant
+
+
+def check_packable(bits: int) -> None:
+    """Raise ``ValueError`` unless ``bits``-bit integers fit the AWQ GEMM layout."""
+    if bits not in PACKABLE_BITS:
+        raise ValueError(
+            f"bits={bits} cannot be packed into the AWQ GEMM layout (supported: "
+            f"{list(PACKABLE_BITS)}); {bits}-bit is available only as fake quantization "
+            "(awq-plugin eval --fake-quant)"
+        )
 
 
 def effective_group_size(group_size: int, in_features: int) -> int:

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from awq_plugin.numerics import check_packable
 from awq_plugin.numerics.quant_ref import GroupQuantized
 
 PACK_FACTOR = 8  # 4-bit values per int32
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds channel AWQ_PACK_ORDER[i]
 AWQ_UNPACK_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # channel c lives in nibble AWQ_UNPACK_ORDER[c]
-PACKABLE_BITS = (4,)
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,6 @@ class AwqPacked:
     @property
     def group_size(self) -> int:
         return self.in_features // self.scales.shape[0]
-
-
-def check_packable(bits: int) -> None:
-    if bits not in PACKABLE_BITS:
-        raise ValueError(
-            f"bits={bits} cannot be packed into the AWQ GEMM layout (supported: "
-            f"{list(PACKABLE_BITS)}); {bits}-bit is available only as fake quantization "
-            "(awq-plugin eval --fake-quant)"
-        )
 
 
 def pack_int4_columns(values: torch.Tensor) -> torch.Tensor:
