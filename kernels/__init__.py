@@ -81,6 +81,7 @@ _BACKEND_IDS = {"reference": 0, "cpu": 1, "triton": 2, "avx2": 3, "portable": 4}
 # CPU flags (as /proc/cpuinfo names them) each kernel needs (AVX512_VNNI_FLAGS: kernels.cpu.build).
 AVX2_FLAGS = ("avx2", "fma", "f16c")
 AVX_VNNI_FLAG = "avx_vnni"  # the VEX vpdpbusd (Alder Lake and later, Zen 5), without AVX-512
+AVX2_INNER_PRODUCTS = ("vpmaddubsw", "vpdpbusd")  # the avx2 kernel's two int8 dot products
 ARM_DOTPROD_FLAG = "asimddp"  # ARMv8.2 SDOT/UDOT
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,21 @@ def cpu_backend_for(flags: Collection[str], unavailable: Collection[str] = ()) -
 def avx2_uses_avx_vnni(flags: Collection[str]) -> bool:
     """Whether the ``avx2`` kernel uses the VEX ``vpdpbusd`` of AVX-VNNI on a CPU with these flags."""
     return AVX_VNNI_FLAG in flags
+
+
+def avx2_inner_products_for(flags: Collection[str]) -> tuple[str, ...]:
+    """The ``avx2`` kernel's inner products a CPU with these flags can execute (pure; tested).
+
+    ``vpmaddubsw`` (int16 pair sums, then ``vpmaddwd``) needs AVX2 (+ FMA, F16C, as the
+    whole kernel does); the VEX ``vpdpbusd`` also needs ``avx_vnni``. Auto takes the last
+    one listed.
+    """
+    flags = frozenset(flags)
+    if not all(f in flags for f in AVX2_FLAGS):
+        return ()
+    if avx2_uses_avx_vnni(flags):
+        return ("vpmaddubsw", "vpdpbusd")
+    return ("vpmaddubsw",)
 
 
 def _is_auto(value: str | None) -> bool:
@@ -540,6 +556,41 @@ if not _op_registered():
 #: -> y [M, N]`` on the tensors of an :class:`AwqKernelWeight`; ``backend_id``: 0 reference,
 #: 1 cpu, 2 triton, 3 avx2, 4 portable; ``y`` has ``x``'s dtype. This is ``torch.ops.awq_plugin.awq_gemm``.
 awq_gemm = torch.ops.awq_plugin.awq_gemm
+
+
+def avx2_linear(
+    x: torch.Tensor, weight: AwqKernelWeight, bias: torch.Tensor | None = None, *, inner_product: str
+) -> torch.Tensor:
+    """``awq_linear`` on the ``avx2`` kernel with its inner product forced by name.
+
+    ``inner_product`` is one of :data:`AVX2_INNER_PRODUCTS`. Auto picks one from the CPU's
+    flags; this lets tests check each against the oracle on every host that can run it. A
+    product this CPU cannot execute (it would die of SIGILL) is a ValueError.
+    """
+    from awq_plugin.kernels.cpu import build
+
+    if weight.backend != "avx2":
+        raise ValueError(f"avx2_linear needs a weight prepared for 'avx2', not {weight.backend!r}")
+    if inner_product not in AVX2_INNER_PRODUCTS:
+        raise ValueError(
+            f"unknown avx2 inner product {inner_product!r}; expected one of {AVX2_INNER_PRODUCTS}"
+        )
+    if inner_product not in avx2_inner_products_for(build.cpu_flags()):
+        raise ValueError(
+            f"this CPU cannot execute the avx2 kernel's {inner_product!r} (flags: {AVX_VNNI_FLAG})"
+        )
+    x2 = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
+    y = _avx2_extension().awq_gemm_avx2(
+        x2,
+        weight.qweight,
+        weight.scales,
+        weight.qzeros,
+        weight.group_size,
+        weight.out_features,
+        bias,
+        inner_product == "vpdpbusd",
+    )
+    return y.reshape(*x.shape[:-1], weight.out_features)  # (..., N)
 
 
 def awq_linear(x: torch.Tensor, weight: AwqKernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Every path runs here (this CPU executes AVX2 code; the portable backend is generic C++
 compiled for this CPU), against the one numeric reference on awkward shapes: K not a multiple of 64,
 N not a multiple of 16, groups 32/64/128/per-channel, M from 1 to 300. The AVX-VNNI
-inner product of the ``avx2`` kernel cannot run on this CPU: its *selection* is tested
-with fake flag sets, and its presence in the build is checked.
+inner product of the ``avx2`` kernel runs only on CPUs with ``avx_vnni``: each inner product
+is forced by name and checked where the host executes it, and the choice is tested with fake
+flag sets, so no verdict depends on which CPU the suite lands on.
 """
 
 import pytest
@@ -162,34 +163,84 @@ def test_opcheck_custom_op(backend: str, layer_448x200: Layer) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The AVX-VNNI code path: built here, selected only by the flag
+# The avx2 kernel's two inner products, each forced by name where the host runs it
 # ---------------------------------------------------------------------------
 
 
 def test_avx2_build_uses_no_avx512_flags() -> None:
-    """The AVX2 extension is compiled for AVX2 even on this AVX-512 host: what runs here runs there."""
+    """The AVX2 extension is compiled for AVX2 even on an AVX-512 host: what runs here runs there."""
     flags = build.avx2_compile_flags()
     assert "-mavx2" in flags and not any(f.startswith("-mavx512") or f == "-march=native" for f in flags)
 
 
-def test_avx_vnni_path_is_compiled_and_not_taken_here() -> None:
+def test_avx_vnni_path_is_compiled_on_every_host() -> None:
+    # The VEX vpdpbusd is compiled in from a function attribute whatever this CPU has, so a build
+    # made on a host without avx_vnni still carries the path for one with it.
     ext = build.load_avx2_extension()
     assert ext.has_avx2() and ext.has_avxvnni_code()
-    # This CPU has no avx_vnni flag, so the VEX vpdpbusd (which would fault here) is never called.
-    assert "avx_vnni" not in build.cpu_flags()
-    assert kernels._avx2_vnni_here() is False
+    # Auto follows this host's flag, whichever CPU the suite lands on.
+    assert kernels._avx2_vnni_here() is kernels.avx2_uses_avx_vnni(build.cpu_flags())
+
+
+@pytest.mark.parametrize("inner_product", kernels.AVX2_INNER_PRODUCTS)
+@pytest.mark.parametrize(("k", "n", "group_size"), [(448, 200, 64), (203, 40, -1), (256, 72, 128)])
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 64])
+def test_each_avx2_inner_product_matches_the_oracle(
+    inner_product: str, k: int, n: int, group_size: int, m: int
+) -> None:
+    # Forced by name, not left to auto: on an AVX-VNNI host auto would never check vpmaddubsw,
+    # elsewhere it would never check vpdpbusd. Skips only where the CPU lacks the instruction.
+    if inner_product not in kernels.avx2_inner_products_for(build.cpu_flags()):
+        pytest.skip(f"this CPU cannot execute {inner_product} (needs avx2, and avx_vnni for vpdpbusd)")
+    layer = make_layer(k, n, group_size, seed=k + m)
+    w = prepare(layer, "avx2")
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    check("avx2", x, layer, kernels.avx2_linear(x, w, bias, inner_product=inner_product), bias)
+
+
+def test_both_avx2_inner_products_agree_at_their_largest_dots() -> None:
+    # Where a host has both, they must give the same integers: constant +-127 activations against
+    # q = 15 / 0 channels put vpmaddubsw's int16 pair sums at their saturation edge.
+    products = kernels.avx2_inner_products_for(build.cpu_flags())
+    if len(products) < 2:
+        pytest.skip("this CPU has no avx_vnni: only vpmaddubsw can run")
+    layer = extreme_layer(256, 72, 128)
+    w = prepare(layer, "avx2")
+    x = torch.full((16, 256), 3.0).to(torch.bfloat16)
+    ys = [kernels.avx2_linear(x, w, inner_product=p) for p in products]
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+
+
+def test_forcing_an_inner_product_the_cpu_lacks_is_a_clear_error(
+    layer_448x200: Layer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    w = prepare(layer_448x200, "avx2")
+    with pytest.raises(ValueError, match="cannot execute the avx2 kernel's 'vpdpbusd'"):
+        kernels.avx2_linear(torch.randn(2, 448), w, inner_product="vpdpbusd")
+    with pytest.raises(ValueError, match="unknown avx2 inner product 'vnni'"):
+        kernels.avx2_linear(torch.randn(2, 448), w, inner_product="vnni")
 
 
 @pytest.mark.parametrize(
     ("flags", "uses_vnni"),
     [
-        ({"avx2", "fma", "f16c", "avx_vnni"}, True),  # Alder Lake, Zen 5 client
+        ({"avx2", "fma", "f16c", "avx_vnni"}, True),  # Alder Lake, Sapphire Rapids, Zen 5
         ({"avx2", "fma", "f16c"}, False),  # Haswell .. Zen 3
         ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, False),  # AVX-512 VNNI is not AVX-VNNI
     ],
 )
 def test_avx2_inner_product_follows_the_avx_vnni_flag(flags: set[str], uses_vnni: bool) -> None:
     assert kernels.avx2_uses_avx_vnni(frozenset(flags)) is uses_vnni
+    expected = ("vpmaddubsw", "vpdpbusd") if uses_vnni else ("vpmaddubsw",)
+    assert kernels.avx2_inner_products_for(frozenset(flags)) == expected
+
+
+def test_no_avx2_inner_product_without_avx2() -> None:
+    assert kernels.avx2_inner_products_for(frozenset({"avx_vnni"})) == ()
+    assert kernels.avx2_inner_products_for(frozenset({"fp", "asimd", "asimddp"})) == ()
 
 
 # ---------------------------------------------------------------------------
