@@ -1,5 +1,9 @@
 """The README's quick starts, run as written, so the document cannot drift from the code.
 
+Cheap checks on the documents themselves come first (no model, no server): the README
+stays a front page, every relative link in it and in ``docs/`` resolves, and the user
+documents name no tracker tickets.
+
 Every fenced ``bash`` and ``python`` block under the headings in ``QUICK_STARTS``
 runs here, in order, in a scratch folder that holds the default model at
 ``artifacts/models/smollm2-135m`` (where ``make demo`` writes it). Two
@@ -11,6 +15,7 @@ the client snippet.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shlex
@@ -23,9 +28,79 @@ import pytest
 from awq_plugin.tools.server import VllmServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 QUICK_STARTS = ("Quick start: vLLM", "Quick start: transformers", "Python API")
 SMALL_CALIBRATION = ["--n-samples", "8", "--seq-len", "128"]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+README_MAX_LINES = 320  # a front page: set-up, quick starts, reference tables; the rest is in docs/
+# docs/coverage.md is generated from the architecture sweep's committed summary in a step of its
+# own; until that page is committed, a link to it is the one link not checked.
+NOT_YET_GENERATED = {DOCS / "coverage.md"}
+ANY_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.MULTILINE)
+TICKET = re.compile(r"\bissue \d+|#\d+\b|\bacceptance \d", re.IGNORECASE)
+
+
+def user_documents() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces
+    as hyphens, and -1, -2, ... on repeats."""
+    anchors: set[str] = set()
+    seen: collections.Counter[str] = collections.Counter()
+    for heading in HEADING.findall(ANY_FENCE.sub("", markdown)):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+        seen[slug] += 1
+    return anchors
+
+
+def relative_links(markdown: str) -> list[str]:
+    """Link targets outside code that stay in this repository (no scheme such as https:)."""
+    prose = INLINE_CODE.sub("", ANY_FENCE.sub("", markdown))
+    return [target for target in LINK.findall(prose) if not re.match(r"[a-z][a-z0-9+.-]*:", target)]
+
+
+def test_readme_fits_a_front_page() -> None:
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/"
+
+
+def test_relative_links_resolve() -> None:
+    broken = []
+    for document in user_documents():
+        for target in relative_links(document.read_text()):
+            path_part, _, anchor = target.partition("#")
+            path = (document.parent / path_part).resolve() if path_part else document
+            if path in NOT_YET_GENERATED and not path.exists():
+                continue
+            if not path.exists():
+                broken.append(f"{document.name}: {target} (no such file)")
+            elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path.read_text()):
+                broken.append(f"{document.name}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_readme_links_every_docs_page() -> None:
+    targets = [target.partition("#")[0] for target in relative_links(README.read_text())]
+    linked = {(README.parent / target).resolve() for target in targets}
+    pages = set(DOCS.glob("*.md")) | NOT_YET_GENERATED
+    assert pages <= linked, f"README.md does not link {sorted(p.name for p in pages - linked)}"
+
+
+def test_user_documents_name_no_tickets() -> None:
+    """Say what was measured, not which ticket asked for it."""
+    found = [
+        f"{document.name}: {match.group()}"
+        for document in user_documents()
+        for match in TICKET.finditer(document.read_text())
+    ]
+    assert not found, found
 
 
 def readme_blocks(heading: str) -> list[tuple[str, str]]:
