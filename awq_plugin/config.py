@@ -197,17 +197,13 @@ class AwqQuantConfig:
             raise ConfigError(f"quantization config field 'version' = {self.version!r}: we write only 'gemm'")
 
     def to_quantization_config(self) -> dict[str, Any]:
-        """The ``config.json["quantization_config"]`` dict stock vLLM and transformers read."""
+        """The ``config.json["quantization_config"]`` dict stock vLLM and transformers read:
+        :func:`quant_config_dict` plus the keys loaders look for."""
         self.check_packable()
-        return {
-            "quant_method": "awq",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "zero_point": self.zero_point,
-            "version": self.version,
-            "modules_to_not_convert": list(self.modules_to_not_convert) or None,
-            "awq_plugin": {"schema_version": CONFIG_SCHEMA_VERSION, "scheme": self.scheme},
-        }
+        data = {"quant_method": "awq", **quant_config_dict(self), "version": self.version}
+        data["modules_to_not_convert"] = data["modules_to_not_convert"] or None  # null when empty
+        data["awq_plugin"] = {"schema_version": CONFIG_SCHEMA_VERSION, "scheme": self.scheme}
+        return data
 
     def replace(self, **changes: Any) -> AwqQuantConfig:
         return replace(self, **changes)
@@ -215,6 +211,22 @@ class AwqQuantConfig:
     def skips_module(self, name: str) -> bool:
         """Whether the module ``name`` stays unquantized (substring match, as vLLM does)."""
         return any(pattern in name for pattern in self.modules_to_not_convert)
+
+
+def quant_config_dict(quant: Any) -> dict[str, Any]:
+    """The fields of a quantization config that decide the weights, as JSON data.
+
+    The one serialization of those fields: :meth:`AwqQuantConfig.to_quantization_config` builds
+    config.json's dict on it, and saved AWQ results store it as is. ``quant`` is an
+    :class:`AwqQuantConfig` or anything with ``bits``, ``group_size`` and ``zero_point`` (the
+    algorithm accepts such configs); it is not checked for packability (results may be 3-bit).
+    """
+    return {
+        "bits": quant.bits,
+        "group_size": quant.group_size,
+        "zero_point": quant.zero_point,
+        "modules_to_not_convert": list(getattr(quant, "modules_to_not_convert", ()) or ()),
+    }
 
 
 KNOWN_SCHEMES = ("uint4_wo_128", "uint4_wo_64", "uint4_wo_32", "uint4_wo_pc", "int4_wo_128", "int4_wo_64")

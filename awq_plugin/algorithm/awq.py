@@ -64,6 +64,7 @@ from awq_plugin.calibration.capture import (
     forward_block,
     plan_samples,
 )
+from awq_plugin.config import quant_config_dict
 from awq_plugin.errors import ConfigError, TemplateError
 from awq_plugin.models.experts import (
     RoutedExperts,
@@ -188,16 +189,6 @@ class AwqOptions:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def quant_config_dict(quant_config: QuantConfigLike) -> dict[str, Any]:
-    """The fields of a quantization config that the results depend on."""
-    return {
-        "bits": quant_config.bits,
-        "group_size": quant_config.group_size,
-        "zero_point": quant_config.zero_point,
-        "modules_to_not_convert": list(getattr(quant_config, "modules_to_not_convert", ()) or ()),
-    }
 
 
 def make_fake_quantizer(quant_config: QuantConfigLike) -> Callable[[torch.Tensor], torch.Tensor]:

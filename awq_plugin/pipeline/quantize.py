@@ -39,13 +39,12 @@ from awq_plugin.algorithm.awq import (
     AwqResults,
     awq_block_step,
     keeping_ungroupable_in_full_precision,
-    quant_config_dict,
 )
 from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.calibration.text import CalibSource, calibration_ids
-from awq_plugin.config import AwqQuantConfig
+from awq_plugin.config import AwqQuantConfig, quant_config_dict
 from awq_plugin.errors import AwqPluginError, CalibrationError, ConfigError, TemplateError
 from awq_plugin.format.checkpoint import SafetensorsReader, read_json
 from awq_plugin.fsutil import check_output_dir
