@@ -48,11 +48,11 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _awq_options(args: argparse.Namespace):
-    from awq_plugin.algorithm.awq import AwqOptions
+    from awq_plugin.algorithm.options import AwqOptions
 
     return AwqOptions(
         duo_scaling=args.duo_scaling,
-        clip=not args.no_clip,
+        clip=args.clip,
         search_tokens=args.search_tokens or None,  # 0 = all tokens
         clip_tokens=args.clip_tokens or None,
         seed=args.seed,
@@ -61,7 +61,12 @@ def _awq_options(args: argparse.Namespace):
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
-    from awq_plugin.calibration.settings import DEFAULTS  # torch-free
+    # Defaults come from the library's owners (both torch-free), so the CLI and the Python API
+    # write the same checkpoint and building the parser does not import torch.
+    from awq_plugin.algorithm.options import AwqOptions
+    from awq_plugin.calibration.settings import DEFAULTS
+
+    options = AwqOptions()
 
     p.add_argument(
         "--calib",
@@ -85,32 +90,46 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         help="architecture template: a JSON file, a shipped template's name, or 'infer' (inferred from the "
         "model's data flow, every fold proven); default: the shipped one for the model, else inferred",
     )
-    p.add_argument("--duo-scaling", action="store_true", help="scale by activation AND weight magnitude")
-    p.add_argument("--no-clip", action="store_true", help="skip the clip (max-range shrink) search")
-    # Defaults equal AwqOptions' (tested), so the CLI and the Python API write the same checkpoint;
-    # spelled out here so that building the parser does not import torch.
+    p.add_argument(
+        "--duo-scaling",
+        action="store_true",
+        default=options.duo_scaling,
+        help="scale by activation AND weight magnitude",
+    )
+    p.add_argument(
+        "--no-clip",
+        action="store_false",
+        dest="clip",
+        default=options.clip,
+        help="skip the clip (max-range shrink) search",
+    )
     p.add_argument(
         "--search-tokens",
         type=int,
-        default=4096,
-        help="seeded token subsample for the scale-search loss (default 4096; 0 = all tokens; "
-        "statistics always use all)",
+        default=options.search_tokens or 0,  # 0 = all tokens (None in AwqOptions)
+        help=f"seeded token subsample for the scale-search loss (default {options.search_tokens or 0}; "
+        "0 = all tokens; statistics always use all)",
     )
     p.add_argument(
         "--clip-tokens",
         type=int,
-        default=0,
-        help="seeded token subsample for the clip-search loss (default 0 = all tokens: the loss runs "
-        "through per-group Gram matrices, so all tokens cost little)",
+        default=options.clip_tokens or 0,
+        help=f"seeded token subsample for the clip-search loss (default {options.clip_tokens or 0}; 0 = all "
+        "tokens: the loss runs through per-group Gram matrices, so all tokens cost little)",
     )
     p.add_argument(
         "--search-dtype",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="dtype of the scale-search forward passes (default float32; bfloat16 is faster on CPUs "
-        "with AVX512-BF16 and slightly less exact)",
+        default=options.search_dtype,
+        help=f"dtype of the scale-search forward passes (default {options.search_dtype}; bfloat16 is "
+        "faster on CPUs with AVX512-BF16 and slightly less exact)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and subsamples")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=options.seed,
+        help=f"seed of the calibration draw and subsamples (default {options.seed})",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 

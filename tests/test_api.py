@@ -36,6 +36,18 @@ def test_cli_defaults_are_the_library_defaults(command: str) -> None:
     assert (args.n_samples, args.seq_len, args.calib) == (128, 512, "enwiki")
 
 
+def test_cli_builds_its_parser_without_torch() -> None:
+    """The CLI's AwqOptions defaults are read from the dataclass, which stays torch-free."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from awq_plugin.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "False"
+
+
 def test_cli_passes_search_and_clip_token_counts() -> None:
     from awq_plugin.cli import _awq_options, build_parser
 

@@ -1,0 +1,107 @@
+"""The knobs of the AWQ search: one frozen dataclass, the one owner of their defaults.
+
+Torch-free, so the CLI can take its defaults from here without importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from awq_plugin.errors import ConfigError
+
+PROPAGATE_CHOICES = ("fp", "quantized")
+SEARCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes the scale search may run in
+
+
+@dataclass(frozen=True)
+class AwqOptions:
+    """Knobs of the AWQ search. The defaults are the measured best on SmolLM2-135M (see README)."""
+
+    n_grid: int = 20  # alpha grid points in [0, 1) for the scale search
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a
+    clip: bool = True  # run the clip (max-range shrink) search after scaling
+    clip_grid: int = 20  # shrink grid: max * (1 - i / clip_grid)
+    # Shrink a group's max and min independently (a 2-D grid) instead of the symmetric
+    # [-c, c] of llm-awq; only meaningful with zero points.
+    clip_asymmetric: bool = True
+    # Also clip the linears a template lists in clip_skip (the q/k projections, which llm-awq
+    # leaves unclipped because their error passes through the softmax).
+    clip_qk: bool = True
+    max_shrink: float = 0.5  # smallest range tried is max * (1 - max_shrink) (exclusive)
+    # Tokens in the search loss (a fixed seeded subsample; None = all). Statistics always
+    # use all tokens. Token-mixing modules (attention) are re-run on whole micro-batches
+    # covering at least this many tokens.
+    search_tokens: int | None = 4096
+    # Tokens in the clip-search statistics (seeded subsample; None = all). The clip loss is
+    # evaluated through per-group Gram matrices, so all tokens cost little.
+    clip_tokens: int | None = None
+    seed: int = 0  # seed of the token / micro-batch subsamples
+    micro_batch_size: int = 4  # calibration sequences per forward pass (bounds activation memory)
+    # Which output feeds the next block: "fp" = the block's full-precision output (llm-awq,
+    # AutoAWQ), "quantized" = the output of this block with AWQ applied and weights
+    # fake-quantized (computed in search_dtype), so later blocks calibrate on the inputs
+    # they will see at inference.
+    propagate: str = "fp"
+    # dtype of the forward passes that score scale candidates ("bfloat16": a bf16 copy of the
+    # inspected module runs them); weights are always quantized from fp32. float32 by default:
+    # on the default model (uint4 g64, 128 x 512) it scored 24.67 perplexity against 24.71 with
+    # bfloat16 (60.9% vs 60.3% of plain rounding's gap) for 17% more search time, and CPUs
+    # without AVX512-BF16 run bfloat16 matmuls slower than float32 anyway.
+    search_dtype: str = "float32"
+    # MoE: an expert routed fewer calibration tokens than this in a block is calibrated on every
+    # token reaching its MoE block instead (statistics, search rows and clip statistics), with a
+    # warning naming it. Routing itself is unchanged; see awq_block_step.
+    expert_min_tokens: int = 16
+    # Outlier tokens in the search loss and the block error: a token whose full-precision output
+    # has more than this many times the median token's squared norm counts by its relative error
+    # (see search.token_loss_weights). Attention-sink tokens with "massive activations" otherwise
+    # own 97-100% of the MSE in some blocks (Qwen2.5, SmolLM2), and the scales are tuned for them
+    # alone. None: plain MSE over all tokens (llm-awq).
+    outlier_token_ratio: float | None = None
+    # A block whose linears an earlier AWQ pass already processed (llm-awq and AutoAWQ
+    # clamp groups to [-c, c]; see clip.symmetric_clamp_share: on average at least this
+    # share of groups, over the linears such a pass clips) gets only what that pass left
+    # out: the template's clip_skip linears (q/k) are clipped, with no second scale search
+    # and no second clip elsewhere. On issue 19's Qwen2.5 (llm-awq-processed) re-scaling and
+    # re-clipping each won block by block and lost end to end. None: always search fully.
+    prior_awq_share: float | None = 0.05
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1 or self.clip_grid < 1:
+            raise ConfigError(f"n_grid and clip_grid must be >= 1, got {self.n_grid} and {self.clip_grid}")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ConfigError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        for name in ("search_tokens", "clip_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be a positive token count or None (all), got {value}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if isinstance(self.expert_min_tokens, bool) or self.expert_min_tokens < 1:
+            raise ConfigError(
+                f"expert_min_tokens must be >= 1 (an expert with no tokens has no statistics), "
+                f"got {self.expert_min_tokens}"
+            )
+        if self.prior_awq_share is not None and not 0.0 < self.prior_awq_share <= 1.0:
+            raise ConfigError(f"prior_awq_share must be in (0, 1] or None, got {self.prior_awq_share}")
+        if self.outlier_token_ratio is not None and not self.outlier_token_ratio >= 1.0:
+            raise ConfigError(f"outlier_token_ratio must be >= 1 or None, got {self.outlier_token_ratio}")
+        if self.search_dtype not in SEARCH_DTYPE_NAMES:
+            raise ConfigError(
+                f"search_dtype must be one of {sorted(SEARCH_DTYPE_NAMES)}, got {self.search_dtype!r}"
+            )
+        if self.propagate not in PROPAGATE_CHOICES:
+            raise ConfigError(f"propagate must be one of {PROPAGATE_CHOICES}, got {self.propagate!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AwqOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown AWQ option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
