@@ -43,7 +43,6 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import shutil
@@ -55,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awq_plugin.calibration.settings import DEFAULTS as CALIBRATION
 from awq_plugin.config import CONFIG_SCHEMA_VERSION, AwqQuantConfig
 from awq_plugin.errors import AwqPluginError, CheckpointError, ConfigError
 from awq_plugin.fsutil import CACHE_ENV, cache_base
@@ -65,7 +65,7 @@ CACHE_FORMAT = 1
 ENTRY_INFO = "awq_plugin/cache_entry.json"  # inside an entry, beside the pipeline's results
 KEY_CHARS = 24  # hex digits of the key in folder names (96 bits)
 DEFAULT_METHOD = "awq"
-DEFAULT_CALIB = "enwiki"
+DEFAULT_CALIB = CALIBRATION.source  # a built-in text's name
 #: Group sizes tried for the default scheme, largest first.
 DEFAULT_GROUPS = (128, 64, 32)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -82,13 +82,6 @@ class CacheFullError(AwqPluginError, OSError):
 def cache_root() -> Path:
     """``$AWQ_PLUGIN_CACHE/models``, else ``~/.cache/awq_plugin/models``."""
     return cache_base() / MODELS_DIR
-
-
-def _pipeline_default(name: str) -> Any:
-    """A default of :func:`quantize_checkpoint` (its signature owns n_samples and seq_len)."""
-    from awq_plugin.pipeline.quantize import quantize_checkpoint
-
-    return inspect.signature(quantize_checkpoint).parameters[name].default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +177,8 @@ class QuantizeRequest:
         return dataclasses.replace(
             self,
             scheme=self.scheme or default_scheme(source, tp_size),
-            n_samples=self.n_samples or _pipeline_default("n_samples"),
-            seq_len=self.seq_len or _pipeline_default("seq_len"),
+            n_samples=self.n_samples or CALIBRATION.n_samples,
+            seq_len=self.seq_len or CALIBRATION.seq_len,
         )
 
     def key_dict(self) -> dict[str, Any]:
