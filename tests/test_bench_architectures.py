@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from awq_plugin.models.auto import auto_model_class
-from awq_plugin.tools.bench_architectures import run_one, summarize
+from awq_plugin.tools.bench_architectures import (
+    DOCS_JSON,
+    DOCS_MD,
+    comparison_failure,
+    coverage_summary,
+    main,
+    render_coverage,
+    run_one,
+    summarize,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -39,7 +52,7 @@ def test_a_text_config_no_auto_mapping_lists_is_built_by_its_named_class(tmp_pat
     assert type(model).__name__ == "MllamaForCausalLM"
 
 
-def test_an_architecture_without_shipped_template_goes_folder_to_finite_logits(tmp_path: Path) -> None:
+def test_an_architecture_without_shipped_template_goes_folder_to_matching_logits(tmp_path: Path) -> None:
     row = run_one("starcoder2", "causal-lm", tmp_path)
     assert row["ok"], row
     assert row["template"] == "inferred" and row["step"] == "done"
@@ -119,7 +132,7 @@ def make_llama(folder: Path):
     ],
 )
 def test_designs_outside_the_llama_mould(model_type: str, scaled: bool, why: str, tmp_path: Path) -> None:
-    """Folder -> AWQ -> inspect -> from_pretrained -> finite logits."""
+    """Folder -> AWQ -> inspect -> from_pretrained -> logits that match the references."""
     row = run_one(model_type, "causal-lm", tmp_path)
     assert row["ok"], (why, row)
     assert row["step"] == "done" and (row["scaled_linears"] > 0) == scaled and row["rounded_linears"] >= 0
@@ -241,3 +254,186 @@ def test_mrope_sections_only_where_a_text_config_uses_them() -> None:
     assert "mrope_section" not in _shrunk("qwen3_5").vision_config.rope_parameters
     text = _shrunk("hunyuan_vl").text_config
     assert sum(text.rope_parameters["mrope_section"]) == _rotary_half(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison: a pass is close to the references, and a planted defect fails it
+# ---------------------------------------------------------------------------------------------
+
+
+def _rewrite_checkpoint(folder: Path, edit) -> int:
+    """Apply ``edit(tensors) -> bool`` to every shard of ``folder``; the number of shards it changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    changed = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(shard)
+        if edit(tensors):
+            save_file(tensors, shard, metadata=metadata)
+            changed += 1
+    return changed
+
+
+def reverse_nibble_order(linear: str):
+    """A wrong pack order: the eight output channels in each int32 of ``linear``'s qweight reversed."""
+
+    def edit(tensors) -> bool:
+        key = f"{linear}.qweight"
+        if key not in tensors:
+            return False
+        q = tensors[key]  # (K, N/8) int32, eight 4-bit channels each
+        nibbles = [(q >> (4 * i)) & 0xF for i in range(8)]
+        out = torch.zeros_like(q)
+        for i in range(8):
+            out |= nibbles[7 - i] << (4 * i)
+        tensors[key] = out
+        return True
+
+    return edit
+
+
+def swap_linears(first: str, second: str):
+    """One expert's gate and up exchanged: all three packed tensors of ``first`` and ``second``."""
+
+    def edit(tensors) -> bool:
+        if f"{first}.qweight" not in tensors:
+            return False
+        for part in ("qweight", "qzeros", "scales"):
+            a, b = f"{first}.{part}", f"{second}.{part}"
+            tensors[a], tensors[b] = tensors[b], tensors[a]
+        return True
+
+    return edit
+
+
+DEFECTS = {
+    "llama": reverse_nibble_order("model.layers.1.mlp.down_proj"),
+    # Mixtral's checkpoint names expert e's gate w1 and its up w3 (AutoAWQ / vLLM layout)
+    "mixtral": swap_linears(
+        "model.layers.0.block_sparse_moe.experts.0.w1", "model.layers.0.block_sparse_moe.experts.0.w3"
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DEFECTS))
+def test_a_planted_checkpoint_defect_fails_the_comparison(model_type: str, tmp_path: Path) -> None:
+    clean = run_one(model_type, "causal-lm", tmp_path / "clean")
+    assert clean["ok"] and clean["step"] == "done", clean
+    assert clean["checkpoint_error_ratio"] < 1e-5  # same weights: fp32 summation order only
+
+    planted = []
+
+    def corrupt(folder: Path) -> None:
+        planted.append(_rewrite_checkpoint(folder, DEFECTS[model_type]))
+
+    broken = run_one(model_type, "causal-lm", tmp_path / "broken", corrupt=corrupt)
+    assert planted == [1]  # the defect is in the checkpoint the run loads
+    assert not broken["ok"] and broken["step"] == "compare", broken
+    assert "fake-quant reference" in broken["reason"]
+    assert broken["checkpoint_error_ratio"] > 10 * clean["checkpoint_error_ratio"] + 0.01
+    if model_type == "mixtral":
+        # one expert's MLP barely moves a tiny random model's logits: a cosine with full
+        # precision alone (the second check) would still pass it
+        assert comparison_failure({**broken, "checkpoint_error_ratio": 0.0}) is None
+
+
+def test_int4_share_counts_fused_experts_as_full_precision(tmp_path: Path) -> None:
+    """Mixtral (template splits the experts): only the routers stay full precision. OLMoE (inferred,
+    experts stay fused 3-D tensors): its decoder is mostly full precision, and says so."""
+    mixtral = run_one("mixtral", "causal-lm", tmp_path / "mixtral")
+    assert mixtral["ok"], mixtral
+    assert mixtral["fp_matrix_weights"] == 2 * 4 * 64  # 2 layers x router [4 experts, hidden 64]
+    assert mixtral["int4_share"] == round(mixtral["int4_weights"] / (mixtral["int4_weights"] + 512), 4)
+    olmoe = run_one("olmoe", "causal-lm", tmp_path / "olmoe")
+    assert olmoe["ok"] and olmoe["template"] == "inferred", olmoe
+    assert olmoe["fp_fused_expert_tensors"] == 4 and olmoe["int4_share"] < 0.2
+
+
+@pytest.mark.parametrize(
+    ("figures", "fails_on"),
+    [
+        ({"checkpoint_error_ratio": 0.0, "cos_fp_fakequant": 0.99, "cos_fp_reloaded": 0.99}, None),
+        ({"checkpoint_error_ratio": 0.0, "cos_fp_fakequant": 0.99, "cos_fp_reloaded": 0.9876}, None),
+        ({"checkpoint_error_ratio": 0.0, "cos_fp_fakequant": 0.99, "cos_fp_reloaded": 0.987}, "kernel"),
+        ({"checkpoint_error_ratio": 2e-3, "cos_fp_fakequant": 0.99, "cos_fp_reloaded": 0.99}, "checkpoint"),
+        (
+            {"checkpoint_error_ratio": float("nan"), "cos_fp_fakequant": 1.0, "cos_fp_reloaded": 1.0},
+            "checkpoint",
+        ),
+        ({"checkpoint_error_ratio": 0.0, "cos_fp_fakequant": 1.0, "cos_fp_reloaded": 1.0 - 5e-7}, None),
+    ],
+)
+def test_comparison_thresholds(figures, fails_on) -> None:
+    """The kernel may add 1.25 x the reference's 1 - cosine (+1e-6 noise); the checkpoint 1e-3."""
+    reason = comparison_failure(figures)
+    if fails_on is None:
+        assert reason is None
+    else:
+        assert (
+            reason is not None
+            and {"checkpoint": "fake-quant reference", "kernel": "kernel"}[fails_on] in reason
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed summary and the page generated from it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_coverage_page_is_generated_from_the_committed_summary(tmp_path: Path) -> None:
+    """docs/coverage.md is what the generator makes of docs/coverage.json: the page cannot drift."""
+    out = tmp_path / "coverage.md"
+    assert main(["--from-summary", str(REPO / DOCS_JSON), "--docs", str(out)]) == 0
+    assert out.read_text() == (REPO / DOCS_MD).read_text()
+
+
+def test_coverage_summary_and_page_list_counts_passes_failures_and_low_int4_shares() -> None:
+    passed = {
+        "model_type": "a",
+        "mapping": "causal-lm",
+        "ok": True,
+        "step": "done",
+        "template": "inferred",
+        "int4_share": 0.5,
+        "fp_fused_expert_tensors": 2,
+        "cos_fp_fakequant": 0.99,
+        "cos_fp_reloaded": 0.989,
+        "kernel": "cpu",
+        "seconds": 3.0,
+    }
+    failed = {
+        "model_type": "b",
+        "mapping": "image-text-to-text",
+        "ok": False,
+        "step": "compare",
+        "reason": "ValueError: x | y <z>",
+    }
+    summary = coverage_summary([passed, failed], "awq-plugin bench architectures --only a,b", complete=False)
+    text = json.dumps(summary)  # plain data: what is committed
+    assert json.loads(text) == summary
+    causal, vlm = summary["mappings"]["causal-lm"], summary["mappings"]["image-text-to-text"]
+    assert (causal["tried"], causal["passed"], vlm["tried"], vlm["buildable"], vlm["passed"]) == (
+        1,
+        1,
+        1,
+        1,
+        0,
+    )
+    assert causal["passing"] == {
+        "a": {
+            "template": "inferred",
+            "int4_share": 0.5,
+            "fp_fused_expert_tensors": 2,
+            "cos_fp_fakequant": 0.99,
+            "cos_fp_reloaded": 0.989,
+        }
+    }
+    assert vlm["failures"] == [{"model_type": "b", "step": "compare", "reason": "ValueError: x | y <z>"}]
+    page = render_coverage(summary)
+    assert "**Partial run**" in page
+    assert "| causal-lm | a | 50.0% | 2 | inferred |" in page  # below the 90% INT4 share
+    assert "| image-text-to-text | b | compare | ValueError: x \\| y &lt;z&gt; |" in page
+    assert render_coverage(json.loads(text)) == page

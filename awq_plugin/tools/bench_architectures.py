@@ -8,15 +8,27 @@ a skeleton whose own forward fails on the shrunk config cannot pass; the
 summary gives the pass rate over buildable models and over those that run),
 then run what a new user would::
 
-    folder -> template (shipped, else inferred) -> quantize -> inspect -> from_pretrained -> finite logits
+    folder -> template (shipped, else inferred) -> quantize -> inspect -> from_pretrained -> logits
+
+and compare the logits on held-out ids with two references computed in the same
+run: the full-precision model and its fake-quant twin (``numerics.quant_ref`` at
+the same group size, AWQ's saved scales re-applied, in memory). A pass needs the
+checkpoint to compute what the fake-quant reference computes and the kernel to
+stay about as close to full precision (:func:`comparison_failure` says how
+close, and why). Finite logits alone would pass a wrong pack order or a swapped
+expert projection.
 
 Each architecture runs in its own process with a time limit, so one crash or
 hang costs one row. Per architecture the result says which step failed and
-why, and how many linears got a proven AWQ scale and how many only clip +
-rounding. ``--json OUT`` writes the rows, ``--png OUT`` a bar chart of the
-pass rates.
+why, how many linears got a proven AWQ scale and how many only clip +
+rounding, both cosines and the INT4 share of the decoder's matrix weights.
+``--json OUT`` writes the rows, ``--png OUT`` a bar chart of the pass rates,
+``--summary`` the summary committed as ``docs/coverage.json`` and ``--docs``
+the page generated from it, ``docs/coverage.md``::
 
     awq-plugin bench architectures --json arch.json --png arch.png [--only llama,qwen2] [--jobs 2]
+    awq-plugin bench architectures --summary docs/coverage.json --docs docs/coverage.md
+    awq-plugin bench architectures --from-summary docs/coverage.json --docs docs/coverage.md
 """
 
 from __future__ import annotations
@@ -24,12 +36,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,7 +85,37 @@ SMALL = {  # config field -> tiny value, applied wherever a (sub-)config has the
     "embedding_dim": 64,  # xLSTM: its own name for the hidden size, read by the blocks' norms
     "num_blocks": 2,  # xLSTM: its own name for the layer count
 }
-STEPS = ("build", "run", "template", "quantize", "inspect", "from_pretrained", "logits")
+STEPS = (
+    "build",
+    "run",
+    "template",
+    "quantize",
+    "inspect",
+    "from_pretrained",
+    "logits",
+    "reference",
+    "compare",
+)
+# A pass compares the reloaded checkpoint's logits with two references computed in the same run
+# on held-out ids: the full-precision model and its fake-quant twin (numerics.quant_ref at the same
+# group size, AWQ's saved scales re-applied, in memory, no pack/reload); see comparison_failure.
+# 1. Same weights, fp32 sums in another order at most: the ratio measured exactly 0 on all eight
+#    passing models of a small run (llama, mixtral, qwen3_moe, olmoe, gpt_oss, gemma3_text,
+#    starcoder2, llava). Planted defects: one mixtral expert's gate and up swapped 0.055-0.084, a
+#    reversed nibble order in one llama linear 1.5, in another 8.6.
+MAX_CHECKPOINT_ERROR_RATIO = 1e-3
+# 2. The CPU kernels round activations to int8 per group (kernels/__init__.py states the bound).
+#    1 - cosine may grow by a quarter: an extra error orthogonal to quantization's and half its
+#    size. Measured (1 - cos reloaded) / (1 - cos fake-quant): 1.000-1.008 on dense models and
+#    qwen3_moe/olmoe, 1.038 on mixtral (int8 rounding flips a few top-k routes), 0.63 on gpt_oss.
+KERNEL_COSINE_SLACK = 1.25
+COSINE_NOISE = 1e-6  # fp32/float64 noise floor for models quantization barely moves
+SCHEME = "uint4_wo_32"  # the tiny models' hidden size 64 holds two groups of 32
+LOW_INT4_SHARE = 0.9  # passing models below this INT4 share are listed in the docs
+PASSING_FIELDS = ("template", "int4_share", "fp_fused_expert_tensors", "cos_fp_fakequant", "cos_fp_reloaded")
+DOCS_JSON = "docs/coverage.json"  # the committed summary of the last sweep
+DOCS_MD = "docs/coverage.md"  # generated from it
+REGENERATE_DOCS = f"awq-plugin bench architectures --from-summary {DOCS_JSON} --docs {DOCS_MD}"
 N_TOKENS = 16
 
 
@@ -203,8 +248,155 @@ def _count_linears(template: dict[str, Any], model: Any) -> tuple[int, int]:
     return scaled, rounded
 
 
-def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
-    """Every step for one architecture; the row of the report (never raises)."""
+def logits_of(model: Any, ids: Any) -> Any:
+    """The model's logits for ``ids`` ``[B, T]``, in float64 (the comparisons' precision)."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()  # (B, T, vocab)
+
+
+def cosine(a: Any, b: Any) -> float:
+    """Cosine similarity of two logit tensors, flattened."""
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def _error_ratio(logits: Any, fake_quant: Any, fp: Any) -> float:
+    """How far ``logits`` are from the fake-quant reference, as a share of how far quantization
+    itself moved the logits (``||logits - fake_quant|| / ||fake_quant - fp||``)."""
+    import torch
+
+    off = float(torch.linalg.vector_norm(logits - fake_quant))
+    quant_effect = float(torch.linalg.vector_norm(fake_quant - fp))
+    if quant_effect == 0.0:
+        return 0.0 if off == 0.0 else math.inf
+    return off / quant_effect
+
+
+def compare_logits(fp: Any, fake_quant: Any, reloaded: Any, kernel: Any) -> dict[str, float]:
+    """The figures a pass is judged on (see :func:`comparison_failure`).
+
+    ``fp``: the full-precision model; ``fake_quant``: :func:`fake_quant_reference`;
+    ``reloaded``: the checkpoint loaded back, every AWQ linear on the fp32 reference kernel;
+    ``kernel``: the same model on the kernel this machine picks (what a user runs).
+    """
+    return {
+        "cos_fp_fakequant": cosine(fp, fake_quant),
+        "cos_fp_reloaded": cosine(fp, kernel),
+        "cos_fakequant_reloaded": cosine(fake_quant, reloaded),
+        "checkpoint_error_ratio": _error_ratio(reloaded, fake_quant, fp),
+        "kernel_error_ratio": _error_ratio(kernel, fake_quant, fp),
+    }
+
+
+def comparison_failure(figures: dict[str, float]) -> str | None:
+    """Why the reloaded model fails the comparison with the references (None: it passes).
+
+    1. The checkpoint holds the reference's weights: on the fp32 reference kernel the reloaded
+       model computes what the fake-quant reference computes (same integers, scales and fp16
+       tensors; only the order of fp32 sums differs), so its distance from the reference must be
+       tiny next to quantization's own effect (``MAX_CHECKPOINT_ERROR_RATIO``). A wrong pack
+       order, a transposed projection or one expert's gate and up swapped fail here even where
+       they move the logits too little for a cosine with full precision to notice.
+    2. On this machine's kernel the reloaded model is about as close to full precision as the
+       reference: ``1 - cos(fp, reloaded) <= KERNEL_COSINE_SLACK * (1 - cos(fp, fake_quant))``.
+    """
+    ratio = figures["checkpoint_error_ratio"]
+    if not ratio <= MAX_CHECKPOINT_ERROR_RATIO:
+        return (
+            f"the checkpoint does not compute what the fake-quant reference computes: reloaded logits "
+            f"(reference kernel) are {ratio:.3g} x quantization's own effect away from it "
+            f"(> {MAX_CHECKPOINT_ERROR_RATIO})"
+        )
+    loss_ref = 1.0 - figures["cos_fp_fakequant"]
+    loss = 1.0 - figures["cos_fp_reloaded"]
+    if not loss <= KERNEL_COSINE_SLACK * loss_ref + COSINE_NOISE:
+        return (
+            f"on this machine's kernel the reloaded logits are further from full precision than the "
+            f"fake-quant reference: 1 - cosine {loss:.3g} > {KERNEL_COSINE_SLACK} x {loss_ref:.3g}"
+        )
+    return None
+
+
+def fake_quant_reference(model: Any, checkpoint: Path) -> Any:
+    """``model`` (full precision, modified in place) made into what the checkpoint should hold,
+    in memory, with no packing, saving or loading: the checkpoint's AWQ scales and clips
+    re-applied, every quantized decoder linear replaced by its reference quantize-dequantize
+    (``numerics.quant_ref``), every other parameter rounded to float16, the format's type for
+    everything that is not INT4."""
+    import torch
+
+    from awq_plugin.algorithm.awq import apply_awq, quantized_linear_names
+    from awq_plugin.algorithm.results import AwqResults
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.format.checkpoint import read_json
+    from awq_plugin.pipeline.assemble import RESULTS_FILE
+    from awq_plugin.pipeline.guard import fake_quantize_linears
+
+    results = AwqResults.load(checkpoint / RESULTS_FILE)
+    # the config the loaders obey, including the linears the quantizer kept in full precision
+    quant = AwqQuantConfig.from_dict(read_json(checkpoint / "config.json")["quantization_config"])
+    resolved = apply_awq(model, results)
+    layers = model.get_submodule(resolved.decoder_layers)
+    quantized = {
+        id(block.get_submodule(name).weight)
+        for i, block in enumerate(layers)
+        for name in quantized_linear_names(block, resolved.block(i), quant)
+    }
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and id(p) not in quantized:
+                p.copy_(p.to(torch.float16))
+    fake_quantize_linears(model, quant, results.template)
+    return model
+
+
+def set_kernel(model: Any, backend: str | None) -> None:
+    """Run every AWQ linear of ``model`` on ``backend`` (None: the automatic choice) from now on."""
+    from awq_plugin.runtime.qlinear import AwqLinear
+
+    for module in model.modules():
+        if isinstance(module, AwqLinear):
+            module.backend = backend
+            module.invalidate()
+
+
+def kernel_name(model: Any) -> str | None:
+    """The backend the model's AWQ linears run on (None: the model has none)."""
+    from awq_plugin.runtime.qlinear import AwqLinear
+
+    names = {m.kernel_weight().backend for m in model.modules() if isinstance(m, AwqLinear)}
+    return ",".join(sorted(names)) or None
+
+
+def int4_share(model: Any, decoder_layers: str) -> dict[str, Any]:
+    """Matrix weights (ndim >= 2) inside the decoder layers: how many are stored as INT4 and how many
+    stay in full precision (fused 3-D expert tensors, convolutions, linears the scheme skips)."""
+    from awq_plugin.runtime.qlinear import AwqLinear
+
+    int4 = fp = 0
+    for module in model.get_submodule(decoder_layers).modules():
+        if isinstance(module, AwqLinear):
+            int4 += module.in_features * module.out_features
+        fp += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+    total = int4 + fp
+    return {
+        "int4_weights": int4,
+        "fp_matrix_weights": fp,
+        "int4_share": round(int4 / total, 4) if total else None,
+    }
+
+
+def run_one(
+    model_type: str, mapping: str, work: Path, corrupt: Callable[[Path], None] | None = None
+) -> dict[str, Any]:
+    """Every step for one architecture; the row of the report (never raises).
+
+    ``corrupt(folder)``, when given, is called on the quantized checkpoint before it is loaded:
+    tests plant a defect there and watch the comparison catch it.
+    """
     import torch
 
     row: dict[str, Any] = {"model_type": model_type, "mapping": mapping, "ok": False}
@@ -229,6 +421,9 @@ def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
         step = "run"  # the unquantized model's own forward: it can fail on the shrunk config
         with torch.no_grad():
             model(input_ids=torch.randint(1, 400, (1, 8), generator=torch.Generator().manual_seed(0)))
+        # held-out input for the comparison: not the calibration ids
+        eval_ids = torch.randint(1, 400, (2, N_TOKENS), generator=torch.Generator().manual_seed(1))
+        fp_logits = logits_of(model, eval_ids)
         step = "template"
         arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
         try:
@@ -245,17 +440,18 @@ def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
             for name, p in model.named_parameters()
             if p.dim() == 3 and "expert" in name and name.startswith(template["model_decoder_layers"])
         )
-        del model
         step = "quantize"
         from awq_plugin.api import quantize
 
         ids = torch.randint(1, 400, (4, N_TOKENS), generator=torch.Generator().manual_seed(0))
         out = work / "awq"
-        quantize(str(src), "uint4_wo_32", ids, out_dir=out, template=template, progress=False)
+        quantize(str(src), SCHEME, ids, out_dir=out, template=template, progress=False)
         step = "inspect"
         from awq_plugin.format.checkpoint import validate_checkpoint
 
         validate_checkpoint(out)
+        if corrupt is not None:
+            corrupt(out)
         step = "from_pretrained"
         import awq_plugin.integrations.transformers as awq_transformers
         from awq_plugin.models.auto import auto_model_class
@@ -264,10 +460,24 @@ def run_one(model_type: str, mapping: str, work: Path) -> dict[str, Any]:
         saved = AutoConfig.from_pretrained(out)  # a text model's config may be in no Auto mapping
         loaded = auto_model_class(saved).from_pretrained(out, dtype=torch.float32).eval()
         step = "logits"
-        with torch.no_grad():
-            logits = loaded(input_ids=ids[:1]).logits
-        if not torch.isfinite(logits).all():
+        kernel_logits = logits_of(loaded, eval_ids)  # the kernel a user gets on this machine
+        if not torch.isfinite(kernel_logits).all():
             raise ValueError("non-finite logits")
+        row["kernel"] = kernel_name(loaded)
+        set_kernel(loaded, "reference")  # the checkpoint's integers, dequantized in fp32
+        reloaded_logits = logits_of(loaded, eval_ids)
+        row.update(int4_share(loaded, template["model_decoder_layers"]))
+        del loaded
+        step = "reference"
+        # the in-memory model itself (template resolution computes the same function)
+        fake_quant_logits = logits_of(fake_quant_reference(model, out), eval_ids)
+        del model
+        step = "compare"
+        figures = compare_logits(fp_logits, fake_quant_logits, reloaded_logits, kernel_logits)
+        row.update({k: float(f"{v:.6g}") for k, v in figures.items()})
+        failure = comparison_failure(figures)
+        if failure:
+            raise ValueError(failure)
         row["ok"] = True
         step = "done"
     except BaseException as exc:  # one row per architecture, whatever happened
@@ -305,6 +515,8 @@ def _run_isolated(model_type: str, mapping: str, timeout: float) -> dict[str, An
         else:
             tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
             row = {"model_type": model_type, "mapping": mapping, "ok": False, "step": "?", "reason": tail[0]}
+        if "reason" in row:  # the same failure reads the same in every run
+            row["reason"] = row["reason"].replace(tmp, "{work}")
         row["seconds"] = round(time.monotonic() - start, 1)
         return row
 
@@ -341,6 +553,174 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def coverage_summary(rows: list[dict[str, Any]], command: str, complete: bool) -> dict[str, Any]:
+    """What ``docs/coverage.json`` holds: the run, the pass criterion, and per mapping the counts,
+    the passing models (INT4 share, both cosines) and the failures (step, reason); no logs.
+
+    ``complete``: the run tried every model type of the mappings (not an ``--only`` subset).
+    """
+    import torch
+    import transformers
+
+    counts = summarize(rows)
+    mappings = {}
+    for mapping, c in counts.items():
+        mine = sorted((r for r in rows if r["mapping"] == mapping), key=lambda r: r["model_type"])
+        passing = {r["model_type"]: {key: r.get(key) for key in PASSING_FIELDS} for r in mine if r["ok"]}
+        failures = [
+            {"model_type": r["model_type"], "step": r.get("step"), "reason": r.get("reason", "")}
+            for r in mine
+            if not r["ok"]
+        ]
+        mappings[mapping] = {**c, "passing": passing, "failures": failures}
+    return {
+        "format": "awq-plugin architecture coverage",
+        "version": 1,
+        "command": command,
+        "complete": complete,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "scheme": SCHEME,
+        "kernels": sorted({r["kernel"] for r in rows if r.get("kernel")}),
+        "criterion": {
+            "max_checkpoint_error_ratio": MAX_CHECKPOINT_ERROR_RATIO,
+            "kernel_cosine_slack": KERNEL_COSINE_SLACK,
+            "cosine_noise": COSINE_NOISE,
+        },
+        "low_int4_share": LOW_INT4_SHARE,
+        "mappings": mappings,
+    }
+
+
+def _cell(text: Any) -> str:
+    """``text`` safe in a Markdown table cell."""
+    out = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return out.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def render_coverage(summary: dict[str, Any]) -> str:
+    """``docs/coverage.md`` from a :func:`coverage_summary` (pure: the same JSON gives the same text)."""
+    lines = _coverage_intro(summary)
+    lines += ["## Counts", "", *_counts_table(summary["mappings"])]
+    low = summary["low_int4_share"]
+    lines += ["", f"## Passing models with an INT4 share below {100 * low:.0f}%", ""]
+    lines += _low_share_table(summary["mappings"], low)
+    lines += ["", "## Passed", "", *_passed_table(summary["mappings"])]
+    lines += ["", "## Failures", "", *_failures_table(summary["mappings"])]
+    return "\n".join(lines) + "\n"
+
+
+def _coverage_intro(summary: dict[str, Any]) -> list[str]:
+    crit = summary["criterion"]
+    lines = [
+        "# Architecture coverage",
+        "",
+        f"<!-- Generated from {DOCS_JSON} by `{REGENERATE_DOCS}`. Do not edit: "
+        "tests/test_bench_architectures.py checks that this file matches the JSON. -->",
+        "",
+        "Every `model_type` in transformers' causal-LM and image-text-to-text mappings, built tiny "
+        "with random weights (hidden 64, 2 layers, vocabulary 512), quantized with AWQ to "
+        f"`{summary['scheme']}` from its saved folder, validated, loaded back through "
+        "`from_pretrained` and compared on held-out token ids with the full-precision model and "
+        "with its fake-quant reference (`numerics.quant_ref` at the same group size, AWQ's saved "
+        "scales re-applied, in memory: no packing, saving or loading).",
+        "",
+    ]
+    if not summary["complete"]:
+        lines += [
+            "**Partial run**: only the model types listed below were tried; the counts are not "
+            "the coverage of the mappings.",
+            "",
+        ]
+    kernels = ", ".join(f"`{k}`" for k in summary["kernels"]) or "none"
+    ratio = crit["max_checkpoint_error_ratio"]
+    lines += [
+        f"Run: `{summary['command']}` with transformers {summary['transformers']}, "
+        f"torch {summary['torch']}; AWQ kernel on the machine that ran it: {kernels}.",
+        "",
+        "## What a pass means",
+        "",
+        "1. The checkpoint computes what the fake-quant reference computes. On the fp32 reference "
+        "kernel the reloaded model has the reference's integers, scales and float16 tensors, so "
+        "only the order of fp32 sums may differ: its logits must be within "
+        f"{ratio:g} x the distance quantization itself moved them "
+        f"(`||reloaded - fake_quant|| <= {ratio:g} * ||fake_quant - fp||`). A wrong pack "
+        "order, a transposed projection or one expert's gate and up swapped fail here, even where "
+        "they move the logits of a tiny random model too little for a cosine with full precision "
+        "to notice.",
+        "2. On the machine's kernel the reloaded model is about as close to full precision as the "
+        f"reference: `1 - cos(fp, reloaded) <= {crit['kernel_cosine_slack']:g} * "
+        f"(1 - cos(fp, fake_quant)) + {crit['cosine_noise']:g}` (the CPU kernels round activations "
+        "to int8 per group: an extra error orthogonal to quantization's and half its size).",
+        "",
+        "Cosines are of the flattened logits. INT4 share: of the matrix weights (ndim >= 2) inside "
+        "the decoder layers, the share stored as INT4; fused 3-D expert tensors, convolutions and "
+        "linears the scheme skips count as full precision.",
+        "",
+    ]
+    return lines
+
+
+def _counts_table(mappings: dict[str, Any]) -> list[str]:
+    header = ["mapping", "tried", "buildable", "own forward runs", "passed"]
+    header += ["pass rate (of buildable)", "pass rate (of those that run)"]
+    rows = [
+        [
+            m,
+            c["tried"],
+            c["buildable"],
+            c["runs"],
+            c["passed"],
+            _percent(c["pass_rate"]),
+            _percent(c["pass_rate_of_runs"]),
+        ]
+        for m, c in mappings.items()
+    ]
+    return _table(header, rows)
+
+
+def _low_share_table(mappings: dict[str, Any], low: float) -> list[str]:
+    rows = [
+        [m, t, _percent(p["int4_share"]), p["fp_fused_expert_tensors"], p["template"]]
+        for m, c in mappings.items()
+        for t, p in c["passing"].items()
+        if p["int4_share"] is None or p["int4_share"] < low
+    ]
+    header = ["mapping", "model_type", "INT4 share", "fused expert tensors in full precision", "template"]
+    return _table(header, rows) if rows else ["None."]
+
+
+def _passed_table(mappings: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            m,
+            t,
+            p["template"],
+            _percent(p["int4_share"]),
+            f"{p['cos_fp_fakequant']:.6f}",
+            f"{p['cos_fp_reloaded']:.6f}",
+        ]
+        for m, c in mappings.items()
+        for t, p in c["passing"].items()
+    ]
+    header = ["mapping", "model_type", "template", "INT4 share", "cos(fp, fake-quant)", "cos(fp, reloaded)"]
+    return _table(header, rows) if rows else ["None."]
+
+
+def _failures_table(mappings: dict[str, Any]) -> list[str]:
+    rows = [[m, f["model_type"], f["step"], f["reason"]] for m, c in mappings.items() for f in c["failures"]]
+    return _table(["mapping", "model_type", "failed at step", "reason"], rows) if rows else ["None."]
+
+
 def _plot(summary: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -354,7 +734,7 @@ def _plot(summary: dict[str, Any], path: str) -> None:
     passed = [summary[n]["passed"] for n in names]
     ax.barh(names, built, color="#eee", label="buildable (build + save)")
     ax.barh(names, runs, color="#bbb", label="... and its own forward runs")
-    ax.barh(names, passed, color="#3a7", label="folder -> AWQ -> reload -> finite logits")
+    ax.barh(names, passed, color="#3a7", label="folder -> AWQ -> reload -> logits match the references")
     for i, (b, r, p) in enumerate(zip(built, runs, passed)):
         ax.text(b, i, f" {p}/{b} ({p}/{r} that run)", va="center", fontsize=7)
     ax.set_xlabel("architectures")
@@ -364,11 +744,21 @@ def _plot(summary: dict[str, Any], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="awq-plugin bench architectures", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--json", metavar="OUT", help="write the rows and the summary as JSON")
     parser.add_argument("--png", metavar="OUT", help="draw the pass rates")
+    parser.add_argument(
+        "--summary", metavar="OUT", help=f"write the summary the docs are generated from ({DOCS_JSON})"
+    )
+    parser.add_argument("--docs", metavar="OUT", help=f"write the coverage page ({DOCS_MD})")
+    parser.add_argument(
+        "--from-summary",
+        metavar="IN",
+        help="run nothing: write --docs from a summary written by --summary earlier",
+    )
     parser.add_argument("--only", help="comma-separated model_types (default: every one)")
     parser.add_argument(
         "--mapping", choices=["causal-lm", "image-text-to-text", "both"], default="both", help="which mapping"
@@ -378,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle", type=int, metavar="SEED", help="run in a seeded random order")
     parser.add_argument("--one", nargs=3, metavar=("MODEL_TYPE", "MAPPING", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_summary:
+        if not args.docs:
+            parser.error("--from-summary writes the page given with --docs")
+        summary = json.loads(Path(args.from_summary).read_text())
+        Path(args.docs).write_text(render_coverage(summary))
+        return 0
     if args.one:
         model_type, mapping, work = args.one
         row = run_one(model_type, mapping, Path(work))
@@ -403,6 +799,13 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     if args.png:
         _plot(summary, args.png)
+    if args.summary or args.docs:
+        command = shlex.join(["awq-plugin", "bench", "architectures", *argv])
+        coverage = coverage_summary(rows, command, complete=only is None and args.mapping == "both")
+        if args.summary:
+            Path(args.summary).write_text(json.dumps(coverage, indent=1) + "\n")
+        if args.docs:
+            Path(args.docs).write_text(render_coverage(coverage))
     return 0
 
 
