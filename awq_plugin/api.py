@@ -7,18 +7,18 @@ or an in-memory transformers model (quantized in place: its linears become
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from awq_plugin.algorithm.awq import (
     AwqOptions,
     AwqResults,
+    fake_quantize_decoder_linears,
     keeping_ungroupable_in_full_precision,
-    quantized_linear_names,
+    quantized_decoder_linears,
     run_awq,
 )
 from awq_plugin.calibration.settings import DEFAULTS
@@ -26,7 +26,6 @@ from awq_plugin.calibration.text import CalibSource, calibration_ids, evaluation
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.evaluate import PerplexityResult, perplexity
-from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.pipeline.quantize import METHODS, QuantizeReport, quantize_checkpoint
 from awq_plugin.templates import resolve_template
 
@@ -123,7 +122,7 @@ def quantize_model(
     resolved, quant = _scale_model(
         model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
     )
-    for block, name in _quantized_linears(model, resolved, quant):
+    for block, name in quantized_decoder_linears(model, resolved, quant):
         linear = block.get_submodule(name)
         tensors = pack_linear(linear, quant)
         packed = AwqPacked(tensors["qweight"], tensors["qzeros"], tensors["scales"])
@@ -131,15 +130,6 @@ def quantize_model(
         new = AwqLinear.from_packed(packed, bias, backend=backend).to(linear.weight.device)
         replace_module(block, name, new)
     return model
-
-
-def _quantized_linears(
-    model: nn.Module, resolved: Any, quant: AwqQuantConfig
-) -> Iterator[tuple[nn.Module, str]]:
-    """Every (decoder block, linear name in it) that the scheme quantizes."""
-    for i, block in enumerate(model.get_submodule(resolved.decoder_layers)):
-        for name in quantized_linear_names(block, resolved.block(i), quant):
-            yield block, name
 
 
 def _scale_model(
@@ -187,10 +177,7 @@ def fake_quantize_model(
     resolved, quant = _scale_model(
         model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
     )
-    with torch.no_grad():
-        for block, name in _quantized_linears(model, resolved, quant):
-            weight = block.get_submodule(name).weight
-            weight.copy_(fake_quantize(weight.float(), quant.bits, quant.group_size, quant.zero_point))
+    fake_quantize_decoder_linears(model, resolved, quant)
     return model
 
 

@@ -22,23 +22,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from awq_plugin.algorithm.awq import AwqOptions, make_fake_quantizer, run_awq
+from awq_plugin.algorithm.awq import AwqOptions, run_awq
 from awq_plugin.calibration.text import calibration_windows, evaluation_windows
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.evaluate import perplexity
-from awq_plugin.templates import resolve_template
-
-
-@torch.no_grad()
-def fake_quantize_decoder(model: torch.nn.Module, quant_config: AwqQuantConfig) -> None:
-    """Replace every quantized decoder linear's weight by its reference fake quantization."""
-    resolved = resolve_template(model)
-    layers = model.get_submodule(resolved.decoder_layers)
-    quantize = make_fake_quantizer(quant_config)
-    for block, template in zip(layers, resolved.blocks):
-        for name in template.linears:
-            linear = block.get_submodule(name)
-            linear.weight.data = quantize(linear.weight.data)
+from awq_plugin.pipeline.guard import fake_quantize_linears
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if ppl_fp is not None:
             report["ppl_fp"] = ppl_fp
             rtn = copy.deepcopy(base)
-            fake_quantize_decoder(rtn, quant_config)
+            fake_quantize_linears(rtn, quant_config)
             report["ppl_rtn"] = ppl(rtn, "rtn")
             del rtn
         if not args.baselines_only:
@@ -122,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             results = run_awq(model, quant_config, calib, template=args.template, options=options)
             report["awq_seconds"] = round(time.perf_counter() - start, 1)
-            fake_quantize_decoder(model, quant_config)
+            fake_quantize_linears(model, quant_config)
             report["ppl_awq"] = ppl(model, "awq")
             del model
             if "ppl_rtn" in report:

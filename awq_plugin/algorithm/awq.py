@@ -646,3 +646,28 @@ def apply_awq(
         i = block_result.layer_index
         apply_awq_block(layers[i], resolved.block(i), block_result)
     return resolved
+
+
+def quantized_decoder_linears(
+    model: nn.Module, resolved: ResolvedTemplate, quant_config: QuantConfigLike
+) -> Iterator[tuple[nn.Module, str]]:
+    """Every (decoder block, linear name in it) that ``quant_config`` quantizes."""
+    for i, block in enumerate(model.get_submodule(resolved.decoder_layers)):
+        for name in quantized_linear_names(block, resolved.block(i), quant_config):
+            yield block, name
+
+
+@torch.no_grad()
+def fake_quantize_decoder_linears(
+    model: nn.Module, resolved: ResolvedTemplate, quant_config: QuantConfigLike
+) -> None:
+    """Replace every quantized decoder linear's weight by its reference fake quantization, in place.
+
+    Quantized from fp32 and written back in the weight's own dtype; any bit width (2/3/4/8), so
+    this is also how schemes that cannot be packed are studied.
+    """
+    for block, name in quantized_decoder_linears(model, resolved, quant_config):
+        weight = block.get_submodule(name).weight
+        weight.copy_(
+            fake_quantize(weight.float(), quant_config.bits, quant_config.group_size, quant_config.zero_point)
+        )

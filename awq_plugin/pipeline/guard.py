@@ -30,8 +30,7 @@ from awq_plugin.algorithm.awq import (
     AwqResults,
     QuantConfigLike,
     apply_awq,
-    make_fake_quantizer,
-    quantized_linear_names,
+    fake_quantize_decoder_linears,
 )
 from awq_plugin.calibration.text import CalibSource, load_documents, tokenize_stream
 from awq_plugin.evaluate import perplexity
@@ -99,16 +98,10 @@ def held_out_windows(
     return windows[spare].contiguous() if spare.numel() else None
 
 
-@torch.no_grad()
 def fake_quantize_linears(model: nn.Module, quant_config: QuantConfigLike, template: Any = None) -> None:
-    """Replace every quantized decoder linear's weight by its reference fake quantization, in place."""
-    resolved = resolve_template(model, template)
-    layers = model.get_submodule(resolved.decoder_layers)
-    quantize = make_fake_quantizer(quant_config)
-    for i, block in enumerate(layers):
-        for name in quantized_linear_names(block, resolved.block(i), quant_config):
-            linear = block.get_submodule(name)
-            linear.weight.data = quantize(linear.weight.data).to(linear.weight.dtype)
+    """:func:`~awq_plugin.algorithm.awq.fake_quantize_decoder_linears` under ``template`` (any
+    :func:`resolve_template` spec), in place."""
+    fake_quantize_decoder_linears(model, resolve_template(model, template), quant_config)
 
 
 def mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
