@@ -30,7 +30,7 @@ KERNEL_SHAPE = "2048x5632"
 KERNEL_IMPLS = ("ours", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
 # PNGs the full benchmarks write when given --png under the results folder; the report links them.
 FULL_BENCHMARKS = (
-    ("quality.png", "Perplexity by scheme (scripts/awq_quality.py)"),
+    ("quality.png", "AWQ vs plain rounding on real models (awq-plugin bench quality)"),
     ("bench_kernels.png", "INT4 GEMM speed-up vs M (awq-plugin bench kernels)"),
     ("bench_serve.png", "Serving throughput (awq-plugin bench serve)"),
     ("soak.png", "Server soak (awq-plugin bench soak)"),
