@@ -13,15 +13,14 @@ fsutil; a test holds it)::
                    recorded block inputs and their statistics (capture, statistics)
     templates/     which module feeds which linears: schema, shipped JSON, resolver,
                    inference from data flow, the folds themselves and their numerical proof
-    algorithm/     AWQ on plain torch modules: scale search, clip search, MoE routing,
-                   per-block step, results as data
+    algorithm/     AWQ on plain torch modules: options, scale search, clip search, the
+                   quantized linears, per-block step, MoE fallback, results as data
     format/        checkpoint tensors (packing) and files: safetensors I/O, config, validation
     kernels/       INT4 GEMM: CPU C++ and Triton, checked against numerics (awq_plugin.kernels)
     runtime/       loading for inference: skeletons, AwqLinear on the kernels
     pipeline/      the streaming, resumable quantizer: blocks, work dir, assembly
     evaluate.py    perplexity on fixed token windows
     api.py         the public Python surface (a thin shell over the stages)
-    awq.py         deprecated alias of algorithm.awq, kept for one release
     integrations/  vLLM and transformers hooks (installed as awq_plugin.integrations)
     tools/         benchmarks, soak test, demo, server launcher, synthetic models (the
                    ``tools`` extra); the core never imports them

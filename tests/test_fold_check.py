@@ -132,23 +132,24 @@ def test_block_where_awq_is_worse_than_rounding_falls_back_with_a_warning(
     from types import SimpleNamespace
 
     import awq_plugin.algorithm.awq as awq
+    import awq_plugin.algorithm.block as block_step
 
     model = make_tiny_model("llama")
     resolved = resolve_template(model)
     layers, captured = block_inputs(model, resolved.decoder_layers)
     block, inputs = layers[0], captured.for_layer(0)
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    real_search = awq.search_best_scale
+    real_search = block_step.search_best_scale
 
     def harmful_search(group, **kwargs):  # a search that picks wildly wrong scales
         found = real_search(group, **kwargs)
         wild = torch.exp(spread * torch.randn(group.n_scales, generator=torch.Generator().manual_seed(0)))
         return type(found)(wild, 0.5, found.loss_rtn, found.loss_rtn * 10, found.losses)
 
-    monkeypatch.setattr(awq, "search_best_scale", harmful_search)
+    monkeypatch.setattr(block_step, "search_best_scale", harmful_search)
     quant = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
     options = awq.AwqOptions(n_grid=4, clip_grid=4, search_tokens=None, clip_tokens=64, micro_batch_size=2)
-    with caplog.at_level("WARNING", logger="awq_plugin.algorithm.awq"):
+    with caplog.at_level("WARNING", logger="awq_plugin.algorithm.block"):
         result, _ = awq.awq_block_step(block, resolved.block(0), inputs, quant, options)
     warning = [r.getMessage() for r in caplog.records if "falling back to plain rounding" in r.getMessage()]
     assert len(warning) == 1 and "layer 0" in warning[0]
@@ -171,7 +172,7 @@ def test_block_where_awq_helps_keeps_its_scales(caplog: pytest.LogCaptureFixture
     layers, captured = block_inputs(model, resolved.decoder_layers)
     quant = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
     options = awq.AwqOptions(n_grid=4, clip_grid=4, search_tokens=None, clip_tokens=64, micro_batch_size=2)
-    with caplog.at_level("WARNING", logger="awq_plugin.algorithm.awq"):
+    with caplog.at_level("WARNING", logger="awq_plugin.algorithm.block"):
         result, _ = awq.awq_block_step(layers[0], resolved.block(0), captured.for_layer(0), quant, options)
     assert result.mse_awq < result.mse_rtn
     assert any(g.alpha is not None for g in result.groups)

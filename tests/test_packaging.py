@@ -80,7 +80,6 @@ STAGE_RANK = {
     "pipeline": 7,  # the streaming, resumable quantizer
     "evaluate": 7,
     "api": 8,  # the public Python surface
-    "awq": 8,  # deprecated alias of algorithm.awq, kept for one release
     "integrations": 9,  # vLLM and transformers hooks: shells over the core
     "tools": 10,  # benchmarks, soak, demo, synthetic models
     "cli": 11,  # the command line: a shell over api and tools
@@ -209,16 +208,3 @@ def _imports_of(path: Path, module: str) -> set[str]:
                 if (origin == "awq_plugin" or origin.startswith("awq_plugin.")) and alias.name != "*":
                     found.add(f"{origin}.{alias.name}")
     return found
-
-
-def test_old_awq_module_is_a_warning_alias() -> None:
-    """``awq_plugin.awq`` (the 0.1 path the README documented) still works for one release."""
-    code = (
-        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-        "try:\n    import awq_plugin.awq\nexcept DeprecationWarning as e:\n    print('warned', e)\n"
-        "warnings.simplefilter('ignore')\nimport awq_plugin.awq as old, awq_plugin.algorithm.awq as new\n"
-        "print(old.run_awq is new.run_awq and old.AwqResults is new.AwqResults)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
-    assert "warned awq_plugin.awq moved to awq_plugin.algorithm.awq" in out.stdout
-    assert out.stdout.strip().endswith("True")

@@ -22,7 +22,7 @@ positions (within the current micro-batch) of the tokens routed to it
 receives. An expert can also be told to see every token
 (:meth:`RoutedExperts.calibrate_on_all_tokens`): that is the fallback for
 experts the calibration text leaves (almost) unused, see
-:func:`awq_plugin.algorithm.awq.awq_block_step`.
+:func:`awq_plugin.algorithm.moe_fallback.calibrate_underused_experts`.
 
 The module depends on torch only; the template machinery
 (:mod:`awq_plugin.templates`) says where a layer keeps its experts.

@@ -99,7 +99,7 @@ def held_out_windows(
 
 
 def fake_quantize_linears(model: nn.Module, quant_config: QuantConfigLike, template: Any = None) -> None:
-    """:func:`~awq_plugin.algorithm.awq.fake_quantize_decoder_linears` under ``template`` (any
+    """:func:`~awq_plugin.algorithm.linears.fake_quantize_decoder_linears` under ``template`` (any
     :func:`resolve_template` spec), in place."""
     fake_quantize_decoder_linears(model, resolve_template(model, template), quant_config)
 

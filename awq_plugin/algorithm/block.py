@@ -1,0 +1,384 @@
+"""AWQ on one decoder block: search scales and clips, apply them, return them as data.
+
+Per block (the order of llm-awq / AutoAWQ): one full-precision pass records the
+activation statistics (all tokens) and seeded samples of the layer inputs;
+every scaling group's scale is searched on the unmodified block; all scales
+are folded in (exact in full precision); then the clip search runs per linear
+on the rescaled inputs and the weights are clamped. :func:`apply_awq_block`
+re-applies a saved :class:`BlockAwqResult` to a fresh full-precision block and
+produces the same bits.
+
+Everything runs in fp32 on the block's device (a block stored in fp16/bf16 is
+upcast for the duration and cast back at the end), except the forward passes
+that score scale candidates, which run a copy of the inspected module in
+``AwqOptions.search_dtype``. It is deterministic: the samples come from a
+seeded generator and all reductions run in a fixed order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from awq_plugin.algorithm.clip import search_clip_max, search_clip_range, symmetric_clamp_share
+from awq_plugin.algorithm.linears import (
+    QuantConfigLike,
+    fake_quantized,
+    make_fake_quantizer,
+    quantized_linear_names,
+)
+from awq_plugin.algorithm.moe_fallback import calibrate_underused_experts
+from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES, AwqOptions
+from awq_plugin.algorithm.results import BlockAwqResult, GroupScaleResult
+from awq_plugin.algorithm.search import (
+    ScaleSearchResult,
+    search_best_scale,
+    token_loss_weights,
+    weighted_output_mse,
+)
+from awq_plugin.calibration.capture import (
+    BlockInputs,
+    InputRecorder,
+    RecordedInputs,
+    first_output,
+    forward_block,
+    plan_samples,
+)
+from awq_plugin.errors import TemplateError
+from awq_plugin.models.experts import routed_experts_in, row_positions_lookup
+from awq_plugin.templates import BlockTemplate, ScalingGroup
+from awq_plugin.templates.folds import apply_group_scales, clamp_weight
+from awq_plugin.templates.verify import verify_block_folds
+
+logger = logging.getLogger(__name__)
+
+SEARCH_CHUNK_ROWS = 8192  # token rows per forward of a token-wise module in the search (memory bound)
+SEARCH_DTYPES = {name: getattr(torch, name) for name in SEARCH_DTYPE_NAMES}  # AwqOptions.search_dtype
+
+
+@contextmanager
+def computing_in_float32(block: nn.Module) -> Iterator[None]:
+    """Upcast the block to fp32 for the duration; cast it back to its own dtype afterwards."""
+    dtypes = {p.dtype for p in block.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"block mixes parameter dtypes {sorted(map(str, dtypes))}; cast it to one dtype first"
+        )
+    dtype = dtypes.pop() if dtypes else torch.float32
+    block.float()
+    try:
+        yield
+    finally:
+        block.to(dtype)
+
+
+def _forward_in_dtype(block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The block's outputs on all micro-batches, computed in ``dtype`` (on a copy), returned in fp32."""
+    if dtype == torch.float32:
+        return forward_block(block, inputs)
+    copy_ = copy.deepcopy(block).to(dtype)
+    return [out.float() for out in forward_block(copy_, inputs.to(dtype))]
+
+
+def _search_loss(
+    module: nn.Module, name: str, recorded: RecordedInputs, dtype: torch.dtype, outlier_ratio: float | None
+) -> Callable[[], float]:
+    """``loss()``: MSE of ``module`` (run in ``dtype``) on the search sample against its output now."""
+    if not recorded.is_token_wise(name):
+        calls = [call.to(dtype) for call in recorded.calls[name]]
+
+        def run() -> list[torch.Tensor]:
+            return [call.run(module) for call in calls]
+
+    else:
+        if name not in recorded.rows:
+            raise RuntimeError(f"module '{name}' was never called during the block forward")
+        chunks = [c.to(dtype) for c in recorded.rows[name].split(SEARCH_CHUNK_ROWS)]  # (S_c, K) each
+
+        def run() -> list[torch.Tensor]:
+            return [first_output(module(c.unsqueeze(0))) for c in chunks]  # (1, S_c, H) each
+
+    targets = run()
+    weights = token_loss_weights(targets, outlier_ratio)
+    return lambda: weighted_output_mse(run(), targets, weights)
+
+
+def _relative_name(name: str, parent: str) -> str:
+    """``mlp.up_proj`` relative to ``mlp`` is ``up_proj``; a module relative to itself is ``""``;
+    anything relative to the block (``""``) is its own name."""
+    if not parent:
+        return name
+    return "" if name == parent else name[len(parent) + 1 :]
+
+
+def _check_result_matches(groups: BlockTemplate, result: BlockAwqResult) -> None:
+    expected = [(g.prev_op, g.layers) for g in groups.groups]
+    got = [(g.prev_op, tuple(g.layers)) for g in result.groups]
+    if expected != got:
+        raise TemplateError(
+            f"AWQ result for layer {result.layer_index} has groups {got}, but the template gives {expected} "
+            f"for {groups.prefix}; re-run AWQ or use the template the results were made with"
+        )
+    unknown = sorted(set(result.clip_max) - set(groups.linears))
+    if unknown:
+        raise TemplateError(f"AWQ result for layer {result.layer_index} clips unknown linears {unknown}")
+
+
+def awq_block_step(
+    block: nn.Module,
+    groups: BlockTemplate,
+    inputs: BlockInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions | None = None,
+) -> tuple[BlockAwqResult, BlockInputs]:
+    """Run AWQ on one block (scales and clips applied in place) and compute the next block's inputs.
+
+    Returns the result as data and the next block's inputs (hidden states per
+    ``options.propagate``; the kwargs are this block's, to be replaced by the
+    next layer's own).
+    """
+    options = options or AwqOptions()
+    # A template is a claim about data flow: prove every fold on this block before searching.
+    verify_block_folds(block, groups, inputs, "template", max_batches=1)
+    with torch.no_grad(), computing_in_float32(block):
+        inputs = inputs.to(torch.float32)
+        names = quantized_linear_names(block, groups, quant_config)
+        original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
+        prior_share = _prior_awq_share(block, names, groups)
+        processed = options.prior_awq_share is not None and prior_share >= options.prior_awq_share
+        if processed:
+            logger.warning(
+                "layer %d: %.1f%% of its weight groups are clamped to [-c, c] by an earlier AWQ pass "
+                "(llm-awq, AutoAWQ): no second scale search or clip; clipping searched for %s only",
+                groups.index,
+                100 * prior_share,
+                sorted(set(names) & set(groups.clip_skip)) or "nothing",
+            )
+        clip_names = (
+            [
+                n
+                for n in names
+                if (n in groups.clip_skip and options.clip_qk)
+                or (n not in groups.clip_skip and not processed)
+            ]
+            if options.clip
+            else []
+        )
+        plan = plan_samples(
+            inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
+        )
+        inspect_names = [g.layers[0] if g.module2inspect is None else g.module2inspect for g in groups.groups]
+        experts = routed_experts_in(block, groups.experts)
+        for routed in experts.values():
+            routed.reset_token_counts()
+        record = functools.partial(
+            InputRecorder,
+            block,
+            plan,
+            group_size=quant_config.group_size,
+            row_positions=row_positions_lookup(experts) if experts else None,
+        )
+        stat_names = [g.inp for g in groups.groups]
+        recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(inputs)
+        if experts:
+            calibrate_underused_experts(
+                experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
+            )
+        fp_sample = [recorded.outputs[m] for m in plan.search_batches]
+        fp_weights = token_loss_weights(fp_sample, options.outlier_token_ratio)
+        with fake_quantized(block, names, quant_config):
+            mse_rtn = weighted_output_mse(
+                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
+            )
+
+        searches = [
+            _unit_scales(group, recorded)
+            if processed
+            else _search_group(block, group, target, names, recorded, quant_config, options)
+            for group, target in zip(groups.groups, inspect_names)
+        ]
+        for group, found in zip(groups.groups, searches):
+            apply_group_scales(block, group, found.scales)
+            recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
+        clip_min, clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
+        for name, bound in clip_max.items():
+            clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
+
+        with fake_quantized(block, names, quant_config):
+            mse_awq = weighted_output_mse(
+                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
+            )
+        if not mse_awq <= mse_rtn:  # the guard (NaN included): never ship a block worse than rounding
+            searches, clip_min, clip_max = _fall_back_to_rounding(
+                block, groups, original, searches, mse_rtn, mse_awq
+            )
+            mse_awq = mse_rtn
+        with fake_quantized(block, names, quant_config):
+            if options.propagate == "quantized":
+                next_hidden = _forward_in_dtype(block, inputs, SEARCH_DTYPES[options.search_dtype])
+            else:
+                next_hidden = recorded.outputs
+
+    result = BlockAwqResult(
+        layer_index=groups.index,
+        groups=[
+            GroupScaleResult(
+                prev_op=g.prev_op,
+                layers=g.layers,
+                scales=found.scales,
+                alpha=found.alpha,
+                loss_rtn=found.loss_rtn,
+                loss_awq=found.loss_awq,
+            )
+            for g, found in zip(groups.groups, searches)
+        ],
+        clip_max=clip_max,
+        mse_rtn=mse_rtn,
+        mse_awq=mse_awq,
+        clip_min=clip_min,
+        prior_awq_share=prior_share,
+        prior_awq=processed,
+    )
+    logger.info(
+        "layer %d: block output MSE vs fp %.4g (RTN) -> %.4g (AWQ); alphas %s",
+        groups.index,
+        mse_rtn,
+        mse_awq,
+        [g.alpha for g in result.groups],
+    )
+    return result, inputs.with_hidden_states(next_hidden)
+
+
+def _fall_back_to_rounding(
+    block: nn.Module,
+    groups: BlockTemplate,
+    original: Mapping[str, torch.Tensor],
+    searches: Sequence[ScaleSearchResult],
+    mse_rtn: float,
+    mse_awq: float,
+) -> tuple[list[ScaleSearchResult], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Restore the block's weights and record s = 1, no clips: plain rounding for this block.
+
+    The unit scales are folded as :func:`apply_awq_block` will fold them, so saved results
+    re-apply to the same bits.
+    """
+    logger.warning(
+        "layer %d: AWQ's block output MSE %.4g is above plain rounding's %.4g; "
+        "falling back to plain rounding (no scales, no clipping) for this block",
+        groups.index,
+        mse_awq,
+        mse_rtn,
+    )
+    block.load_state_dict(original)
+    rounding = []
+    for group, found in zip(groups.groups, searches):
+        ones = torch.ones_like(found.scales)
+        apply_group_scales(block, group, ones)
+        rounding.append(dataclasses.replace(found, scales=ones, alpha=None, loss_awq=found.loss_rtn))
+    return rounding, {}, {}
+
+
+def _prior_awq_share(block: nn.Module, names: Sequence[str], groups: BlockTemplate) -> float:
+    """Mean :func:`symmetric_clamp_share` over the linears an earlier AWQ pass would have clipped."""
+    shares = [
+        symmetric_clamp_share(block.get_submodule(n).weight) for n in names if n not in groups.clip_skip
+    ]
+    return sum(shares) / len(shares) if shares else 0.0
+
+
+def _unit_scales(group: ScalingGroup, recorded: RecordedInputs) -> ScaleSearchResult:
+    """The scale search's result when it is not run: s = 1 (plain rounding of the group)."""
+    ones = torch.ones_like(group.reduce_columns(recorded.mean_abs(group.inp)))
+    return ScaleSearchResult(scales=ones, alpha=None, loss_rtn=math.nan, loss_awq=math.nan, losses=())
+
+
+def _search_group(
+    block: nn.Module,
+    group: ScalingGroup,
+    target: str,
+    quantized: Sequence[str],
+    recorded: RecordedInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions,
+) -> ScaleSearchResult:
+    names = [n for n in group.layers if n in quantized]
+    module = block.get_submodule(target)
+    dtype = SEARCH_DTYPES[options.search_dtype]
+    # The probe is the module the loss runs: the block's own in fp32, else a cast copy.
+    probe = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
+    return search_best_scale(
+        group,
+        weights=[block.get_submodule(n).weight.data for n in names],
+        probes=[probe.get_submodule(_relative_name(n, target)) for n in names],
+        x_mean=group.reduce_columns(recorded.mean_abs(group.inp)),
+        loss_fn=_search_loss(probe, target, recorded, dtype, options.outlier_token_ratio),
+        fake_quantize=make_fake_quantizer(quant_config),
+        n_grid=options.n_grid,
+        duo_scaling=options.duo_scaling,
+        group_size=quant_config.group_size,
+    )
+
+
+def _search_clips(
+    block: nn.Module,
+    names: Sequence[str],
+    recorded: RecordedInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Clip bounds per linear: (lower bounds, only for the asymmetric search; upper bounds)."""
+    quantize = make_fake_quantizer(quant_config)
+    clip_min: dict[str, torch.Tensor] = {}
+    clip_max: dict[str, torch.Tensor] = {}
+    for name in names:
+        if recorded.gram_count.get(name, 0) == 0:
+            # No clip-sample token reached this linear (an expert outside the clip sample):
+            # nothing to measure the error on, so its range is left as it is.
+            logger.info("linear %s saw no clip-search tokens; not clipped", name)
+            continue
+        # Grams are accumulated in float64 over all tokens; fp32 is ample to rank clip candidates.
+        weight, gram = block.get_submodule(name).weight, recorded.mean_gram(name).float()
+        if options.clip_asymmetric and quant_config.zero_point:
+            clip_min[name], clip_max[name] = search_clip_range(
+                weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink
+            )
+        else:
+            clip_max[name] = search_clip_max(
+                weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink
+            )
+    return clip_min, clip_max
+
+
+def run_awq_block(
+    block: nn.Module,
+    groups: BlockTemplate,
+    inputs: BlockInputs,
+    quant_config: QuantConfigLike,
+    options: AwqOptions | None = None,
+) -> BlockAwqResult:
+    """Search and apply AWQ scales and clips on one block; return them as data.
+
+    ``groups`` is the resolved template of this block
+    (``resolve_template(model).block(i)``). The block ends up scaled and
+    clipped in place (not quantized). See :func:`awq_block_step` for the
+    variant that also returns the next block's inputs.
+    """
+    return awq_block_step(block, groups, inputs, quant_config, options)[0]
+
+
+def apply_awq_block(block: nn.Module, groups: BlockTemplate, result: BlockAwqResult) -> None:
+    """Re-apply saved scales and clips to a fresh full-precision block (same bits as the search run)."""
+    _check_result_matches(groups, result)
+    with torch.no_grad(), computing_in_float32(block):
+        for group, found in zip(groups.groups, result.groups):
+            apply_group_scales(block, group, found.scales.float())
+        for name, bound in result.clip_max.items():
+            clamp_weight(block.get_submodule(name), bound, result.clip_min.get(name))
