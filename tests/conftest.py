@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,96 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Marks that follow the fixtures, and a check that they are right
+# ---------------------------------------------------------------------------------------------
+#
+# ``vllm``: the test starts a vLLM process (a server or an offline engine), itself or through
+# a fixture. It is never written by hand: every way to start vLLM goes through the
+# ``vllm_launch`` fixture (directly, or through a fixture that depends on it, such as a shared
+# server), and collection marks each test whose fixture closure holds it. While the suite runs,
+# every subprocess the test process starts is looked at: a test that starts vLLM without the
+# mark fails, so a missing dependency cannot hide.
+#
+# ``full``: runs only in ``make test-all`` (long kills, soak, tensor parallel, full
+# calibration, second and third variants of a route ``make test`` already covers). Written
+# at the test, with the reason beside it.
+
+VLLM_FIXTURE = "vllm_launch"
+# Programs that start vLLM: the CLI, and the scripts that build an offline ``vllm.LLM``.
+VLLM_PROGRAMS = frozenset(
+    {"vllm", "vllm_generate.py", "vllm_generate_models.py", "quantize_on_start_generate.py"}
+)
+_launched_vllm: set[str] = set()  # node ids of the tests that started vLLM
+_current_test: list[str] = [""]
+
+
+@pytest.fixture(scope="session")
+def vllm_launch() -> None:
+    """Depend on this fixture (directly or through another) to start vLLM in a test.
+
+    It does nothing itself: depending on it is what marks the test ``vllm`` (see above), so
+    ``make test`` / ``-m "not vllm"`` select by what a test really does.
+    """
+    return None
+
+
+MARKS = {
+    "vllm": "starts vLLM (set from the vllm_launch fixture, never by hand)",
+    "full": "runs only in make test-all (long kills, soak, tensor parallel, full calibration)",
+    "gpu": "needs a CUDA device (skipped on machines without one)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if VLLM_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+
+
+def starts_vllm(args: str | Sequence[str]) -> bool:
+    """Whether a subprocess command line runs vLLM (its program or its script argument)."""
+    argv = [args] if isinstance(args, str | os.PathLike) else list(args)
+    return any(Path(str(a)).name in VLLM_PROGRAMS for a in argv[:2])
+
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _recording_popen_init(self, args, *rest, **kwargs):
+    if starts_vllm(args):
+        _launched_vllm.add(_current_test[0])
+    _popen_init(self, args, *rest, **kwargs)
+
+
+# subprocess has no hook to observe the processes a test starts; wrapping Popen (which
+# subprocess.run uses too) is the one place every launch passes through.
+subprocess.Popen.__init__ = _recording_popen_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _current_test[0] = item.nodeid
+    yield
+    _current_test[0] = ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    if item.nodeid in _launched_vllm and item.get_closest_marker("vllm") is None:
+        pytest.fail(
+            f"{item.nodeid} started vLLM without depending on the '{VLLM_FIXTURE}' fixture, so it "
+            "is not marked 'vllm' and 'make test' cannot select it correctly",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,6 +132,16 @@ def default_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from awq_plugin.tools.default_model import write_default_model
 
     return write_default_model(tmp_path_factory.mktemp("models") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def default_model_rtn_g64(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """The default model as an AWQ-format checkpoint by plain rounding, uint4, group 64 (hidden
+    576 is not a multiple of 128): written once, served by every test that only needs *a* real
+    quantized model (the endpoint, kernel-path and soak servers)."""
+    from awq_plugin.tools.bench_serve import rtn_quantize
+
+    return rtn_quantize(default_model_dir, tmp_path_factory.mktemp("served") / "smollm2-awq-g64", 64)
 
 
 @pytest.fixture(scope="session")
