@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench-kernels bench-soak bench-large-model clean
+.PHONY: setup demo test test-all lint format bench-kernels bench-soak bench-large-model clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -11,10 +11,13 @@ setup:
 demo: setup
 	$(VENV)/bin/awq-plugin demo
 
-## The whole test suite (what CI runs).
-test: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+## Lint and the test suite without the tests marked `full` (what CI runs; about 20 minutes here).
+test: setup lint
+	$(VENV)/bin/pytest -m "not full"
+
+## Everything, including long kills, soak, tensor parallel and the larger calibrations (about
+## an hour here): before a release, or after touching serving, caching or resumable runs.
+test-all: setup lint
 	$(VENV)/bin/pytest
 
 lint: setup

@@ -24,6 +24,7 @@ __all__ = [
     "generate_greedy",
     "reference_greedy",
     "vllm_generate",
+    "vllm_generate_models",
 ]
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -93,6 +94,33 @@ def vllm_generate(
     result = json.loads(res.read_text())
     result["log"] = text
     return result
+
+
+def vllm_generate_models(
+    runs: list[dict], workdir: Path, env: dict[str, str] | None = None, timeout: float = 900
+) -> dict[str, Any]:
+    """Run tests/scripts/vllm_generate_models.py: several models (or one model under several
+    settings) in one vLLM process, engine in-process. Returns ``{"runs": [...], "log": text}``,
+    the runs in request order."""
+    req, res, log = workdir / "runs.json", workdir / "runs-result.json", workdir / "vllm-runs.log"
+    req.write_text(json.dumps({"runs": runs}))
+    full_env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        **(env or {}),
+    }
+    with open(log, "w") as handle:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPTS / "vllm_generate_models.py"), str(req), str(res)],
+            env=full_env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    text = log.read_text()
+    assert proc.returncode == 0 and res.is_file(), f"vLLM failed (exit {proc.returncode}):\n{text[-4000:]}"
+    return {"runs": json.loads(res.read_text())["runs"], "log": text}
 
 
 @torch.inference_mode()

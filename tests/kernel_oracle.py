@@ -131,3 +131,11 @@ def check_against_reference(
     tight = accum * (1 + u) + 2 * u * y_emul.abs() + 1e-30
     worst = ((y2 - y_emul).abs() / tight).max().item()
     assert worst <= 1.0, f"kernel disagrees with its int8 emulation by {worst:.3f}x the fp32 bound"
+
+
+def auto_kernel_here() -> str:
+    """The CPU kernel auto picks on this host from its flags: what a vLLM log must name, so that
+    no verdict depends on which CPU the suite lands on."""
+    from awq_plugin.kernels.cpu import build
+
+    return kernels.cpu_backend_for(build.cpu_flags()).backend

@@ -61,7 +61,6 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["awq", "rtn"])
 def test_quantized_checkpoint_bytes_are_pinned(method: str, source: Path, tmp_path: Path) -> None:
     out = tmp_path / method

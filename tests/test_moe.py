@@ -33,12 +33,8 @@ serves the three checkpoints (engine in-process, imports paid once).
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,9 +63,15 @@ from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.templates import load_shipped_templates, resolve_template
 from awq_plugin.templates.folds import apply_group_scales
 from awq_plugin.tools import synthetic
-from greedy import Greedy, assert_same_or_near_tie, first_divergence, generate_greedy, reference_greedy
+from greedy import (
+    Greedy,
+    assert_same_or_near_tie,
+    first_divergence,
+    generate_greedy,
+    reference_greedy,
+    vllm_generate_models,
+)
 
-SCRIPTS = Path(__file__).parent / "scripts"
 GROUP = 32
 COMMON = dict(
     hidden_size=128,
@@ -511,6 +513,7 @@ def digit_prompts(digit_ids: list[int]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def vllm_runs(
+    vllm_launch: None,
     quantized: dict[str, tuple[Path, Path]],
     skipped_expert: dict[str, Any],
     digit_ids: list[int],
@@ -525,25 +528,8 @@ def vllm_runs(
             "max_tokens": NEW_TOKENS,
         }
     )
-    request, result, log_path = (
-        workdir / "vllm-request.json",
-        workdir / "vllm-result.json",
-        workdir / "vllm.log",
-    )
-    request.write_text(json.dumps({"runs": runs}))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    with open(log_path, "w") as handle:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPTS / "vllm_generate_models.py"), str(request), str(result)],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            timeout=600,
-        )
-    text = log_path.read_text()
-    assert proc.returncode == 0 and result.is_file(), f"vLLM failed (exit {proc.returncode}):\n{text[-4000:]}"
-    by_model = {run["model"]: run for run in json.loads(result.read_text())["runs"]}
-    return {"runs": by_model, "log": text}
+    result = vllm_generate_models(runs, workdir, timeout=600)
+    return {"runs": {run["model"]: run for run in result["runs"]}, "log": result["log"]}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
@@ -593,7 +579,6 @@ def hf_down(family: str) -> str:
     return "w2" if family == "mixtral" else "down_proj"
 
 
-@pytest.mark.vllm
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_transformers_and_vllm_agree_with_the_reference(
     family: str, quantized: dict[str, tuple[Path, Path]], vllm_runs: dict[str, Any]
@@ -617,7 +602,6 @@ def test_transformers_and_vllm_agree_with_the_reference(
     assert agree >= len(PROMPTS) // 2, (hf_tokens, served)
 
 
-@pytest.mark.vllm
 def test_unused_expert_falls_back_to_all_tokens_with_a_warning(
     skipped_expert: dict[str, Any], digit_ids: list[int], vllm_runs: dict[str, Any]
 ) -> None:

@@ -93,7 +93,10 @@ def test_same_inputs_give_the_same_bytes(tmp_path: Path, source: Path, reference
     assert (reference_run / "awq_plugin" / "awq_results.safetensors").is_file()
 
 
-@pytest.mark.parametrize("kill_after_blocks", [0, 1, 3])
+# One kill point in make test; the others (and the random ones below) in make test-all.
+@pytest.mark.parametrize(
+    "kill_after_blocks", [pytest.param(0, marks=pytest.mark.full), 1, pytest.param(3, marks=pytest.mark.full)]
+)
 def test_sigkill_then_rerun_is_byte_identical(
     tmp_path: Path, source: Path, reference_run: Path, kill_after_blocks: int
 ) -> None:
@@ -125,6 +128,7 @@ def _stage(out: Path) -> str:
         return "starting"
 
 
+@pytest.mark.full  # a chain of kills at random points: make test-all
 def test_sigkill_at_random_points_then_rerun_is_byte_identical(
     tmp_path: Path, source: Path, reference_timed: tuple[Path, float]
 ) -> None:

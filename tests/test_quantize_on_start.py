@@ -475,9 +475,9 @@ def quantized_blocks(log: str) -> list[int]:
 FIRST_START_OPTIONS = {"scheme": "uint4_wo_64", **TINY_AWQ, "n_samples": 8, "seq_len": 128, "n_grid": 20}
 
 
-@pytest.mark.vllm
+@pytest.mark.full  # real AWQ on the default model inside vllm serve, then a cached restart: ~7 minutes
 def test_first_start_quantizes_and_serves_second_start_reuses(
-    default_model_dir: Path, cache_base: Path, tmp_path: Path
+    vllm_launch: None, default_model_dir: Path, cache_base: Path, tmp_path: Path
 ) -> None:
     """Acceptance 1 and 2 of issue 17 with a small calibration: the first start quantizes (the
     log names the plugin, the progress and the cache entry) and serves; the second finds the
@@ -518,9 +518,8 @@ def test_first_start_quantizes_and_serves_second_start_reuses(
     assert second_s < first_s / 2, f"cached start {second_s:.0f} s, first start {first_s:.0f} s"
 
 
-@pytest.mark.vllm
 def test_first_start_answers_as_vllm_serve_of_the_cli_checkpoint(
-    default_model_dir: Path, cache_base: Path, tmp_path: Path
+    vllm_launch: None, default_model_dir: Path, cache_base: Path, tmp_path: Path
 ) -> None:
     """Acceptance 2, last clause: the first start's greedy tokens equal those of ``vllm serve``
     on the checkpoint ``awq-plugin quantize`` writes with the same options (plain rounding
@@ -575,9 +574,9 @@ TOGETHER_LAYERS = 8
 TOGETHER_OPTIONS = {**TINY_AWQ, "n_grid": 8}
 
 
-@pytest.mark.vllm
+@pytest.mark.full  # two servers at once; the lock itself is tested with two plain processes
 def test_two_servers_on_an_empty_cache_one_quantizes_the_other_waits(
-    default_model_dir: Path, empty_cache_base: Path, tmp_path: Path
+    vllm_launch: None, default_model_dir: Path, empty_cache_base: Path, tmp_path: Path
 ) -> None:
     """Acceptance 3a: two ``vllm serve`` of one model on an empty cache, launched together."""
     source = make_random_model(
@@ -625,9 +624,9 @@ RESUME_LAYERS = 6
 RESUME_OPTIONS = {**TINY_AWQ, "n_samples": 2, "seq_len": 32, "n_grid": 2}  # AWQ, as small as it gets
 
 
-@pytest.mark.vllm
+@pytest.mark.full  # two servers and a kill; the resume logic itself is tested without vLLM
 def test_vllm_serve_killed_mid_quantization_resumes_on_restart(
-    default_model_dir: Path, empty_cache_base: Path, tmp_path: Path
+    vllm_launch: None, default_model_dir: Path, empty_cache_base: Path, tmp_path: Path
 ) -> None:
     """Acceptance 3b: ``vllm serve`` killed (SIGKILL to its process group) once a block is
     stored; the restart reuses the stored blocks, quantizes only the rest, and serves."""
@@ -671,8 +670,10 @@ def test_vllm_serve_killed_mid_quantization_resumes_on_restart(
     assert f"serving {source.resolve()} from cache entry {entry.path}" in log and KERNEL_LOG in log
 
 
-@pytest.mark.vllm
-def test_tensor_parallel_2_quantizes_once(tiny_llama_fp: Path, cache_base: Path, tmp_path: Path) -> None:
+@pytest.mark.full  # an offline engine with 2 ranks that also quantizes
+def test_tensor_parallel_2_quantizes_once(
+    vllm_launch: None, tiny_llama_fp: Path, cache_base: Path, tmp_path: Path
+) -> None:
     request = {
         "model": str(tiny_llama_fp),
         "prompts": [[1, 100, 200, 300], [5000, 42, 7, 9, 11]],
@@ -709,10 +710,9 @@ def test_tensor_parallel_2_quantizes_once(tiny_llama_fp: Path, cache_base: Path,
     assert entry.info["request"]["scheme"] == "uint4_wo_64"  # whole groups on each of 2 ranks
 
 
-@pytest.mark.vllm
 @pytest.mark.parametrize("case", ["architecture", "other-method", "full-disk"])
 def test_bad_input_stops_vllm_serve_with_one_clear_line(
-    case: str, unsupported_fp: Path, gptq_model: Path, tiny_llama_fp: Path, tmp_path: Path
+    vllm_launch: None, case: str, unsupported_fp: Path, gptq_model: Path, tiny_llama_fp: Path, tmp_path: Path
 ) -> None:
     model, expected = {
         "architecture": (unsupported_fp, "PPFormulaNet"),
@@ -742,7 +742,6 @@ def test_bad_input_stops_vllm_serve_with_one_clear_line(
         assert leftovers(root) == []
 
 
-@pytest.mark.vllm
 def test_an_awq_checkpoint_is_served_as_it_is(
     tiny_llama_awq: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

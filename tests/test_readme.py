@@ -6,11 +6,12 @@ documents name no tracker tickets.
 
 Every fenced ``bash`` and ``python`` block under the headings in ``QUICK_STARTS``
 runs here, in order, in a scratch folder that holds the default model at
-``artifacts/models/smollm2-135m`` (where ``make demo`` writes it). Two
-adjustments keep CI short and parallel-safe, and nothing else changes:
+``artifacts/models/smollm2-135m`` (where ``make demo`` writes it). Three
+adjustments keep ``make test`` short and parallel-safe, and nothing else changes:
 ``awq-plugin quantize`` gets a small calibration appended (argparse keeps the
-last value), and the server listens on a free port that replaces ``8000`` in
-the client snippet.
+last value); the Python snippets' ``n_samples=16, seq_len=256`` become 4 x 64
+tokens (the ``as-written`` variants, in ``make test-all``, keep them); and the
+server listens on a free port that replaces ``8000`` in the client snippet.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from kernel_oracle import auto_kernel_here
 
 from awq_plugin.tools.server import VllmServer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DOCS = README.parent / "docs"
 QUICK_STARTS = ("Quick start: vLLM", "Quick start: transformers", "Python API")
-SMALL_CALIBRATION = ["--n-samples", "8", "--seq-len", "128"]
+SMALL_CALIBRATION = ["--n-samples", "4", "--seq-len", "64"]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 README_MAX_LINES = 320  # a front page: set-up, quick starts, reference tables; the rest is in docs/
@@ -158,7 +160,7 @@ def run_readme_quantize(workdir: Path) -> None:
         subprocess.run([*quantize, *SMALL_CALIBRATION, "--no-progress"], cwd=workdir, env=_env(), check=True)
 
 
-def test_vllm_quick_start(workdir: Path) -> None:
+def test_vllm_quick_start(vllm_launch: None, workdir: Path) -> None:
     _, serve, client_code = vllm_quick_start()
     run_readme_quantize(workdir)
 
@@ -167,16 +169,30 @@ def test_vllm_quick_start(workdir: Path) -> None:
         answer = run_python(client_code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}"), workdir)
         log = server.log_text()
     assert answer.strip(), "the chat reply printed nothing"
-    assert "awq-plugin: AwqPluginLinearMethod using kernel 'cpu'" in log
+    assert f"awq-plugin: AwqPluginLinearMethod using kernel '{auto_kernel_here()}'" in log
 
 
-def test_transformers_quick_start(workdir: Path) -> None:
+README_CALIBRATION = {"n_samples=16": "n_samples=4", "seq_len=256": "seq_len=64"}
+CALIBRATIONS = ["small", pytest.param("as-written", marks=pytest.mark.full)]
+
+
+def with_calibration(code: str, calibration: str) -> str:
+    """The snippet as written, or with its calibration shrunk to 4 x 64 tokens (plumbing only)."""
+    for written, small in README_CALIBRATION.items():
+        assert written in code, f"the README's calibration changed ({written}): update README_CALIBRATION"
+        if calibration == "small":
+            code = code.replace(written, small)
+    return code
+
+
+@pytest.mark.parametrize("calibration", CALIBRATIONS)
+def test_transformers_quick_start(workdir: Path, calibration: str) -> None:
     pre_quantized, on_load = readme_blocks("Quick start: transformers")
     run_readme_quantize(workdir)  # the checkpoint this quick start loads
     text = run_python(pre_quantized[1], workdir)
     assert "The capital of France is" in text and len(text.split()) > 6
 
-    run_python(on_load[1], workdir)
+    run_python(with_calibration(on_load[1], calibration), workdir)
     saved = workdir / "artifacts/models/smollm2-awq-on-load"
     inspected = subprocess.run(
         ["awq-plugin", "inspect", str(saved)], cwd=workdir, env=_env(), capture_output=True, text=True
@@ -184,10 +200,11 @@ def test_transformers_quick_start(workdir: Path) -> None:
     assert inspected.returncode == 0, inspected.stdout + inspected.stderr
 
 
-def test_python_api_quick_start(workdir: Path) -> None:
+@pytest.mark.parametrize("calibration", CALIBRATIONS)
+def test_python_api_quick_start(workdir: Path, calibration: str) -> None:
     ((language, code),) = readme_blocks("Python API")
     assert language == "python"
-    report = run_python(code, workdir)
+    report = run_python(with_calibration(code, calibration), workdir)
     assert report.strip()
     checked = subprocess.run(
         ["awq-plugin", "inspect", "artifacts/models/smollm2-awq-api"], cwd=workdir, env=_env(), check=False

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from kernel_oracle import auto_kernel_here
 
 from awq_plugin.tools import soak, soak_answers, soak_memory
-from awq_plugin.tools.bench_serve import rtn_quantize
 from awq_plugin.tools.server import VllmServer
 
 # 30 s of load; shorter answers than the full run's (up to 32 tokens, not 128) so that the
@@ -153,9 +153,9 @@ def test_the_soak_refuses_a_server_off_loopback() -> None:
 
 
 @pytest.fixture(scope="module")
-def soak_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+def soak_model_dir(default_model_rtn_g64: Path) -> Path:
     """The default model quantized by plain rounding (uint4, group 64), as the full soak serves it."""
-    return rtn_quantize(default_model_dir, tmp_path_factory.mktemp("soak") / "smollm2-awq-g64", 64)
+    return default_model_rtn_g64
 
 
 class SoakRun(NamedTuple):
@@ -164,7 +164,7 @@ class SoakRun(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def soak_run(soak_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SoakRun:
+def soak_run(vllm_launch: None, soak_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SoakRun:
     """Serve, soak for 30 s with 64 clients, stop the server; the report and the server's log."""
     pool = soak.PromptPool.from_model(soak_model_dir)
     log = tmp_path_factory.mktemp("soak-server") / "vllm-serve.log"
@@ -179,8 +179,7 @@ def soak_report(soak_run: SoakRun) -> dict:
     return soak_run.report
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.full  # 64 clients for 30 s on a server of its own: make test-all
 def test_soak_completes_requests_without_errors(soak_run: SoakRun) -> None:
     requests = soak_run.report["requests"]
     assert requests["errors"] == 0, soak_run.report["error_samples"]
@@ -188,33 +187,29 @@ def test_soak_completes_requests_without_errors(soak_run: SoakRun) -> None:
     by_kind = dict(requests["by_kind"])
     assert by_kind.pop("disconnect")["disconnected"] > 0, "no client disconnected mid-stream"
     assert all(counts["ok"] > 0 for counts in by_kind.values()), by_kind
-    assert "awq-plugin: AwqPluginLinearMethod using kernel 'cpu'" in soak_run.server_log
+    assert f"awq-plugin: AwqPluginLinearMethod using kernel '{auto_kernel_here()}'" in soak_run.server_log
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.full  # 64 clients for 30 s on a server of its own: make test-all
 def test_server_stays_up_and_releases_every_request(soak_report: dict) -> None:
     assert soak_report["server_alive"]
     assert soak_report["idle_after_load_s"] is not None, "requests still held after the load ended"
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.full  # 64 clients for 30 s on a server of its own: make test-all
 def test_greedy_repeats_under_load_equal_the_single_request_or_a_near_tie(soak_report: dict) -> None:
     greedy = soak_report["greedy"]
     assert greedy["repeats"] >= 8, greedy
     assert not greedy["mismatches"], greedy["mismatches"]
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.full  # 64 clients for 30 s on a server of its own: make test-all
 def test_server_memory_stays_flat_after_warmup(soak_report: dict) -> None:
     memory = soak_report["memory"]
     assert memory["drift_fraction"] < CI_SETTINGS.max_drift_fraction, memory
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.full  # 64 clients for 30 s on a server of its own: make test-all
 def test_report_prints_as_json_and_draws(soak_report: dict, tmp_path: Path) -> None:
     summary = json.loads(soak.summary_json(soak_report))
     assert summary["passed"], summary["properties"]

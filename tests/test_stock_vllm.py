@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from awq_plugin.runtime import modeling
 from greedy import assert_same_or_near_tie, reference_greedy, vllm_generate
 
@@ -13,8 +11,9 @@ PROMPTS = [[1, 100, 200, 300], [5000, 42, 7, 9, 11], [12, 13, 14, 15, 16, 17, 18
 NEW_TOKENS = 12
 
 
-@pytest.mark.vllm
-def test_stock_vllm_serves_our_checkpoint_like_the_reference(tiny_llama_awq: Path, tmp_path: Path) -> None:
+def test_stock_vllm_serves_our_checkpoint_like_the_reference(
+    vllm_launch: None, tiny_llama_awq: Path, tmp_path: Path
+) -> None:
     reference = reference_greedy(
         modeling.load_awq_model(tiny_llama_awq, backend="reference"), PROMPTS, NEW_TOKENS
     )

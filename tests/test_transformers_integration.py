@@ -367,11 +367,10 @@ def test_user_script_with_import_awq_plugin_added(
 # ---- cross-check with vLLM ---------------------------------------------------------------------
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["stock", "plugin"])
+# stock vLLM reading our format is make test's test_stock_vllm; here it is the second variant.
+@pytest.mark.parametrize("engine", [pytest.param("stock", marks=pytest.mark.full), "plugin"])
 def test_vllm_greedy_matches_transformers(
-    quantized_on_load: tuple[Any, Path], tmp_path: Path, engine: str
+    vllm_launch: None, quantized_on_load: tuple[Any, Path], tmp_path: Path, engine: str
 ) -> None:
     """The checkpoint quantized on load and saved: vLLM serves it, token for token like transformers.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_oracle import auto_kernel_here
 
 from awq_plugin.integrations import vllm as vllm_plugin
 from awq_plugin.integrations.vllm import KernelChoice, awq_shard_shapes, choose_kernel
@@ -33,7 +34,7 @@ from greedy import (
 )
 
 # The plugin's method and our CPU kernel, as the plugin logs them (once per process).
-KERNEL_LOG = "awq-plugin: AwqPluginLinearMethod using kernel 'cpu'"
+KERNEL_LOG = f"awq-plugin: AwqPluginLinearMethod using kernel '{auto_kernel_here()}'"
 SERVER_ARGS = ["--max-model-len", "1024", "--enforce-eager", "--seed", "0", "--max-num-seqs", "32"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 START_TIMEOUT_S = 420  # typical start-up is 30-60 s; the first run also builds the CPU kernel
@@ -67,26 +68,21 @@ CONCURRENCY_NEAR_TIE_NATS = NEAR_TIE_NATS
 #   the same); fp32 rounding, ~1e-6 relative: any flip needs a margin far below 0.01 nats.
 TP_NEAR_TIE_NATS = 0.01
 
-pytestmark = pytest.mark.vllm
-
-
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def served_model_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
-    """The quantized default model (SmolLM2-135M) the server runs.
-
-    Plain rounding (RTN, uint4, group 64: hidden 576 is not a multiple of 128) until the AWQ
-    quantizer CLI lands; then only the return line changes, to the AWQ checkpoint.
-    """
-    return rtn_quantize(default_model_dir, tmp_path_factory.mktemp("served") / "smollm2-awq-g64", 64)
+def served_model_dir(default_model_rtn_g64: Path) -> Path:
+    """The quantized default model (SmolLM2-135M, plain rounding, group 64) the server runs."""
+    return default_model_rtn_g64
 
 
 @pytest.fixture(scope="module")
-def server(served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+def server(
+    vllm_launch: None, served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
     """``vllm serve DIR --quantization awq`` on 127.0.0.1, stopped when the module ends (or fails)."""
     log = tmp_path_factory.mktemp("server") / "vllm-serve-quantization-awq.log"
     args = [*SERVER_ARGS, "--quantization", "awq"]
@@ -411,7 +407,23 @@ def test_quantization_awq_flag_uses_the_plugin_method_and_cpu_kernel(server: Vll
     assert "CPUWNA16LinearKernel" not in log  # vLLM's built-in AWQ kernel must not be in use
 
 
-def test_plain_vllm_serve_detects_awq_and_uses_the_plugin(served_model_dir: Path, tmp_path: Path) -> None:
+def test_engine_config_without_a_flag_detects_awq_and_takes_the_plugin(served_model_dir: Path) -> None:
+    """What ``vllm serve DIR`` (no --quantization) decides, in process: config.json's
+    quant_method 'awq' resolves to the plugin. The server version of this runs in make test-all."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(
+        model=str(served_model_dir), enforce_eager=True, max_model_len=512
+    ).create_engine_config()
+    assert config.model_config.quantization == "awq_plugin"
+    assert isinstance(config.quant_config, vllm_plugin.AwqPluginConfig)
+    assert config.quant_config.quant.group_size == 64
+
+
+@pytest.mark.full  # a whole server for the decision the engine-config test above checks in process
+def test_plain_vllm_serve_detects_awq_and_uses_the_plugin(
+    vllm_launch: None, served_model_dir: Path, tmp_path: Path
+) -> None:
     log_path = tmp_path / "vllm-serve.log"
     with VllmServer(
         served_model_dir, log_path, SERVER_ARGS, env=SERVER_ENV, startup_timeout=START_TIMEOUT_S
@@ -452,7 +464,10 @@ def test_32_concurrent_streams_complete_and_match_their_sequential_results(
     assert len(notes) <= 4, notes  # rare: only batch-dependent rounding can differ
 
 
-def test_tensor_parallel_2_gives_the_greedy_tokens_of_1(tp_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.full  # two offline engines, one of them with 2 ranks
+def test_tensor_parallel_2_gives_the_greedy_tokens_of_1(
+    vllm_launch: None, tp_model_dir: Path, tmp_path: Path
+) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("tensor parallel size 2 needs 2 CPUs (one per rank)")
     prompts = [[1, 100, 200, 300], [5000, 42, 7, 9, 11], [12, 13, 14, 15, 16, 17, 18], [30000, 2, 40000]]

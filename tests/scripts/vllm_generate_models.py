@@ -2,17 +2,20 @@
 
 Usage: VLLM_ENABLE_V1_MULTIPROCESSING=0 python vllm_generate_models.py REQUEST.json RESULT.json
 REQUEST: {"runs": [{"model": dir, "prompts": [[token ids], ...], "max_tokens": n,
-                    "dtype": "float32", "logprobs": 2}, ...]}
+                    "dtype": "float32", "logprobs": 2, "env": {NAME: value}}, ...]}
 RESULT:  {"runs": [{"model": dir, "tokens": [[...], ...], "logprobs": [[{token: logprob}, ...], ...]}, ...]}
 
 With the engine in-process (the variable above) and the single-process executor, vLLM
 and torch are imported once for all models: each extra model costs its load and warm-up
 only (seconds for a tiny one), not two more process start-ups. The verdict goes to a file
-because vLLM logs to stdout until the process exits.
+because vLLM logs to stdout until the process exits. A run's ``env`` is set while that run's
+model loads and generates (e.g. AWQ_PLUGIN_KERNEL, which the plugin reads per model), then
+restored.
 """
 
 import gc
 import json
+import os
 import sys
 
 
@@ -24,6 +27,8 @@ def main() -> int:
 
     results = []
     for run in request["runs"]:
+        saved = {name: os.environ.get(name) for name in run.get("env", {})}
+        os.environ.update(run.get("env", {}))
         llm = LLM(
             model=run["model"],
             dtype=run.get("dtype", "float32"),
@@ -46,6 +51,11 @@ def main() -> int:
         results.append({"model": run["model"], "tokens": tokens, "logprobs": logprobs})
         del llm, outputs
         gc.collect()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     with open(sys.argv[2], "w") as handle:
         json.dump({"runs": results}, handle)
     return 0
