@@ -23,6 +23,7 @@ __all__ = [
     "first_divergence",
     "generate_greedy",
     "reference_greedy",
+    "run_vllm_script",
     "vllm_generate",
     "vllm_generate_models",
 ]
@@ -74,20 +75,27 @@ def assert_same_or_near_tie(
     return notes
 
 
-def vllm_generate(
-    request: dict, workdir: Path, env: dict[str, str] | None = None, timeout: float = 600
-) -> dict:
-    """Run tests/scripts/vllm_generate.py in a fresh process; return its JSON result."""
+def run_vllm_script(
+    script: str,
+    request: dict,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> dict[str, Any]:
+    """Run ``tests/scripts/SCRIPT REQUEST.json RESULT.json`` in a fresh process (small KV cache);
+    return the JSON result with the process's whole log under ``"log"``."""
     req, res, log = workdir / "request.json", workdir / "result.json", workdir / "vllm.log"
     req.write_text(json.dumps(request))
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     with open(log, "w") as handle:
         proc = subprocess.run(
-            [sys.executable, str(SCRIPTS / "vllm_generate.py"), str(req), str(res)],
+            [sys.executable, str(SCRIPTS / script), str(req), str(res)],
             env=full_env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             timeout=timeout,
+            cwd=cwd,
         )
     text = log.read_text()
     assert proc.returncode == 0 and res.is_file(), f"vLLM failed (exit {proc.returncode}):\n{text[-4000:]}"
@@ -96,31 +104,21 @@ def vllm_generate(
     return result
 
 
+def vllm_generate(
+    request: dict, workdir: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> dict:
+    """One model, greedy, through tests/scripts/vllm_generate.py (see its docstring)."""
+    return run_vllm_script("vllm_generate.py", request, workdir, env, timeout)
+
+
 def vllm_generate_models(
     runs: list[dict], workdir: Path, env: dict[str, str] | None = None, timeout: float = 900
 ) -> dict[str, Any]:
-    """Run tests/scripts/vllm_generate_models.py: several models (or one model under several
-    settings) in one vLLM process, engine in-process. Returns ``{"runs": [...], "log": text}``,
-    the runs in request order."""
-    req, res, log = workdir / "runs.json", workdir / "runs-result.json", workdir / "vllm-runs.log"
-    req.write_text(json.dumps({"runs": runs}))
-    full_env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        **(env or {}),
-    }
-    with open(log, "w") as handle:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPTS / "vllm_generate_models.py"), str(req), str(res)],
-            env=full_env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-        )
-    text = log.read_text()
-    assert proc.returncode == 0 and res.is_file(), f"vLLM failed (exit {proc.returncode}):\n{text[-4000:]}"
-    return {"runs": json.loads(res.read_text())["runs"], "log": text}
+    """Several models (or one model under several settings) in one vLLM process, engine
+    in-process, through tests/scripts/vllm_generate_models.py. Returns ``{"runs": [...],
+    "log": text}``, the runs in request order."""
+    in_process = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+    return run_vllm_script("vllm_generate_models.py", {"runs": runs}, workdir, in_process, timeout)
 
 
 @torch.inference_mode()

@@ -42,8 +42,8 @@ from awq_plugin.pipeline.cache import (
     list_entries,
 )
 from awq_plugin.tools.server import VllmServer
+from greedy import run_vllm_script
 
-SCRIPTS = Path(__file__).parent / "scripts"
 SERVER_ARGS = ["--max-model-len", "1024", "--enforce-eager", "--seed", "0", "--max-num-seqs", "8"]
 START_TIMEOUT_S = 600  # start-up is 30-60 s; the first start also quantizes
 KERNEL_LOG = "awq-plugin: AwqPluginLinearMethod using kernel"
@@ -681,26 +681,11 @@ def test_tensor_parallel_2_quantizes_once(
         "tensor_parallel_size": 2,
         "hf_overrides": {"quantization_config": TINY_AWQ},
     }
-    req, res, log = tmp_path / "request.json", tmp_path / "result.json", tmp_path / "vllm.log"
-    req.write_text(json.dumps(request))
-    env = {
-        **os.environ,
-        CACHE_ENV: str(cache_base),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "0|1",
-    }
-    with open(log, "w") as handle:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPTS / "quantize_on_start_generate.py"), str(req), str(res)],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            timeout=580,
-            cwd=tmp_path,
-        )
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
-    tokens = json.loads(res.read_text())["tokens"]
+    env = {CACHE_ENV: str(cache_base), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    result = run_vllm_script(
+        "quantize_on_start_generate.py", request, tmp_path, env, timeout=580, cwd=tmp_path
+    )
+    text, tokens = result["log"], result["tokens"]
     assert [len(t) for t in tokens] == [8, 8]
     assert text.count(QUANTIZING) == 1  # one process quantized ...
     assert text.count(KERNEL_LOG) == 2  # ... and both ranks serve through our method
