@@ -68,7 +68,7 @@ from typing import Any
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
-from awq_plugin.kernels import BACKEND_ALIASES, KERNEL_ENV  # in vLLM the variable also accepts ``marlin``
+from awq_plugin.kernels import KERNEL_ENV, kernel_name  # in vLLM the variable also accepts ``marlin``
 from awq_plugin.numerics import PER_CHANNEL, effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
@@ -126,9 +126,8 @@ def choose_kernel(
     ``marlin`` where supported, else our ``triton``; other platforms -> vLLM's own route. A
     forced value must suit the platform.
     """
-    wanted = (env_value or "").strip().lower()
-    wanted = BACKEND_ALIASES.get(wanted, wanted)
-    if wanted not in ("", "auto"):
+    wanted = kernel_name(env_value)
+    if wanted is not None:
         if wanted not in KERNELS:
             raise ValueError(f"{KERNEL_ENV}={env_value!r} is not one of auto, {', '.join(KERNELS)}")
         if wanted in _CPU_KERNELS and platform != "cpu":

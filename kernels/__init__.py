@@ -66,6 +66,7 @@ __all__ = [
     "awq_linear",
     "choose_backend",
     "cpu_kernel_available",
+    "kernel_name",
     "prepare_awq_weight",
     "repack_for_cpu",
     "repack_for_portable",
@@ -182,8 +183,19 @@ def avx2_inner_products_for(flags: Collection[str]) -> tuple[str, ...]:
     return ("vpmaddubsw",)
 
 
+def kernel_name(value: str | None) -> str | None:
+    """A kernel name as ``AWQ_PLUGIN_KERNEL`` or a ``backend=`` argument spells it, normalized:
+    case and spaces dropped, aliases resolved (``avx512`` -> ``cpu``); ``None`` for auto
+    (unset, ``""``, ``"auto"``). The one parser of the name; each caller checks it against the
+    kernels it can run."""
+    name = (value or "").strip().lower()
+    if name in ("", "auto"):
+        return None
+    return BACKEND_ALIASES.get(name, name)
+
+
 def _is_auto(value: str | None) -> bool:
-    return value is None or value.strip().lower() in ("", "auto")
+    return kernel_name(value) is None
 
 
 def choose_backend(
@@ -201,13 +213,10 @@ def choose_backend(
     :func:`cpu_backend_for` of ``cpu_flags`` minus the ``unavailable`` backends
     (those whose extension failed to build); ``"reference"`` elsewhere.
     """
-    for source, choice in (("backend argument", requested), (KERNEL_ENV, env_value)):
+    for source, value in (("backend argument", requested), (KERNEL_ENV, env_value)):
+        choice = kernel_name(value)
         if choice is None:
             continue
-        choice = choice.strip().lower()
-        if choice in ("", "auto"):
-            continue
-        choice = BACKEND_ALIASES.get(choice, choice)
         if choice not in BACKENDS:
             names = (*BACKENDS, *BACKEND_ALIASES)
             raise ValueError(f"unknown AWQ kernel backend {choice!r}; expected auto or one of {names}")
