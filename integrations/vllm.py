@@ -44,7 +44,12 @@ side by side in ``w13``), repacks each expert once for our kernel and, per forwa
 runs :func:`awq_moe_forward`: for each expert that received tokens, our INT4 GEMM on
 its tokens, the gated activation, the down GEMM, weighted by the router (on CPUs without
 AVX-512 VNNI, the same with the pure-PyTorch reference: vLLM 0.32's own CPU AWQ MoE
-kernel needs AMX). On CUDA and ROCm the experts go to vLLM's own AWQ MoE method (Marlin
+kernel needs AMX). Expert biases (gpt-oss) are added inside each expert; the activation is
+the one the model gives vLLM (:func:`moe_activation`: SiLU, optionally clamped, gpt-oss's
+interleaved ``swigluoai``, ...). gpt-oss's loader hands over whole stacked tensors named like
+our parameters (``experts.w13_qweight``), which our parameters' loader takes as well. A MoE
+layer that ``modules_to_not_convert`` names (or names all of whose experts) gets vLLM's
+unquantized fused-MoE method (:func:`moe_layer_kept_full_precision`). On CUDA and ROCm the experts go to vLLM's own AWQ MoE method (Marlin
 MoE, or its WNA16 MoE kernels), which reads the same tensors; that route is written to
 vLLM's API but was not run here (no GPU).
 
