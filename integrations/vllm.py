@@ -205,6 +205,57 @@ def awq_shard_shapes(
     )
 
 
+#: Model types whose vLLM 0.32 loader reorders the q/k output channels of *unquantized and
+#: compressed-tensors* weights for its rotary convention (``Llama4ForCausalLM.
+#: permute_qk_weight_for_rotary``: names ending ``weight``, ``weight_packed``, ``weight_scale``).
+#: AWQ's ``qweight``/``qzeros``/``scales`` pass unpermuted, so our linear method applies the same
+#: order itself after loading (see :func:`rotary_pair_order`).
+ROTARY_PERMUTED_QK_MODEL_TYPES = ("llama4", "llama4_text")
+
+
+def rotary_pair_order(n_heads: int, head_size: int) -> list[int]:
+    """The output channels vLLM's Llama 4 loader puts where: ``new[i] = old[order[i]]``.
+
+    Within each head, Meta's checkpoints store rotary pairs interleaved (0, 1 = pair 0; 2, 3 =
+    pair 1; ...); vLLM's rotary reads them as halves, so each head's even channels come first,
+    then its odd ones: head h, half a, pair b takes old channel ``h * D + 2 * b + a``.
+    """
+    half = head_size // 2
+    return [h * head_size + 2 * b + a for h in range(n_heads) for a in (0, 1) for b in range(half)]
+
+
+def permute_awq_output_channels(
+    qweight: Any, qzeros: Any, scales: Any, order: list[int]
+) -> tuple[Any, Any, Any]:
+    """AWQ tensors of the same linear with its output channels (N) in ``order`` (``new = old[order]``).
+
+    ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[K/G, N/8]``, ``scales`` ``[K/G, N]``;
+    the packed ones are unpacked to ``[*, N]`` nibbles, reordered and packed again (exact).
+    """
+    import torch
+
+    from awq_plugin.numerics.pack import pack_int4_columns, unpack_int4_columns
+
+    index = torch.tensor(order, dtype=torch.long, device=scales.device)
+    if index.numel() != scales.shape[-1]:
+        raise ValueError(f"an order of {index.numel()} output channels for a layer with {scales.shape[-1]}")
+    return (
+        pack_int4_columns(unpack_int4_columns(qweight)[:, index]),  # (K, N/8)
+        pack_int4_columns(unpack_int4_columns(qzeros)[:, index]),  # (K/G, N/8)
+        scales[:, index],  # (K/G, N)
+    )
+
+
+def qkv_rotary_order(num_heads: int, num_kv_heads: int, head_size: int, v_size: int) -> list[int]:
+    """:func:`rotary_pair_order` over one rank's merged q, k, v outputs (v keeps its order)."""
+    q, k = num_heads * head_size, num_kv_heads * head_size
+    return (
+        rotary_pair_order(num_heads, head_size)
+        + [q + i for i in rotary_pair_order(num_kv_heads, head_size)]
+        + list(range(q + k, q + k + v_size))
+    )
+
+
 def read_awq_config(raw: dict[str, Any]) -> AwqQuantConfig:
     """Our config from a checkpoint's quantization config, refusing what we cannot serve."""
     try:
@@ -687,6 +738,7 @@ class _LinearMethodImpl:
         choice = self._choose(layer, shapes.group_size)
         _log_kernel_once(choice)
         self.kernel = choice.kernel
+        layer.awq_permute_rotary_qk = _loader_permutes_rotary_qk(name)
         if self.kernel == "marlin":
             self.delegate = self.config.vllm_awq_config().get_quant_method(layer, name)
             self.delegate.create_weights(
@@ -724,6 +776,15 @@ class _LinearMethodImpl:
         return _choose_kernel_here(layer, group_size, self.config.quant)
 
     def process_weights_after_loading(self, layer: Any) -> None:
+        if getattr(layer, "awq_permute_rotary_qk", False):
+            order = qkv_rotary_order(
+                layer.num_heads, layer.num_kv_heads, layer.head_size, layer.num_kv_heads * layer.v_head_size
+            )
+            permuted = permute_awq_output_channels(
+                layer.qweight.data, layer.qzeros.data, layer.scales.data, order
+            )
+            for param, data in zip((layer.qweight, layer.qzeros, layer.scales), permuted):
+                param.data.copy_(data)
         if self.delegate is not None:
             self.delegate.process_weights_after_loading(layer)
             return
@@ -937,7 +998,24 @@ def _expert_weight_loader(layer: Any, layer_loader: Any) -> Any:
             return None
         return layer_loader(param, loaded_weight, weight_name, *args, **kwargs)
 
+    # vLLM marks its loader as taking expert ids and shard names; ours takes them as well.
+    load.supports_moe_loading = getattr(layer_loader, "supports_moe_loading", False)  # type: ignore[attr-defined]
     return load
+
+
+def _loader_permutes_rotary_qk(prefix: str) -> bool:
+    """Whether ``prefix`` is a decoder qkv_proj whose model's loader reorders q/k for rotary
+    but skips AWQ tensors (:data:`ROTARY_PERMUTED_QK_MODEL_TYPES`). vLLM has no hook for a
+    quantization method to see its model; the current config names it during model init."""
+    from vllm.config import get_current_vllm_config
+
+    model_config = get_current_vllm_config().model_config
+    model_type = getattr(getattr(model_config, "hf_config", None), "model_type", None)
+    return (
+        model_type in ROTARY_PERMUTED_QK_MODEL_TYPES
+        and prefix.endswith("self_attn.qkv_proj")
+        and "vision" not in prefix
+    )
 
 
 def _cpu_kernel_ok() -> bool:

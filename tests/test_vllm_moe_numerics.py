@@ -6,7 +6,9 @@ gpt-oss's interleaved clamped ``swigluoai``, ...), the rule that keeps a whole M
 full precision, and the loader of whole stacked expert tensors (gpt-oss's route). The oracles
 are written out here in another form than the code (per token, per slot; gate and up picked
 by reshaping rather than slicing) so that a shared mistake is unlikely. Shapes are awkward on
-purpose: 1, 37 and 129 tokens, three groups along H, an expert map that skips experts.
+purpose: 1, 37 and 129 tokens, three groups along H, an expert map that skips experts. Also
+Llama 4's q/k output reordering, which vLLM's loader applies to plain weights but not to AWQ
+tensors, so our linear method applies it.
 No vLLM process; a few seconds in all.
 """
 
@@ -24,6 +26,9 @@ from awq_plugin.integrations.vllm import (
     moe_activation,
     moe_layer_kept_full_precision,
     narrow_stacked_expert_tensor,
+    permute_awq_output_channels,
+    qkv_rotary_order,
+    rotary_pair_order,
 )
 from awq_plugin.kernels import AwqKernelWeight, prepare_awq_weight
 from awq_plugin.numerics.pack import AwqPacked, unpack
@@ -276,3 +281,35 @@ def test_stacked_tensor_gives_this_ranks_experts_and_block() -> None:
     assert torch.equal(part2, w2[order][:, : inter // tp])
     with pytest.raises(ValueError, match=r"shape \(5, 6, 4\).*parameter of shape \(3, 4\)"):
         narrow_stacked_expert_tensor(w2, (3, 4), order, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 4's rotary reordering of q/k, applied to AWQ tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_llama4_rotary_order_is_vllms_view_transpose() -> None:
+    """vLLM's loader: ``w.view(heads, D // 2, 2, K).transpose(1, 2).reshape(heads * D, K)``."""
+    heads, head_size = 3, 8
+    rows = torch.arange(heads * head_size)[:, None].expand(-1, 5)  # (N, K): row i holds i
+    vllm_order = rows.view(heads, head_size // 2, 2, 5).transpose(1, 2).reshape(heads * head_size, 5)[:, 0]
+    assert rotary_pair_order(heads, head_size) == vllm_order.tolist()
+    q, k = 2 * 8, 1 * 8
+    merged = qkv_rotary_order(2, 1, 8, 8)
+    assert merged[:q] == rotary_pair_order(2, 8)
+    assert merged[q : q + k] == [q + i for i in rotary_pair_order(1, 8)]
+    assert merged[q + k :] == list(range(q + k, q + k + 8))  # v untouched
+
+
+def test_permuted_awq_tensors_dequantize_to_the_permuted_weight() -> None:
+    linear = nn.Linear(HIDDEN, 48, bias=False)
+    linear.weight.data = torch.randn(48, HIDDEN, generator=torch.Generator().manual_seed(3))
+    t = pack_linear(linear, AwqQuantConfig(bits=4, group_size=GROUP))
+    order = qkv_rotary_order(2, 1, 16, 0)  # q 32 + k 16 = 48 outputs
+    permuted = permute_awq_output_channels(t["qweight"], t["qzeros"], t["scales"], order)
+    before = unpack(AwqPacked(t["qweight"], t["qzeros"], t["scales"])).dequantize(torch.float32)  # (N, K)
+    after = unpack(AwqPacked(*permuted)).dequantize(torch.float32)
+    assert torch.equal(after, before[order])
+    assert not torch.equal(after, before)  # the order is not the identity
+    with pytest.raises(ValueError, match="an order of 3 output channels for a layer with 48"):
+        permute_awq_output_channels(t["qweight"], t["qzeros"], t["scales"], [0, 1, 2])
