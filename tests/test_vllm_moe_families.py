@@ -64,23 +64,36 @@ def tiny_config(model_type: str) -> Any:
     return config
 
 
+#: Where each family keeps its routed experts in transformers 5: (MoE block, fused gate+up, fused
+#: down, stored [E, in, out] rather than [E, out, in], router weight holder).
+EXPERTS = {
+    "olmoe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "glm4_moe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "gpt_oss": ("mlp", "experts.gate_up_proj", "experts.down_proj", True, "router"),
+    "llama4_text": ("feed_forward", "experts.gate_up_proj", "experts.down_proj", True, "router"),
+    "granitemoe": ("block_sparse_moe", "input_linear.weight", "output_linear.weight", False, "router.layer"),
+}
+
+
 def make_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     """Random weights whose experts, biases and router matter (fan-in scaled, as in tests/test_moe.py)."""
     model = synthetic.make_model(tiny_config(model_type), seed=seed, weight_std=1.0, logit_gain=4.0)
     generator = torch.Generator().manual_seed(seed + 1)
-    in_first = model_type == "gpt_oss"  # gpt-oss stores experts [E, in, out], OLMoE [E, out, in]
+    block_name, gate_up, down, in_first, router_name = EXPERTS[model_type]
     with torch.no_grad():
         for layer in model.model.layers:
-            experts = layer.mlp.experts
-            for tensor in (experts.gate_up_proj, experts.down_proj):
+            block = getattr(layer, block_name)
+            if not hasattr(block, gate_up.split(".")[0]):
+                continue  # a dense layer (GLM-4-MoE's first)
+            for tensor in (block.get_parameter(gate_up), block.get_parameter(down)):
                 fan_in = tensor.shape[1] if in_first else tensor.shape[2]
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in**0.5)
-            for name in ("gate_up_proj_bias", "down_proj_bias"):
-                if hasattr(experts, name):
-                    bias = getattr(experts, name)
+            for name in ("experts.gate_up_proj_bias", "experts.down_proj_bias"):
+                if model_type == "gpt_oss":
+                    bias = block.get_parameter(name)
                     bias.copy_(torch.randn(bias.shape, generator=generator) * 0.5)
-            router = layer.mlp.router if hasattr(layer.mlp, "router") else layer.mlp.gate
-            router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * 2.0 / 128**0.5)
+            router = block.get_parameter(f"{router_name}.weight")
+            router.copy_(torch.randn(router.shape, generator=generator) * 2.0 / 128**0.5)
     return model.eval()
 
 
@@ -93,11 +106,42 @@ def quantize_weight(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Ten
 
 
 def is_router(name: str) -> bool:
-    return name.endswith((".mlp.gate.weight", ".mlp.router.weight"))
+    return name.endswith((".mlp.gate.weight", ".router.weight", ".router.layer.weight"))
+
+
+#: Fused expert tensors a family's vLLM loader wants per expert: name suffix -> (the MoE block,
+#: the per-expert projections its rows split into, stored [E, in, out]). Llama 4 and Granite-MoE keep their
+#: experts fused in their own checkpoints; vLLM reads AWQ experts of both per expert, under its
+#: default names (``...experts.E.gate_proj``).
+SPLIT_PER_EXPERT = {
+    ".feed_forward.experts.gate_up_proj": (".feed_forward", ("gate_proj", "up_proj"), True),
+    ".feed_forward.experts.down_proj": (".feed_forward", ("down_proj",), True),
+    ".block_sparse_moe.input_linear.weight": (".block_sparse_moe", ("gate_proj", "up_proj"), False),
+    ".block_sparse_moe.output_linear.weight": (".block_sparse_moe", ("down_proj",), False),
+}
+
+
+def split_per_expert(name: str, t: torch.Tensor, served: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Quantize fused experts ``t`` into per-expert triples in ``served``; return the dequantized ``t``."""
+    suffix = next(s for s in SPLIT_PER_EXPERT if name.endswith(s))
+    block, projections, in_first = SPLIT_PER_EXPERT[suffix]
+    module = name.removesuffix(suffix) + block
+    dequantized = []
+    for e in range(t.shape[0]):
+        w = t[e].T if in_first else t[e]  # (out, in): gate rows, then up rows
+        parts = w.chunk(len(projections))  # gate first, as both families' forwards read it
+        deq_parts = []
+        for projection, part in zip(projections, parts):
+            tensors, deq = quantize_weight(part)
+            served.update({f"{module}.experts.{e}.{projection}.{leaf}": v for leaf, v in tensors.items()})
+            deq_parts.append(deq)
+        deq = torch.cat(deq_parts)  # (out, in)
+        dequantized.append(deq.T if in_first else deq)
+    return torch.stack(dequantized).to(t.dtype)
 
 
 def write_awq_checkpoint(
-    source: Path, out: Path, ref: Path, fp_layers: tuple[int, ...] = (), interleave: bool = True
+    source: Path, out: Path, ref: Path, keep_fp: tuple[str, ...] = (), interleave: bool = True
 ) -> None:
     """Quantize ``source`` by rounding into ``out`` (the served checkpoint) and ``ref`` (its
     dequantized weights under the source's names, for transformers).
@@ -105,8 +149,8 @@ def write_awq_checkpoint(
     Every 2-D decoder weight but the routers is quantized, per expert where the source stores
     experts per expert; gpt-oss's fused ``experts.gate_up_proj`` ``[E, H, 2I]`` and
     ``experts.down_proj`` ``[E, I, H]`` become stacked ``w13_*`` / ``w2_*`` tensors (``interleave
-    =False`` plants a bug: gate and up columns as two halves). Experts of ``fp_layers`` stay as
-    they are and the layer goes to ``modules_to_not_convert``.
+    =False`` plants a bug: gate and up columns as two halves). Tensors whose names contain a
+    pattern of ``keep_fp`` stay as they are, and the patterns go to ``modules_to_not_convert``.
     """
     reader = SafetensorsReader(source)
     served: dict[str, torch.Tensor] = {}
@@ -114,9 +158,10 @@ def write_awq_checkpoint(
     for name in reader:
         t = reader.get(name)
         dense[name] = t
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        if layer is None or (layer in fp_layers and ".mlp.experts." in name) or is_router(name):
+        if not name.startswith("model.layers.") or any(p in name for p in keep_fp) or is_router(name):
             served[name] = t
+        elif name.endswith(tuple(SPLIT_PER_EXPERT)):
+            dense[name] = split_per_expert(name, t, served)
         elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):  # gpt-oss, [E, in, out]
             stem = name.rsplit(".", 1)[0] + (".w13" if name.endswith("gate_up_proj") else ".w2")
             per_expert, dequantized = [], []
@@ -149,8 +194,7 @@ def write_awq_checkpoint(
                 shutil.copy(side, folder / side.name)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     config = json.loads((out / "config.json").read_text())
-    skip = tuple(f"model.layers.{i}.mlp.experts" for i in fp_layers)
-    quant = AwqQuantConfig(bits=4, group_size=GROUP, modules_to_not_convert=skip)
+    quant = AwqQuantConfig(bits=4, group_size=GROUP, modules_to_not_convert=keep_fp)
     config["quantization_config"] = quant.to_quantization_config()
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -162,15 +206,28 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     work = tmp_path_factory.mktemp("vllm-moe-families")
     tokenizer = write_byte_tokenizer(work / "tokenizer")
     out: dict[str, dict[str, Path]] = {}
-    for model_type, seed in (("olmoe", 0), ("gpt_oss", 1)):
+    for model_type, seed in (
+        ("olmoe", 0),
+        ("gpt_oss", 1),
+        ("glm4_moe", 2),
+        ("llama4_text", 3),
+        ("granitemoe", 4),
+    ):
         source = synthetic.write_model(
             work / f"{model_type}-fp", make_model(model_type, seed), tokenizer, torch.float32
         )
         out[model_type] = {"awq": work / f"{model_type}-awq", "ref": work / f"{model_type}-ref"}
         write_awq_checkpoint(source, out[model_type]["awq"], out[model_type]["ref"])
+        if model_type in ("glm4_moe", "llama4_text", "granitemoe"):
+            continue
         if model_type == "olmoe":
             out["olmoe_fp_layer"] = {"awq": work / "olmoe-fplayer-awq", "ref": work / "olmoe-fplayer-ref"}
-            write_awq_checkpoint(source, work / "olmoe-fplayer-awq", work / "olmoe-fplayer-ref", (FP_LAYER,))
+            write_awq_checkpoint(
+                source,
+                work / "olmoe-fplayer-awq",
+                work / "olmoe-fplayer-ref",
+                (f"model.layers.{FP_LAYER}.mlp.experts",),
+            )
         else:
             out["gpt_oss_halves"] = {"awq": work / "gpt_oss-halves-awq", "ref": work / "gpt_oss-halves-ref"}
             write_awq_checkpoint(
@@ -186,6 +243,9 @@ RUNS = [  # (name, checkpoint, kernel)
     ("gpt_oss", "gpt_oss", "reference"),
     ("gpt_oss_cpu", "gpt_oss", "cpu"),
     ("gpt_oss_halves", "gpt_oss_halves", "reference"),
+    ("glm4_moe", "glm4_moe", "reference"),
+    ("llama4_text", "llama4_text", "reference"),
+    ("granitemoe", "granitemoe", "reference"),
 ]
 
 
