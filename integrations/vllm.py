@@ -1007,9 +1007,12 @@ def _loader_permutes_rotary_qk(prefix: str) -> bool:
     """Whether ``prefix`` is a decoder qkv_proj whose model's loader reorders q/k for rotary
     but skips AWQ tensors (:data:`ROTARY_PERMUTED_QK_MODEL_TYPES`). vLLM has no hook for a
     quantization method to see its model; the current config names it during model init."""
-    from vllm.config import get_current_vllm_config
+    if not prefix.endswith("self_attn.qkv_proj"):
+        return False
+    from vllm.config import get_current_vllm_config_or_none
 
-    model_config = get_current_vllm_config().model_config
+    vllm_config = get_current_vllm_config_or_none()  # None: a layer built outside a model
+    model_config = getattr(vllm_config, "model_config", None)
     model_type = getattr(getattr(model_config, "hf_config", None), "model_type", None)
     return (
         model_type in ROTARY_PERMUTED_QK_MODEL_TYPES
