@@ -1,12 +1,17 @@
 """vLLM serves AWQ checkpoints of the 2026 MoE families through our MoE method (issue 27, point 3).
 
-Tiny random OLMoE and gpt-oss models (2 layers, hidden 128, 4 experts, top-2; vLLM's CPU
-attention needs a head size of 32 or more), quantized here by plain rounding (uint4, group 32)
-and written by hand in the layout each family's vLLM 0.32 loader reads:
+Tiny random models (2 layers, hidden 128, 4 experts, top-2; vLLM's CPU attention needs a head
+size of 32 or more), quantized here by plain rounding (uint4, group 32) and written by hand in
+the layout each family's vLLM 0.32 loader reads:
 
-- OLMoE: one ``qweight/qzeros/scales`` triple per expert and projection under the names of
-  its original checkpoints (``model.layers.L.mlp.experts.E.gate_proj.qweight``), as vLLM's
-  generic ``RoutedExperts`` loader maps them; activation ``silu``.
+- OLMoE, GLM-4-MoE, PhiMoE: one ``qweight/qzeros/scales`` triple per expert and projection
+  under the names of their original checkpoints (``...mlp.experts.E.gate_proj.qweight``;
+  PhiMoE ``...block_sparse_moe.experts.E.w1``), as vLLM's generic ``RoutedExperts`` loader
+  maps them; ``silu``. GLM-4-MoE adds shared experts (AWQ linears) and grouped sigmoid routing.
+- Llama 4 (text) and Granite-MoE keep their experts fused in their own checkpoints; vLLM reads
+  AWQ experts of both per expert under its default names (``...feed_forward.experts.E.gate_proj``,
+  ``...block_sparse_moe.experts.E.gate_proj``). Llama 4 applies the router weight to the
+  expert input and has a shared expert; its q/k rows are reordered for rotary by our method.
 - gpt-oss: vLLM 0.32's gpt-oss loader has no per-expert route for AWQ names (it drops them
   silently); it hands a tensor named like the method's parameter to its weight loader whole.
   So the experts are stacked: ``model.layers.L.mlp.experts.w13_qweight`` ``[E, H, 2I/8]``
@@ -18,11 +23,14 @@ and written by hand in the layout each family's vLLM 0.32 loader reads:
 
 Oracle: transformers on the same weights dequantized (fake quantization), fp32, greedy with
 top-2 margins. vLLM runs with our ``reference`` kernel (the math of the oracle: tokens must match
-up to near ties of 0.05 nats) and once with the default CPU kernel (int8 activations: near ties
-of 1 nat, as in tests/test_moe.py). A planted bug, gpt-oss with gate and up stored as halves
-instead of interleaved, must change the tokens: the comparison can see a layout mistake.
+up to the usual near ties, tests/greedy.py) and gpt-oss once with the default CPU kernel (int8
+activations: near ties of 1 nat, as in tests/test_moe.py). A planted bug, gpt-oss with gate and
+up stored as halves instead of interleaved, must change the tokens: the comparison can see a
+layout mistake. DeepSeek-V2/V3 are not here: vLLM 0.32 on CPU runs them (with kv_lora_rank 512
++ rope 64, the only MLA size its CPU kernels take) but its tokens differ from transformers'
+already in full precision on such tiny models.
 
-Runtime: about 1.5 minutes (one vLLM process, engine in-process, five model loads).
+Runtime: about 55 s (one vLLM process, engine in-process, nine model loads).
 """
 
 from __future__ import annotations
@@ -50,7 +58,17 @@ NEW_TOKENS = 10
 KERNEL_NEAR_TIE_NATS = 1.0  # the CPU kernel's int8 activations (see tests/test_moe.py)
 FP_LAYER = 1  # the OLMoE layer whose experts stay in full precision
 
-pytestmark = pytest.mark.full  # > 30 s: one vLLM process with five model loads
+pytestmark = pytest.mark.full  # > 30 s: one vLLM process with nine model loads
+
+
+#: What vLLM 0.32's loaders need beyond the sweep's shrink.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # vLLM's PhiMoE always builds attention and lm_head biases, as Phi-3.5-MoE has them
+    "phimoe": dict(attention_bias=True, lm_head_bias=True),
+}
+#: transformers 5 names some classes otherwise than vLLM's registry (which then falls back to
+#: its Transformers backend): the name real checkpoints carry.
+ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
 
 
 def tiny_config(model_type: str) -> Any:
@@ -61,6 +79,8 @@ def tiny_config(model_type: str) -> Any:
     _shrink(config)
     config.hidden_size, config.head_dim, config.num_attention_heads = 128, 32, 4
     config.vocab_size, config.tie_word_embeddings = 320, False
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        setattr(config, key, value)
     return config
 
 
@@ -69,6 +89,7 @@ def tiny_config(model_type: str) -> Any:
 EXPERTS = {
     "olmoe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
     "glm4_moe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "phimoe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "router"),
     "gpt_oss": ("mlp", "experts.gate_up_proj", "experts.down_proj", True, "router"),
     "llama4_text": ("feed_forward", "experts.gate_up_proj", "experts.down_proj", True, "router"),
     "granitemoe": ("block_sparse_moe", "input_linear.weight", "output_linear.weight", False, "router.layer"),
@@ -106,7 +127,9 @@ def quantize_weight(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Ten
 
 
 def is_router(name: str) -> bool:
-    return name.endswith((".mlp.gate.weight", ".router.weight", ".router.layer.weight"))
+    return name.endswith(
+        (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".router.weight", ".router.layer.weight")
+    )
 
 
 #: Fused expert tensors a family's vLLM loader wants per expert: name suffix -> (the MoE block,
@@ -212,13 +235,18 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
         ("glm4_moe", 2),
         ("llama4_text", 3),
         ("granitemoe", 4),
+        ("phimoe", 6),
     ):
         source = synthetic.write_model(
             work / f"{model_type}-fp", make_model(model_type, seed), tokenizer, torch.float32
         )
+        if model_type in ARCHITECTURES:
+            config = json.loads((source / "config.json").read_text())
+            config["architectures"] = [ARCHITECTURES[model_type]]
+            (source / "config.json").write_text(json.dumps(config, indent=2))
         out[model_type] = {"awq": work / f"{model_type}-awq", "ref": work / f"{model_type}-ref"}
         write_awq_checkpoint(source, out[model_type]["awq"], out[model_type]["ref"])
-        if model_type in ("glm4_moe", "llama4_text", "granitemoe"):
+        if model_type not in ("olmoe", "gpt_oss"):
             continue
         if model_type == "olmoe":
             out["olmoe_fp_layer"] = {"awq": work / "olmoe-fplayer-awq", "ref": work / "olmoe-fplayer-ref"}
@@ -246,6 +274,7 @@ RUNS = [  # (name, checkpoint, kernel)
     ("glm4_moe", "glm4_moe", "reference"),
     ("llama4_text", "llama4_text", "reference"),
     ("granitemoe", "granitemoe", "reference"),
+    ("phimoe", "phimoe", "reference"),
 ]
 
 
