@@ -4,10 +4,12 @@ Tiny random models (2 layers, hidden 128, 4 experts, top-2; vLLM's CPU attention
 size of 32 or more), quantized here by plain rounding (uint4, group 32) and written by hand in
 the layout each family's vLLM 0.32 loader reads:
 
-- OLMoE, GLM-4-MoE, PhiMoE: one ``qweight/qzeros/scales`` triple per expert and projection
+- OLMoE, GLM-4-MoE, PhiMoE, ERNIE-4.5-MoE, EXAONE-MoE, AFMoE, FlexOlmo (the last through
+  vLLM's Transformers backend): one ``qweight/qzeros/scales`` triple per expert and projection
   under the names of their original checkpoints (``...mlp.experts.E.gate_proj.qweight``;
   PhiMoE ``...block_sparse_moe.experts.E.w1``), as vLLM's generic ``RoutedExperts`` loader
-  maps them; ``silu``. GLM-4-MoE adds shared experts (AWQ linears) and grouped sigmoid routing.
+  maps them; ``silu``. Several add shared experts (AWQ linears) and grouped sigmoid routing
+  with a score-correction bias (full precision, as the routers).
 - Llama 4 (text) and Granite-MoE keep their experts fused in their own checkpoints; vLLM reads
   AWQ experts of both per expert under its default names (``...feed_forward.experts.E.gate_proj``,
   ``...block_sparse_moe.experts.E.gate_proj``). Llama 4 applies the router weight to the
@@ -30,7 +32,7 @@ layout mistake. DeepSeek-V2/V3 are not here: vLLM 0.32 on CPU runs them (with kv
 + rope 64, the only MLA size its CPU kernels take) but its tokens differ from transformers'
 already in full precision on such tiny models.
 
-Runtime: about 55 s (one vLLM process, engine in-process, nine model loads).
+Runtime: about 75 s (one vLLM process, engine in-process, thirteen model loads).
 """
 
 from __future__ import annotations
@@ -58,13 +60,15 @@ NEW_TOKENS = 10
 KERNEL_NEAR_TIE_NATS = 1.0  # the CPU kernel's int8 activations (see tests/test_moe.py)
 FP_LAYER = 1  # the OLMoE layer whose experts stay in full precision
 
-pytestmark = pytest.mark.full  # > 30 s: one vLLM process with nine model loads
+pytestmark = pytest.mark.full  # > 30 s: one vLLM process with thirteen model loads
 
 
 #: What vLLM 0.32's loaders need beyond the sweep's shrink.
 OVERRIDES: dict[str, dict[str, Any]] = {
     # vLLM's PhiMoE always builds attention and lm_head biases, as Phi-3.5-MoE has them
     "phimoe": dict(attention_bias=True, lm_head_bias=True),
+    # vLLM's AFMoE reads routing fields real AFMoE configs carry and transformers 5's lacks
+    "afmoe": dict(score_func="sigmoid", route_norm=True, n_group=1, topk_group=1),
 }
 #: transformers 5 names some classes otherwise than vLLM's registry (which then falls back to
 #: its Transformers backend): the name real checkpoints carry.
@@ -90,6 +94,10 @@ EXPERTS = {
     "olmoe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
     "glm4_moe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
     "phimoe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "router"),
+    "flex_olmo": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "ernie4_5_moe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "exaone_moe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "afmoe": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "router.gate"),
     "gpt_oss": ("mlp", "experts.gate_up_proj", "experts.down_proj", True, "router"),
     "llama4_text": ("feed_forward", "experts.gate_up_proj", "experts.down_proj", True, "router"),
     "granitemoe": ("block_sparse_moe", "input_linear.weight", "output_linear.weight", False, "router.layer"),
@@ -128,7 +136,13 @@ def quantize_weight(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Ten
 
 def is_router(name: str) -> bool:
     return name.endswith(
-        (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".router.weight", ".router.layer.weight")
+        (
+            ".mlp.gate.weight",
+            ".block_sparse_moe.gate.weight",
+            ".router.weight",
+            ".router.layer.weight",
+            ".router.gate.weight",
+        )
     )
 
 
@@ -236,6 +250,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
         ("llama4_text", 3),
         ("granitemoe", 4),
         ("phimoe", 6),
+        ("flex_olmo", 7),
+        ("ernie4_5_moe", 8),
+        ("exaone_moe", 9),
+        ("afmoe", 10),
     ):
         source = synthetic.write_model(
             work / f"{model_type}-fp", make_model(model_type, seed), tokenizer, torch.float32
@@ -275,6 +293,10 @@ RUNS = [  # (name, checkpoint, kernel)
     ("llama4_text", "llama4_text", "reference"),
     ("granitemoe", "granitemoe", "reference"),
     ("phimoe", "phimoe", "reference"),
+    ("flex_olmo", "flex_olmo", "reference"),  # vLLM's Transformers backend
+    ("ernie4_5_moe", "ernie4_5_moe", "reference"),
+    ("exaone_moe", "exaone_moe", "reference"),
+    ("afmoe", "afmoe", "reference"),
 ]
 
 
@@ -288,6 +310,7 @@ def served(vllm_launch: None, checkpoints: dict[str, dict[str, Path]]) -> dict[s
             "prompts": PROMPTS,
             "max_tokens": NEW_TOKENS,
             "env": {"AWQ_PLUGIN_KERNEL": kernel},
+            "ignore_eos": True,  # the reference generates through EOS as well
         }
         for _, ckpt, kernel in RUNS
         if kernel != "cpu" or cpu_kernel_available()
