@@ -49,9 +49,10 @@ the one the model gives vLLM (:func:`moe_activation`: SiLU, optionally clamped, 
 interleaved ``swigluoai``, ...). gpt-oss's loader hands over whole stacked tensors named like
 our parameters (``experts.w13_qweight``), which our parameters' loader takes as well. A MoE
 layer that ``modules_to_not_convert`` names (or names all of whose experts) gets vLLM's
-unquantized fused-MoE method (:func:`moe_layer_kept_full_precision`). On CUDA and ROCm the experts go to vLLM's own AWQ MoE method (Marlin
-MoE, or its WNA16 MoE kernels), which reads the same tensors; that route is written to
-vLLM's API but was not run here (no GPU).
+unquantized fused-MoE method (:func:`moe_layer_kept_full_precision`). On CUDA and ROCm the
+experts go to vLLM's own AWQ MoE method (Marlin MoE, or its WNA16 MoE kernels), which reads
+the same per-expert tensors; that route is written to vLLM's API but was not run here (no
+GPU), and it has neither our stacked-tensor loader (gpt-oss) nor the activations above.
 
 Kernel choice
 -------------
