@@ -408,8 +408,8 @@ def test_moe_shapes_name_the_layer_and_the_problem() -> None:
         awq_moe_shapes("model.layers.0.mlp.experts", 4, 128, 48, 32)
     with pytest.raises(ValueError, match=r"per-channel.*tensor-parallel size 1"):
         awq_moe_shapes("x", 4, 128, 64, -1, tp_size=2)
-    with pytest.raises(ValueError, match=r"activation 'swigluoai' is not supported"):
-        moe_activation("swigluoai")
+    with pytest.raises(ValueError, match=r"activation 'swiglustep' is not supported"):
+        moe_activation("swiglustep")
 
 
 # ---------------------------------------------------------------------------------------------
