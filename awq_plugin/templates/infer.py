@@ -686,6 +686,9 @@ def infer_template(
         + [r for r in routers if r not in unpackable and _is_linear_somewhere(layers, r)],
         "norm_weight_offset": offset,
         "experts": layout.as_dict() if layout is not None else None,
+        # How the family's checkpoints spell the MoE block (PhiMoE: block_sparse_moe), so that the
+        # experts' AWQ tensors carry the names vLLM's loader reads.
+        "checkpoint_names": _moe_checkpoint_names(model, layers_path, layout),
         "unsupported": [
             f"{path}: fused experts kept in full precision: {why}" for path, why in kept_fused.items()
         ],
@@ -782,6 +785,14 @@ def _unscaled_expert_linears(layout: ExpertsLayout | None, scaled: set[str]) -> 
         return []
     names = [f"{layout.module}.{WILDCARD}.{n}" for n in layout.linear_names]
     return [n for n in names if n not in scaled]
+
+
+def _moe_checkpoint_names(model: nn.Module, layers_path: str, layout: ExpertsLayout | None) -> dict[str, str]:
+    if layout is None:
+        return {}
+    from awq_plugin.runtime.checkpoint_keys import layer_prefix_renames
+
+    return layer_prefix_renames(model, layers_path, within=layout.module.rpartition(".")[0] or layout.module)
 
 
 def _experts_count(layers: nn.ModuleList, layout: ExpertsLayout | None) -> int:

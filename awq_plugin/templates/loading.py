@@ -67,14 +67,18 @@ def _unfuse_discovered(model: nn.Module, keep_fused: Sequence[str]) -> Checkpoin
         layers_path = find_decoder_layers(model)
     except TemplateError:
         return None
+    from awq_plugin.runtime.checkpoint_keys import layer_prefix_renames
+
     names = checkpoint_expert_names(model)
-    unfused = False
+    renames: dict[str, str] | None = None
     for i, layer in enumerate(model.get_submodule(layers_path)):
         for path, module in fused_expert_modules(layer).items():
             if any(pattern in f"{layers_path}.{i}.{path}" for pattern in keep_fused):
                 continue
             layout = layout_without_proof(path, module, names_for(path, names))
-            if layout is not None:
-                unfuse_experts(layer, layout, f"decoder layer {i}")
-                unfused = True
-    return CheckpointNames(layers_path, {}) if unfused else None
+            if layout is None:
+                continue
+            if renames is None:  # read off the fused model, as the quantizer's template did
+                renames = layer_prefix_renames(model, layers_path, within=path.rpartition(".")[0] or path)
+            unfuse_experts(layer, layout, f"decoder layer {i}")
+    return CheckpointNames(layers_path, renames) if renames is not None else None
