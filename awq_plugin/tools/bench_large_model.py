@@ -283,7 +283,7 @@ def plot(result: dict[str, Any], trace: Trace, path: str | Path) -> None:
     ax_blocks.grid(True, alpha=0.3)
     shape, calib = result["shape"], result["calibration"]
     fig.suptitle(
-        f"awq-plugin quantize ({result['method']}, {result['scheme']}) of a random Llama, "
+        f"awq-plugin quantize ({result['method']}, {result['scheme']}) of a random {shape.get('model_type', 'llama')}, "
         f"{shape['layers']} layers x hidden {shape['hidden']}\n"
         f"bf16 weights {weights:.2f} GiB = {result['weights_over_peak_rss']:.2f}x the peak RSS; "
         f"calibration {calib['n_samples']} x {calib['seq_len']} tokens; {result['threads']} thread(s)",
