@@ -47,6 +47,7 @@ from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, 
 from awq_plugin.errors import TemplateError
 from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.numerics.pack import PACK_FACTOR
+from awq_plugin.templates.layer_config import config_of_layer
 from awq_plugin.templates.schema import ScalingGroup
 from awq_plugin.templates.verify import FOLD_TOLERANCE, measure_group_fold
 
@@ -441,7 +442,7 @@ def infer_template(
         inputs = captured.for_layer(i)
         with layer_weights(i) if layer_weights is not None else contextlib.nullcontext():
             proven, why = infer_block_groups(
-                block, inputs.hidden_states[0], inputs.kwargs[0], config, seed + i
+                block, inputs.hidden_states[0], inputs.kwargs[0], config_of_layer(config, i), seed + i
             )
         per_layer.append({g.layers: g for g in proven})
         for name, reason in why.items():
@@ -493,7 +494,9 @@ def infer_template(
         "model_types": [model_type] if model_type else [],
         "model_decoder_layers": layers_path,
         "non_layer_modules": non_layer,
-        "scaling_layers": [_group_json(g, config) for g in groups],
+        "scaling_layers": [
+            _group_json(g, [config_of_layer(config, i) for i in range(len(layers))]) for g in groups
+        ],
         # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
         # resolver quantizes any other unscaled linear too, and logs it.
         "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)],
@@ -522,14 +525,16 @@ def _config_kv_repeat(config: Any) -> int | None:
     return heads // kv if heads and kv and heads % kv == 0 else None
 
 
-def _group_json(g: _ProvenGroup, config: Any) -> dict[str, Any]:
+def _group_json(g: _ProvenGroup, layer_configs: Sequence[Any]) -> dict[str, Any]:
+    """The group as template JSON; ``layer_configs``: each decoder layer's config."""
     out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": list(g.layers), "inp": g.layers[0]}
     if g.module2inspect is not None:
         out["module2inspect"] = g.module2inspect
     if g.proposal.kv_repeat > 1:
-        # The resolver reads the head ratio from the config; where the config's names do not
-        # give the proven ratio (Falcon's multi_query), the template states it.
-        out["repeat_kv"] = True if _config_kv_repeat(config) == g.proposal.kv_repeat else g.proposal.kv_repeat
+        # The resolver reads the head ratio from each layer's config; where the config's names do
+        # not give the proven ratio in every layer (Falcon's multi_query), the template states it.
+        from_config = all(_config_kv_repeat(c) == g.proposal.kv_repeat for c in layer_configs)
+        out["repeat_kv"] = True if from_config else g.proposal.kv_repeat
     if g.proposal.fused:
         out["fused_prev_op"] = True
     return out

@@ -15,6 +15,7 @@ from awq_plugin.errors import TemplateError
 from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
+from awq_plugin.templates.layer_config import config_of_layer
 from awq_plugin.templates.schema import (
     WILDCARD,
     BlockTemplate,
@@ -120,7 +121,9 @@ def resolve_template(
             # Every AWQ step works on nn.Linear: fused 3-D expert weights become per-expert linears.
             unfuse_experts(layer, layout, f"architecture template {where}, decoder layer {i}")
     blocks = tuple(
-        _resolve_block(layer, i, f"{data['model_decoder_layers']}.{i}", data, config, where, layout)
+        _resolve_block(
+            layer, i, f"{data['model_decoder_layers']}.{i}", data, config_of_layer(config, i), where, layout
+        )
         for i, layer in enumerate(layers)
     )
     for part in data["unsupported"]:
