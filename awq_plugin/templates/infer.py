@@ -447,8 +447,11 @@ def infer_template(
         per_layer.append({g.layers: g for g in proven})
         for name, reason in why.items():
             reasons.setdefault(name, f"{reason} (decoder layer {i})")
-    # Keep a group only where every layer proved the same fold; order by the first layer's calls.
-    groups = [g for g in per_layer[0].values() if all(layer.get(g.layers) == g for layer in per_layer[1:])]
+    linear_sets = [_linear_names(layer) for layer in layers]
+    # Keep a group only where every layer holding its linears proved the same fold (every layer, in
+    # a homogeneous stack); order by the first calls.
+    held_by = _groups_by_layer(per_layer, linear_sets)
+    groups = list(held_by)
     offsets = {g.proposal.norm_offset for g in groups if not g.proposal.prev_is_linear}
     offset = 0.0
     if len(offsets) > 1:  # one offset per template: keep the norms that agree with the majority
@@ -460,20 +463,26 @@ def infer_template(
         groups = [g for g in groups if g.proposal.prev_is_linear or g.proposal.norm_offset == offset]
     elif offsets:
         offset = offsets.pop()
-    first_linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    # Every decoder layer's linears, in first-seen order (hybrid stacks alternate block kinds).
+    all_linears = list(dict.fromkeys(n for names in linear_sets for n in names))
     # Output rows pack PACK_FACTOR to an int32: a linear with fewer or a remainder (a router
     # over 4 experts) stays in full precision, and no group may scale it.
-    unpackable = [
+    unpackable_anywhere = {
         n
-        for n in first_linears
-        if all(_has_module(layer, n) for layer in layers)
-        and layers[0].get_submodule(n).out_features % PACK_FACTOR != 0
+        for n in all_linears
+        if any(
+            n in names and layer.get_submodule(n).out_features % PACK_FACTOR
+            for layer, names in zip(layers, linear_sets)
+        )
+    }
+    unpackable = [
+        n for n in all_linears if n in unpackable_anywhere and all(n in names for names in linear_sets)
     ]
-    groups = [g for g in groups if not set(g.layers) & set(unpackable)]
+    groups = [g for g in groups if not set(g.layers) & unpackable_anywhere]
     report = InferenceReport(proven=[f"{g.proposal.prev_op} -> {', '.join(g.layers)}" for g in groups])
     scaled = {name for g in groups for name in g.layers}
-    for name in first_linears:
-        if name in unpackable:
+    for name in all_linears:
+        if name in unpackable_anywhere:
             report.reasons[name] = f"kept in full precision: {PACK_FACTOR} does not divide its output rows"
         elif name not in scaled:
             report.unscaled.append(name)
@@ -484,7 +493,7 @@ def infer_template(
             "and rounding without an AWQ scale",
             type(model).__name__,
             layers_path,
-            first_linears[:8],
+            all_linears[:8],
         )
     architectures = list(getattr(config, "architectures", None) or [type(model).__name__])
     model_type = getattr(config, "model_type", None)
@@ -495,7 +504,8 @@ def infer_template(
         "model_decoder_layers": layers_path,
         "non_layer_modules": non_layer,
         "scaling_layers": [
-            _group_json(g, [config_of_layer(config, i) for i in range(len(layers))]) for g in groups
+            _group_json(g, [config_of_layer(config, i) for i in range(len(layers))], held_by[g])
+            for g in groups
         ],
         # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
         # resolver quantizes any other unscaled linear too, and logs it.
@@ -506,6 +516,33 @@ def infer_template(
         + ("; ".join(f"{n}: {r}" for n, r in report.reasons.items()) or "none"),
     }
     return template, report
+
+
+def _linear_names(block: nn.Module) -> list[str]:
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _groups_by_layer(
+    per_layer: Sequence[Mapping[tuple[str, ...], _ProvenGroup]], linear_sets: Sequence[Sequence[str]]
+) -> dict[_ProvenGroup, list[int] | None]:
+    """Each group proven alike in every decoder layer that holds all its linears -> those layers
+    (None: every layer), in first-call order.
+
+    Hybrid stacks alternate block kinds (attention, SSM or linear-attention mixers, dense or MoE
+    feed-forward): a group is judged in the layers of its kind. In a homogeneous stack every layer
+    holds every linear, so a group must be proven in all of them, as before.
+    """
+    out: dict[_ProvenGroup, list[int] | None] = {}
+    seen: set[tuple[str, ...]] = set()
+    for proven in per_layer:
+        for key, group in proven.items():
+            if key in seen:
+                continue
+            seen.add(key)
+            holders = [j for j, names in enumerate(linear_sets) if set(key) <= set(names)]
+            if all(per_layer[j].get(key) == group for j in holders):
+                out[group] = None if len(holders) == len(per_layer) else holders
+    return out
 
 
 def _has_module(root: nn.Module, path: str) -> bool:
@@ -525,9 +562,13 @@ def _config_kv_repeat(config: Any) -> int | None:
     return heads // kv if heads and kv and heads % kv == 0 else None
 
 
-def _group_json(g: _ProvenGroup, layer_configs: Sequence[Any]) -> dict[str, Any]:
-    """The group as template JSON; ``layer_configs``: each decoder layer's config."""
+def _group_json(g: _ProvenGroup, layer_configs: Sequence[Any], held_by: list[int] | None) -> dict[str, Any]:
+    """The group as template JSON; ``layer_configs``: each decoder layer's config; ``held_by``: the
+    decoder layers it applies to (None: all)."""
     out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": list(g.layers), "inp": g.layers[0]}
+    if held_by is not None:
+        out["decoder_layers"] = held_by
+        layer_configs = [layer_configs[i] for i in held_by]
     if g.module2inspect is not None:
         out["module2inspect"] = g.module2inspect
     if g.proposal.kv_repeat > 1:

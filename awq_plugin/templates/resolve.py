@@ -108,6 +108,13 @@ def resolve_template(
             f"architecture template {where}: field 'model_decoder_layers' = {data['model_decoder_layers']!r} "
             f"is a {type(layers).__name__}, expected a non-empty nn.ModuleList of decoder layers"
         )
+    for gi, group in enumerate(data["scaling_layers"]):
+        beyond = [i for i in group["decoder_layers"] or () if i >= len(layers)]
+        if beyond:
+            raise TemplateError(
+                f"architecture template {where}: field 'scaling_layers[{gi}].decoder_layers' names layers "
+                f"{beyond}, but the model has {len(layers)} decoder layers"
+            )
     non_layer = {}
     for role, path in data["non_layer_modules"].items():
         _find_module(model, path, where, f"non_layer_modules.{role}")
@@ -220,6 +227,8 @@ def _resolve_block(
     groups = []
     scaled: dict[str, str] = {}
     for field, spec in _expand_groups(data["scaling_layers"], n_experts):
+        if spec["decoder_layers"] is not None and index not in spec["decoder_layers"]:
+            continue  # a hybrid stack's group of another block kind
         group = _resolve_group(layer, spec, field, data, config, where, context)
         for name in group.layers:
             if name in scaled:
