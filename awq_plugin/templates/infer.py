@@ -354,7 +354,11 @@ class _ProvenGroup:
 def infer_block_groups(
     block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any], config: Any, seed: int = 0
 ) -> tuple[list[_ProvenGroup], dict[str, str]]:
-    """Proven groups of one block (float32 copy) and, per unscaled linear, the reason."""
+    """Proven groups of one block (float32 copy) and, per unscaled linear, the reason.
+
+    A linear whose observed output is not ``x @ W.T + b`` has the reason :data:`NOT_A_LINEAR`:
+    an AWQ linear would compute something else, so it stays in full precision.
+    """
     block = copy.deepcopy(block).float()
     inputs = BlockInputs([hidden], [dict(kwargs)]).to(torch.float32)
     hidden, kwargs = inputs.hidden_states[0], inputs.kwargs[0]
@@ -362,6 +366,11 @@ def infer_block_groups(
     obs = _observe(block, hidden, kwargs)
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     reasons = {n: "never called on the probe tokens" for n in linears if n not in obs.inputs}
+    for name in [n for n in linears if n in obs.inputs and n in obs.outputs]:
+        if _computes_linear(block.get_submodule(name), obs.inputs[name], obs.outputs[name]):
+            continue
+        reasons[name] = NOT_A_LINEAR
+        linears.remove(name)
     generator = torch.Generator().manual_seed(seed)
     heads = _head_dim(config)
     proven: list[_ProvenGroup] = []
@@ -384,6 +393,22 @@ def infer_block_groups(
         inspect = _module_to_inspect(block, layers, found)  # "": the search runs the whole block
         proven.append(_ProvenGroup(tuple(layers), found, inspect))
     return proven, reasons
+
+
+NOT_A_LINEAR = "kept in full precision: its forward does not compute x @ W.T + b"
+
+
+def _computes_linear(module: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether a call with input ``x`` and output ``y`` computed ``x @ W.T + b``. An ``nn.Linear``
+    subclass may not (DeepSeek-V4's grouped ``o_a_proj`` multiplies each head group by its own
+    slice of W)."""
+    if x.shape[-1] != module.in_features:
+        return False
+    expected = nn.functional.linear(x, module.weight, module.bias)
+    if expected.shape != y.shape:
+        return False
+    scale = float(y.abs().max()) if y.numel() else 0.0
+    return torch.allclose(expected, y, rtol=1e-4, atol=1e-4 * scale)  # fp32 sums in another order
 
 
 def _module_to_inspect(block: nn.Module, layers: Sequence[str], proposal: _Proposal) -> str | None:
@@ -438,6 +463,7 @@ def infer_template(
     model.train(was_training)
     per_layer: list[dict[tuple[str, ...], _ProvenGroup]] = []
     reasons: dict[str, str] = {}
+    not_linear: set[str] = set()  # linears whose forward is not x @ W.T + b in some layer
     for i, block in enumerate(layers):
         inputs = captured.for_layer(i)
         with layer_weights(i) if layer_weights is not None else contextlib.nullcontext():
@@ -447,6 +473,8 @@ def infer_template(
         per_layer.append({g.layers: g for g in proven})
         for name, reason in why.items():
             reasons.setdefault(name, f"{reason} (decoder layer {i})")
+            if reason == NOT_A_LINEAR:
+                not_linear.add(name)
     linear_sets = [_linear_names(layer) for layer in layers]
     # Keep a group only where every layer holding its linears proved the same fold (every layer, in
     # a homogeneous stack); order by the first calls.
@@ -475,14 +503,23 @@ def infer_template(
             for layer, names in zip(layers, linear_sets)
         )
     }
+    unpackable_anywhere |= not_linear  # an AWQ linear would compute something else
     unpackable = [
         n for n in all_linears if n in unpackable_anywhere and all(n in names for names in linear_sets)
     ]
+    partial = sorted(not_linear - set(unpackable))
+    if partial:  # not_quantized names a linear in every layer; quantizing these would be wrong
+        raise TemplateError(
+            f"{type(model).__name__}: {partial} do not compute x @ W.T + b and exist in only some decoder "
+            "layers, so an inferred template cannot keep them in full precision; pass a template"
+        )
     groups = [g for g in groups if not set(g.layers) & unpackable_anywhere]
     report = InferenceReport(proven=[f"{g.proposal.prev_op} -> {', '.join(g.layers)}" for g in groups])
     scaled = {name for g in groups for name in g.layers}
     for name in all_linears:
-        if name in unpackable_anywhere:
+        if name in not_linear:
+            report.reasons[name] = NOT_A_LINEAR
+        elif name in unpackable_anywhere:
             report.reasons[name] = f"kept in full precision: {PACK_FACTOR} does not divide its output rows"
         elif name not in scaled:
             report.unscaled.append(name)
