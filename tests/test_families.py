@@ -248,3 +248,11 @@ def test_family_quantizes_and_reloads_close_to_full_precision(
     model_type, mapping, share, why, tmp_path
 ) -> None:
     check_family(model_type, mapping, share, tmp_path)
+
+
+def test_a_linear_whose_output_the_block_changes_in_place_is_still_a_linear() -> None:
+    """Falcon's attention rewrites query_key_value's output in place after the call: the check is
+    made in the call, or every Falcon attention linear would be kept in full precision."""
+    template, report = infer_template(tiny_model("falcon"))
+    assert template["not_quantized"] == []
+    assert infer_module.NOT_A_LINEAR not in report.reasons.values()

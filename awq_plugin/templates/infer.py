@@ -199,6 +199,9 @@ class _Observation:
     order: list[str]  # module names in first-call order
     inputs: dict[str, torch.Tensor]  # linear -> its (first call's) input
     outputs: dict[str, torch.Tensor]  # norm / linear -> its (first call's) output
+    # linears whose first call did not compute x @ W.T + b, judged in the call (the block may
+    # change the tensors in place afterwards, as Falcon's attention does)
+    not_linear: set[str] = field(default_factory=set)
 
 
 @torch.no_grad()
@@ -214,6 +217,8 @@ def _observe(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) 
             obs.outputs[name] = out.detach()
             if is_linear and args and isinstance(args[0], torch.Tensor):
                 obs.inputs[name] = args[0].detach()
+                if not _computes_linear(module, args[0], out):
+                    obs.not_linear.add(name)
 
         return run
 
@@ -366,9 +371,7 @@ def infer_block_groups(
     obs = _observe(block, hidden, kwargs)
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
     reasons = {n: "never called on the probe tokens" for n in linears if n not in obs.inputs}
-    for name in [n for n in linears if n in obs.inputs and n in obs.outputs]:
-        if _computes_linear(block.get_submodule(name), obs.inputs[name], obs.outputs[name]):
-            continue
+    for name in [n for n in linears if n in obs.not_linear]:
         reasons[name] = NOT_A_LINEAR
         linears.remove(name)
     generator = torch.Generator().manual_seed(seed)
