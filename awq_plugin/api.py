@@ -21,6 +21,7 @@ from awq_plugin.algorithm.awq import (
     quantized_decoder_linears,
     run_awq,
 )
+from awq_plugin.algorithm.precision import keeping_full_precision_listed
 from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.calibration.text import CalibSource, calibration_ids, evaluation_windows
 from awq_plugin.config import AwqQuantConfig
@@ -151,6 +152,8 @@ def _scale_model(
     resolved = resolve_template(model, template)
     layers = model.get_submodule(resolved.decoder_layers)
     quant = keeping_ungroupable_in_full_precision(layers, resolved, quant)
+    quant, precision = keeping_full_precision_listed(layers, resolved, quant)
+    model.awq_precision = precision  # the INT4 share and what stays in full precision, with reasons
     if method == "awq":
         ids = calibration_ids(calib_data, tokenizer, n_samples, seq_len, options.seed)
         results: AwqResults = run_awq(model, quant, ids, dict(resolved.data), options)

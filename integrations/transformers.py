@@ -385,7 +385,7 @@ class AwqHfQuantizer(HfQuantizer):
         # MoE: transformers keeps experts fused; the checkpoint stores them per expert (AutoAWQ's
         # layout). Unfusing gives every per-expert layer a module, under the names transformers'
         # own key renaming (e.g. Mixtral's block_sparse_moe -> mlp) loads into.
-        names = unfuse_experts_for_loading(model)
+        names = unfuse_experts_for_loading(model, quant.modules_to_not_convert)
         to_model_name = names.from_checkpoint_name if names is not None else str
         self._renamed_dtype = (names, dtype or torch.get_default_dtype())
         # The checkpoint's headers say which layers are packed: that is the truth to load, whatever

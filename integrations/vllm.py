@@ -44,9 +44,15 @@ side by side in ``w13``), repacks each expert once for our kernel and, per forwa
 runs :func:`awq_moe_forward`: for each expert that received tokens, our INT4 GEMM on
 its tokens, the gated activation, the down GEMM, weighted by the router (on CPUs without
 AVX-512 VNNI, the same with the pure-PyTorch reference: vLLM 0.32's own CPU AWQ MoE
-kernel needs AMX). On CUDA and ROCm the experts go to vLLM's own AWQ MoE method (Marlin
-MoE, or its WNA16 MoE kernels), which reads the same tensors; that route is written to
-vLLM's API but was not run here (no GPU).
+kernel needs AMX). Expert biases (gpt-oss) are added inside each expert; the activation is
+the one the model gives vLLM (:func:`moe_activation`: SiLU, optionally clamped, gpt-oss's
+interleaved ``swigluoai``, ...). gpt-oss's loader hands over whole stacked tensors named like
+our parameters (``experts.w13_qweight``), which our parameters' loader takes as well. A MoE
+layer that ``modules_to_not_convert`` names (or names all of whose experts) gets vLLM's
+unquantized fused-MoE method (:func:`moe_layer_kept_full_precision`). On CUDA and ROCm the
+experts go to vLLM's own AWQ MoE method (Marlin MoE, or its WNA16 MoE kernels), which reads
+the same per-expert tensors; that route is written to vLLM's API but was not run here (no
+GPU), and it has neither our stacked-tensor loader (gpt-oss) nor the activations above.
 
 Kernel choice
 -------------
@@ -200,6 +206,57 @@ def awq_shard_shapes(
     )
 
 
+#: Model types whose vLLM 0.32 loader reorders the q/k output channels of *unquantized and
+#: compressed-tensors* weights for its rotary convention (``Llama4ForCausalLM.
+#: permute_qk_weight_for_rotary``: names ending ``weight``, ``weight_packed``, ``weight_scale``).
+#: AWQ's ``qweight``/``qzeros``/``scales`` pass unpermuted, so our linear method applies the same
+#: order itself after loading (see :func:`rotary_pair_order`).
+ROTARY_PERMUTED_QK_MODEL_TYPES = ("llama4", "llama4_text")
+
+
+def rotary_pair_order(n_heads: int, head_size: int) -> list[int]:
+    """The output channels vLLM's Llama 4 loader puts where: ``new[i] = old[order[i]]``.
+
+    Within each head, Meta's checkpoints store rotary pairs interleaved (0, 1 = pair 0; 2, 3 =
+    pair 1; ...); vLLM's rotary reads them as halves, so each head's even channels come first,
+    then its odd ones: head h, half a, pair b takes old channel ``h * D + 2 * b + a``.
+    """
+    half = head_size // 2
+    return [h * head_size + 2 * b + a for h in range(n_heads) for a in (0, 1) for b in range(half)]
+
+
+def permute_awq_output_channels(
+    qweight: Any, qzeros: Any, scales: Any, order: list[int]
+) -> tuple[Any, Any, Any]:
+    """AWQ tensors of the same linear with its output channels (N) in ``order`` (``new = old[order]``).
+
+    ``qweight`` int32 ``[K, N/8]``, ``qzeros`` int32 ``[K/G, N/8]``, ``scales`` ``[K/G, N]``;
+    the packed ones are unpacked to ``[*, N]`` nibbles, reordered and packed again (exact).
+    """
+    import torch
+
+    from awq_plugin.numerics.pack import pack_int4_columns, unpack_int4_columns
+
+    index = torch.tensor(order, dtype=torch.long, device=scales.device)
+    if index.numel() != scales.shape[-1]:
+        raise ValueError(f"an order of {index.numel()} output channels for a layer with {scales.shape[-1]}")
+    return (
+        pack_int4_columns(unpack_int4_columns(qweight)[:, index]),  # (K, N/8)
+        pack_int4_columns(unpack_int4_columns(qzeros)[:, index]),  # (K/G, N/8)
+        scales[:, index],  # (K/G, N)
+    )
+
+
+def qkv_rotary_order(num_heads: int, num_kv_heads: int, head_size: int, v_size: int) -> list[int]:
+    """:func:`rotary_pair_order` over one rank's merged q, k, v outputs (v keeps its order)."""
+    q, k = num_heads * head_size, num_kv_heads * head_size
+    return (
+        rotary_pair_order(num_heads, head_size)
+        + [q + i for i in rotary_pair_order(num_kv_heads, head_size)]
+        + list(range(q + k, q + k + v_size))
+    )
+
+
 def read_awq_config(raw: dict[str, Any]) -> AwqQuantConfig:
     """Our config from a checkpoint's quantization config, refusing what we cannot serve."""
     try:
@@ -237,6 +294,34 @@ def map_module_patterns(mapper: Any, patterns: list[str]) -> list[str]:
     return out
 
 
+def moe_layer_kept_full_precision(prefix: str, patterns: list[str], num_experts: int) -> bool:
+    """Whether the MoE layer ``prefix`` (``model.layers.3.mlp.experts``) is listed in
+    ``modules_to_not_convert``, so its experts load and run in full precision.
+
+    Listed means: a pattern inside the layer's name (the substring rule of
+    :meth:`~awq_plugin.config.AwqQuantConfig.skips_module`, e.g. ``mlp.experts`` or the name
+    itself), or a pattern naming something under it: its fused tensors
+    (``...experts.gate_up_proj``) or its experts' linears (``...experts.5.down_proj``). One
+    vLLM MoE layer has one method for all its experts, so a list that names some experts but
+    not all of them cannot be served: that raises ``ValueError`` naming the layer.
+    """
+    inside = [p for p in patterns if p and p.startswith(prefix + ".")]
+    if any(p and p in prefix for p in patterns):
+        return True
+    if not inside:
+        return False
+    experts = {int(head) for p in inside if (head := p[len(prefix) + 1 :].split(".")[0]).isdigit()}
+    fused_names = [p for p in inside if not p[len(prefix) + 1 :].split(".")[0].isdigit()]
+    if fused_names or experts >= set(range(num_experts)):
+        return True
+    raise ValueError(
+        f"awq-plugin cannot serve MoE layer '{prefix}': modules_to_not_convert keeps experts "
+        f"{sorted(experts)} of {num_experts} in full precision and quantizes the others; vLLM runs "
+        "all experts of a layer with one method. Keep the whole layer in full precision (list "
+        f"'{prefix}') or quantize all of its experts."
+    )
+
+
 _logged_kernels: set[str] = set()
 _logged_skip = False
 
@@ -269,9 +354,14 @@ def _log_kernel_once(choice: KernelChoice, method: str = "AwqPluginLinearMethod"
 #: Kernels :class:`AwqPluginMoEMethod` runs itself, one expert at a time; the others
 #: (``marlin``, and ``triton`` on GPUs) hand the experts to vLLM's own AWQ MoE method.
 _MOE_KERNELS = ("cpu", "avx2", "portable", "reference")
-#: Gated activations ``act(gate) * up`` by vLLM's ``MoEActivation`` value; ``NAME_no_mul``
-#: applies ``act`` alone to a single projection.
-_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
+#: vLLM's ``MoEActivation`` values :func:`moe_activation` computes. Gated ones read gate and up
+#: from the two halves of ``w13``'s output (``swigluoai``: interleaved, see there);
+#: ``NAME_no_mul`` applies ``act`` alone to a single projection.
+_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swigluoai", "swigluoai_uninterleave")
+#: gpt-oss's clamped SwiGLU constants, which vLLM's fused-MoE ``swigluoai`` kernel uses when the
+#: model passes none (``SwigluOAIAndMul``'s defaults; transformers' ``GptOssExperts`` likewise).
+SWIGLUOAI_ALPHA = 1.702
+SWIGLUOAI_LIMIT = 7.0
 
 
 @dataclass(frozen=True)
@@ -335,8 +425,26 @@ def awq_moe_shapes(
     )
 
 
-def moe_activation(name: str) -> Any:
-    """``fn(h)`` for vLLM's activation name: gated ``act(h[:, :I]) * h[:, I:]``, or ``act(h)`` for ``*_no_mul``."""
+def moe_activation(
+    name: str,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float | None = None,
+    swiglu_beta: float | None = None,
+) -> Any:
+    """``fn(h)`` for vLLM's MoE activation ``name`` on ``h = x @ w13`` ``[n, S*I]`` -> ``[n, I]``.
+
+    The math of vLLM 0.32's fused-MoE activations (``apply_moe_activation``), written out:
+
+    - ``silu`` / ``gelu`` / ``gelu_tanh`` / ``relu2``: ``act(gate) * up``, gate = the first
+      half of ``h`` (the checkpoint's w1), up = the second (w3). ``silu`` with ``swiglu_limit``
+      L (EXAONE-MoE) clamps first: ``gate <= L``, ``-L <= up <= L``.
+    - ``swigluoai`` (gpt-oss): gate and up *interleaved* (``h[:, 0::2]``, ``h[:, 1::2]``),
+      ``g = min(gate, L)``, ``u = clamp(up, -L, L)``, ``g * sigmoid(alpha * g) * (u + 1)``;
+      L, alpha default to gpt-oss's 7.0 and 1.702 (vLLM's kernel uses those).
+    - ``swigluoai_uninterleave``: the same on the two halves, ``(u + beta)``, L required.
+    - ``NAME_no_mul``: ``act(h)`` on a single projection (S = 1).
+    """
+    import torch
     import torch.nn.functional as F
 
     base, gated = (name[: -len("_no_mul")], False) if name.endswith("_no_mul") else (name, True)
@@ -346,17 +454,40 @@ def moe_activation(name: str) -> Any:
         "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
         "relu2": lambda t: F.relu(t).square(),
     }
-    if base not in acts:
+    if base not in _MOE_ACTIVATIONS or (not gated and base not in acts):
         raise ValueError(
             f"awq-plugin MoE: activation {name!r} is not supported; supported: "
-            f"{', '.join(_MOE_ACTIVATIONS)} and their _no_mul forms"
+            f"{', '.join(_MOE_ACTIVATIONS)} and the _no_mul forms of {', '.join(acts)}"
         )
-    act = acts[base]
     if not gated:
-        return act
+        return acts[base]
+    if base.startswith("swigluoai"):
+        interleaved = base == "swigluoai"
+        if not interleaved and swiglu_limit is None:
+            raise ValueError(f"awq-plugin MoE: activation {name!r} needs a swiglu_limit")
+        limit = SWIGLUOAI_LIMIT if swiglu_limit is None else float(swiglu_limit)
+        alpha = SWIGLUOAI_ALPHA if swiglu_alpha is None else float(swiglu_alpha)
+        beta = 1.0 if interleaved or swiglu_beta is None else float(swiglu_beta)
+
+        def swiglu_oai(h: Any) -> Any:
+            if interleaved:
+                gate, up = h[..., 0::2], h[..., 1::2]  # (n, I) each: columns g0 u0 g1 u1 ...
+            else:
+                gate, up = h.chunk(2, dim=-1)  # (n, I) each
+            gate = gate.clamp(max=limit)
+            up = up.clamp(min=-limit, max=limit)
+            return gate * torch.sigmoid(alpha * gate) * (up + beta)
+
+        return swiglu_oai
+    act = acts[base]
+    clamp = None if swiglu_limit is None else float(swiglu_limit)
+    if clamp is not None and base != "silu":
+        raise ValueError(f"awq-plugin MoE: a swiglu_limit with activation {name!r} is not supported")
 
     def gated_act(h: Any) -> Any:
         gate, up = h.chunk(2, dim=-1)  # (n, I) each: the checkpoint's w1 (gate) then w3 (up)
+        if clamp is not None:
+            gate, up = gate.clamp(max=clamp), up.clamp(min=-clamp, max=clamp)
         return act(gate) * up
 
     return gated_act
@@ -371,6 +502,8 @@ def awq_moe_forward(
     activation: Any,
     expert_map: Any = None,
     apply_router_weight_on_input: bool = False,
+    w13_bias: Any = None,
+    w2_bias: Any = None,
 ) -> Any:
     """Routed experts on AWQ weights, one expert at a time; returns ``[M, H]`` in ``x``'s dtype.
 
@@ -378,7 +511,10 @@ def awq_moe_forward(
     ``w13[e]``/``w2[e]``: local expert ``e``'s :class:`~awq_plugin.kernels.AwqKernelWeight`
     for gate+up ``[H -> S*I]`` and down ``[I -> H]``; ``activation`` from
     :func:`moe_activation`; ``expert_map`` ``[E_global]`` maps global ids to local ones
-    (-1: another rank's expert, skipped). The expert outputs are summed in fp32.
+    (-1: another rank's expert, skipped); ``w13_bias`` ``[E, S*I]`` / ``w2_bias`` ``[E, H]``
+    (optional, local experts) are added to the expert's GEMM outputs, so the router weight
+    scales the down bias too (as vLLM's fused kernels and transformers' gpt-oss do). The
+    expert outputs are summed in fp32.
     """
     import torch
 
@@ -401,7 +537,11 @@ def awq_moe_forward(
         if apply_router_weight_on_input:
             routed = (routed.float() * weights).to(x.dtype)
         h = awq_linear(routed, w13[e])  # (n_e, S*I)
+        if w13_bias is not None:
+            h = (h.float() + w13_bias[e].float()).to(h.dtype)
         y = awq_linear(activation(h), w2[e]).float()  # (n_e, H)
+        if w2_bias is not None:
+            y = y + w2_bias[e].float()
         if not apply_router_weight_on_input:
             y = y * weights
         out.index_add_(0, tokens, y)
@@ -522,7 +662,12 @@ class _ConfigImpl:
         if isinstance(layer, RoutedExperts):
             from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
 
-            if is_layer_skipped(prefix, self.modules_to_not_convert, match_mode="substring"):
+            if moe_layer_kept_full_precision(
+                prefix, self.modules_to_not_convert, layer.moe_config.num_logical_experts
+            ):
+                # The checkpoint holds this layer's experts as plain weights (per-expert
+                # ``.weight`` tensors or fused 3-D ones): vLLM's own unquantized method loads them.
+                _log_skipped_once(prefix, self.modules_to_not_convert)
                 return UnquantizedFusedMoEMethod(layer.moe_config)
             choice = _choose_kernel_here(layer, self.quant.group_size, self.quant)
             if choice.kernel not in _MOE_KERNELS and _on_cpu():
@@ -594,6 +739,7 @@ class _LinearMethodImpl:
         choice = self._choose(layer, shapes.group_size)
         _log_kernel_once(choice)
         self.kernel = choice.kernel
+        layer.awq_permute_rotary_qk = _loader_permutes_rotary_qk(name)
         if self.kernel == "marlin":
             self.delegate = self.config.vllm_awq_config().get_quant_method(layer, name)
             self.delegate.create_weights(
@@ -631,6 +777,15 @@ class _LinearMethodImpl:
         return _choose_kernel_here(layer, group_size, self.config.quant)
 
     def process_weights_after_loading(self, layer: Any) -> None:
+        if getattr(layer, "awq_permute_rotary_qk", False):
+            order = qkv_rotary_order(
+                layer.num_heads, layer.num_kv_heads, layer.head_size, layer.num_kv_heads * layer.v_head_size
+            )
+            permuted = permute_awq_output_channels(
+                layer.qweight.data, layer.qzeros.data, layer.scales.data, order
+            )
+            for param, data in zip((layer.qweight, layer.qzeros, layer.scales), permuted):
+                param.data.copy_(data)
         if self.delegate is not None:
             self.delegate.process_weights_after_loading(layer)
             return
@@ -675,7 +830,10 @@ class _MoEMethodImpl:
         super().__init__(moe)  # FusedMoEMethodBase: moe config, no modular kernel
         self.config = config
         self.kernel = kernel
-        self.activation = moe_activation(moe.activation.value)  # refuses unsupported ones early
+        # Refuses unsupported activations early, at model construction.
+        self.activation = moe_activation(
+            moe.activation.value, moe.swiglu_limit, moe.swiglu_alpha, moe.swiglu_beta
+        )
 
     def create_weights(
         self,
@@ -700,7 +858,7 @@ class _MoEMethodImpl:
             tp_size=self.moe.tp_size,
         )
         attrs = {
-            "weight_loader": extra_weight_attrs["weight_loader"],
+            "weight_loader": _expert_weight_loader(layer, extra_weight_attrs["weight_loader"]),
             "is_transposed": True,  # AWQ is K-first: the loader shards the other dimension
             "quant_method": FusedMoeWeightScaleSupported.GROUP.value,
         }
@@ -711,6 +869,14 @@ class _MoEMethodImpl:
                 param = torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
                 layer.register_parameter(f"{stem}_{name}", param)
                 set_weight_attrs(param, attrs)
+        if self.moe.has_bias:
+            # Expert biases (gpt-oss): full precision, in w13's column order. vLLM's loader
+            # silently skips a checkpoint bias the method has no parameter for, so they must exist.
+            n13 = shapes.w13_scales[-1]
+            for stem, shape in (("w13", (num_experts, n13)), ("w2", (num_experts, hidden_size))):
+                param = torch.nn.Parameter(torch.zeros(shape, dtype=params_dtype), requires_grad=False)
+                layer.register_parameter(f"{stem}_bias", param)
+                set_weight_attrs(param, {"weight_loader": attrs["weight_loader"]})
         layer.awq_moe_shapes = shapes
 
     def process_weights_after_loading(self, layer: Any) -> None:
@@ -755,7 +921,8 @@ class _MoEMethodImpl:
         shared_experts: Any = None,
         shared_experts_input: Any = None,
     ) -> Any:
-        # Shared experts (Qwen2-MoE) are run by vLLM's MoE runner around this call.
+        # Shared experts (Qwen2-MoE, DeepSeek, GLM-4-MoE, Llama 4, ...) are run by vLLM's MoE
+        # runner around this call, as are routing, grouped top-k and the routed scaling factor.
         return awq_moe_forward(
             x,
             topk_weights,
@@ -765,7 +932,94 @@ class _MoEMethodImpl:
             self.activation,
             expert_map=layer.expert_map,
             apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            w13_bias=getattr(layer, "w13_bias", None),
+            w2_bias=getattr(layer, "w2_bias", None),
         )
+
+
+def local_expert_order(expert_map: Any, num_global: int) -> list[int]:
+    """Global expert ids in local order (``expert_map`` ``[E_global]``: local id or -1; None: all)."""
+    if expert_map is None:
+        return list(range(num_global))
+    local = expert_map.tolist()
+    owned = sorted((lid, g) for g, lid in enumerate(local) if lid >= 0)
+    return [g for _, g in owned]
+
+
+def narrow_stacked_expert_tensor(
+    loaded: Any, param_shape: tuple[int, ...], experts: list[int], tp_rank: int
+) -> Any:
+    """This rank's part of a checkpoint tensor stacked over all experts (``[E_global, ...]``).
+
+    ``experts``: the global ids this rank holds, in local order (:func:`local_expert_order`).
+    Every other dimension the rank holds a slice of (tensor parallelism splits the experts'
+    intermediate size: the N of ``w13``, the K of ``w2``) is narrowed to the rank's
+    ``tp_rank``-th block of the parameter's size there. gpt-oss's gate/up columns are
+    interleaved, so a rank's block of ``2 * I / tp`` columns is contiguous, as in vLLM's own
+    gpt-oss loader.
+    """
+    import torch
+
+    if loaded.dim() != len(param_shape):
+        raise ValueError(
+            f"stacked expert tensor of shape {tuple(loaded.shape)} for a parameter of shape {param_shape}"
+        )
+    out = loaded[torch.tensor(experts, dtype=torch.long)]  # (E_local, ...)
+    for dim in range(1, out.dim()):
+        size = param_shape[dim]
+        if out.shape[dim] != size:
+            if out.shape[dim] < (tp_rank + 1) * size:
+                raise ValueError(
+                    f"stacked expert tensor of shape {tuple(loaded.shape)}: dimension {dim} has no "
+                    f"block {tp_rank} of size {size}"
+                )
+            out = out.narrow(dim, tp_rank * size, size)
+    return out
+
+
+def _expert_weight_loader(layer: Any, layer_loader: Any) -> Any:
+    """The weight loader of our MoE parameters: vLLM's, plus whole stacked tensors.
+
+    Most models hand each expert's tensor to ``RoutedExperts.weight_loader`` with its shard
+    and expert id. gpt-oss's ``load_weights`` (vLLM 0.32) has no per-expert route for AWQ
+    names: a checkpoint tensor named like our parameter (``...mlp.experts.w13_qweight``,
+    ``[E, H, 2I/8]``) is handed over whole as ``weight_loader(param, tensor)``. That call is
+    loaded here: this rank's experts and tensor-parallel block, copied as they are.
+    """
+
+    def load(
+        param: Any, loaded_weight: Any, weight_name: str | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        if weight_name is None and not args and not kwargs:
+            experts = local_expert_order(layer.expert_map, layer.global_num_experts)
+            part = narrow_stacked_expert_tensor(
+                loaded_weight, tuple(param.shape), experts, layer.moe_config.moe_parallel_config.tp_rank
+            )
+            param.data.copy_(part)
+            return None
+        return layer_loader(param, loaded_weight, weight_name, *args, **kwargs)
+
+    # vLLM marks its loader as taking expert ids and shard names; ours takes them as well.
+    load.supports_moe_loading = getattr(layer_loader, "supports_moe_loading", False)  # type: ignore[attr-defined]
+    return load
+
+
+def _loader_permutes_rotary_qk(prefix: str) -> bool:
+    """Whether ``prefix`` is a decoder qkv_proj whose model's loader reorders q/k for rotary
+    but skips AWQ tensors (:data:`ROTARY_PERMUTED_QK_MODEL_TYPES`). vLLM has no hook for a
+    quantization method to see its model; the current config names it during model init."""
+    if not prefix.endswith("self_attn.qkv_proj"):
+        return False
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()  # None: a layer built outside a model
+    model_config = getattr(vllm_config, "model_config", None)
+    model_type = getattr(getattr(model_config, "hf_config", None), "model_type", None)
+    return (
+        model_type in ROTARY_PERMUTED_QK_MODEL_TYPES
+        and prefix.endswith("self_attn.qkv_proj")
+        and "vision" not in prefix
+    )
 
 
 def _cpu_kernel_ok() -> bool:

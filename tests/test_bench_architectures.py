@@ -341,15 +341,19 @@ def test_a_planted_checkpoint_defect_fails_the_comparison(model_type: str, tmp_p
 
 
 def test_int4_share_counts_fused_experts_as_full_precision(tmp_path: Path) -> None:
-    """Mixtral (template splits the experts): only the routers stay full precision. OLMoE (inferred,
-    experts stay fused 3-D tensors): its decoder is mostly full precision, and says so."""
+    """Mixtral (shipped template) and OLMoE (inferred, experts unfused where proven): only the routers
+    stay full precision. JetMoE (experts in no provable layout): its fused experts stay full precision,
+    its decoder is mostly full precision, and the row says so."""
     mixtral = run_one("mixtral", "causal-lm", tmp_path / "mixtral")
     assert mixtral["ok"], mixtral
     assert mixtral["fp_matrix_weights"] == 2 * 4 * 64  # 2 layers x router [4 experts, hidden 64]
     assert mixtral["int4_share"] == round(mixtral["int4_weights"] / (mixtral["int4_weights"] + 512), 4)
     olmoe = run_one("olmoe", "causal-lm", tmp_path / "olmoe")
     assert olmoe["ok"] and olmoe["template"] == "inferred", olmoe
-    assert olmoe["fp_fused_expert_tensors"] == 4 and olmoe["int4_share"] < 0.2
+    assert olmoe["fp_fused_expert_tensors"] == 0 and olmoe["fp_matrix_weights"] == 2 * 4 * 64
+    jetmoe = run_one("jetmoe", "causal-lm", tmp_path / "jetmoe")
+    assert jetmoe["ok"], jetmoe
+    assert jetmoe["fp_fused_expert_tensors"] == 8 and jetmoe["int4_share"] < 0.2  # 2 layers x 4 modules
 
 
 @pytest.mark.parametrize(

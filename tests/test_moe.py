@@ -322,7 +322,7 @@ def test_recorded_expert_statistics_are_routed_or_all_tokens() -> None:
         expert = routed[e]
         mine = chosen.eq(e).any(-1)  # (n,)
         with torch.no_grad():
-            h = expert.act_fn(expert.gate_proj(x)) * expert.up_proj(x)  # (n, I)
+            h = expert.gating(expert.gate_proj(x), expert.up_proj(x))  # (n, I)
         assert recorded.count[names[e]] == int(mine.sum()) == routed.token_counts[e]
         torch.testing.assert_close(recorded.mean_abs(names[e]), h[mine].abs().mean(0), rtol=1e-5, atol=1e-6)
         # Search rows: the sampled tokens (plan rows) that were routed to e, in order.
@@ -334,7 +334,7 @@ def test_recorded_expert_statistics_are_routed_or_all_tokens() -> None:
     with experts_on_all_tokens({"mlp.experts": [2]}, experts):
         everything = record()
     with torch.no_grad():
-        h2 = routed[2].act_fn(routed[2].gate_proj(x)) * routed[2].up_proj(x)
+        h2 = routed[2].gating(routed[2].gate_proj(x), routed[2].up_proj(x))
     assert everything.count[names[2]] == len(x)
     torch.testing.assert_close(everything.mean_abs(names[2]), h2.abs().mean(0), rtol=1e-5, atol=1e-6)
     # The block's output does not change under the fallback.
@@ -408,8 +408,8 @@ def test_moe_shapes_name_the_layer_and_the_problem() -> None:
         awq_moe_shapes("model.layers.0.mlp.experts", 4, 128, 48, 32)
     with pytest.raises(ValueError, match=r"per-channel.*tensor-parallel size 1"):
         awq_moe_shapes("x", 4, 128, 64, -1, tp_size=2)
-    with pytest.raises(ValueError, match=r"activation 'swigluoai' is not supported"):
-        moe_activation("swigluoai")
+    with pytest.raises(ValueError, match=r"activation 'swiglustep' is not supported"):
+        moe_activation("swiglustep")
 
 
 # ---------------------------------------------------------------------------------------------

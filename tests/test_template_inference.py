@@ -226,7 +226,10 @@ def test_a_small_linear_the_group_cannot_split_stays_in_full_precision(tmp_path)
     ids = torch.randint(1, 400, (2, 32), generator=torch.Generator().manual_seed(0))
     quantize(str(src), "uint4_wo_32", ids, out_dir=out, progress=False)
     kept = read_json(out / "config.json")["quantization_config"]["modules_to_not_convert"]
-    assert kept == [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)]
+    # dt_proj by the group size; the mixers' convolutions as every full-precision leaf is listed
+    assert kept == [f"backbone.layers.{i}.mixer.dt_proj" for i in range(2)] + [
+        f"backbone.layers.{i}.mixer.conv1d" for i in range(2)
+    ]
     awq_transformers.activate()
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     mixer = loaded.backbone.layers[0].mixer

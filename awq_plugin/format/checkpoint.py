@@ -587,7 +587,8 @@ def _meta_model(config: Mapping[str, Any]) -> tuple[torch.nn.Module, Any] | None
         with torch.device("meta"):  # a VLM's checkpoint holds the whole model, not its text part
             model = auto_model_class(hf_config).from_config(hf_config)
         # MoE: transformers' fused experts become the per-expert layers checkpoints store.
-        names = unfuse_experts_for_loading(model)
+        keep = (config.get("quantization_config") or {}).get("modules_to_not_convert") or ()
+        names = unfuse_experts_for_loading(model, keep)
     except Exception:  # an architecture transformers cannot build: fall back to the generic checks
         return None
     return model, (names.to_checkpoint_name if names is not None else str)

@@ -41,6 +41,7 @@ from awq_plugin.algorithm.awq import (
     keeping_ungroupable_in_full_precision,
 )
 from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
+from awq_plugin.algorithm.precision import keeping_full_precision_listed
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.calibration.text import CalibSource, calibration_ids
@@ -63,7 +64,7 @@ from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmH
 from awq_plugin.runtime.checkpoint_keys import renamed_reader
 from awq_plugin.runtime.modeling import build_empty_model, hf_config_from_dict
 from awq_plugin.templates import ResolvedTemplate, resolve_template
-from awq_plugin.templates.infer import find_decoder_layers, infer_template
+from awq_plugin.templates.infer import find_decoder_layers, infer_template, template_without_experts
 from awq_plugin.templates.resolve import INFER
 from awq_plugin.templates.shipped import find_shipped_template
 
@@ -91,6 +92,8 @@ class QuantizeReport:
     resumed_from_block: int
     blocks: list[dict[str, Any]] = field(default_factory=list)
     guard: dict[str, Any] | None = None  # the end-to-end check against plain rounding (pipeline.guard)
+    precision: dict[str, Any] = field(default_factory=dict)  # INT4 share of the decoder's matrix weights
+    precision_lines: list[str] = field(default_factory=list)  # its summary (PrecisionReport.lines)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +105,7 @@ class QuantizeReport:
             f"size {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB "
             f"({self.source_bytes / max(self.output_bytes, 1):.2f}x smaller)",
         ]
+        lines += self.precision_lines
         if self.resumed_from_block:
             lines.append(f"resumed after block {self.resumed_from_block - 1}")
         if self.blocks and "mse_awq" in self.blocks[0]:
@@ -146,7 +150,48 @@ def _open_source(
     reader = renamed_reader(reader, model)  # transformers' key renamings (VLM checkpoint layouts)
     if template == INFER or (template is None and not _has_shipped_template(model)):
         template = _inferred_template(model, reader)
-    return _Source(folder, config, reader, model, resolve_template(model, template))
+    resolved = resolve_template(model, template)
+    missing = _unreadable_experts(resolved, model, reader)
+    if missing is not None and resolved.name.startswith("inferred-"):
+        # Experts found in the model but not readable from the source: keep them fused (in full
+        # precision, reported) rather than fail. A reviewed template naming them is trusted and
+        # fails on the first missing tensor instead.
+        log.warning("%s", missing)
+        model = build_empty_model(hf_config, torch.float32, trust_remote_code)
+        linearize_conv1d(model)
+        reader = renamed_reader(SafetensorsReader(folder), model)
+        resolved = resolve_template(model, template_without_experts(resolved.data, missing))
+    return _Source(folder, config, reader, model, resolved)
+
+
+def _unreadable_experts(resolved: ResolvedTemplate, model: torch.nn.Module, reader: Any) -> str | None:
+    """Why the source cannot fill the unfused experts (None: it can): a checkpoint storing them
+    neither per expert under the names found nor fused (ERNIE-VL's text and vision experts share
+    one stored list)."""
+    layout = resolved.experts
+    if layout is None:
+        return None
+    layers = model.get_submodule(resolved.decoder_layers)
+    names = set(reader)
+    for i, layer in enumerate(layers):
+        if not _has_submodule(layer, layout.module):
+            continue
+        prefix = f"{resolved.decoder_layers}.{i}.{layout.module}."
+        wanted = f"{prefix}0.{layout.up}.weight"
+        if wanted not in names and f"{prefix}{layout.fused_gate_up}" not in names:
+            return (
+                f"{layout.module}: fused experts kept in full precision: the source checkpoint stores them "
+                f"neither per expert ({wanted}) nor fused ({prefix}{layout.fused_gate_up})"
+            )
+    return None
+
+
+def _has_submodule(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _has_shipped_template(model: torch.nn.Module) -> bool:
@@ -295,6 +340,7 @@ def quantize_checkpoint(
     check_output_dir(out, overwrite)
     src = _open_source(source, template, trust_remote_code)
     quant = keeping_ungroupable_in_full_precision(src.layers, src.resolved, quant)
+    quant, precision = keeping_full_precision_listed(src.layers, src.resolved, quant)
     calib_ids = _calibration_tokens(src, calib, n_samples, seq_len, options.seed, trust_remote_code)
     n_layers = len(src.layers)
     work = WorkDir(work_dir_path(out), _run_fingerprint(src, quant, method, calib_ids, options))
@@ -352,4 +398,6 @@ def quantize_checkpoint(
             if r
         ],
         guard=guard.to_dict() if guard else None,
+        precision=precision.as_dict(),
+        precision_lines=precision.lines(),
     )

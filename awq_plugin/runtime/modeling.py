@@ -187,7 +187,7 @@ def load_awq_model(
     hf_config = hf_config_from_dict(config, trust_remote_code, folder)
     model = build_empty_model(hf_config, dtype, trust_remote_code)
     # MoE: unfuse the experts so that each per-expert checkpoint layer has a module to load into.
-    names = unfuse_experts_for_loading(model)
+    names = unfuse_experts_for_loading(model, quant.modules_to_not_convert)
     to_model_name = names.from_checkpoint_name if names is not None else str
     prefixes = [to_model_name(p) for p in iter_quantized_prefixes(reader.keys())]
     swap_in_awq_linears(model, prefixes, quant.group_size, backend, dtype)

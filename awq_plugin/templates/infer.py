@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -46,9 +47,11 @@ from torch import nn
 from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
 from awq_plugin.errors import TemplateError
 from awq_plugin.models.conv1d import linearize_conv1d
+from awq_plugin.models.discover_experts import ExpertsFinding, checkpoint_expert_names, discover_experts
+from awq_plugin.models.experts import ExpertsLayout, RoutedExperts, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.layer_config import config_of_layer
-from awq_plugin.templates.schema import ScalingGroup
+from awq_plugin.templates.schema import WILDCARD, ScalingGroup
 from awq_plugin.templates.verify import FOLD_TOLERANCE, measure_group_fold
 
 logger = logging.getLogger(__name__)
@@ -204,27 +207,67 @@ class _Observation:
     not_linear: set[str] = field(default_factory=set)
 
 
+def _is_weighted_reader(module: nn.Module) -> bool:
+    """A leaf that is no linear but applies a 2-D ``weight`` to its input (an MoE router class)."""
+    weight = getattr(module, "weight", None)
+    return (
+        not isinstance(module, (nn.Linear, nn.Embedding))
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and not any(True for _ in module.children())
+    )
+
+
+def expert_input_names(path: str, layout: ExpertsLayout) -> list[str]:
+    """The per-expert linears that read a :class:`RoutedExperts` module's input, as wildcard names."""
+    readers = (layout.gate, layout.up) if layout.has_gate else (layout.up,)
+    return [f"{path}.{WILDCARD}.{name}" for name in readers]
+
+
 @torch.no_grad()
-def _observe(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> _Observation:
+def _observe(
+    block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any], experts: Mapping[str, ExpertsLayout]
+) -> _Observation:
+    """Record each linear's (and norm's) first call. An unfused experts module ``P`` counts as its
+    gate/up linears ``P.*.gate``/``P.*.up`` reading the module's input (every token, before routing)."""
     obs = _Observation([], {}, {})
     handles = []
 
-    def hook(name: str, is_linear: bool) -> Any:
+    def hook(name: str, records_input: bool) -> Any:
         def run(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if name in obs.outputs or not isinstance(out, torch.Tensor):
+            if name in obs.order:
                 return
-            obs.order.append(name)
-            obs.outputs[name] = out.detach()
-            if is_linear and args and isinstance(args[0], torch.Tensor):
+            if isinstance(out, torch.Tensor):
+                obs.outputs[name] = out.detach()
+            elif not records_input:  # a norm whose output is no tensor: nothing to fold into
+                return
+            obs.order.append(name)  # a router returning (logits, weights, indices) still reads its input
+            if records_input and args and isinstance(args[0], torch.Tensor):
                 obs.inputs[name] = args[0].detach()
-                if not _computes_linear(module, args[0], out):
+                # judged in the call: the block may change the tensors in place afterwards
+                linear = isinstance(module, nn.Linear) and isinstance(out, torch.Tensor)
+                if linear and not _computes_linear(module, args[0], out):
                     obs.not_linear.add(name)
 
         return run
 
+    def experts_hook(path: str) -> Any:
+        def run(module: nn.Module, args: tuple[Any, ...]) -> None:
+            names = expert_input_names(path, experts[path])
+            if names[0] in obs.inputs or not args or not isinstance(args[0], torch.Tensor):
+                return
+            for name in names:
+                obs.order.append(name)
+                obs.inputs[name] = args[0].detach()
+
+        return run
+
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) or _is_norm(module):
-            handles.append(module.register_forward_hook(hook(name, isinstance(module, nn.Linear))))
+        if isinstance(module, RoutedExperts) and name in experts:
+            handles.append(module.register_forward_pre_hook(experts_hook(name)))
+        elif isinstance(module, nn.Linear) or _is_norm(module) or _is_weighted_reader(module):
+            records = isinstance(module, nn.Linear) or _is_weighted_reader(module)
+            handles.append(module.register_forward_hook(hook(name, records)))
     try:
         block(hidden, **kwargs)
     finally:
@@ -233,13 +276,41 @@ def _observe(block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) 
     return obs
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]) if t.dim() else t
+
+
 def _same_object(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The very same tensor (storage, shape and strides), not merely equal values."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    """The very same tensor (storage, shape and strides), not merely equal values; a contiguous
+    tensor and its ``[-1, K]`` view (an MoE block flattens tokens before routing) count as one."""
+    if a.data_ptr() != b.data_ptr():
+        return False
+    if a.shape == b.shape and a.stride() == b.stride():
+        return True
+    return a.is_contiguous() and b.is_contiguous() and a.numel() == b.numel() and a.shape[-1:] == b.shape[-1:]
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and (_same_object(a, b) or torch.equal(a, b))
+    if a.numel() != b.numel() or a.shape[-1:] != b.shape[-1:]:
+        return False
+    return _same_object(a, b) or torch.equal(_rows(a), _rows(b))
+
+
+def _module(block: nn.Module, name: str) -> nn.Module:
+    """``block.get_submodule``, where a ``*`` (any expert) stands for expert 0."""
+    return block.get_submodule(name.replace(WILDCARD, "0"))
+
+
+def _expanded(block: nn.Module, names: Sequence[str]) -> list[str]:
+    """Names with ``*`` replaced by every expert index of the experts module before it."""
+    out: list[str] = []
+    for name in names:
+        if WILDCARD not in name:
+            out.append(name)
+            continue
+        path = name.split(f".{WILDCARD}.")[0]
+        out += [name.replace(WILDCARD, str(e)) for e in range(len(block.get_submodule(path)))]
+    return out
 
 
 def _shared_input_sets(obs: _Observation, linears: Sequence[str]) -> list[list[str]]:
@@ -263,7 +334,7 @@ def _common_parent(names: Sequence[str]) -> str:
     parts = [n.split(".")[:-1] for n in names]  # parents
     common = []
     for level in zip(*parts):
-        if len(set(level)) != 1:
+        if len(set(level)) != 1 or level[0] == WILDCARD:
             break
         common.append(level[0])
     return ".".join(common)
@@ -295,14 +366,15 @@ def _head_dim(config: Any) -> tuple[int, int] | None:
 
 
 def _proposals(block: nn.Module, obs: _Observation, layers: Sequence[str], config: Any) -> list[_Proposal]:
-    k = block.get_submodule(layers[0]).in_features
+    k = _in_features(_module(block, layers[0]))
     x = obs.inputs[layers[0]]
     first = obs.order.index(layers[0])
     out: list[_Proposal] = []
     norms = [
         n
         for n in obs.order[:first]
-        if not isinstance(block.get_submodule(n), nn.Linear)
+        if n in obs.outputs
+        and _is_norm(block.get_submodule(n))
         and block.get_submodule(n).weight.numel() == k
         and _same_tensor(obs.outputs[n], x)
     ]
@@ -310,7 +382,11 @@ def _proposals(block: nn.Module, obs: _Observation, layers: Sequence[str], confi
     for name in norms:
         out += [_Proposal(name, False, norm_offset=0.0), _Proposal(name, False, norm_offset=1.0)]
     heads = _head_dim(config)
-    linears = [n for n in reversed(obs.order[:first]) if isinstance(block.get_submodule(n), nn.Linear)]
+    linears = [
+        n
+        for n in reversed(obs.order[:first])
+        if WILDCARD not in n and isinstance(block.get_submodule(n), nn.Linear)
+    ]
     tried = 0
     for name in linears:
         if name in layers or tried >= MAX_LINEAR_CANDIDATES:
@@ -331,6 +407,10 @@ def _proposals(block: nn.Module, obs: _Observation, layers: Sequence[str], confi
             out.append(proposal)
             tried += 1
     return out
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[1]
 
 
 def _as_group(p: _Proposal, layers: Sequence[str], k: int, head_dim: int) -> ScalingGroup:
@@ -357,19 +437,39 @@ class _ProvenGroup:
 
 @torch.no_grad()
 def infer_block_groups(
-    block: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any], config: Any, seed: int = 0
-) -> tuple[list[_ProvenGroup], dict[str, str]]:
-    """Proven groups of one block (float32 copy) and, per unscaled linear, the reason.
+    block: nn.Module,
+    hidden: torch.Tensor,
+    kwargs: Mapping[str, Any],
+    config: Any,
+    seed: int = 0,
+    expert_names: Mapping[str, tuple[str, str, str]] | None = None,
+) -> tuple[list[_ProvenGroup], dict[str, str], list[ExpertsFinding]]:
+    """Proven groups of one block (float32 copy), per unscaled linear the reason, and its experts.
+
+    Fused experts are unfused first where their per-expert form is proven
+    (:func:`awq_plugin.models.discover_experts.discover_experts`); their gate/up
+    linears then join the groups of the tensor the experts module reads, under
+    wildcard names (``mlp.experts.*.gate_proj``), and each expert's up -> down
+    is tried as its own group.
 
     A linear whose observed output is not ``x @ W.T + b`` has the reason :data:`NOT_A_LINEAR`:
     an AWQ linear would compute something else, so it stays in full precision.
     """
     block = copy.deepcopy(block).float()
+    findings = discover_experts(block, expert_names, seed)
+    experts: dict[str, ExpertsLayout] = {}
+    for finding in findings:
+        if finding.layout is not None:
+            unfuse_experts(block, finding.layout)
+            experts[finding.path] = finding.layout
     inputs = BlockInputs([hidden], [dict(kwargs)]).to(torch.float32)
     hidden, kwargs = inputs.hidden_states[0], inputs.kwargs[0]
     references = [first_output(block(hidden, **kwargs))]
-    obs = _observe(block, hidden, kwargs)
-    linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    obs = _observe(block, hidden, kwargs, experts)
+    inside = tuple(path + "." for path in experts)
+    linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and not n.startswith(inside)]
+    readers = [n for n, m in block.named_modules() if _is_weighted_reader(m) and n in obs.inputs]
+    pseudo = [n for path, layout in experts.items() for n in expert_input_names(path, layout)]
     reasons = {n: "never called on the probe tokens" for n in linears if n not in obs.inputs}
     for name in [n for n in linears if n in obs.not_linear]:
         reasons[name] = NOT_A_LINEAR
@@ -377,11 +477,13 @@ def infer_block_groups(
     generator = torch.Generator().manual_seed(seed)
     heads = _head_dim(config)
     proven: list[_ProvenGroup] = []
-    for layers in _shared_input_sets(obs, linears):
-        k = block.get_submodule(layers[0]).in_features
+    for layers in _shared_input_sets(obs, linears + readers + pseudo):
+        if all(n in readers for n in layers):  # routers alone: nothing to quantize
+            continue
+        k = _in_features(_module(block, layers[0]))
         found = None
         for proposal in _proposals(block, obs, layers, config):
-            group = _as_group(proposal, layers, k, heads[1] if heads else 0)
+            group = _as_group(proposal, _expanded(block, layers), k, heads[1] if heads else 0)
             try:
                 error, observed = measure_group_fold(block, group, inputs, references, generator)
             except (RuntimeError, ValueError):  # shapes that do not fold at all
@@ -391,11 +493,54 @@ def infer_block_groups(
                 break
         if found is None:
             for name in layers:
-                reasons[name] = "no producer whose fold leaves the block output unchanged"
+                if name not in readers:
+                    reasons[name] = "no producer whose fold leaves the block output unchanged"
             continue
         inspect = _module_to_inspect(block, layers, found)  # "": the search runs the whole block
         proven.append(_ProvenGroup(tuple(layers), found, inspect))
-    return proven, reasons
+    proven += _expert_down_groups(block, obs, experts, inputs, references, generator, reasons)
+    return proven, reasons, findings
+
+
+MAX_EXPERT_FOLD_PROOFS = 4  # experts whose up -> down fold is measured (the others are built alike)
+
+
+def _expert_down_groups(
+    block: nn.Module,
+    obs: _Observation,
+    experts: Mapping[str, ExpertsLayout],
+    inputs: BlockInputs,
+    references: Sequence[torch.Tensor],
+    generator: torch.Generator,
+    reasons: dict[str, str],
+) -> list[_ProvenGroup]:
+    """``P.*.up -> P.*.down`` for every experts module whose measured experts all fold exactly."""
+    out = []
+    for path, layout in experts.items():
+        routed = block.get_submodule(path)
+        down = f"{path}.{WILDCARD}.{layout.down}"
+        hit = [e for e in range(len(routed)) if f"{path}.{e}.{layout.down}" in obs.inputs]
+        if not hit:
+            reasons[down] = "no probe token was routed to any expert"
+            continue
+        k = routed[hit[0]].get_submodule(layout.down).in_features
+        proposal = _Proposal(f"{path}.{WILDCARD}.{layout.up}", True)
+        exact = True
+        for e in hit[:MAX_EXPERT_FOLD_PROOFS]:
+            group = _as_group(_Proposal(f"{path}.{e}.{layout.up}", True), [f"{path}.{e}.{layout.down}"], k, 0)
+            try:
+                error, observed = measure_group_fold(block, group, inputs, references, generator)
+            except (RuntimeError, ValueError):
+                exact = False
+                break
+            if not observed or error > FOLD_TOLERANCE:
+                exact = False
+                break
+        if exact:
+            out.append(_ProvenGroup((down,), proposal, None))
+        else:
+            reasons[down] = f"the experts' {layout.gating} gating does not commute with a scale on up"
+    return out
 
 
 NOT_A_LINEAR = "kept in full precision: its forward does not compute x @ W.T + b"
@@ -467,22 +612,50 @@ def infer_template(
     per_layer: list[dict[tuple[str, ...], _ProvenGroup]] = []
     reasons: dict[str, str] = {}
     not_linear: set[str] = set()  # linears whose forward is not x @ W.T + b in some layer
+    expert_names = checkpoint_expert_names(model)
+    findings: list[list[ExpertsFinding]] = []
     for i, block in enumerate(layers):
         inputs = captured.for_layer(i)
         with layer_weights(i) if layer_weights is not None else contextlib.nullcontext():
-            proven, why = infer_block_groups(
-                block, inputs.hidden_states[0], inputs.kwargs[0], config_of_layer(config, i), seed + i
+            proven, why, found = infer_block_groups(
+                block,
+                inputs.hidden_states[0],
+                inputs.kwargs[0],
+                config_of_layer(config, i),
+                seed + i,
+                expert_names,
             )
         per_layer.append({g.layers: g for g in proven})
+        findings.append(found)
         for name, reason in why.items():
             reasons.setdefault(name, f"{reason} (decoder layer {i})")
             if reason == NOT_A_LINEAR:
                 not_linear.add(name)
+    layout, kept_fused = _experts_layout(findings)
+    with_experts = [layout is not None and any(f.path == layout.module for f in found) for found in findings]
     linear_sets = [_linear_names(layer) for layer in layers]
-    # Keep a group only where every layer holding its linears proved the same fold (every layer, in
-    # a homogeneous stack); order by the first calls.
-    held_by = _groups_by_layer(per_layer, linear_sets)
-    groups = list(held_by)
+
+    def applicable(g: _ProvenGroup) -> list[int]:
+        """Layers a group must be proven in: those with the experts for a group naming them, else
+        those holding its modules (every layer, unless a hybrid stack alternates block kinds:
+        attention, SSM or linear-attention mixers, dense or MoE feed-forward)."""
+        if any(WILDCARD in n for n in (g.proposal.prev_op, *g.layers)):
+            return [i for i, has in enumerate(with_experts) if has]
+        return [i for i, layer in enumerate(layers) if all(_has_module(layer, n) for n in g.layers)]
+
+    # Keep a group only where every layer it applies to proved the same fold; order by first call.
+    candidates: dict[tuple[str, ...], _ProvenGroup] = {}
+    for i, layer_groups in enumerate(per_layer):
+        for g in layer_groups.values():
+            if g.layers not in candidates and i == (applicable(g) or [-1])[0]:
+                candidates[g.layers] = g
+    groups = [
+        g
+        for g in candidates.values()
+        if (layout is not None or not any(WILDCARD in n for n in g.layers))
+        and applicable(g)
+        and all(per_layer[i].get(g.layers) == g for i in applicable(g))
+    ]
     offsets = {g.proposal.norm_offset for g in groups if not g.proposal.prev_is_linear}
     offset = 0.0
     if len(offsets) > 1:  # one offset per template: keep the norms that agree with the majority
@@ -516,9 +689,31 @@ def infer_template(
             f"{type(model).__name__}: {partial} do not compute x @ W.T + b and exist in only some decoder "
             "layers, so an inferred template cannot keep them in full precision; pass a template"
         )
-    groups = [g for g in groups if not set(g.layers) & unpackable_anywhere]
+    # a linear that cannot pack in a layer where it cannot be listed as not quantized: no group
+    groups = [g for g in groups if not set(g.layers) & (unpackable_anywhere - set(unpackable))]
+    n_experts = _experts_count(layers, layout)
+    routers = sorted(
+        {
+            n
+            for g in groups
+            if any(WILDCARD in m for m in g.layers)
+            for n in g.layers
+            if _is_router(layers, with_experts, n, n_experts)
+        }
+    )
+    layer_configs = [config_of_layer(config, i) for i in range(len(layers))]
+    json_groups = []
+    for g in groups:
+        readers = [
+            n for n in g.layers if n in unpackable or n in routers or not _is_linear_somewhere(layers, n)
+        ]
+        if len(readers) < len(g.layers):
+            held_by = applicable(g)
+            held_by = None if len(held_by) == len(layers) or any(WILDCARD in n for n in g.layers) else held_by
+            json_groups.append(_group_json(g, layer_configs, readers, layout, held_by))
+    groups = [g for g in groups if any(n not in unpackable and n not in routers for n in g.layers)]
     report = InferenceReport(proven=[f"{g.proposal.prev_op} -> {', '.join(g.layers)}" for g in groups])
-    scaled = {name for g in groups for name in g.layers}
+    scaled = {name for g in groups for name in g.layers if name not in unpackable and name not in routers}
     for name in all_linears:
         if name in not_linear:
             report.reasons[name] = NOT_A_LINEAR
@@ -543,15 +738,21 @@ def infer_template(
         "model_types": [model_type] if model_type else [],
         "model_decoder_layers": layers_path,
         "non_layer_modules": non_layer,
-        "scaling_layers": [
-            _group_json(g, [config_of_layer(config, i) for i in range(len(layers))], held_by[g])
-            for g in groups
-        ],
+        "scaling_layers": json_groups,
         # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
         # resolver quantizes any other unscaled linear too, and logs it.
-        "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)],
-        "not_quantized": unpackable,
+        "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)]
+        + _unscaled_expert_linears(layout, scaled),
+        "not_quantized": unpackable
+        + [r for r in routers if r not in unpackable and _is_linear_somewhere(layers, r)],
         "norm_weight_offset": offset,
+        "experts": layout.as_dict() if layout is not None else None,
+        # How the family's checkpoints spell the MoE block (PhiMoE: block_sparse_moe), so that the
+        # experts' AWQ tensors carry the names vLLM's loader reads.
+        "checkpoint_names": _moe_checkpoint_names(model, layers_path, layout),
+        "unsupported": [
+            f"{path}: fused experts kept in full precision: {why}" for path, why in kept_fused.items()
+        ],
         "notes": "Inferred from the model's data flow; every fold proven numerically. Unscaled: "
         + ("; ".join(f"{n}: {r}" for n, r in report.reasons.items()) or "none"),
     }
@@ -562,26 +763,16 @@ def _linear_names(block: nn.Module) -> list[str]:
     return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _groups_by_layer(
-    per_layer: Sequence[Mapping[tuple[str, ...], _ProvenGroup]], linear_sets: Sequence[Sequence[str]]
-) -> dict[_ProvenGroup, list[int] | None]:
-    """Each group proven alike in every decoder layer that holds all its linears -> those layers
-    (None: every layer), in first-call order.
-
-    Hybrid stacks alternate block kinds (attention, SSM or linear-attention mixers, dense or MoE
-    feed-forward): a group is judged in the layers of its kind. In a homogeneous stack every layer
-    holds every linear, so a group must be proven in all of them, as before.
-    """
-    out: dict[_ProvenGroup, list[int] | None] = {}
-    seen: set[tuple[str, ...]] = set()
-    for proven in per_layer:
-        for key, group in proven.items():
-            if key in seen:
-                continue
-            seen.add(key)
-            holders = [j for j, names in enumerate(linear_sets) if set(key) <= set(names)]
-            if all(per_layer[j].get(key) == group for j in holders):
-                out[group] = None if len(holders) == len(per_layer) else holders
+def template_without_experts(template: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """``template`` with its experts left fused (no ``experts``, no group or list naming them)."""
+    out = copy.deepcopy(dict(template))
+    out["experts"] = None
+    out["scaling_layers"] = [
+        g for g in out["scaling_layers"] if not any(WILDCARD in n for n in (g["prev_op"], *g["layers"]))
+    ]
+    for key in ("unscaled", "not_quantized", "clip_skip"):
+        out[key] = [n for n in out.get(key, []) if WILDCARD not in n]
+    out["unsupported"] = [*out.get("unsupported", []), reason]
     return out
 
 
@@ -602,15 +793,30 @@ def _config_kv_repeat(config: Any) -> int | None:
     return heads // kv if heads and kv and heads % kv == 0 else None
 
 
-def _group_json(g: _ProvenGroup, layer_configs: Sequence[Any], held_by: list[int] | None) -> dict[str, Any]:
+def _group_json(
+    g: _ProvenGroup,
+    layer_configs: Sequence[Any],
+    readers: Sequence[str] = (),
+    layout: ExpertsLayout | None = None,
+    held_by: list[int] | None = None,
+) -> dict[str, Any]:
     """The group as template JSON; ``layer_configs``: each decoder layer's config; ``held_by``: the
     decoder layers it applies to (None: all)."""
-    out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": list(g.layers), "inp": g.layers[0]}
+    layers = [n for n in g.layers if n not in readers]
+    naming_experts = layout is not None and any(n.startswith(f"{layout.module}.{WILDCARD}.") for n in layers)
+    # Experts' gate/up read the experts module's input (every token): its statistics are theirs.
+    inp = layout.module if naming_experts and WILDCARD not in g.proposal.prev_op else layers[0]
+    out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": layers, "inp": inp}
     if held_by is not None:
         out["decoder_layers"] = held_by
         layer_configs = [layer_configs[i] for i in held_by]
-    if g.module2inspect is not None:
-        out["module2inspect"] = g.module2inspect
+    if readers:
+        out["unquantized_readers"] = list(readers)
+    inspect = g.module2inspect
+    if inspect is None and len(layers) > 1:
+        inspect = _common_parent(layers)
+    if inspect is not None:
+        out["module2inspect"] = inspect
     if g.proposal.kv_repeat > 1:
         # The resolver reads the head ratio from each layer's config; where the config's names do
         # not give the proven ratio in every layer (Falcon's multi_query), the template states it.
@@ -621,4 +827,88 @@ def _group_json(g: _ProvenGroup, layer_configs: Sequence[Any], held_by: list[int
     return out
 
 
-__all__ = ["InferenceReport", "find_decoder_layers", "find_non_layer_modules", "infer_template"]
+def _experts_layout(
+    findings: Sequence[Sequence[ExpertsFinding]],
+) -> tuple[ExpertsLayout | None, dict[str, str]]:
+    """The one experts layout proven in every layer that has its module, and the modules kept fused."""
+    kept: dict[str, str] = {}
+    by_path: dict[str, list[ExpertsFinding]] = {}
+    for i, found in enumerate(findings):
+        for f in found:
+            by_path.setdefault(f.path, []).append(f)
+            if f.layout is None:
+                kept.setdefault(f.path, f"{f.reason} (decoder layer {i})")
+    chosen = None
+    for path, found in by_path.items():
+        if path in kept:
+            continue
+        layouts = {f.layout for f in found}
+        if len(layouts) != 1:
+            kept[path] = "its layers store the experts in different layouts"
+        elif chosen is not None:
+            kept[path] = f"a second experts module per layer (beside {chosen.module}) is not supported yet"
+        else:
+            chosen = layouts.pop()
+    if chosen is not None:
+        every = len(by_path[chosen.module]) == len(findings)
+        chosen = dataclasses.replace(chosen, every_layer=every)
+    return chosen, kept
+
+
+def _unscaled_expert_linears(layout: ExpertsLayout | None, scaled: set[str]) -> list[str]:
+    if layout is None:
+        return []
+    names = [f"{layout.module}.{WILDCARD}.{n}" for n in layout.linear_names]
+    return [n for n in names if n not in scaled]
+
+
+def _moe_checkpoint_names(model: nn.Module, layers_path: str, layout: ExpertsLayout | None) -> dict[str, str]:
+    if layout is None:
+        return {}
+    from awq_plugin.runtime.checkpoint_keys import layer_prefix_renames
+
+    return layer_prefix_renames(model, layers_path, within=layout.module.rpartition(".")[0] or layout.module)
+
+
+def _experts_count(layers: nn.ModuleList, layout: ExpertsLayout | None) -> int:
+    if layout is None:
+        return 0
+    for layer in layers:
+        if _has_module(layer, layout.module):
+            module = layer.get_submodule(layout.module)
+            tensor = getattr(module, layout.fused_gate_up, None)
+            return len(module) if isinstance(module, RoutedExperts) else int(tensor.shape[0])
+    return 0
+
+
+def _is_router(layers: nn.ModuleList, with_experts: Sequence[bool], name: str, n_experts: int) -> bool:
+    """A module reading the experts' input with one output per expert: it routes, it stays in full precision."""
+    if WILDCARD in name:
+        return False
+    for layer, has in zip(layers, with_experts):
+        if has and _has_module(layer, name):
+            module = layer.get_submodule(name)
+            rows = (
+                module.out_features
+                if isinstance(module, nn.Linear)
+                else getattr(module, "weight", None).shape[0]
+            )
+            return rows == n_experts
+    return False
+
+
+def _is_linear_somewhere(layers: nn.ModuleList, name: str) -> bool:
+    if WILDCARD in name:
+        return True
+    return any(
+        _has_module(layer, name) and isinstance(layer.get_submodule(name), nn.Linear) for layer in layers
+    )
+
+
+__all__ = [
+    "InferenceReport",
+    "find_decoder_layers",
+    "find_non_layer_modules",
+    "infer_template",
+    "template_without_experts",
+]

@@ -42,11 +42,18 @@ def _expand_all(names: Sequence[str], n_experts: int) -> list[str]:
     return out
 
 
-def _expand_groups(groups: Sequence[Mapping[str, Any]], n_experts: int) -> list[tuple[str, dict[str, Any]]]:
-    """(field for messages, group) with the expert wildcards expanded for ``n_experts`` experts."""
+def _expand_groups(
+    groups: Sequence[Mapping[str, Any]], n_experts: int, with_experts: bool = True
+) -> list[tuple[str, dict[str, Any]]]:
+    """(field for messages, group) with the expert wildcards expanded for ``n_experts`` experts.
+
+    ``with_experts`` False (a layer without the experts module): groups naming experts are left out.
+    """
     out: list[tuple[str, dict[str, Any]]] = []
     for gi, group in enumerate(groups):
         field = f"scaling_layers[{gi}]"
+        if not with_experts and any(WILDCARD in n for n in (group["prev_op"], *group["layers"])):
+            continue
         if WILDCARD in group["prev_op"]:
             for e in range(n_experts):
                 spec = dict(group)
@@ -122,6 +129,8 @@ def resolve_template(
     layout = ExpertsLayout(**data["experts"]) if data["experts"] is not None else None
     if layout is not None:
         for i, layer in enumerate(layers):
+            if not layout.every_layer and not _has_module(layer, layout.module):
+                continue  # a dense layer of a model whose other layers route to experts
             _find_module(
                 layer, layout.module, where, "experts.module", f"decoder layer {i} ({type(layer).__name__})"
             )
@@ -215,18 +224,29 @@ def _resolve_block(
     layout: ExpertsLayout | None = None,
 ) -> BlockTemplate:
     context = f"decoder layer {index} ({type(layer).__name__})"
-    n_experts = len(layer.get_submodule(layout.module)) if layout is not None else 0
+    has_experts = layout is not None and _has_module(layer, layout.module)
+    n_experts = len(layer.get_submodule(layout.module)) if has_experts else 0
     all_linears = [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
     lists = {
         field: _expand_all(data[field], n_experts) for field in ("not_quantized", "unscaled", "clip_skip")
     }
+    if layout is not None and not has_experts:  # a dense layer has no router to keep
+        routers = {
+            r
+            for g in data["scaling_layers"]
+            if any(WILDCARD in n for n in g["layers"])
+            for r in g["unquantized_readers"]
+        }
+        lists["not_quantized"] = [n for n in lists["not_quantized"] if n not in routers]
     for field, names in lists.items():
         for i, name in enumerate(names):
             _find_linear(layer, name, where, f"{field}[{i}]", context)
     not_quantized = set(lists["not_quantized"])
     groups = []
     scaled: dict[str, str] = {}
-    for field, spec in _expand_groups(data["scaling_layers"], n_experts):
+    # Groups naming experts ('*') apply to the layers that have them (all of them unless the
+    # layout says otherwise).
+    for field, spec in _expand_groups(data["scaling_layers"], n_experts, with_experts=has_experts):
         if spec["decoder_layers"] is not None and index not in spec["decoder_layers"]:
             continue  # a hybrid stack's group of another block kind
         group = _resolve_group(layer, spec, field, data, config, where, context)
@@ -244,7 +264,8 @@ def _resolve_block(
             scaled[name] = field
         for name in group.readers:
             module = layer.get_submodule(name)
-            if isinstance(module, nn.Linear) and name not in not_quantized:
+            packable = isinstance(module, nn.Linear) and module.out_features % PACK_FACTOR == 0
+            if packable and name not in not_quantized:
                 raise TemplateError(
                     f"architecture template {where}: '{name}' is an unquantized reader of {field} but is "
                     "not listed in 'not_quantized'; list it there, or move it to the group's layers"
@@ -282,8 +303,16 @@ def _resolve_block(
         linears=linears,
         clip_skip=frozenset(lists["clip_skip"]),
         unscaled=unscaled,
-        experts=(layout.module,) if layout is not None else (),
+        experts=(layout.module,) if has_experts else (),
     )
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _find_linear(layer: nn.Module, name: str, where: str, field: str, context: str) -> nn.Linear:

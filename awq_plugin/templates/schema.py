@@ -137,7 +137,7 @@ from typing import Any
 import torch
 
 from awq_plugin.errors import TemplateError
-from awq_plugin.models.experts import ExpertsLayout
+from awq_plugin.models.experts import CALLS, GATINGS, ExpertsLayout
 
 REQUIRED_ROLES = ("embed_tokens", "lm_head")
 DEFAULT_CONFIG_KEYS = {
@@ -175,15 +175,22 @@ _GROUP_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
     "unquantized_readers": ((list,), False, []),
     "decoder_layers": ((list, type(None)), False, None),
 }
-# "experts" field -> (required?, default)
-_EXPERTS_FIELDS: dict[str, tuple[bool, str | None]] = {
-    "module": (True, None),
-    "gate": (True, None),
-    "up": (True, None),
-    "down": (True, None),
-    "fused_gate_up": (False, "gate_up_proj"),
-    "fused_down": (False, "down_proj"),
-    "activation": (False, "act_fn"),
+# "experts" field -> (accepted types, required?, default); see ExpertsLayout for their meaning
+_EXPERTS_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
+    "module": ((str,), True, None),
+    "gate": ((str,), True, None),
+    "up": ((str,), True, None),
+    "down": ((str,), True, None),
+    "fused_gate_up": ((str,), False, "gate_up_proj"),
+    "fused_down": ((str,), False, "down_proj"),
+    "activation": ((str,), False, "act_fn"),
+    "transposed": ((bool,), False, False),
+    "interleaved": ((bool,), False, False),
+    "gate_up_bias": ((str, type(None)), False, None),
+    "down_bias": ((str, type(None)), False, None),
+    "gating": ((str,), False, "act_mul"),
+    "call": ((str,), False, "routed"),
+    "every_layer": ((bool,), False, True),
 }
 WILDCARD = "*"  # stands for the expert index in names
 _STRING_LIST_FIELDS = (
@@ -381,23 +388,21 @@ def validate_template_data(data: Any, source: str) -> dict[str, Any]:
     return out
 
 
-def _validate_experts(experts: Mapping[str, Any], source: str) -> dict[str, str]:
+def _validate_experts(experts: Mapping[str, Any], source: str) -> dict[str, Any]:
+    if not isinstance(experts, Mapping):
+        raise _error(source, "experts", f"must be an object, got {type(experts).__name__}")
     unknown = sorted(set(experts) - set(_EXPERTS_FIELDS))
     if unknown:
         raise _error(
             source, f"experts.{unknown[0]}", f"is not an experts field; known: {sorted(_EXPERTS_FIELDS)}"
         )
-    out = {}
-    for key, (required, default) in _EXPERTS_FIELDS.items():
-        if key not in experts:
-            if required:
-                raise _error(source, f"experts.{key}", "is missing")
-            out[key] = default
-            continue
-        value = experts[key]
-        if not isinstance(value, str) or not value or WILDCARD in value:
+    out = _check_fields(experts, _EXPERTS_FIELDS, source, prefix="experts.")
+    for key, value in out.items():
+        if isinstance(value, str) and (not value or WILDCARD in value):
             raise _error(source, f"experts.{key}", f"must be a non-empty name without '*', got {value!r}")
-        out[key] = value
+    for key, allowed in (("gating", GATINGS), ("call", CALLS)):
+        if out[key] not in allowed:
+            raise _error(source, f"experts.{key}", f"must be one of {list(allowed)}, got {out[key]!r}")
     if len({out["gate"], out["up"], out["down"]}) != 3:
         raise _error(
             source,

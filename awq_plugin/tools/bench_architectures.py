@@ -433,12 +433,17 @@ def run_one(
             template, _ = infer_template(model)
             row["template"] = "inferred"
         row["scaled_linears"], row["rounded_linears"] = _count_linears(template, model)
-        # Experts transformers keeps fused in 3-D parameters are only quantized where a shipped
-        # template splits them into linears; elsewhere they stay in full precision: say so.
+        # Experts transformers keeps fused in 3-D parameters are unfused by the template's
+        # resolution (above) where their per-expert form is proven; those still fused stay in
+        # full precision: say so.
+        from awq_plugin.models.discover_experts import fused_expert_modules
+
         row["fp_fused_expert_tensors"] = sum(
             1
-            for name, p in model.named_parameters()
-            if p.dim() == 3 and "expert" in name and name.startswith(template["model_decoder_layers"])
+            for layer in model.get_submodule(template["model_decoder_layers"])
+            for module in fused_expert_modules(layer).values()
+            for p in module.parameters(recurse=False)
+            if p.dim() == 3
         )
         step = "quantize"
         from awq_plugin.api import quantize

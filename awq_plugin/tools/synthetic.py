@@ -45,6 +45,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     ),
+    # A wide mixture of experts (OLMoE's layout, transformers keeps the experts fused): 64
+    # experts per block, 8 routed per token. One block's experts are 25M weights (100 MiB in
+    # fp32); the quantizer's peak must not grow with the number of such blocks.
+    "olmoe-64x": dict(
+        model_type="olmoe",
+        hidden_size=512,
+        intermediate_size=256,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_experts=64,
+        num_experts_per_tok=8,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
     # The TinyLlama-1.1B shape: weights (2.2 GB in bf16) far exceed the 260 MiB L3.
     "llama-1.1b": dict(
         model_type="llama",

@@ -2,7 +2,8 @@
 
 Usage: VLLM_ENABLE_V1_MULTIPROCESSING=0 python vllm_generate_models.py REQUEST.json RESULT.json
 REQUEST: {"runs": [{"model": dir, "prompts": [[token ids], ...], "max_tokens": n,
-                    "dtype": "float32", "logprobs": 2, "env": {NAME: value}}, ...]}
+                    "dtype": "float32", "logprobs": 2, "ignore_eos": false,
+                    "env": {NAME: value}}, ...]}
 RESULT:  {"runs": [{"model": dir, "tokens": [[...], ...], "logprobs": [[{token: logprob}, ...], ...]}, ...]}
 
 With the engine in-process (the variable above) and the single-process executor, vLLM
@@ -38,7 +39,10 @@ def main() -> int:
             seed=0,
         )
         params = SamplingParams(
-            temperature=0.0, max_tokens=run["max_tokens"], logprobs=run.get("logprobs", 2)
+            temperature=0.0,
+            max_tokens=run["max_tokens"],
+            logprobs=run.get("logprobs", 2),
+            ignore_eos=run.get("ignore_eos", False),
         )
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], params)
         tokens, logprobs = [], []

@@ -1,0 +1,199 @@
+"""Fused MoE experts found in every family the architecture sweep builds, and their per-expert form proven.
+
+Each family is built as the sweep builds it (``tools.bench_architectures._shrink``: hidden 64, 2
+layers, 4 experts, random weights). For every fused experts module of every decoder layer, the
+per-expert form derived by :mod:`awq_plugin.models.discover_experts` must reproduce the fused
+module on random tokens and random routing (relative error at float32 rounding), or the family
+must be one of the few whose experts are documented as unprovable (kept in full precision,
+listed in the README). Planted defects (a layout with gate and up swapped, interleaved read as
+concatenated, the wrong transposition) must fail the same proof.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import pytest
+import torch
+
+from awq_plugin.errors import TemplateError
+from awq_plugin.models.discover_experts import (
+    PROOF_TOLERANCE,
+    checkpoint_expert_names,
+    discover_experts,
+    fused_expert_modules,
+    layout_without_proof,
+    names_for,
+    prove_unfused,
+)
+from awq_plugin.templates.infer import find_decoder_layers
+
+# (mapping, model_type) of every family the sweep builds with fused 3-D experts in its decoder
+# layers (transformers 5.19). tests/test_expert_discovery.py::test_family_list_is_complete checks
+# the list against every buildable type (make test-all).
+MOE_FAMILIES = [
+    ("causal-lm", t)
+    for t in [
+        "afmoe",
+        "aria_text",
+        "axk1",
+        "axk2",
+        "cohere2_moe",
+        "deepseek_v2",
+        "deepseek_v32",
+        "deepseek_v4",
+        "ernie4_5_moe",
+        "exaone_moe",
+        "flex_olmo",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "glm_moe_dsa",
+        "gpt_oss",
+        "granitemoe",
+        "granitemoe_swa",
+        "granitemoehybrid",
+        "granitemoeshared",
+        "hy_v3",
+        "jamba",
+        "jetmoe",
+        "kimi_linear",
+        "llama4_text",
+        "longcat_flash",
+        "mellum",
+        "mimo_v2_flash",
+        "minimax",
+        "minimax_m2",
+        "minimax_m3_vl_text",
+        "mixtral",
+        "nemotron_h",
+        "olmoe",
+        "phimoe",
+        "qwen2_moe",
+        "qwen3_5_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        "solar_open",
+    ]
+] + [
+    ("image-text-to-text", t)
+    for t in [
+        "aria",
+        "ernie4_5_vl_moe",
+        "glm4v_moe",
+        "llama4",
+        "minimax_m3_vl",
+        "qwen3_omni_moe_thinker",
+        "qwen3_vl_moe",
+    ]
+]
+
+# Families whose experts no layout reproduces, with the reason (README: "Experts kept in full precision").
+UNPROVABLE = {
+    "jetmoe": "JetMoE's ParallelExperts take (inputs sorted by expert, expert_size), not a routing",
+    "longcat_flash": "LongCat-Flash's 'zero experts' (identity) share the routed index space",
+}
+
+
+def build_tiny(mapping: str, model_type: str) -> torch.nn.Module:
+    import transformers
+    from transformers import AutoConfig
+
+    from awq_plugin.tools.bench_architectures import _shrink
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config)
+    auto = transformers.AutoModelForCausalLM
+    if mapping == "image-text-to-text":
+        auto = transformers.AutoModelForImageTextToText
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            return auto.from_config(config).eval()
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.get_submodule(find_decoder_layers(model))
+
+
+@pytest.mark.parametrize(("mapping", "model_type"), MOE_FAMILIES, ids=[t for _, t in MOE_FAMILIES])
+def test_unfused_experts_reproduce_the_fused_module(mapping: str, model_type: str) -> None:
+    model = build_tiny(mapping, model_type)
+    names = checkpoint_expert_names(model)
+    findings = [f for layer in _layers(model) for f in discover_experts(layer, names)]
+    assert findings, f"{model_type}: no fused experts found in the decoder layers"
+    if model_type in UNPROVABLE:
+        assert all(f.layout is None and f.reason for f in findings), findings
+        return
+    for f in findings:
+        assert f.layout is not None, f"{model_type} {f.path}: {f.reason}"
+        assert f.error is not None and f.error <= PROOF_TOLERANCE
+    # A loader building the skeleton on meta (no weights to prove with) picks the same layout.
+    for layer in _layers(model):
+        for path, module in fused_expert_modules(layer).items():
+            assumed = layout_without_proof(path, module, names_for(path, names))
+            proven = next(f.layout for f in discover_experts(layer, names) if f.path == path)
+            assert assumed == proven, (model_type, path)
+
+
+def _first_experts(mapping: str, model_type: str) -> tuple[torch.nn.Module, object]:
+    model = build_tiny(mapping, model_type)
+    for layer in _layers(model):
+        for f in discover_experts(layer, checkpoint_expert_names(model)):
+            if f.layout is not None:
+                return layer.get_submodule(f.path), f.layout
+    raise AssertionError(f"{model_type}: no proven experts")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "defect"),
+    [
+        ("olmoe", {"interleaved": True}),  # concatenated gate/up read as interleaved
+        ("gpt_oss", {"interleaved": False}),  # interleaved gate/up read as concatenated
+        ("gpt_oss", {"gate_up_bias": None, "down_bias": None}),  # biases forgotten
+        ("llama4_text", {"transposed": False}),  # [E, in, out] read as [E, out, in]
+        ("deepseek_v4", {"gating": "act_mul"}),  # the clamped SwiGLU taken for a plain one
+    ],
+)
+def test_a_wrong_layout_fails_the_proof(model_type: str, defect: dict) -> None:
+    module, layout = _first_experts("causal-lm", model_type)
+    assert prove_unfused(module, layout) <= PROOF_TOLERANCE
+    wrong = dataclasses.replace(layout, **defect)
+    try:
+        error = prove_unfused(module, wrong)
+    except TemplateError as exc:  # the gate rows do not gate, or the shapes do not even fit
+        assert "do not gate" in str(exc) or "expected" in str(exc) or "Error" in str(exc), exc
+        return
+    assert error > 100 * PROOF_TOLERANCE, (model_type, defect, error)
+
+
+def test_a_large_module_is_proven_on_a_subset_of_its_experts() -> None:
+    module, layout = _first_experts("causal-lm", "olmoe")
+    assert prove_unfused(module, layout, max_bytes=0) <= PROOF_TOLERANCE  # 4 experts renumbered
+    wrong = dataclasses.replace(layout, interleaved=True)
+    with pytest.raises(TemplateError, match="do not gate"):
+        prove_unfused(module, wrong, max_bytes=0)
+
+
+@pytest.mark.full
+def test_family_list_is_complete() -> None:
+    """Every type the sweep can build whose decoder layers hold fused 3-D experts is in MOE_FAMILIES."""
+    from awq_plugin.tools.bench_architectures import model_types
+
+    listed = set(MOE_FAMILIES)
+    missing = []
+    for mapping in ("causal-lm", "image-text-to-text"):
+        for model_type in model_types(mapping):
+            try:
+                model = build_tiny(mapping, model_type)
+                layers = _layers(model)
+            except Exception:  # not buildable: not in the sweep's results either
+                continue
+            if (mapping, model_type) not in listed and any(fused_expert_modules(layer) for layer in layers):
+                missing.append((mapping, model_type))
+    assert not missing, f"MoE families the sweep builds but the test does not prove: {missing}"
