@@ -446,8 +446,29 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # dtypes a checkpoint may declare for its model
+DEFAULT_DTYPE = "float16"  # AutoAWQ's, where the source declares none
+
+
+def declared_dtype(source_config: Mapping[str, Any]) -> str:
+    """The dtype the source model declares (``dtype``, or the older ``torch_dtype``), float16 if none.
+
+    The checkpoint keeps it so that ``from_pretrained`` reloads the model in its own dtype, not
+    narrowed to float16: some models do not run in float16 at all (DeepSeek-V4 keeps its norms in
+    float32 through ``_keep_in_fp32_modules_strict``; their float32 output then meets the float16
+    weight of a linear kept in full precision). The stored tensors keep the format's types (INT4,
+    float16 for everything else); loading casts the float16 ones to the declared dtype.
+    """
+    for key in ("dtype", "torch_dtype"):
+        value = source_config.get(key)
+        name = str(value).removeprefix("torch.") if value is not None else None
+        if name in FLOAT_DTYPES:
+            return name
+    return DEFAULT_DTYPE
+
+
 def write_model_config(source_config: Mapping[str, Any], dest: Path, quant: AwqQuantConfig) -> None:
-    """Write config.json: the source's, with our ``quantization_config`` and fp16 as dtype.
+    """Write config.json: the source's, with our ``quantization_config`` and its own dtype.
 
     ``dest`` holds the checkpoint's shards already: the modules they keep in full precision
     outside the quantized layer stacks (a VLM's vision tower and projector) are added to
@@ -461,7 +482,7 @@ def write_model_config(source_config: Mapping[str, Any], dest: Path, quant: AwqQ
         if missing:
             quant = dataclasses.replace(quant, modules_to_not_convert=listed + missing)
     config["quantization_config"] = quant.to_quantization_config()
-    config["torch_dtype"] = "float16"
+    config["torch_dtype"] = declared_dtype(source_config)
     config.pop("dtype", None)
     atomic_write_json(dest / "config.json", config)
 

@@ -50,6 +50,7 @@ from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.models.discover_experts import ExpertsFinding, checkpoint_expert_names, discover_experts
 from awq_plugin.models.experts import ExpertsLayout, RoutedExperts, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
+from awq_plugin.templates.layer_config import config_of_layer
 from awq_plugin.templates.schema import WILDCARD, ScalingGroup
 from awq_plugin.templates.verify import FOLD_TOLERANCE, measure_group_fold
 
@@ -201,6 +202,9 @@ class _Observation:
     order: list[str]  # module names in first-call order
     inputs: dict[str, torch.Tensor]  # linear -> its (first call's) input
     outputs: dict[str, torch.Tensor]  # norm / linear -> its (first call's) output
+    # linears whose first call did not compute x @ W.T + b, judged in the call (the block may
+    # change the tensors in place afterwards, as Falcon's attention does)
+    not_linear: set[str] = field(default_factory=set)
 
 
 def _is_weighted_reader(module: nn.Module) -> bool:
@@ -240,6 +244,10 @@ def _observe(
             obs.order.append(name)  # a router returning (logits, weights, indices) still reads its input
             if records_input and args and isinstance(args[0], torch.Tensor):
                 obs.inputs[name] = args[0].detach()
+                # judged in the call: the block may change the tensors in place afterwards
+                linear = isinstance(module, nn.Linear) and isinstance(out, torch.Tensor)
+                if linear and not _computes_linear(module, args[0], out):
+                    obs.not_linear.add(name)
 
         return run
 
@@ -443,6 +451,9 @@ def infer_block_groups(
     linears then join the groups of the tensor the experts module reads, under
     wildcard names (``mlp.experts.*.gate_proj``), and each expert's up -> down
     is tried as its own group.
+
+    A linear whose observed output is not ``x @ W.T + b`` has the reason :data:`NOT_A_LINEAR`:
+    an AWQ linear would compute something else, so it stays in full precision.
     """
     block = copy.deepcopy(block).float()
     findings = discover_experts(block, expert_names, seed)
@@ -460,6 +471,9 @@ def infer_block_groups(
     readers = [n for n, m in block.named_modules() if _is_weighted_reader(m) and n in obs.inputs]
     pseudo = [n for path, layout in experts.items() for n in expert_input_names(path, layout)]
     reasons = {n: "never called on the probe tokens" for n in linears if n not in obs.inputs}
+    for name in [n for n in linears if n in obs.not_linear]:
+        reasons[name] = NOT_A_LINEAR
+        linears.remove(name)
     generator = torch.Generator().manual_seed(seed)
     heads = _head_dim(config)
     proven: list[_ProvenGroup] = []
@@ -529,6 +543,22 @@ def _expert_down_groups(
     return out
 
 
+NOT_A_LINEAR = "kept in full precision: its forward does not compute x @ W.T + b"
+
+
+def _computes_linear(module: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether a call with input ``x`` and output ``y`` computed ``x @ W.T + b``. An ``nn.Linear``
+    subclass may not (DeepSeek-V4's grouped ``o_a_proj`` multiplies each head group by its own
+    slice of W)."""
+    if x.shape[-1] != module.in_features:
+        return False
+    expected = nn.functional.linear(x, module.weight, module.bias)
+    if expected.shape != y.shape:
+        return False
+    scale = float(y.abs().max()) if y.numel() else 0.0
+    return torch.allclose(expected, y, rtol=1e-4, atol=1e-4 * scale)  # fp32 sums in another order
+
+
 def _module_to_inspect(block: nn.Module, layers: Sequence[str], proposal: _Proposal) -> str | None:
     """None: each layer alone; "": only the whole block would do (parallel attention and MLP
     reading one norm, as in GPT-J, Falcon, CodeGen); else the sub-module's path."""
@@ -581,26 +611,37 @@ def infer_template(
     model.train(was_training)
     per_layer: list[dict[tuple[str, ...], _ProvenGroup]] = []
     reasons: dict[str, str] = {}
+    not_linear: set[str] = set()  # linears whose forward is not x @ W.T + b in some layer
     expert_names = checkpoint_expert_names(model)
     findings: list[list[ExpertsFinding]] = []
     for i, block in enumerate(layers):
         inputs = captured.for_layer(i)
         with layer_weights(i) if layer_weights is not None else contextlib.nullcontext():
             proven, why, found = infer_block_groups(
-                block, inputs.hidden_states[0], inputs.kwargs[0], config, seed + i, expert_names
+                block,
+                inputs.hidden_states[0],
+                inputs.kwargs[0],
+                config_of_layer(config, i),
+                seed + i,
+                expert_names,
             )
         per_layer.append({g.layers: g for g in proven})
         findings.append(found)
         for name, reason in why.items():
             reasons.setdefault(name, f"{reason} (decoder layer {i})")
+            if reason == NOT_A_LINEAR:
+                not_linear.add(name)
     layout, kept_fused = _experts_layout(findings)
     with_experts = [layout is not None and any(f.path == layout.module for f in found) for found in findings]
+    linear_sets = [_linear_names(layer) for layer in layers]
 
     def applicable(g: _ProvenGroup) -> list[int]:
-        """Layers a group must be proven in: all, or those with the experts for a group naming them."""
+        """Layers a group must be proven in: those with the experts for a group naming them, else
+        those holding its modules (every layer, unless a hybrid stack alternates block kinds:
+        attention, SSM or linear-attention mixers, dense or MoE feed-forward)."""
         if any(WILDCARD in n for n in (g.proposal.prev_op, *g.layers)):
             return [i for i, has in enumerate(with_experts) if has]
-        return list(range(len(per_layer)))
+        return [i for i, layer in enumerate(layers) if all(_has_module(layer, n) for n in g.layers)]
 
     # Keep a group only where every layer it applies to proved the same fold; order by first call.
     candidates: dict[tuple[str, ...], _ProvenGroup] = {}
@@ -626,15 +667,30 @@ def infer_template(
         groups = [g for g in groups if g.proposal.prev_is_linear or g.proposal.norm_offset == offset]
     elif offsets:
         offset = offsets.pop()
-    first_linears = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    # Every decoder layer's linears, in first-seen order (hybrid stacks alternate block kinds).
+    all_linears = list(dict.fromkeys(n for names in linear_sets for n in names))
     # Output rows pack PACK_FACTOR to an int32: a linear with fewer or a remainder (a router
     # over 4 experts) stays in full precision, and no group may scale it.
-    unpackable = [
+    unpackable_anywhere = {
         n
-        for n in first_linears
-        if all(_has_module(layer, n) for layer in layers)
-        and layers[0].get_submodule(n).out_features % PACK_FACTOR != 0
+        for n in all_linears
+        if any(
+            n in names and layer.get_submodule(n).out_features % PACK_FACTOR
+            for layer, names in zip(layers, linear_sets)
+        )
+    }
+    unpackable_anywhere |= not_linear  # an AWQ linear would compute something else
+    unpackable = [
+        n for n in all_linears if n in unpackable_anywhere and all(n in names for names in linear_sets)
     ]
+    partial = sorted(not_linear - set(unpackable))
+    if partial:  # not_quantized names a linear in every layer; quantizing these would be wrong
+        raise TemplateError(
+            f"{type(model).__name__}: {partial} do not compute x @ W.T + b and exist in only some decoder "
+            "layers, so an inferred template cannot keep them in full precision; pass a template"
+        )
+    # a linear that cannot pack in a layer where it cannot be listed as not quantized: no group
+    groups = [g for g in groups if not set(g.layers) & (unpackable_anywhere - set(unpackable))]
     n_experts = _experts_count(layers, layout)
     routers = sorted(
         {
@@ -645,18 +701,23 @@ def infer_template(
             if _is_router(layers, with_experts, n, n_experts)
         }
     )
+    layer_configs = [config_of_layer(config, i) for i in range(len(layers))]
     json_groups = []
     for g in groups:
         readers = [
             n for n in g.layers if n in unpackable or n in routers or not _is_linear_somewhere(layers, n)
         ]
         if len(readers) < len(g.layers):
-            json_groups.append(_group_json(g, config, readers, layout))
+            held_by = applicable(g)
+            held_by = None if len(held_by) == len(layers) or any(WILDCARD in n for n in g.layers) else held_by
+            json_groups.append(_group_json(g, layer_configs, readers, layout, held_by))
     groups = [g for g in groups if any(n not in unpackable and n not in routers for n in g.layers)]
     report = InferenceReport(proven=[f"{g.proposal.prev_op} -> {', '.join(g.layers)}" for g in groups])
     scaled = {name for g in groups for name in g.layers if name not in unpackable and name not in routers}
-    for name in first_linears:
-        if name in unpackable:
+    for name in all_linears:
+        if name in not_linear:
+            report.reasons[name] = NOT_A_LINEAR
+        elif name in unpackable_anywhere:
             report.reasons[name] = f"kept in full precision: {PACK_FACTOR} does not divide its output rows"
         elif name not in scaled:
             report.unscaled.append(name)
@@ -667,7 +728,7 @@ def infer_template(
             "and rounding without an AWQ scale",
             type(model).__name__,
             layers_path,
-            first_linears[:8],
+            all_linears[:8],
         )
     architectures = list(getattr(config, "architectures", None) or [type(model).__name__])
     model_type = getattr(config, "model_type", None)
@@ -696,6 +757,10 @@ def infer_template(
         + ("; ".join(f"{n}: {r}" for n, r in report.reasons.items()) or "none"),
     }
     return template, report
+
+
+def _linear_names(block: nn.Module) -> list[str]:
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
 def template_without_experts(template: Mapping[str, Any], reason: str) -> dict[str, Any]:
@@ -729,13 +794,22 @@ def _config_kv_repeat(config: Any) -> int | None:
 
 
 def _group_json(
-    g: _ProvenGroup, config: Any, readers: Sequence[str] = (), layout: ExpertsLayout | None = None
+    g: _ProvenGroup,
+    layer_configs: Sequence[Any],
+    readers: Sequence[str] = (),
+    layout: ExpertsLayout | None = None,
+    held_by: list[int] | None = None,
 ) -> dict[str, Any]:
+    """The group as template JSON; ``layer_configs``: each decoder layer's config; ``held_by``: the
+    decoder layers it applies to (None: all)."""
     layers = [n for n in g.layers if n not in readers]
     naming_experts = layout is not None and any(n.startswith(f"{layout.module}.{WILDCARD}.") for n in layers)
     # Experts' gate/up read the experts module's input (every token): its statistics are theirs.
     inp = layout.module if naming_experts and WILDCARD not in g.proposal.prev_op else layers[0]
     out: dict[str, Any] = {"prev_op": g.proposal.prev_op, "layers": layers, "inp": inp}
+    if held_by is not None:
+        out["decoder_layers"] = held_by
+        layer_configs = [layer_configs[i] for i in held_by]
     if readers:
         out["unquantized_readers"] = list(readers)
     inspect = g.module2inspect
@@ -744,9 +818,10 @@ def _group_json(
     if inspect is not None:
         out["module2inspect"] = inspect
     if g.proposal.kv_repeat > 1:
-        # The resolver reads the head ratio from the config; where the config's names do not
-        # give the proven ratio (Falcon's multi_query), the template states it.
-        out["repeat_kv"] = True if _config_kv_repeat(config) == g.proposal.kv_repeat else g.proposal.kv_repeat
+        # The resolver reads the head ratio from each layer's config; where the config's names do
+        # not give the proven ratio in every layer (Falcon's multi_query), the template states it.
+        from_config = all(_config_kv_repeat(c) == g.proposal.kv_repeat for c in layer_configs)
+        out["repeat_kv"] = True if from_config else g.proposal.kv_repeat
     if g.proposal.fused:
         out["fused_prev_op"] = True
     return out

@@ -15,6 +15,7 @@ from awq_plugin.errors import TemplateError
 from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
+from awq_plugin.templates.layer_config import config_of_layer
 from awq_plugin.templates.schema import (
     WILDCARD,
     BlockTemplate,
@@ -114,6 +115,13 @@ def resolve_template(
             f"architecture template {where}: field 'model_decoder_layers' = {data['model_decoder_layers']!r} "
             f"is a {type(layers).__name__}, expected a non-empty nn.ModuleList of decoder layers"
         )
+    for gi, group in enumerate(data["scaling_layers"]):
+        beyond = [i for i in group["decoder_layers"] or () if i >= len(layers)]
+        if beyond:
+            raise TemplateError(
+                f"architecture template {where}: field 'scaling_layers[{gi}].decoder_layers' names layers "
+                f"{beyond}, but the model has {len(layers)} decoder layers"
+            )
     non_layer = {}
     for role, path in data["non_layer_modules"].items():
         _find_module(model, path, where, f"non_layer_modules.{role}")
@@ -129,7 +137,9 @@ def resolve_template(
             # Every AWQ step works on nn.Linear: fused 3-D expert weights become per-expert linears.
             unfuse_experts(layer, layout, f"architecture template {where}, decoder layer {i}")
     blocks = tuple(
-        _resolve_block(layer, i, f"{data['model_decoder_layers']}.{i}", data, config, where, layout)
+        _resolve_block(
+            layer, i, f"{data['model_decoder_layers']}.{i}", data, config_of_layer(config, i), where, layout
+        )
         for i, layer in enumerate(layers)
     )
     for part in data["unsupported"]:
@@ -237,6 +247,8 @@ def _resolve_block(
     # Groups naming experts ('*') apply to the layers that have them (all of them unless the
     # layout says otherwise).
     for field, spec in _expand_groups(data["scaling_layers"], n_experts, with_experts=has_experts):
+        if spec["decoder_layers"] is not None and index not in spec["decoder_layers"]:
+            continue  # a hybrid stack's group of another block kind
         group = _resolve_group(layer, spec, field, data, config, where, context)
         for name in group.layers:
             if name in scaled:

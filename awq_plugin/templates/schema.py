@@ -37,7 +37,10 @@ paths are relative to the model (``model.layers``). Fields::
                                                 #   compares; absent = the single layer;
                                                 #   "" = the decoder layer itself
           "repeat_kv": false,                   # optional, see "Grouped-query attention"
-          "fused_prev_op": false                # optional, see "Fused previous linears"
+          "fused_prev_op": false,               # optional, see "Fused previous linears"
+          "decoder_layers": [0, 2]              # optional: the decoder layers (indices) the group
+                                                #   is in; absent = every layer. Hybrid stacks
+                                                #   alternate block kinds (attention, SSM mixer)
         }
       ],
       "clip_skip": ["self_attn.q_proj", "self_attn.k_proj"],
@@ -170,6 +173,7 @@ _GROUP_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
     "repeat_kv": ((bool, int), False, False),
     "fused_prev_op": ((bool,), False, False),
     "unquantized_readers": ((list,), False, []),
+    "decoder_layers": ((list, type(None)), False, None),
 }
 # "experts" field -> (accepted types, required?, default); see ExpertsLayout for their meaning
 _EXPERTS_FIELDS: dict[str, tuple[tuple[type, ...], bool, Any]] = {
@@ -492,4 +496,14 @@ def _validate_group(group: Any, source: str, field: str) -> dict[str, Any]:
         raise _error(source, f"{field}.repeat_kv", f"must be true, false or a head ratio >= 1, got {repeat}")
     if out["module2inspect"] is None and len(out["layers"]) > 1:
         raise _error(source, f"{field}.module2inspect", "is required when a group has more than one layer")
+    indices = out["decoder_layers"]
+    if indices is not None:
+        if not indices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise _error(
+                source,
+                f"{field}.decoder_layers",
+                f"must be a non-empty list of layer indices >= 0, got {indices!r}",
+            )
+        if len(set(indices)) != len(indices):
+            raise _error(source, f"{field}.decoder_layers", f"lists a layer twice: {indices}")
     return out
