@@ -135,6 +135,7 @@ def layer_prefix_renames(model: nn.Module, layers_path: str, within: str | None 
     converters = [t for t in reverse if isinstance(t, WeightConverter)]
     prefix = layers_path + "."
     renames: dict[str, str] = {}
+    modules = {name for name, _ in model.named_modules()}
     for name, param in model.named_parameters():
         if not name.startswith(prefix):
             continue
@@ -156,6 +157,9 @@ def layer_prefix_renames(model: nn.Module, layers_path: str, within: str | None 
         else:  # one module renamed or moved (ERNIE's mlp.gate.moe_statics -> mlp.moe_statics)
             b = stored_rel.rsplit(".", 1)[0].split(".")
         key = ".".join(a)
+        layer = name[len(prefix) :].split(".", 1)[0]
+        if f"{prefix}{layer}.{'.'.join(b)}" in modules:
+            continue  # a tensor moved to another existing module (Laguna's bias), not a renamed module
         if a != b and (within is None or key == within or key.startswith(within + ".")):
             renames.setdefault(key, ".".join(b))
     return dict(sorted(renames.items(), key=lambda kv: -kv[0].count(".")))

@@ -119,7 +119,7 @@ REGENERATE_DOCS = f"awq-plugin bench architectures --from-summary {DOCS_JSON} --
 N_TOKENS = 16
 
 
-def _shrink(config: Any, seen: set[int] | None = None) -> None:
+def _shrink_fields(config: Any, seen: set[int] | None = None) -> None:
     """Set every field of ``SMALL`` the config (and its sub-configs) already has."""
     from transformers import PretrainedConfig
 
@@ -182,7 +182,100 @@ def _shrink(config: Any, seen: set[int] | None = None) -> None:
                 _shrink_mrope(config, params)
     for value in list(vars(config).values()):
         if isinstance(value, PretrainedConfig):
-            _shrink(value, seen)
+            _shrink_fields(value, seen)
+
+
+def _configs(config: Any, seen: set[int] | None = None) -> list[Any]:
+    """``config`` and its nested sub-configs."""
+    from transformers import PretrainedConfig
+
+    seen = seen if seen is not None else set()
+    if id(config) in seen:
+        return []
+    seen.add(id(config))
+    out = [config]
+    for value in list(vars(config).values()):
+        if isinstance(value, PretrainedConfig):
+            out += _configs(value, seen)
+    return out
+
+
+def _one_of_each_kind(kinds: list[Any], n: int) -> list[Any]:
+    """The first entries of ``kinds``, ``n`` or as many as it has kinds, with one of each kind."""
+    n = max(n, len(set(kinds)))
+    kept = kinds[:n]
+    missing = [k for k in dict.fromkeys(kinds) if k not in kept]
+    return kept[: n - len(missing)] + missing
+
+
+def _small(key: str, value: Any) -> Any:
+    """A per-layer override's value at the tiny size: twice the sweep's (so it still differs)."""
+    if isinstance(value, int) and not isinstance(value, bool) and key in SMALL:
+        return min(value, 2 * SMALL[key])
+    return value
+
+
+def _shrink(config: Any, seen: set[int] | None = None) -> None:
+    """Shrink ``config`` in place: every size field (:func:`_shrink_fields`) and the per-layer data of the
+    hybrid and heterogeneous families (Gemma 4's per-layer overrides re-keyed onto the tiny layer count,
+    Laguna's heads per layer, Zamba2's and Nemotron-H's block lists with one layer of each kind, Jamba's
+    attention and expert periods, Nemotron-H's shared expert and Mamba width)."""
+    heterogeneous = []
+    for cfg in _configs(config):
+        spec = cfg.__dict__.get("_heterogeneity_spec")
+        if spec is None:
+            continue
+        kinds = list(getattr(cfg, "layer_types", None) or [])
+        by_kind: dict[Any, dict[str, Any]] = {}
+        for index, overrides in spec.per_layer_overrides.items():
+            by_kind.setdefault(kinds[index] if index < len(kinds) else index, dict(overrides))
+        cfg.allow_global_per_layer_attribute_access = True  # the sweep's shrink reads them all
+        heterogeneous.append((cfg, by_kind))
+    for cfg in _configs(config):
+        blocks = getattr(cfg, "layers_block_type", None)
+        settable = not isinstance(getattr(type(cfg), "layers_block_type", None), property)  # Jamba derives it
+        if settable and isinstance(blocks, list) and len(blocks) > SMALL["num_hidden_layers"]:
+            cfg.layers_block_type = _one_of_each_kind(blocks, SMALL["num_hidden_layers"])
+            cfg.num_hidden_layers = len(cfg.layers_block_type)
+            if isinstance(getattr(cfg, "hybrid_layer_ids", None), list):
+                cfg.hybrid_layer_ids = [i for i, kind in enumerate(cfg.layers_block_type) if kind == "hybrid"]
+        if getattr(cfg, "attn_layer_period", 0) > SMALL["num_hidden_layers"]:
+            cfg.attn_layer_period, cfg.attn_layer_offset = (
+                SMALL["num_hidden_layers"],
+                SMALL["num_hidden_layers"] - 1,
+            )
+        if getattr(cfg, "expert_layer_period", 0) >= SMALL["num_hidden_layers"]:
+            cfg.expert_layer_period, cfg.expert_layer_offset = (
+                SMALL["num_hidden_layers"],
+                SMALL["num_hidden_layers"] - 1,
+            )
+        if getattr(cfg, "vocab_size_per_layer_input", 0) > SMALL["vocab_size"]:
+            cfg.vocab_size_per_layer_input = SMALL["vocab_size"]  # Gemma 4: 262144 x 256 per layer
+            cfg.hidden_size_per_layer_input = 32  # a multiple of the sweep's group size
+        if getattr(cfg, "mamba_num_heads", 0) > 8 and getattr(cfg, "mamba_head_dim", None):
+            # Nemotron-H: 128 Mamba heads of 64 make the tiny model's mixer 8192 wide (30 s a run)
+            cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size = 8, 16, 16
+        if getattr(cfg, "moe_shared_expert_intermediate_size", 0):
+            cfg.moe_shared_expert_intermediate_size = SMALL["intermediate_size"]
+    _shrink_fields(config, seen)
+    for cfg in _configs(config):
+        per_layer = getattr(cfg, "num_attention_heads_per_layer", None)
+        if isinstance(per_layer, list) and len(per_layer) != cfg.num_hidden_layers:
+            cfg.num_attention_heads_per_layer = [cfg.num_attention_heads] * cfg.num_hidden_layers
+        if getattr(cfg, "n_mamba_heads", None) and getattr(cfg, "mamba_headdim", None):
+            # Zamba2 derives these from the hidden size in __post_init__, before the shrink
+            cfg.mamba_headdim = int(cfg.mamba_expand * cfg.hidden_size) // cfg.n_mamba_heads
+            cfg.attention_hidden_size = 2 * cfg.hidden_size
+            cfg.attention_head_dim = cfg.attention_hidden_size // cfg.num_attention_heads
+    for cfg, by_kind in heterogeneous:
+        kinds = list(getattr(cfg, "layer_types", None) or [])
+        overrides = {
+            i: {key: _small(key, value) for key, value in by_kind[kind].items()}
+            for i, kind in enumerate(kinds)
+            if kind in by_kind
+        }
+        cfg.per_layer_config = overrides or None
+        cfg.allow_global_per_layer_attribute_access = False  # the code under test must not read them
 
 
 def _code_mrope_default(config: Any) -> list[int] | None:
