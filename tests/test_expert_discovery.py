@@ -197,3 +197,41 @@ def test_family_list_is_complete() -> None:
             if (mapping, model_type) not in listed and any(fused_expert_modules(layer) for layer in layers):
                 missing.append((mapping, model_type))
     assert not missing, f"MoE families the sweep builds but the test does not prove: {missing}"
+
+
+def _quantize_tiny(tmp_path, model_type: str, method: str = "rtn"):
+    from awq_plugin.api import quantize
+
+    src, out = tmp_path / "src", tmp_path / "awq"
+    build_tiny("causal-lm", model_type).save_pretrained(src)
+    ids = torch.randint(1, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    return quantize(str(src), "uint4_wo_32", ids, out_dir=out, method=method, progress=False), out
+
+
+def test_every_quantize_reports_the_int4_share_and_lists_what_stays_full_precision(tmp_path) -> None:
+    from awq_plugin.format.checkpoint import read_json
+
+    report, out = _quantize_tiny(tmp_path, "olmoe")
+    precision = report.precision
+    assert precision["int4_share"] >= 0.99, precision
+    routers = [f"model.layers.{i}.mlp.gate" for i in range(2)]
+    assert precision["full_precision"] == dict.fromkeys(routers, "MoE router (routing stays exact)")
+    assert any(line.startswith("decoder matrix weights in INT4: 99.") for line in report.precision_lines)
+    assert "decoder matrix weights in INT4" in report.render()
+    kept = read_json(out / "config.json")["quantization_config"]["modules_to_not_convert"]
+    assert kept == routers
+
+
+def test_unprovable_experts_are_kept_fused_reported_and_listed(tmp_path, monkeypatch) -> None:
+    from awq_plugin.format.checkpoint import SafetensorsReader, read_json
+    from awq_plugin.models import discover_experts as module
+
+    monkeypatch.setattr(module, "candidate_layouts", lambda path, m, names=None: ([], "no layout (planted)"))
+    report, out = _quantize_tiny(tmp_path, "olmoe")
+    assert report.precision["int4_share"] < 0.2  # attention only
+    fused = [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    for name in fused:
+        assert "no layout (planted)" in report.precision["full_precision"][name]
+    kept = read_json(out / "config.json")["quantization_config"]["modules_to_not_convert"]
+    assert set(fused) <= set(kept)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in SafetensorsReader(out)
