@@ -67,16 +67,21 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.kernels import KERNEL_ENV, kernel_name  # in vLLM the variable also accepts ``marlin``
 from awq_plugin.numerics import PER_CHANNEL, effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
+
+if TYPE_CHECKING:
+    import torch
 
 #: The name vLLM shows for our method (``ModelConfig.quantization``).
 PLUGIN_QUANT_NAME = "awq_plugin"
@@ -662,6 +667,8 @@ class _ConfigImpl:
         if isinstance(layer, RoutedExperts):
             from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
 
+            _install_expert_stacking(_current_model_type())  # gpt-oss reads its experts stacked
+
             if moe_layer_kept_full_precision(
                 prefix, self.modules_to_not_convert, layer.moe_config.num_logical_experts
             ):
@@ -1020,6 +1027,124 @@ def _loader_permutes_rotary_qk(prefix: str) -> bool:
         and prefix.endswith("self_attn.qkv_proj")
         and "vision" not in prefix
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt-oss: per-expert AWQ tensors handed to vLLM's loader stacked
+# ---------------------------------------------------------------------------------------------
+#
+# Our checkpoints store a gpt-oss expert as three AWQ linears (``mlp.experts.E.gate_proj``,
+# ``up_proj``, ``down_proj``, each with its bias), as they store every family's. vLLM 0.32's
+# gpt-oss loader has no per-expert route for AWQ names (it drops them); it hands a tensor named
+# like the MoE method's parameter to that parameter's loader whole. So, for gpt-oss models
+# only, the weights vLLM streams to the model are regrouped per layer: gate and up columns
+# interleaved as in gpt-oss's own ``gate_up_proj`` (``w13_*`` ``[E, H, 2I/8]``, scales
+# ``[E, H/G, 2I]``), down stacked (``w2_*``), biases under gpt-oss's names. Integers, zeros and
+# scales are moved, never recomputed.
+
+STACKED_EXPERT_MODEL_TYPES = ("gpt_oss",)
+_EXPERT_TENSOR = re.compile(
+    r"^(?P<prefix>.+\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\."
+    r"(?P<leaf>qweight|qzeros|scales|bias)$"
+)
+_EXPERT_LEAVES = ("qweight", "qzeros", "scales", "bias")
+_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _interleave_columns(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` twice -> ``[..., 2C]`` as g0 u0 g1 u1 ..."""
+    import torch
+
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+def _interleave_packed(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    from awq_plugin.numerics.pack import pack_int4_columns, unpack_int4_columns
+
+    return pack_int4_columns(_interleave_columns(unpack_int4_columns(gate), unpack_int4_columns(up)))
+
+
+def stack_expert_tensors(
+    weights: Iterable[tuple[str, torch.Tensor]], n_experts: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Per-expert AWQ gate/up/down tensors (and biases) regrouped as gpt-oss's loader reads them.
+
+    Every other tensor passes through in order. A layer's experts are yielded once all
+    ``n_experts`` x 3 projections x (qweight, qzeros, scales, bias) have arrived, so memory holds
+    at most the layers in flight; a checkpoint that lacks some raises, naming the first gap.
+    """
+    pending: dict[str, dict[tuple[int, str, str], torch.Tensor]] = {}
+    wanted = n_experts * len(_EXPERT_PROJECTIONS) * len(_EXPERT_LEAVES)
+    for name, tensor in weights:
+        match = _EXPERT_TENSOR.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        layer = pending.setdefault(match["prefix"], {})
+        layer[(int(match["expert"]), match["proj"], match["leaf"])] = tensor
+        if len(layer) == wanted:
+            yield from _stacked_experts(match["prefix"], pending.pop(match["prefix"]), n_experts)
+    for prefix, layer in pending.items():
+        missing = next(
+            f"{prefix}.{e}.{proj}.{leaf}"
+            for e in range(n_experts)
+            for proj in _EXPERT_PROJECTIONS
+            for leaf in _EXPERT_LEAVES
+            if (e, proj, leaf) not in layer
+        )
+        raise ValueError(
+            f"awq-plugin: the checkpoint's experts of {prefix} are incomplete: {missing} is missing"
+        )
+
+
+def _stacked_experts(
+    prefix: str, layer: dict[tuple[int, str, str], torch.Tensor], n_experts: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
+    def each(proj: str, leaf: str) -> list[torch.Tensor]:
+        return [layer[(e, proj, leaf)] for e in range(n_experts)]
+
+    for leaf in ("qweight", "qzeros"):
+        pairs = zip(each("gate_proj", leaf), each("up_proj", leaf))
+        yield f"{prefix}.w13_{leaf}", torch.stack([_interleave_packed(g, u) for g, u in pairs])
+    pairs = zip(each("gate_proj", "scales"), each("up_proj", "scales"))
+    yield f"{prefix}.w13_scales", torch.stack([_interleave_columns(g, u) for g, u in pairs])
+    for leaf in ("qweight", "qzeros", "scales"):
+        yield f"{prefix}.w2_{leaf}", torch.stack(each("down_proj", leaf))
+    pairs = zip(each("gate_proj", "bias"), each("up_proj", "bias"))
+    yield f"{prefix}.gate_up_proj_bias", torch.stack([_interleave_columns(g, u) for g, u in pairs])
+    yield f"{prefix}.down_proj_bias", torch.stack(each("down_proj", "bias"))
+
+
+def _install_expert_stacking(model_type: str | None) -> None:
+    """Wrap the gpt-oss model's ``load_weights`` with :func:`stack_expert_tensors` (once).
+
+    Called while vLLM builds a model whose config names a :data:`STACKED_EXPERT_MODEL_TYPES`
+    type with our quantization config, before its weights load.
+    """
+    if model_type not in STACKED_EXPERT_MODEL_TYPES:
+        return
+    from vllm.model_executor.models import gpt_oss
+
+    cls = gpt_oss.GptOssForCausalLM
+    if getattr(cls.load_weights, "_awq_plugin_stacking", False):
+        return
+    original = cls.load_weights
+
+    def load_weights(self: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> Any:
+        return original(self, stack_expert_tensors(weights, self.config.num_local_experts))
+
+    load_weights._awq_plugin_stacking = True  # type: ignore[attr-defined]
+    cls.load_weights = load_weights
+
+
+def _current_model_type() -> str | None:
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    model_config = getattr(vllm_config, "model_config", None)
+    return getattr(getattr(model_config, "hf_config", None), "model_type", None)
 
 
 def _cpu_kernel_ok() -> bool:

@@ -9,7 +9,9 @@ and written one AutoAWQ triple per expert and projection under the family's chec
 Then, against the reference (the checkpoint dequantized in fp32 through our loader):
 
 - transformers (``from_pretrained`` through the plugin, our CPU kernel);
-- vLLM (our plugin's MoE method, CPU kernel), one offline process serving every family;
+- vLLM (our plugin's MoE method, CPU kernel), one offline process serving every family
+  (gpt-oss's per-expert tensors regrouped as its vLLM loader reads them, stacked and
+  interleaved: ``integrations.vllm.stack_expert_tensors``);
 
 generate the reference's greedy tokens, near ties of the CPU kernel's int8 activations allowed
 (``tests/greedy.py``), and at least 95% of each decoder's matrix weights are stored in INT4.
@@ -19,7 +21,7 @@ layout for gpt-oss's experts) quantizes with exit code 0, prints the INT4 share 
 keeps in full precision, lists them in ``modules_to_not_convert``, and vLLM serves it: its MoE
 layers on vLLM's unquantized fused-MoE method, its attention on ours.
 
-Runtime: about 90 s (nine quantizations, one vLLM process); ``make test-all`` only.
+Runtime: about 2 minutes (ten quantizations, one vLLM process); ``make test-all`` only.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ FAMILIES = [
     "afmoe",
     "llama4_text",
     "granitemoe",
+    "gpt_oss",
 ]
 UNPROVEN = "gpt_oss"  # quantized with no candidate layout for its experts
 PROMPTS = [[40, 72, 83, 220, 75, 82], [83, 71, 68, 220, 66], [1, 2, 3, 4, 5, 6], [200, 14, 90, 33, 250]]
@@ -67,6 +70,8 @@ MIN_INT4_SHARE = 0.95
 
 
 def _write_source(workdir: Path, tokenizer_dir: Path, model_type: str) -> Path:
+    if (workdir / f"{model_type}-fp").exists():  # gpt-oss serves twice (INT4 and fp experts)
+        return workdir / f"{model_type}-fp"
     source = synthetic.write_model(workdir / f"{model_type}-fp", make_model(model_type), tokenizer_dir)
     if model_type in ARCHITECTURES:  # the class name real checkpoints carry (vLLM's registry)
         config = read_json(source / "config.json")

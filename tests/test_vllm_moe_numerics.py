@@ -313,3 +313,45 @@ def test_permuted_awq_tensors_dequantize_to_the_permuted_weight() -> None:
     assert not torch.equal(after, before)  # the order is not the identity
     with pytest.raises(ValueError, match="an order of 3 output channels for a layer with 48"):
         permute_awq_output_channels(t["qweight"], t["qzeros"], t["scales"], [0, 1, 2])
+
+
+def test_per_expert_awq_tensors_are_stacked_as_gpt_oss_reads_them() -> None:
+    """Our per-expert gate/up/down triples regrouped for vLLM's gpt-oss loader: the stacked w13's
+    dequantized columns are the experts' gate and up columns interleaved, w2 is each down, the
+    biases interleave the same way; other tensors pass through; a missing tensor is named."""
+    from awq_plugin.integrations.vllm import stack_expert_tensors
+    from awq_plugin.numerics.pack import AwqPacked, dequantize_packed, pack
+    from awq_plugin.numerics.quant_ref import quantize as group_quantize
+
+    generator = torch.Generator().manual_seed(0)
+    n_experts, hidden, inter, group = 3, 64, 40, 8
+    prefix = "model.layers.0.mlp.experts"
+    weights, dense = [("model.embed_tokens.weight", torch.ones(2, 2))], {}
+    for e in range(n_experts):
+        for proj, (n, k) in (
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ):
+            w = torch.randn(n, k, generator=generator)
+            packed = pack(group_quantize(w, 4, group, True))
+            dense[(e, proj)] = dequantize_packed(packed)  # (N, K)
+            for leaf in ("qweight", "qzeros", "scales"):
+                weights.append((f"{prefix}.{e}.{proj}.{leaf}", getattr(packed, leaf)))
+            weights.append((f"{prefix}.{e}.{proj}.bias", torch.randn(n, generator=generator)))
+    out = dict(stack_expert_tensors(iter(weights), n_experts))
+    assert torch.equal(out["model.embed_tokens.weight"], torch.ones(2, 2))
+    for e in range(n_experts):
+        w13 = AwqPacked(*(out[f"{prefix}.w13_{leaf}"][e] for leaf in ("qweight", "qzeros", "scales")))
+        deq = dequantize_packed(w13)  # (2I, H): gate and up rows alternate
+        assert torch.equal(deq[0::2], dense[(e, "gate_proj")]) and torch.equal(
+            deq[1::2], dense[(e, "up_proj")]
+        )
+        w2 = AwqPacked(*(out[f"{prefix}.w2_{leaf}"][e] for leaf in ("qweight", "qzeros", "scales")))
+        assert torch.equal(dequantize_packed(w2), dense[(e, "down_proj")])
+    biases = dict(weights)
+    assert torch.equal(out[f"{prefix}.gate_up_proj_bias"][1, 1::2], biases[f"{prefix}.1.up_proj.bias"])
+    assert torch.equal(out[f"{prefix}.down_proj_bias"][2], biases[f"{prefix}.2.down_proj.bias"])
+    incomplete = [(n, t) for n, t in weights if n != f"{prefix}.2.up_proj.scales"]
+    with pytest.raises(ValueError, match=r"experts\.2\.up_proj\.scales is missing"):
+        list(stack_expert_tensors(iter(incomplete), n_experts))
