@@ -44,7 +44,7 @@ from awq_plugin.runtime.qlinear import AwqLinear
 from awq_plugin.tools import synthetic
 from greedy import assert_same_or_near_tie, generate_greedy, reference_greedy, vllm_generate_models
 
-pytestmark = pytest.mark.full  # nine quantizations and a vLLM process: several minutes
+pytestmark = pytest.mark.full  # ten quantizations and a vLLM process: minutes
 
 log = logging.getLogger(__name__)
 

@@ -106,65 +106,6 @@ def _saved_names(model: nn.Module, names: set[str]) -> dict[str, str]:
     return saved
 
 
-def layer_prefix_renames(model: nn.Module, layers_path: str, within: str | None = None) -> dict[str, str]:
-    """Layer-relative module prefixes the family's checkpoints spell differently (model -> stored).
-
-    PhiMoE's model calls its MoE block ``mlp`` and its router ``mlp.router``; its checkpoints (and
-    vLLM's loader) say ``block_sparse_moe`` and ``block_sparse_moe.gate``. Read from transformers'
-    save-time renaming of the decoder layers' tensors (converted experts included, by the module
-    their stored pattern names), most specific prefix first: the ``checkpoint_names`` a template
-    would state. ``within``: only prefixes inside that layer-relative module (an MoE block).
-    Experts a family stores fused (Granite's ``input_linear``) keep the model's module name: their
-    per-expert AWQ tensors have no stored spelling to follow.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange,
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-
-        transforms = get_model_conversion_mapping(model, add_legacy=False)
-        transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
-        reverse = [t.reverse_transform() for t in transforms[::-1]]
-    except Exception:  # an older transformers, or not a PreTrainedModel
-        return {}
-    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
-    converters = [t for t in reverse if isinstance(t, WeightConverter)]
-    prefix = layers_path + "."
-    renames: dict[str, str] = {}
-    modules = {name for name, _ in model.named_modules()}
-    for name, param in model.named_parameters():
-        if not name.startswith(prefix):
-            continue
-        try:
-            stored, _pattern = rename_source_key(name, renamings, converters, reverse=True)
-        except Exception:
-            return {}
-        if not stored.startswith(prefix) or (param.dim() == 3 and ".*." not in stored):
-            continue
-        model_rel = name[len(prefix) :].split(".", 1)[1].rsplit(".", 1)[0]  # module, no layer index
-        stored_rel = stored[len(prefix) :].split(".", 1)[1]
-        a = model_rel.split(".")
-        if (
-            ".*." in stored_rel
-        ):  # fused experts stored per expert: "mlp.experts" -> "block_sparse_moe.experts"
-            b = stored_rel.split(".*.", 1)[0].split(".")
-            while len(a) > 1 and len(b) > 1 and a[-1] == b[-1]:  # the block's name is what differs
-                a, b = a[:-1], b[:-1]
-        else:  # one module renamed or moved (ERNIE's mlp.gate.moe_statics -> mlp.moe_statics)
-            b = stored_rel.rsplit(".", 1)[0].split(".")
-        key = ".".join(a)
-        layer = name[len(prefix) :].split(".", 1)[0]
-        if f"{prefix}{layer}.{'.'.join(b)}" in modules:
-            continue  # a tensor moved to another existing module (Laguna's bias), not a renamed module
-        if a != b and (within is None or key == within or key.startswith(within + ".")):
-            renames.setdefault(key, ".".join(b))
-    return dict(sorted(renames.items(), key=lambda kv: -kv[0].count(".")))
-
-
 def checkpoint_key_renamer(model: nn.Module) -> Any:
     """transformers' load-time pure key renaming for ``model`` (None when it has none).
 

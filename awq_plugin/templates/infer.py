@@ -47,7 +47,12 @@ from torch import nn
 from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
 from awq_plugin.errors import TemplateError
 from awq_plugin.models.conv1d import linearize_conv1d
-from awq_plugin.models.discover_experts import ExpertsFinding, checkpoint_expert_names, discover_experts
+from awq_plugin.models.discover_experts import (
+    ExpertsFinding,
+    checkpoint_expert_names,
+    discover_experts,
+    layer_prefix_renames,
+)
 from awq_plugin.models.experts import ExpertsLayout, RoutedExperts, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.layer_config import config_of_layer
@@ -865,8 +870,6 @@ def _unscaled_expert_linears(layout: ExpertsLayout | None, scaled: set[str]) -> 
 def _moe_checkpoint_names(model: nn.Module, layers_path: str, layout: ExpertsLayout | None) -> dict[str, str]:
     if layout is None:
         return {}
-    from awq_plugin.runtime.checkpoint_keys import layer_prefix_renames
-
     return layer_prefix_renames(model, layers_path, within=layout.module.rpartition(".")[0] or layout.module)
 
 

@@ -67,7 +67,7 @@ def _unfuse_discovered(model: nn.Module, keep_fused: Sequence[str]) -> Checkpoin
         layers_path = find_decoder_layers(model)
     except TemplateError:
         return None
-    from awq_plugin.runtime.checkpoint_keys import layer_prefix_renames
+    from awq_plugin.models.discover_experts import layer_prefix_renames
 
     names = checkpoint_expert_names(model)
     renames: dict[str, str] | None = None
