@@ -75,6 +75,12 @@ MOE_FAMILIES = [
         "qwen3_moe",
         "qwen3_next",
         "solar_open",
+        "hy_v4",
+        "inkling_text",
+        "laguna",
+        "llama4",
+        "qwen3_5_moe_text",
+        "zaya",
     ]
 ] + [
     ("image-text-to-text", t)
@@ -86,9 +92,19 @@ MOE_FAMILIES = [
         "minimax_m3_vl",
         "qwen3_omni_moe_thinker",
         "qwen3_vl_moe",
+        "glm5_next",
+        "inkling_mm_model",
+        "mistral4",
+        "nemotron_h_omni",
+        "qwen3_5_moe",
+        "step3p7",
     ]
 ]
 
+# Expert modules of otherwise proven families that stay fused (reported, full precision).
+UNPROVABLE_CLASSES = {
+    "InklingSharedExperts": "gate, up and down as three separate 3-D tensors applied to every token",
+}
 # Families whose experts no layout reproduces, with the reason (README: "Experts kept in full precision").
 UNPROVABLE = {
     "jetmoe": "JetMoE's ParallelExperts take (inputs sorted by expert, expert_size), not a routing",
@@ -125,7 +141,12 @@ def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def test_unfused_experts_reproduce_the_fused_module(mapping: str, model_type: str) -> None:
     model = build_tiny(mapping, model_type)
     names = checkpoint_expert_names(model)
-    findings = [f for layer in _layers(model) for f in discover_experts(layer, names)]
+    found = [(layer, f) for layer in _layers(model) for f in discover_experts(layer, names)]
+    findings = [
+        f
+        for layer, f in found
+        if f.layout is not None or type(layer.get_submodule(f.path)).__name__ not in UNPROVABLE_CLASSES
+    ]
     assert findings, f"{model_type}: no fused experts found in the decoder layers"
     if model_type in UNPROVABLE:
         assert all(f.layout is None and f.reason for f in findings), findings

@@ -136,9 +136,9 @@ def _weight_2d(module: nn.Module) -> bool:
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
-    return any(p.dim() == 3 for p in module.parameters(recurse=False)) and not isinstance(
-        module, nn.modules.conv._ConvNd
-    )
+    from awq_plugin.models.discover_experts import looks_like_experts
+
+    return looks_like_experts(module)
 
 
 def _kept_fused_reasons(unsupported: Sequence[str]) -> dict[str, str]:

@@ -57,11 +57,26 @@ def fused_expert_modules(layer: nn.Module) -> dict[str, nn.Module]:
     for name, module in layer.named_modules():
         if any(name == u or name.startswith(u + ".") for u in unfused):
             continue
-        if isinstance(module, nn.modules.conv._ConvNd):  # a convolution's kernel is 3-D too
-            continue
-        if any(p.dim() == 3 for p in module.parameters(recurse=False)):
+        if looks_like_experts(module):
             found[name] = module
     return found
+
+
+_EXPERT_TENSOR_NAMES = ("gate_up_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+
+
+def looks_like_experts(module: nn.Module) -> bool:
+    """A module holding routed experts fused: 3-D parameters, and either transformers' experts
+    declaration, an experts' tensor name, or "expert" in its class name. Other 3-D parameters
+    (convolution kernels, XLNet's per-head attention projections) are not experts."""
+    three_d = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    if not three_d or isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return (
+        hasattr(module, "is_transposed")
+        or any(n in _EXPERT_TENSOR_NAMES for n in three_d)
+        or "expert" in type(module).__name__.lower()
+    )
 
 
 def checkpoint_expert_names(model: nn.Module) -> dict[str, tuple[str, str, str]]:
@@ -409,6 +424,7 @@ __all__ = [
     "fused_expert_modules",
     "layer_prefix_renames",
     "layout_without_proof",
+    "looks_like_experts",
     "names_for",
     "prove_unfused",
 ]
