@@ -113,22 +113,13 @@ UNPROVABLE = {
 
 
 def build_tiny(mapping: str, model_type: str) -> torch.nn.Module:
-    import transformers
-    from transformers import AutoConfig
+    from awq_plugin.tools.bench_architectures import build_tiny_model
 
-    from awq_plugin.tools.bench_architectures import _shrink
-
-    config = AutoConfig.for_model(model_type)
-    _shrink(config)
-    auto = transformers.AutoModelForCausalLM
-    if mapping == "image-text-to-text":
-        auto = transformers.AutoModelForImageTextToText
-    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
         try:
-            return auto.from_config(config).eval()
+            return build_tiny_model(model_type, mapping)
         finally:
             logging.disable(logging.NOTSET)
 

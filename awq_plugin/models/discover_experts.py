@@ -116,6 +116,26 @@ def checkpoint_expert_names(model: nn.Module) -> dict[str, tuple[str, str, str]]
     return out
 
 
+def save_time_transforms(model: nn.Module) -> tuple[list[Any], list[Any]] | None:
+    """transformers' save-time key transforms for ``model`` as (renamings, converters), the load
+    mapping reversed (without prefix changes); None for an older transformers or no mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+
+        transforms = getattr(model, "_weight_conversions", None)
+        if transforms is None:
+            transforms = get_model_conversion_mapping(model, add_legacy=False)
+            transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
+        reverse = [t.reverse_transform() for t in transforms[::-1]]
+    except Exception:  # an older transformers, or not a PreTrainedModel
+        return None
+    return (
+        [t for t in reverse if isinstance(t, WeightRenaming)],
+        [t for t in reverse if isinstance(t, WeightConverter)],
+    )
+
+
 def layer_prefix_renames(model: nn.Module, layers_path: str, within: str | None = None) -> dict[str, str]:
     """Layer-relative module prefixes the family's checkpoints spell differently (model -> stored).
 
@@ -127,22 +147,12 @@ def layer_prefix_renames(model: nn.Module, layers_path: str, within: str | None 
     Experts a family stores fused (Granite's ``input_linear``) keep the model's module name: their
     per-expert AWQ tensors have no stored spelling to follow.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange,
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-
-        transforms = get_model_conversion_mapping(model, add_legacy=False)
-        transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
-        reverse = [t.reverse_transform() for t in transforms[::-1]]
-    except Exception:  # an older transformers, or not a PreTrainedModel
+    reverse = save_time_transforms(model)
+    if reverse is None:
         return {}
-    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
-    converters = [t for t in reverse if isinstance(t, WeightConverter)]
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = reverse
     prefix = layers_path + "."
     renames: dict[str, str] = {}
     modules = {name for name, _ in model.named_modules()}
@@ -427,4 +437,5 @@ __all__ = [
     "looks_like_experts",
     "names_for",
     "prove_unfused",
+    "save_time_transforms",
 ]

@@ -49,6 +49,7 @@ from awq_plugin.config import AwqQuantConfig, quant_config_dict
 from awq_plugin.errors import AwqPluginError, CalibrationError, ConfigError, TemplateError
 from awq_plugin.format.checkpoint import SafetensorsReader, read_json
 from awq_plugin.fsutil import check_output_dir
+from awq_plugin.models import has_submodule
 from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.pipeline.assemble import RESULTS_FILE, assemble_checkpoint
 from awq_plugin.pipeline.blocks import (
@@ -174,7 +175,7 @@ def _unreadable_experts(resolved: ResolvedTemplate, model: torch.nn.Module, read
     layers = model.get_submodule(resolved.decoder_layers)
     names = set(reader)
     for i, layer in enumerate(layers):
-        if not _has_submodule(layer, layout.module):
+        if not has_submodule(layer, layout.module):
             continue
         prefix = f"{resolved.decoder_layers}.{i}.{layout.module}."
         wanted = f"{prefix}0.{layout.up}.weight"
@@ -184,14 +185,6 @@ def _unreadable_experts(resolved: ResolvedTemplate, model: torch.nn.Module, read
                 f"neither per expert ({wanted}) nor fused ({prefix}{layout.fused_gate_up})"
             )
     return None
-
-
-def _has_submodule(root: torch.nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _has_shipped_template(model: torch.nn.Module) -> bool:

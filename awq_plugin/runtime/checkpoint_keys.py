@@ -77,24 +77,14 @@ def _saved_names(model: nn.Module, names: set[str]) -> dict[str, str]:
     Reproducing the save renaming (as ``revert_weight_conversion`` does for a model built from
     scratch) reads such a checkpoint back; tensors a converter merges are left to the converters.
     """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange,
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
+    from awq_plugin.models.discover_experts import save_time_transforms
 
-        transforms = getattr(model, "_weight_conversions", None)
-        if transforms is None:
-            transforms = get_model_conversion_mapping(model, add_legacy=False)
-            transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
-        reverse = [t.reverse_transform() for t in transforms[::-1]]
-    except Exception:  # an older transformers, or not a PreTrainedModel
+    reverse = save_time_transforms(model)
+    if reverse is None:
         return {}
-    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
-    converters = [t for t in reverse if isinstance(t, WeightConverter)]
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = reverse
     saved: dict[str, str] = {}
     for name in sorted(names):
         try:

@@ -46,6 +46,7 @@ from torch import nn
 
 from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
 from awq_plugin.errors import TemplateError
+from awq_plugin.models import has_submodule
 from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.models.discover_experts import (
     ExpertsFinding,
@@ -646,7 +647,7 @@ def infer_template(
         attention, SSM or linear-attention mixers, dense or MoE feed-forward)."""
         if any(WILDCARD in n for n in (g.proposal.prev_op, *g.layers)):
             return [i for i, has in enumerate(with_experts) if has]
-        return [i for i, layer in enumerate(layers) if all(_has_module(layer, n) for n in g.layers)]
+        return [i for i, layer in enumerate(layers) if all(has_submodule(layer, n) for n in g.layers)]
 
     # Keep a group only where every layer it applies to proved the same fold; order by first call.
     candidates: dict[tuple[str, ...], _ProvenGroup] = {}
@@ -746,7 +747,7 @@ def infer_template(
         "scaling_layers": json_groups,
         # Listed only where every layer has the linear (hybrid stacks alternate block kinds); the
         # resolver quantizes any other unscaled linear too, and logs it.
-        "unscaled": [n for n in report.unscaled if all(_has_module(layer, n) for layer in layers)]
+        "unscaled": [n for n in report.unscaled if all(has_submodule(layer, n) for layer in layers)]
         + _unscaled_expert_linears(layout, scaled),
         "not_quantized": unpackable
         + [r for r in routers if r not in unpackable and _is_linear_somewhere(layers, r)],
@@ -779,14 +780,6 @@ def template_without_experts(template: Mapping[str, Any], reason: str) -> dict[s
         out[key] = [n for n in out.get(key, []) if WILDCARD not in n]
     out["unsupported"] = [*out.get("unsupported", []), reason]
     return out
-
-
-def _has_module(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _config_kv_repeat(config: Any) -> int | None:
@@ -877,7 +870,7 @@ def _experts_count(layers: nn.ModuleList, layout: ExpertsLayout | None) -> int:
     if layout is None:
         return 0
     for layer in layers:
-        if _has_module(layer, layout.module):
+        if has_submodule(layer, layout.module):
             module = layer.get_submodule(layout.module)
             tensor = getattr(module, layout.fused_gate_up, None)
             return len(module) if isinstance(module, RoutedExperts) else int(tensor.shape[0])
@@ -889,7 +882,7 @@ def _is_router(layers: nn.ModuleList, with_experts: Sequence[bool], name: str, n
     if WILDCARD in name:
         return False
     for layer, has in zip(layers, with_experts):
-        if has and _has_module(layer, name):
+        if has and has_submodule(layer, name):
             module = layer.get_submodule(name)
             rows = (
                 module.out_features
@@ -904,7 +897,7 @@ def _is_linear_somewhere(layers: nn.ModuleList, name: str) -> bool:
     if WILDCARD in name:
         return True
     return any(
-        _has_module(layer, name) and isinstance(layer.get_submodule(name), nn.Linear) for layer in layers
+        has_submodule(layer, name) and isinstance(layer.get_submodule(name), nn.Linear) for layer in layers
     )
 
 

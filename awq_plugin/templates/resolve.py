@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from awq_plugin.errors import TemplateError
+from awq_plugin.models import has_submodule
 from awq_plugin.models.conv1d import linearize_conv1d
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
@@ -129,7 +130,7 @@ def resolve_template(
     layout = ExpertsLayout(**data["experts"]) if data["experts"] is not None else None
     if layout is not None:
         for i, layer in enumerate(layers):
-            if not layout.every_layer and not _has_module(layer, layout.module):
+            if not layout.every_layer and not has_submodule(layer, layout.module):
                 continue  # a dense layer of a model whose other layers route to experts
             _find_module(
                 layer, layout.module, where, "experts.module", f"decoder layer {i} ({type(layer).__name__})"
@@ -224,7 +225,7 @@ def _resolve_block(
     layout: ExpertsLayout | None = None,
 ) -> BlockTemplate:
     context = f"decoder layer {index} ({type(layer).__name__})"
-    has_experts = layout is not None and _has_module(layer, layout.module)
+    has_experts = layout is not None and has_submodule(layer, layout.module)
     n_experts = len(layer.get_submodule(layout.module)) if has_experts else 0
     all_linears = [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
     lists = {
@@ -305,14 +306,6 @@ def _resolve_block(
         unscaled=unscaled,
         experts=(layout.module,) if has_experts else (),
     )
-
-
-def _has_module(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _find_linear(layer: nn.Module, name: str, where: str, field: str, context: str) -> nn.Linear:

@@ -482,6 +482,22 @@ def int4_share(model: Any, decoder_layers: str) -> dict[str, Any]:
     }
 
 
+def build_tiny_model(model_type: str, mapping: str = "causal-lm") -> Any:
+    """The sweep's model of ``model_type``: its default config shrunk (:func:`_shrink`), random
+    weights (seed 0), in eval mode; ``mapping`` picks the causal-LM or image-text-to-text class."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config)
+    auto = transformers.AutoModelForCausalLM
+    if mapping == "image-text-to-text":
+        auto = transformers.AutoModelForImageTextToText
+    torch.manual_seed(0)
+    return auto.from_config(config).eval()
+
+
 def run_one(
     model_type: str, mapping: str, work: Path, corrupt: Callable[[Path], None] | None = None
 ) -> dict[str, Any]:
@@ -495,19 +511,12 @@ def run_one(
     row: dict[str, Any] = {"model_type": model_type, "mapping": mapping, "ok": False}
     step = "build"
     try:
-        import transformers
         from transformers import AutoConfig
 
         from awq_plugin.templates import find_shipped_template
         from awq_plugin.templates.infer import infer_template
 
-        config = AutoConfig.for_model(model_type)
-        _shrink(config)
-        auto = transformers.AutoModelForCausalLM
-        if mapping == "image-text-to-text":
-            auto = transformers.AutoModelForImageTextToText
-        torch.manual_seed(0)
-        model = auto.from_config(config).eval()
+        model = build_tiny_model(model_type, mapping)
         row["architecture"] = type(model).__name__
         src = work / "src"
         model.save_pretrained(src)
