@@ -35,7 +35,7 @@ RTN_WEIGHTS = "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9"
 EXPECTED: dict[str, dict[str, str]] = {
     "awq": {
         **SIDE_FILES,
-        "awq_plugin/awq_results.safetensors": "1ad4bd320dc9c1173ec87200d8389779de8bba4db2461c6cfb3212e0696643c8",
+        "awq_plugin/awq_results.safetensors": "ada1aa39439a4b45948e59769c7e69e3d6ca718ff1be5438c5af4b9a16b2b18c",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
