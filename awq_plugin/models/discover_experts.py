@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from awq_plugin.errors import TemplateError
-from awq_plugin.models.experts import ExpertsLayout, RoutedExperts, build_routed_experts
+from awq_plugin.models.experts import ExpertsLayout, RoutedExperts, build_routed_experts, weightless_copy
 
 PROOF_TOLERANCE = 1e-4  # relative output error of a correct unfusing is float32 rounding (~1e-7)
 PROOF_TOKENS = 16  # at least; every expert gets one token
@@ -195,7 +195,7 @@ def _expert_pattern(pattern: str) -> tuple[str, str] | None:
 
 def names_for(path: str, names: Mapping[str, tuple[str, str, str]]) -> tuple[str, str, str]:
     for suffix, triple in names.items():
-        if path == suffix or path.endswith("." + suffix) or (suffix and path.endswith(suffix)):
+        if path == suffix or path.endswith("." + suffix):
             return triple
     return DEFAULT_NAMES
 
@@ -287,10 +287,7 @@ def _reference_copy(fused: nn.Module, max_bytes: int, generator: torch.Generator
     # Too large to copy: a weightless copy holding a few experts, with every integer attribute
     # equal to the expert count set to the new count (the forward loops over range(num_experts)).
     keep = torch.randperm(n_experts, generator=generator)[:SUBSET_EXPERTS].sort().values
-    shell = copy.copy(fused)
-    shell._parameters = {}
-    shell._buffers = dict(fused._buffers)
-    shell._modules = dict(fused._modules)
+    shell = weightless_copy(fused)
     for name, p in fused.named_parameters(recurse=False):
         data = p.detach()[keep] if p.dim() >= 2 and p.shape[0] == n_experts else p.detach()
         shell._parameters[name] = nn.Parameter(data.float().clone(), requires_grad=False)

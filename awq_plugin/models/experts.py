@@ -100,6 +100,17 @@ class ExpertsLayout:
         return dataclasses.asdict(self)
 
 
+def weightless_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` without its own parameters or hooks (attributes, buffers and
+    children shared): its methods still run, its tensors are not kept alive by it."""
+    shell = copy.copy(module)
+    shell._parameters = {}
+    shell._buffers = dict(module._buffers)
+    shell._modules = dict(module._modules)
+    shell._forward_hooks, shell._forward_pre_hooks = OrderedDict(), OrderedDict()
+    return shell
+
+
 class _Gating(nn.Module):
     """``inner(gate_out, up_out)``: what joins an expert's gate and up outputs (see ExpertsLayout.gating)."""
 
@@ -110,11 +121,7 @@ class _Gating(nn.Module):
         if self.kind == "apply_gate":
             # The fused module's own gate function, bound to a weightless copy of it (its
             # thresholds and activation, not its experts' tensors: they are freed with it).
-            shell = copy.copy(fused)
-            shell._parameters = {}
-            shell._buffers = dict(fused._buffers)
-            shell._modules = dict(fused._modules)
-            shell._forward_hooks, shell._forward_pre_hooks = OrderedDict(), OrderedDict()
+            shell = weightless_copy(fused)
             # Not a registered child: module walks (weight initialisation, hooks, dtype casts)
             # would take the weightless copy for the experts module it mimics.
             object.__setattr__(self, "_fused", shell)
