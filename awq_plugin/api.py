@@ -57,6 +57,8 @@ def quantize(
     template: str | Path | dict[str, Any] | None = None,
     options: AwqOptions | None = None,
     backend: str | None = None,
+    guard: str = "fallback",
+    device: str | None = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> nn.Module | QuantizeReport:
@@ -64,6 +66,9 @@ def quantize(
 
     - ``model`` a folder: streamed into an AWQ checkpoint at ``out_dir`` (required);
       returns the :class:`QuantizeReport`. ``calib_data`` may be token ids here too.
+      ``guard`` (``fallback``, ``warn``, ``off``) decides what happens when AWQ ends worse
+      than plain rounding on held-out windows; ``device`` (``auto``, ``cpu``, ``cuda[:N]``)
+      is where each block is computed.
     - ``model`` an ``nn.Module``: searched, scaled and packed in place (its linears
       become ``AwqLinear`` running ``backend``); returns the model. ``tokenizer`` is
       needed unless ``calib_data`` is already token ids ``[n, seq_len]``.
@@ -83,6 +88,8 @@ def quantize(
             seq_len=seq_len,
             template=template,
             options=options,
+            guard=guard,
+            device=device,
             overwrite=overwrite,
             progress=progress,
         )

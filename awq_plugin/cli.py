@@ -148,6 +148,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         template=args.template,
         options=_awq_options(args),
+        guard=args.guard,
+        device=args.device,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         trust_remote_code=args.trust_remote_code,
@@ -278,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or plain rounding")
     _add_calibration_args(p)
+    p.add_argument(
+        "--guard",
+        choices=["fallback", "warn", "off"],
+        default="fallback",
+        help="when AWQ ends worse than plain rounding on held-out windows: write rounding instead "
+        "(fallback, the default), keep AWQ and warn (warn), or skip the check (off)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where each block is computed: auto (default: the first CUDA device if any, else the CPU), "
+        "cpu, cuda or cuda:N",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds a model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

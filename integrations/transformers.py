@@ -47,6 +47,7 @@ from transformers.utils.quantization_config import AwqConfig as HfAwqConfig
 from transformers.utils.quantization_config import QuantizationMethod
 
 from awq_plugin.algorithm.awq import AwqOptions
+from awq_plugin.algorithm.options import GUARD_MODES
 from awq_plugin.calibration.settings import DEFAULTS as CALIBRATION
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CheckpointError, ConfigError
@@ -114,6 +115,10 @@ class AwqConfig(HfAwqConfig):
             ``"triton"`` or ``"reference"``.
         tokenizer: tokenizer (object or path) for the calibration text; default: the one in
             the model's folder.
+        guard: when AWQ ends worse than plain rounding on held-out windows: ``"fallback"``
+            (default) writes rounding, ``"warn"`` keeps AWQ and warns, ``"off"`` skips the check.
+        device: where the quantizer computes each block (``"auto"``, ``"cpu"``, ``"cuda:N"``);
+            default: the device the model is loaded on.
 
     Only the format fields are serialized (:meth:`to_dict`): a saved checkpoint's
     ``quantization_config`` is exactly what :class:`AwqQuantConfig` writes.
@@ -139,6 +144,8 @@ class AwqConfig(HfAwqConfig):
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
         tokenizer: Any = None,
+        guard: str = "fallback",
+        device: str | None = None,
         format: str | None = None,
     ) -> None:
         version, format = _plain(version), _plain(format)
@@ -158,6 +165,8 @@ class AwqConfig(HfAwqConfig):
         self.template = template
         self.backend = backend
         self.tokenizer = tokenizer
+        self.guard = guard
+        self.device = device
         self.post_init()
 
     def post_init(self) -> None:
@@ -175,6 +184,10 @@ class AwqConfig(HfAwqConfig):
             )
         self.backend = _kernel_backend(self.backend, strict=True)
         self.awq_options()  # AwqOptions validates its own fields
+        if self.guard not in GUARD_MODES:
+            raise ConfigError(f"AwqConfig guard must be one of {list(GUARD_MODES)}, got {self.guard!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ConfigError(f"AwqConfig device must be a device name such as 'cuda:0', got {self.device!r}")
 
     @property
     def format(self) -> str:
@@ -549,6 +562,8 @@ def _load_from_cache(model: nn.Module, source: Path, config: AwqConfig, device: 
         n_samples=config.n_samples,
         seq_len=config.seq_len,
         options=options,
+        guard=config.guard,
+        device=config.device or str(device),  # by default where the model is being loaded
     )
     entry = ensure_quantized(source, request, logger=logger)
     files = sorted(entry.path.glob("*.safetensors"))

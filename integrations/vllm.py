@@ -1297,6 +1297,8 @@ def quantize_on_start(engine_args: Any) -> None:
                 "--quantization, or give its full-precision original"
             )
         request = QuantizeRequest.from_dict(options)
+        if "device" not in (options or {}):  # compute where vLLM serves, before its engine takes the memory
+            request = dataclasses.replace(request, device=_serving_device())
         entry = ensure_quantized(
             source,
             request,
@@ -1314,6 +1316,13 @@ def quantize_on_start(engine_args: Any) -> None:
     if isinstance(overrides, dict) and OPTIONS_KEY in overrides:
         engine_args.hf_overrides = {k: v for k, v in overrides.items() if k != OPTIONS_KEY}
     log.info("awq-plugin: serving %s from cache entry %s", source, entry.path)
+
+
+def _serving_device() -> str:
+    """The device vLLM serves on (``cuda`` on CUDA and ROCm builds, else ``cpu``)."""
+    from vllm.platforms import current_platform
+
+    return "cuda" if current_platform.is_cuda_alike() else "cpu"
 
 
 #: What a hub snapshot needs for quantizing and serving: config, weights, tokenizer files.

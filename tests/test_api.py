@@ -73,9 +73,10 @@ def test_folder_form_takes_token_ids_like_the_in_memory_form(tmp_path, tiny_llam
         out_dir=tmp_path / "text",
         n_samples=4,
         seq_len=64,
+        guard="off",  # token ids leave no held-out text: no guard on that side either
         progress=False,
     )
-    assert (from_ids.n_samples, from_ids.seq_len) == (4, 64)
+    assert (from_ids.n_samples, from_ids.seq_len) == (4, 64) and from_ids.guard is None
     assert [b["mse_awq"] for b in from_ids.blocks] == [b["mse_awq"] for b in from_text.blocks]
     for name in ("model.safetensors", "awq_plugin/awq_results.safetensors"):
         assert (tmp_path / "ids" / name).read_bytes() == (tmp_path / "text" / name).read_bytes()

@@ -19,6 +19,7 @@ from test_awq_algorithm import FAST, QUANT, calib_ids, make_outlier_llama
 from awq_plugin.algorithm.awq import AwqResults, run_awq
 from awq_plugin.calibration.text import calibration_windows
 from awq_plugin.pipeline.guard import (
+    GUARD_SIGMAS,
     GuardResult,
     compare_with_rounding,
     copying_loader,
@@ -74,7 +75,7 @@ def test_guard_fires_with_both_figures_when_awq_loses(case) -> None:
     message = verdict.message()
     assert "WORSE THAN PLAIN ROUNDING" in message
     assert f"{verdict.nll_awq:.4f}" in message and f"{verdict.nll_rtn:.4f}" in message
-    assert "4 x 48" in message
+    assert "4 x 48" in message and "(standard error)" in message
 
 
 def test_guard_is_silent_when_awq_wins(case) -> None:
@@ -88,6 +89,15 @@ def test_guard_is_silent_when_awq_wins(case) -> None:
 def test_nan_loss_counts_as_a_loss() -> None:
     assert GuardResult(math.nan, 1.0, 4, 32, "x").awq_lost
     assert not GuardResult(1.0, 1.0, 4, 32, "x").awq_lost  # a tie is not a loss
+
+
+def test_a_loss_within_the_noise_keeps_awq_and_says_so() -> None:
+    noisy = GuardResult.from_windows([2.0, 3.1, 4.0, 5.2], [2.1, 3.0, 4.1, 5.0], 16, "x")
+    assert noisy.awq_worse and 0 < noisy.difference < GUARD_SIGMAS * noisy.standard_error
+    assert not noisy.awq_lost
+    assert "within the noise" in noisy.message() and "kept AWQ" in noisy.message()
+    clear = GuardResult.from_windows([2.2, 3.2, 4.2, 5.3], [2.0, 3.0, 4.0, 5.0], 16, "x")
+    assert clear.awq_lost
 
 
 class CharTokenizer:
@@ -115,21 +125,144 @@ def test_held_out_windows_are_the_calibration_draws_unused_windows() -> None:
     assert held_out_windows(None, torch.zeros(2, 4, dtype=torch.long), 2, 4, 0) is None
 
 
-def test_quantize_checkpoint_reports_the_guard_last(tiny_llama_fp, tmp_path) -> None:
-    """The pipeline runs the guard after assembly; its verdict is the report's closing line."""
+def _quantize(source, out, **kwargs):
     from awq_plugin.config import AwqQuantConfig
     from awq_plugin.pipeline.quantize import quantize_checkpoint
 
-    report = quantize_checkpoint(
-        tiny_llama_fp,
-        tmp_path / "out",
+    return quantize_checkpoint(
+        source,
+        out,
         AwqQuantConfig(bits=4, group_size=64),
         n_samples=4,
         seq_len=64,
         options=dataclasses.replace(FAST, clip=False),
         progress=False,
+        **kwargs,
     )
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _ruining_step(real_step):
+    """``awq_block_step`` as a search that loses end to end: the real step, then every group's
+    scales multiplied by a seeded spread over 10^-1.5 .. 10^1.5 (folded exactly in full precision,
+    so the block's fp output is unchanged; ruinous once quantized). The per-block fallback
+    inside the real step cannot see it, as it cannot see any end-to-end loss."""
+    from awq_plugin.templates.folds import apply_group_scales
+
+    def step(block, groups, inputs, quant, options):
+        result, next_inputs = real_step(block, groups, inputs, quant, options)
+        gen = torch.Generator().manual_seed(groups.index)
+        with torch.no_grad():
+            scaled = []
+            for group, found in zip(groups.groups, result.groups):
+                spread = 10.0 ** (3 * torch.rand(found.scales.shape, generator=gen) - 1.5)
+                apply_group_scales(block, group, spread)
+                scaled.append(dataclasses.replace(found, scales=found.scales * spread))
+        return dataclasses.replace(result, groups=scaled), next_inputs
+
+    return step
+
+
+def test_streamed_guard_equals_the_whole_model_comparison(tiny_llama_fp, tmp_path) -> None:
+    """The pipeline's block-by-block guard computes the same per-window losses as scoring two
+    whole fake-quantized fp32 models (the guard before it streamed)."""
+    from transformers import AutoTokenizer
+
+    from awq_plugin.algorithm.awq import AwqResults
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline.assemble import RESULTS_FILE
+    from awq_plugin.runtime.modeling import load_fp_model
+
+    report = _quantize(tiny_llama_fp, tmp_path / "out", guard="warn")
+    streamed = report.guard
+    assert streamed is not None and streamed["action"] == "kept"
+    results = AwqResults.load(tmp_path / "out" / RESULTS_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_fp)
+    held = held_out_windows(tokenizer, "enwiki", 4, 64, FAST.seed, count=8)
+    whole = compare_with_rounding(
+        lambda: load_fp_model(tiny_llama_fp, torch.float32),
+        results,
+        AwqQuantConfig(bits=4, group_size=64),
+        held,
+    )
+    assert streamed["windows"] == whole.windows == 8
+    for key, expected in (("awq_windows", whole.awq_windows), ("rtn_windows", whole.rtn_windows)):
+        assert streamed[key] == pytest.approx(list(expected), rel=1e-5, abs=1e-5)
+
+
+def test_quantize_checkpoint_reports_the_guard_last(tiny_llama_fp, tmp_path) -> None:
+    report = _quantize(tiny_llama_fp, tmp_path / "out")
     assert report.guard is not None
-    assert report.guard["windows"] == 4 and report.guard["seq_len"] == 64
+    assert report.guard["windows"] == 8 and report.guard["seq_len"] == 64
     assert math.isfinite(report.guard["nll_awq"]) and math.isfinite(report.guard["nll_rtn"])
+    assert math.isfinite(report.guard["standard_error"]) and report.guard["standard_error"] > 0
     assert report.render().splitlines()[-1] == report.guard["message"]
+
+
+@pytest.fixture(scope="module")
+def rounded(default_model_dir, tmp_path_factory):
+    """The default model (a real one: a ruined quantization shows end to end, where on a random
+    model every variant is as bad as the next on real text) by plain rounding (the pipeline's
+    rtn method): what a fallback must write."""
+    out = tmp_path_factory.mktemp("guard") / "rtn"
+    _quantize(default_model_dir, out, method="rtn")
+    return out
+
+
+def test_awq_losing_end_to_end_writes_plain_rounding(
+    default_model_dir, rounded, tmp_path, monkeypatch, caplog
+) -> None:
+    import awq_plugin.pipeline.quantize as pipeline
+    from awq_plugin.pipeline.assemble import RESULTS_FILE
+
+    monkeypatch.setattr(pipeline, "awq_block_step", _ruining_step(pipeline.awq_block_step))
+    report = _quantize(default_model_dir, tmp_path / "out")
+    guard = report.guard
+    assert guard["awq_lost"] and guard["action"] == "rounded", guard["message"]
+    assert guard["difference"] > GUARD_SIGMAS * guard["standard_error"] > 0  # above the noise
+    message = guard["message"]
+    assert "AWQ LOST TO PLAIN ROUNDING" in message and "holds plain rounding" in message
+    assert f"{guard['nll_awq']:.4f}" in message and f"{guard['nll_rtn']:.4f}" in message
+    assert f"+- {guard['standard_error']:.4f} (standard error)" in message and "8 x 64" in message
+    assert message in caplog.text
+    written, expected = _tensors(tmp_path / "out"), _tensors(rounded)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
+    assert not (tmp_path / "out" / RESULTS_FILE).exists()  # no AWQ results: none were applied
+
+
+@pytest.mark.full  # a second AWQ run of the default model (~45 s); the fallback above runs in make test
+def test_guard_warn_keeps_awq_and_warns(default_model_dir, rounded, tmp_path, monkeypatch) -> None:
+    import awq_plugin.pipeline.quantize as pipeline
+    from awq_plugin.pipeline.assemble import RESULTS_FILE
+
+    monkeypatch.setattr(pipeline, "awq_block_step", _ruining_step(pipeline.awq_block_step))
+    report = _quantize(default_model_dir, tmp_path / "out", guard="warn")
+    assert report.guard["awq_lost"] and report.guard["action"] == "kept"
+    assert report.guard["message"].startswith("WARNING: AWQ IS WORSE THAN PLAIN ROUNDING")
+    written, rtn = _tensors(tmp_path / "out"), _tensors(rounded)
+    assert any(not torch.equal(written[n], rtn[n]) for n in rtn if n.endswith(".qweight"))
+    assert (tmp_path / "out" / RESULTS_FILE).is_file()
+
+
+def test_guard_off_runs_no_check(tiny_llama_fp, tmp_path) -> None:
+    assert _quantize(tiny_llama_fp, tmp_path / "out", guard="off").guard is None
+
+
+def test_standard_error_is_that_of_the_paired_differences() -> None:
+    verdict = GuardResult.from_windows([2.0, 3.0, 4.5], [1.0, 3.0, 4.0], 16, "x")
+    diffs = [1.0, 0.0, 0.5]
+    mean = sum(diffs) / 3
+    expected = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2 / 3)
+    assert verdict.difference == pytest.approx(mean)
+    assert verdict.standard_error == pytest.approx(expected)
+    assert math.isnan(GuardResult.from_windows([1.0], [2.0], 16, "x").standard_error)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import CalibrationError, CheckpointError, ConfigError, OutputExistsError, TemplateError
-from awq_plugin.pipeline.quantize import quantize_checkpoint
+from awq_plugin.pipeline.quantize import QuantizeReport, quantize_checkpoint
 from awq_plugin.tools import synthetic
 
 CLI = str(Path(sys.executable).parent / "awq-plugin")
@@ -261,10 +261,10 @@ def test_sigint_stops_cleanly_with_a_message(tmp_path: Path, long_source: Path) 
 # ---- bad input: a clear error and nothing written --------------------------------------------
 
 
-def _quantize(source: Path, out: Path, **kwargs) -> None:
+def _quantize(source: Path, out: Path, **kwargs) -> QuantizeReport:
     kwargs.setdefault("n_samples", 4)
     kwargs.setdefault("seq_len", 64)
-    quantize_checkpoint(source, out, AwqQuantConfig(bits=4, group_size=64), progress=False, **kwargs)
+    return quantize_checkpoint(source, out, AwqQuantConfig(bits=4, group_size=64), progress=False, **kwargs)
 
 
 def _no_leftovers(parent: Path, out: Path, resumable: bool = False) -> None:
@@ -374,8 +374,12 @@ def test_weights_beyond_float16_are_named(tmp_path: Path, source: Path) -> None:
     _no_leftovers(tmp_path, out)
 
 
-def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source: Path, monkeypatch) -> None:
-    """Memory bound: during the block loop no non-layer weight is held, and the head is read last."""
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_blocks_run_without_embeddings_or_head_in_memory(
+    tmp_path: Path, source: Path, monkeypatch, method: str
+) -> None:
+    """Memory bound: during the block loop no non-layer weight is held, and the head is read
+    after the last block (by AWQ's end-to-end guard, then by the assembly)."""
     import awq_plugin.pipeline.quantize as pipeline
 
     reads: list[str] = []
@@ -385,7 +389,7 @@ def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source:
         reads.append(name)
         return real_get(self, name, *args, **kwargs)
 
-    def checking_load_block(model, resolved, i, reader):
+    def checking_load_block(model, resolved, i, reader, device="cpu"):
         held = [
             n
             for n, p in model.named_parameters()
@@ -393,13 +397,15 @@ def test_blocks_run_without_embeddings_or_head_in_memory(tmp_path: Path, source:
         ]
         assert not held, f"block {i} loaded while {held} are in memory"
         reads.append(f"<block {i}>")
-        return real_load_block(model, resolved, i, reader)
+        return real_load_block(model, resolved, i, reader, device)
 
     monkeypatch.setattr(pipeline.SafetensorsReader, "get", recording_get)
     monkeypatch.setattr(pipeline, "load_block", checking_load_block)
-    _quantize(source, tmp_path / "out", method="rtn")
-    assert reads.count("lm_head.weight") == 1
-    assert reads.index("lm_head.weight") > reads.index("<block 3>")
+    report = _quantize(source, tmp_path / "out", method=method)
+    head_reads = [k for k, name in enumerate(reads) if name == "lm_head.weight"]
+    assert len(head_reads) == (1 if method == "rtn" else 2)  # the guard's tail, then the assembly
+    assert min(head_reads) > reads.index("<block 3>")
+    assert (report.guard is not None) == (method == "awq")
 
 
 @pytest.mark.parametrize(

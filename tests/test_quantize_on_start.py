@@ -12,6 +12,7 @@ the measured first start).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -152,6 +153,24 @@ def test_key_follows_the_source_and_the_options(tiny_llama_fp: Path, tmp_path: P
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten weights
     assert cache_key(copy, request) not in (key, changed_config)
+
+
+def test_key_follows_the_quantizer_version_and_the_guard_not_the_device(
+    tiny_llama_fp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantizer whose output can change (its own version, not the package's) or another guard
+    mode makes another entry; the device does not (an entry made on a GPU serves a CPU host)."""
+    import awq_plugin.pipeline.cache as cache
+
+    request = QuantizeRequest(**RTN).resolved(tiny_llama_fp)
+    key = cache_key(tiny_llama_fp, request)
+    assert cache_key(tiny_llama_fp, dataclasses.replace(request, device="cuda:1")) == key
+    assert cache_key(tiny_llama_fp, dataclasses.replace(request, guard="warn")) != key
+    monkeypatch.setattr(cache, "QUANTIZER_VERSION", cache.QUANTIZER_VERSION + 1)
+    assert cache_key(tiny_llama_fp, request) != key
+    with pytest.raises(ConfigError, match="'guard' = 'maybe'"):
+        QuantizeRequest.from_dict({"guard": "maybe"})
+    assert QuantizeRequest.from_dict({"guard": "off", "device": "cpu"}).device == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ def test_config_serializes_as_our_checkpoint_writer_does() -> None:
         dict(backend="cuda"),
         dict(n_samples=0),
         dict(seq_len=1),
+        dict(guard="sometimes"),
+        dict(device=0),
     ],
 )
 def test_config_rejects_what_cannot_be_loaded_or_packed(bad: dict[str, Any]) -> None:

@@ -13,6 +13,14 @@ from awq_plugin.errors import ConfigError
 
 PROPAGATE_CHOICES = ("fp", "quantized")
 SEARCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes the scale search may run in
+# What the pipeline does when AWQ ends worse than plain rounding on held-out windows
+# (awq_plugin.pipeline.guard): write rounding instead, keep AWQ and warn, or skip the check.
+GUARD_MODES = ("fallback", "warn", "off")
+
+# The quantizer's output version: bump it whenever the bytes written for the same source,
+# request and options can change (an algorithm or format change). The quantize-on-start cache
+# keys on it, so a changed quantizer never serves an entry its predecessor made.
+QUANTIZER_VERSION = 2  # 2: the streaming end-to-end guard, which may write plain rounding
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def search_best_scale(
     ``[group.n_scales]``. ``loss_fn()`` returns the inspected module's MSE on the
     search sample against its output with the original weights.
     """
-    ones = torch.ones(group.n_scales, dtype=torch.float32)
+    ones = torch.ones(group.n_scales, dtype=torch.float32, device=x_mean.device)
     if not weights:
         return ScaleSearchResult(scales=ones, alpha=None, loss_rtn=0.0, loss_awq=0.0, losses=())
     w_mean = group.reduce_columns(weight_magnitude(weights, group_size)) if duo_scaling else None

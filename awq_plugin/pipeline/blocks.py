@@ -19,6 +19,7 @@ from awq_plugin.format.packing import packed_state_dict
 from awq_plugin.models.experts import split_fused_expert_tensors
 from awq_plugin.models.tied import tied_parameters
 from awq_plugin.numerics.quant_ref import is_all_finite
+from awq_plugin.pipeline.device import materialized_to
 from awq_plugin.templates import ResolvedTemplate
 
 
@@ -29,9 +30,14 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def load_block(
-    model: torch.nn.Module, resolved: ResolvedTemplate, i: int, reader: SafetensorsReader
+    model: torch.nn.Module,
+    resolved: ResolvedTemplate,
+    i: int,
+    reader: SafetensorsReader,
+    device: torch.device | str = "cpu",
 ) -> torch.nn.Module:
-    """Read decoder layer ``i`` from the source into the model (names as the template maps them)."""
+    """Read decoder layer ``i`` from the source into the model (names as the template maps them),
+    in fp32 on ``device``."""
     layers_path = resolved.decoder_layers
     prefix = f"{layers_path}.{i}."
     state = {
@@ -42,7 +48,9 @@ def load_block(
     if resolved.experts is not None:  # a source that stores the experts fused
         state = split_fused_expert_tensors(state, resolved.experts)
     check_finite({prefix + k: v for k, v in state.items()}, "source checkpoint")
-    return _assign_block(model, layers_path, i, state)
+    block = _assign_block(model, layers_path, i, {k: v.to(device) for k, v in state.items()})
+    materialized_to(block, torch.device(device))  # buffers the checkpoint lacks (rotary tables)
+    return block
 
 
 def _assign_block(
@@ -92,17 +100,24 @@ def output_head_names(model: torch.nn.Module) -> set[str]:
     }
 
 
-def load_non_layer(model: torch.nn.Module, layers_path: str, reader: SafetensorsReader) -> list[str]:
-    """Load the tensors outside the decoder layers that the capture forward needs, in fp32.
+def load_non_layer(
+    model: torch.nn.Module,
+    layers_path: str,
+    reader: SafetensorsReader,
+    with_head: bool = False,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Load the tensors outside the decoder layers in fp32 onto ``device``.
 
-    The output head is checked (present, right shape) but not read: the capture
-    stops at the last decoder layer, and the head, as large as the embeddings,
-    is copied tensor by tensor when the checkpoint is assembled. Returns the
-    names of all the source's non-layer tensors.
+    Unless ``with_head``, the output head is checked (present, right shape) but not
+    read: the capture stops at the last decoder layer, and the head, as large as the
+    embeddings, is copied tensor by tensor when the checkpoint is assembled; the
+    end-to-end guard reads it to score its windows. Returns the names of all the
+    source's non-layer tensors.
     """
     names = [n for n in reader if not n.startswith(layers_path + ".")]
-    head = output_head_names(model)
-    state = {n: reader.get(n, torch.float32) for n in names if n not in head}
+    head = set() if with_head else output_head_names(model)
+    state = {n: reader.get(n, torch.float32).to(device) for n in names if n not in head}
     check_finite(state, "source checkpoint")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
@@ -159,6 +174,7 @@ def pack_block(
     layers as AutoAWQ and vLLM read them, e.g. Mixtral's ``block_sparse_moe``.
     """
     tensors = packed_state_dict(block, names, quant, prefix=prefix, rename=resolved.to_checkpoint_name)
+    tensors = {name: tensor.cpu() for name, tensor in tensors.items()}  # written from the host
     for name, tensor in tensors.items():  # inputs were finite: anything else is fp16 overflow
         if tensor.is_floating_point() and not is_all_finite(tensor):
             raise CheckpointError(

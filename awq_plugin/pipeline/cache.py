@@ -21,8 +21,11 @@ it would keep the disk full).
 The key
 -------
 sha256 of: the source fingerprint (below), the resolved request (scheme, method,
-calibration text and size, every AWQ search option), :data:`CACHE_FORMAT`, the
-checkpoint config schema version and the package version.
+calibration text and size, every AWQ search option, the guard mode), :data:`CACHE_FORMAT`,
+the checkpoint config schema version and the quantizer's own output version
+(:data:`~awq_plugin.algorithm.options.QUANTIZER_VERSION`, bumped whenever its bytes can
+change; the package version is not a signal of that). The device is not in it: an entry
+made on a GPU serves a CPU host too.
 
 The source fingerprint reads no weights: per ``*.safetensors`` file its name, size,
 mtime (ns) and the sha256 of its header (every tensor's name, dtype, shape and
@@ -54,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awq_plugin.algorithm.options import GUARD_MODES, QUANTIZER_VERSION
 from awq_plugin.calibration.settings import DEFAULTS as CALIBRATION
 from awq_plugin.config import CONFIG_SCHEMA_VERSION, AwqQuantConfig
 from awq_plugin.errors import AwqPluginError, CheckpointError, ConfigError
@@ -102,9 +106,11 @@ class QuantizeRequest:
     n_samples: int | None = None  # calibration windows; None: the pipeline's default
     seq_len: int | None = None  # tokens per window; None: the pipeline's default
     options: Mapping[str, Any] = field(default_factory=dict)  # AwqOptions fields that differ from defaults
+    guard: str = "fallback"  # when AWQ loses to rounding end to end: fallback, warn or off
+    device: str = "auto"  # where blocks are computed; not in the key (the same algorithm anywhere)
 
     #: Keys of the user-facing dict besides AwqOptions' fields and the format fields.
-    KEYS = ("scheme", "method", "calib", "n_samples", "seq_len")
+    KEYS = ("scheme", "method", "calib", "n_samples", "seq_len", "guard", "device")
     _FORMAT_KEYS = ("bits", "w_bit", "group_size", "q_group_size", "zero_point", "version", "format")
 
     @classmethod
@@ -147,6 +153,8 @@ class QuantizeRequest:
             n_samples=data.get("n_samples"),
             seq_len=data.get("seq_len"),
             options=options,
+            guard=data.get("guard", "fallback"),
+            device=data.get("device", "auto"),
         )
         request.check()
         return request
@@ -171,6 +179,12 @@ class QuantizeRequest:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"quantization_config field '{name}' = {value!r} must be an int >= {low}")
         AwqOptions(**self.options)  # validates its own fields
+        if self.guard not in GUARD_MODES:
+            raise ConfigError(
+                f"quantization_config field 'guard' = {self.guard!r} is invalid; allowed: {list(GUARD_MODES)}"
+            )
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError(f"quantization_config field 'device' = {self.device!r} must be a device name")
 
     def resolved(self, source: Path, tp_size: int = 1) -> QuantizeRequest:
         """Every default filled in: the scheme for this model, the pipeline's calibration size."""
@@ -196,6 +210,7 @@ class QuantizeRequest:
             "n_samples": self.n_samples,
             "seq_len": self.seq_len,
             "options": AwqOptions(**self.options).to_dict(),
+            "guard": self.guard,
         }
 
     def describe(self) -> str:
@@ -271,12 +286,10 @@ def source_fingerprint(source: Path) -> dict[str, Any]:
 
 def cache_key(source: Path, request: QuantizeRequest) -> str:
     """The hex key of ``source`` quantized with the resolved ``request``."""
-    from awq_plugin import __version__
-
     parts = {
         "cache_format": CACHE_FORMAT,
         "config_schema": CONFIG_SCHEMA_VERSION,
-        "awq_plugin": __version__,
+        "quantizer": QUANTIZER_VERSION,
         "source": source_fingerprint(source),
         "request": request.key_dict(),
     }
@@ -480,6 +493,8 @@ def _quantize_into(
             n_samples=request.n_samples,
             seq_len=request.seq_len,
             options=AwqOptions(**request.options),
+            guard=request.guard,
+            device=request.device,
             overwrite=True,  # the entry is absent (checked under the lock); leftovers are ours
             progress=sys.stderr.isatty(),
             trust_remote_code=trust_remote_code,

@@ -1,16 +1,23 @@
-"""The end-to-end guard: after the blocks, is the AWQ model better than plain rounding would be?
+"""The end-to-end guard: is the finished AWQ model better than plain rounding would be?
 
 Every AWQ decision is taken block by block on a block's own output error. That can
 win in every block and still lose end to end (issue 19: Qwen2.5-0.5B, AWQ below
 rounding's error in all 24 blocks, worse perplexity), so the finished model is
-checked as a whole: its mean loss on a few calibration-text windows that the
-search never saw is compared with plain rounding's on the same windows. The
-result is a figure in the quantize report; when AWQ loses, the report and the
-CLI's closing message say so, with both losses.
+judged as a whole: its mean loss per token on calibration-text windows that the
+search never saw, against plain rounding's on the same windows, with the standard
+error of the paired per-window difference.
 
-The comparison reproduces both models in memory by fake quantization (AWQ:
-the saved scales and clips re-applied, which gives the checkpoint's bits), one
-model at a time: the peak is one full-precision copy of the model.
+In the streaming pipeline the held-out windows travel through the decoder beside the
+calibration tokens (:class:`GuardStreams`): each block, while it is in memory, runs
+them twice with its weights fake-quantized, once as plain rounding (before the
+search) and once as written (after it); after the last block the model's tail (final
+norm, output head) turns both streams into losses. Nothing beyond one block and the
+non-layer weights is ever in memory. What happens when AWQ loses is the ``guard``
+mode's choice (:data:`GUARD_MODES`): ``fallback`` (the default) writes plain rounding
+instead, ``warn`` keeps AWQ and warns, ``off`` skips the check.
+
+For models held in memory, :func:`compare_with_rounding` scores two fake-quantized
+copies, one at a time.
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from awq_plugin.algorithm.awq import (
@@ -32,46 +40,124 @@ from awq_plugin.algorithm.awq import (
     apply_awq,
     fake_quantize_decoder_linears,
 )
+from awq_plugin.algorithm.linears import fake_quantized
+from awq_plugin.algorithm.options import GUARD_MODES
+from awq_plugin.calibration.capture import CapturedInputs, first_output
 from awq_plugin.calibration.text import CalibSource, load_documents, tokenize_stream
-from awq_plugin.evaluate import perplexity
-from awq_plugin.runtime.modeling import load_fp_model
+from awq_plugin.errors import ConfigError
 from awq_plugin.templates import resolve_template
 
 log = logging.getLogger(__name__)
 
-GUARD_WINDOWS = 4  # held-out windows the guard scores (each as long as a calibration sample)
+GUARD_WINDOWS = 8  # held-out windows the guard scores (each as long as a calibration sample)
+# AWQ has lost when its loss is above rounding's by more than this many standard errors of the
+# paired per-window difference; a smaller gap is noise (random-weight models, where every
+# model is as bad as the next on real text, sit there) and keeps AWQ, saying so.
+GUARD_SIGMAS = 2.0
+
+
+def check_guard_mode(mode: str) -> str:
+    if mode not in GUARD_MODES:
+        raise ConfigError(f"guard mode {mode!r} is unknown; choose one of {list(GUARD_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
 class GuardResult:
-    """Mean loss per predicted token (nats) of the AWQ model and of plain rounding, same windows."""
+    """Mean loss per predicted token (nats) of the AWQ model and of plain rounding, same windows.
+
+    ``awq_windows`` / ``rtn_windows`` hold each window's own mean loss; the standard error
+    of the paired difference says whether the gap between the two is above the noise.
+    ``action`` is what the pipeline did with the verdict: ``kept`` AWQ (it won, or
+    ``--guard warn``) or ``rounded`` (wrote plain rounding instead).
+    """
 
     nll_awq: float
     nll_rtn: float
     windows: int
     seq_len: int
     text: str  # where the windows come from
+    awq_windows: tuple[float, ...] = ()
+    rtn_windows: tuple[float, ...] = ()
+    action: str = "kept"
+
+    @classmethod
+    def from_windows(cls, awq: Sequence[float], rtn: Sequence[float], seq_len: int, text: str) -> GuardResult:
+        """The verdict from per-window mean losses (every window has ``seq_len - 1`` predictions)."""
+        return cls(
+            nll_awq=math.fsum(awq) / len(awq),
+            nll_rtn=math.fsum(rtn) / len(rtn),
+            windows=len(awq),
+            seq_len=seq_len,
+            text=text,
+            awq_windows=tuple(map(float, awq)),
+            rtn_windows=tuple(map(float, rtn)),
+        )
+
+    @property
+    def awq_worse(self) -> bool:
+        """AWQ's mean loss is above rounding's (NaN counts as above), by any margin."""
+        return not self.nll_awq <= self.nll_rtn
 
     @property
     def awq_lost(self) -> bool:
-        """True when AWQ ends worse than rounding (NaN counts as worse)."""
-        return not self.nll_awq <= self.nll_rtn
+        """AWQ is worse by more than the noise: :data:`GUARD_SIGMAS` standard errors (with one
+        window, or windows that all differ alike, any margin)."""
+        if not self.awq_worse:
+            return False
+        se = self.standard_error
+        return not math.isfinite(self.difference) or not se > 0 or self.difference > GUARD_SIGMAS * se
+
+    @property
+    def difference(self) -> float:
+        """AWQ's loss minus rounding's (nats/token): positive when AWQ is worse."""
+        return self.nll_awq - self.nll_rtn
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of the mean paired per-window difference (NaN with fewer than 2 windows)."""
+        diffs = [a - r for a, r in zip(self.awq_windows, self.rtn_windows)]
+        if len(diffs) < 2:
+            return math.nan
+        mean = math.fsum(diffs) / len(diffs)
+        variance = math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+        return math.sqrt(variance / len(diffs))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "awq_lost": self.awq_lost, "message": self.message()}
+        return {
+            **asdict(self),
+            "awq_worse": self.awq_worse,
+            "awq_lost": self.awq_lost,
+            "difference": self.difference,
+            "standard_error": self.standard_error,
+            "message": self.message(),
+        }
 
-    def message(self) -> str:
-        figures = (
+    def figures(self) -> str:
+        return (
             f"held-out loss {self.nll_awq:.4f} (AWQ) vs {self.nll_rtn:.4f} (plain rounding) nats/token, "
+            f"difference {self.difference:+.4f} +- {self.standard_error:.4f} (standard error), "
             f"perplexity {_ppl(self.nll_awq):.3f} vs {_ppl(self.nll_rtn):.3f}, "
             f"on {self.windows} x {self.seq_len} {self.text}"
         )
-        if self.awq_lost:
+
+    def message(self) -> str:
+        if not self.awq_worse:
+            return f"end-to-end check: AWQ <= plain rounding: {self.figures()}"
+        if not self.awq_lost:
             return (
-                f"WARNING: AWQ IS WORSE THAN PLAIN ROUNDING on this model: {figures}. "
-                "Plain rounding (--method rtn) would give a better model; other calibration text may help."
+                f"end-to-end check: AWQ and plain rounding are within the noise ({self.figures()}; "
+                f"a loss counts above {GUARD_SIGMAS:g} standard errors): kept AWQ"
             )
-        return f"end-to-end check: AWQ <= plain rounding: {figures}"
+        if self.action == "rounded":
+            return (
+                f"AWQ LOST TO PLAIN ROUNDING end to end ({self.figures()}): the checkpoint holds plain "
+                "rounding instead (--guard warn keeps AWQ; other calibration text may help AWQ)"
+            )
+        return (
+            f"WARNING: AWQ IS WORSE THAN PLAIN ROUNDING on this model: {self.figures()}. "
+            "Kept AWQ as asked (--guard warn); --guard fallback or --method rtn gives the better model."
+        )
 
 
 def _ppl(nll: float) -> float:
@@ -98,15 +184,33 @@ def held_out_windows(
     return windows[spare].contiguous() if spare.numel() else None
 
 
+def window_losses(logits: torch.Tensor, ids: torch.Tensor) -> list[float]:
+    """Each window's mean loss per predicted token: ``logits`` ``[B, L, V]``, ``ids`` ``[B, L]``."""
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )  # (B*(L-1),)
+    return nll.double().reshape(ids.shape[0], -1).mean(dim=1).tolist()
+
+
+@torch.inference_mode()
+def model_window_losses(model: nn.Module, windows: torch.Tensor) -> list[float]:
+    """Per-window mean loss of a whole model over ``windows`` ``[n, L]`` (one window per forward)."""
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    for row in windows.split(1):
+        ids = row.to(device)
+        losses += window_losses(_logits(model(input_ids=ids, use_cache=False)), ids)
+    return losses
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else first_output(out)
+
+
 def fake_quantize_linears(model: nn.Module, quant_config: QuantConfigLike, template: Any = None) -> None:
     """:func:`~awq_plugin.algorithm.linears.fake_quantize_decoder_linears` under ``template`` (any
     :func:`resolve_template` spec), in place."""
     fake_quantize_decoder_linears(model, resolve_template(model, template), quant_config)
-
-
-def mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
-    """Mean negative log-likelihood per predicted token over ``windows`` ``[n, L]``."""
-    return perplexity(model, windows, batch_size=1, progress=False).nll
 
 
 def compare_with_rounding(
@@ -126,50 +230,123 @@ def compare_with_rounding(
         if use_awq:
             apply_awq(model, results)
         fake_quantize_linears(model, quant_config, results.template if use_awq else None)
-        losses.append(mean_nll(model, windows))
+        losses.append(model_window_losses(model, windows))
         del model
-    result = GuardResult(losses[0], losses[1], int(windows.shape[0]), int(windows.shape[1]), text)
+    result = GuardResult.from_windows(losses[0], losses[1], int(windows.shape[1]), text)
     (log.warning if result.awq_lost else log.info)("%s", result.message())
     return result
-
-
-def guard_checkpoint(
-    source: str | Path,
-    results: AwqResults,
-    quant_config: QuantConfigLike,
-    calib: CalibSource,
-    n_samples: int,
-    seq_len: int,
-    seed: int,
-    trust_remote_code: bool = False,
-    count: int = GUARD_WINDOWS,
-) -> GuardResult | None:
-    """The guard for a quantized transformers folder ``source``; None when there is no held-out text.
-
-    Advisory: the checkpoint is already written, so a model the check cannot load or run
-    (another Auto class, remote code) gets a warning saying why, not a failed run.
-    """
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = None
-        if not isinstance(calib, torch.Tensor):
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        windows = held_out_windows(tokenizer, calib, n_samples, seq_len, seed, count)
-        if windows is None:
-            log.info("end-to-end check skipped: the calibration leaves no held-out text")
-            return None
-
-        def load() -> nn.Module:
-            return load_fp_model(source, torch.float32, trust_remote_code)
-
-        name = calib if isinstance(calib, str) else "calibration text"
-        return compare_with_rounding(load, results, quant_config, windows, f"held-out windows of {name!r}")
-    except Exception as exc:
-        log.warning("end-to-end check against plain rounding could not run: %s: %s", type(exc).__name__, exc)
-        return None
 
 
 def copying_loader(model: nn.Module) -> Callable[[], nn.Module]:
     """A ``load_model`` for :func:`compare_with_rounding` over an in-memory model (a deep copy per call)."""
     return lambda: copy.deepcopy(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming guard (the pipeline's): both models' held-out activations, one block at a time
+# ---------------------------------------------------------------------------------------------
+
+STREAMS = ("awq", "rtn")
+
+
+@dataclass
+class GuardStreams:
+    """The held-out windows on their way through the decoder, as written (``awq``) and as plain
+    rounding would write them (``rtn``): each stream holds one hidden-state tensor per window.
+
+    ``captured`` holds the windows' layer-0 inputs and the keyword arguments of every layer
+    (captured one window per micro-batch, so that the tail can score window by window).
+    """
+
+    windows: torch.Tensor  # [W, L] token ids
+    captured: CapturedInputs
+    hidden: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    output_arity: int | None = None  # a decoder layer returns a tensor (None) or a tuple this long
+
+    def __post_init__(self) -> None:
+        for stream in STREAMS:
+            self.hidden.setdefault(stream, list(self.captured.hidden_states))
+
+    @torch.no_grad()
+    def advance(
+        self, stream: str, index: int, block: nn.Module, names: Sequence[str], quant_config: QuantConfigLike
+    ) -> None:
+        """Run ``stream`` through decoder layer ``index`` (``block``) with ``names`` fake-quantized."""
+        inputs = self.captured.for_layer(index, self.hidden[stream])
+        outputs = []
+        with fake_quantized(block, names, quant_config):
+            for hidden, kwargs in zip(inputs.hidden_states, inputs.kwargs):
+                out = block(hidden, **kwargs)
+                self.output_arity = len(out) if isinstance(out, (tuple, list)) else None
+                outputs.append(first_output(out))
+        self.hidden[stream] = outputs
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and metadata to store with the next block's inputs (a resumed run reloads them)."""
+        tensors = {
+            f"guard_{stream}.{w}": h.detach().cpu().contiguous()
+            for stream in STREAMS
+            for w, h in enumerate(self.hidden[stream])
+        }
+        return tensors, {"guard_arity": "" if self.output_arity is None else str(self.output_arity)}
+
+    def restore(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], device: Any) -> None:
+        """The inverse of :meth:`state`."""
+        for stream in STREAMS:
+            self.hidden[stream] = [
+                tensors[f"guard_{stream}.{w}"].to(device) for w in range(len(self.captured.hidden_states))
+            ]
+        arity = metadata.get("guard_arity", "")
+        self.output_arity = int(arity) if arity else None
+
+    @torch.inference_mode()
+    def score(self, model: nn.Module, layers: nn.ModuleList, text: str) -> GuardResult:
+        """Both streams' per-window losses through the model's tail (its non-layer weights loaded)."""
+        losses = {stream: self._tail_losses(model, layers, self.hidden[stream]) for stream in STREAMS}
+        return GuardResult.from_windows(losses["awq"], losses["rtn"], int(self.windows.shape[1]), text)
+
+    def _tail_losses(
+        self, model: nn.Module, layers: nn.ModuleList, finals: list[torch.Tensor]
+    ) -> list[float]:
+        """Run the model with its decoder layers stood in for: the last one returns the stored
+        final hidden states, so the model's own tail (norm, head, soft-capping) makes the logits."""
+        losses: list[float] = []
+        with _replayed_layers(layers, finals, self.output_arity) as calls:
+            for w, row in enumerate(self.windows.split(1)):
+                ids = row.to(finals[w].device)
+                logits = _logits(model(input_ids=ids, use_cache=False))
+                if calls[0] != w + 1 or tuple(logits.shape[:2]) != tuple(ids.shape):
+                    raise RuntimeError(
+                        "the model's tail did not take the stored decoder output "
+                        f"(logits {tuple(logits.shape)} for window {tuple(ids.shape)})"
+                    )
+                losses += window_losses(logits, ids)
+        return losses
+
+
+@contextmanager
+def _replayed_layers(
+    layers: nn.ModuleList, finals: list[torch.Tensor], arity: int | None
+) -> Iterator[list[int]]:
+    """Decoder layers replaced by stand-ins: pass-throughs, and a last layer that returns
+    ``finals[w]`` on its ``w``-th call, shaped as the real layers' outputs (``arity``)."""
+    calls = [0]
+
+    def shaped(hidden: torch.Tensor) -> Any:
+        return hidden if arity is None else (hidden, *([None] * (arity - 1)))
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return shaped(args[0] if args else kwargs["hidden_states"])
+
+    def replay(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return shaped(finals[calls[0] - 1])
+
+    for layer in layers[:-1]:
+        layer.forward = passthrough
+    layers[-1].forward = replay
+    try:
+        yield calls
+    finally:
+        for layer in layers:
+            del layer.forward

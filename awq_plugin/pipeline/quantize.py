@@ -22,6 +22,7 @@ Runs are resumable through the work dir (``pipeline.workdir``); the blocks move 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -41,6 +42,7 @@ from awq_plugin.algorithm.awq import (
     keeping_ungroupable_in_full_precision,
 )
 from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
+from awq_plugin.algorithm.options import QUANTIZER_VERSION
 from awq_plugin.algorithm.precision import keeping_full_precision_listed
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.calibration.settings import DEFAULTS
@@ -59,7 +61,14 @@ from awq_plugin.pipeline.blocks import (
     pack_block,
     release_non_layer,
 )
-from awq_plugin.pipeline.guard import guard_checkpoint
+from awq_plugin.pipeline.device import materialized_to, resolve_device
+from awq_plugin.pipeline.guard import (
+    GUARD_WINDOWS,
+    GuardResult,
+    GuardStreams,
+    check_guard_mode,
+    held_out_windows,
+)
 from awq_plugin.pipeline.workdir import WorkDir, fingerprint, source_fingerprint, work_dir_path
 from awq_plugin.procmem import peak_rss_bytes, release_freed_memory  # peak: VmHWM, see there
 from awq_plugin.runtime.checkpoint_keys import renamed_reader
@@ -95,6 +104,7 @@ class QuantizeReport:
     guard: dict[str, Any] | None = None  # the end-to-end check against plain rounding (pipeline.guard)
     precision: dict[str, Any] = field(default_factory=dict)  # INT4 share of the decoder's matrix weights
     precision_lines: list[str] = field(default_factory=list)  # its summary (PrecisionReport.lines)
+    device: str = "cpu"  # where the blocks were computed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +112,7 @@ class QuantizeReport:
     def render(self) -> str:
         lines = [
             f"quantized ({self.method}, {self.scheme}) -> {self.out}",
-            f"time {self.seconds:.0f} s with {self.threads} threads; peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB",
+            f"time {self.seconds:.0f} s on {self.device} with {self.threads} threads; peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB",
             f"size {self.source_bytes / 2**20:.1f} MiB -> {self.output_bytes / 2**20:.1f} MiB "
             f"({self.source_bytes / max(self.output_bytes, 1):.2f}x smaller)",
         ]
@@ -221,18 +231,38 @@ def _inferred_template(model: torch.nn.Module, reader: SafetensorsReader) -> dic
 
 
 def _calibration_tokens(
-    src: _Source, calib: CalibSource, n_samples: int, seq_len: int, seed: int, trust_remote_code: bool
-) -> torch.Tensor:
+    src: _Source,
+    calib: CalibSource,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    trust_remote_code: bool,
+    guard_windows: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows ``[n, L]`` and the end-to-end guard's held-out ones (None: none
+    asked for, or no text left over; token ids given as calibration have no held-out text)."""
     tokenizer = None
     if not isinstance(calib, torch.Tensor):  # token ids need no tokenizer
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=trust_remote_code)
-    return calibration_ids(calib, tokenizer, n_samples, seq_len, seed)
+    ids = calibration_ids(calib, tokenizer, n_samples, seq_len, seed)
+    held = None
+    if guard_windows:
+        held = held_out_windows(tokenizer, calib, n_samples, seq_len, seed, guard_windows)
+        if held is None:
+            log.info("end-to-end check skipped: the calibration leaves no held-out text")
+    return ids, held
 
 
 def _run_fingerprint(
-    src: _Source, quant: AwqQuantConfig, method: str, calib_ids: torch.Tensor, options: AwqOptions
+    src: _Source,
+    quant: AwqQuantConfig,
+    method: str,
+    calib_ids: torch.Tensor,
+    options: AwqOptions,
+    held: torch.Tensor | None,
+    device: torch.device,
 ) -> str:
     """Every input that decides the output bytes: a work dir with another fingerprint is not resumed."""
     return fingerprint(
@@ -241,8 +271,11 @@ def _run_fingerprint(
             "quant": quant.to_quantization_config(),
             "method": method,
             "calib_ids": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest(),
+            "guard_ids": None if held is None else hashlib.sha256(held.numpy().tobytes()).hexdigest(),
+            "device": device.type,
             "options": options.to_dict(),
             "template": src.resolved.to_json(),
+            "quantizer": QUANTIZER_VERSION,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
@@ -254,28 +287,41 @@ def _quantize_blocks(
     work: WorkDir,
     done: int,
     calib_ids: torch.Tensor,
+    held: torch.Tensor | None,
     quant: AwqQuantConfig,
     method: str,
     options: AwqOptions,
+    device: torch.device,
     progress: bool,
     on_block: Callable[[int, int], None] | None,
-) -> list[str]:
+) -> tuple[list[str], GuardStreams | None]:
     """Capture block 0's inputs, then search, pack and store each block not yet done.
 
-    Returns the names of the source's tensors outside the decoder layers (copied at assembly).
+    Returns the names of the source's tensors outside the decoder layers (copied at
+    assembly) and the end-to-end guard's streams (None without held-out windows).
     """
     layers_path, layers, resolved = src.resolved.decoder_layers, src.layers, src.resolved
-    non_layer_names = load_non_layer(src.model, layers_path, src.reader)
+    non_layer_names = load_non_layer(src.model, layers_path, src.reader, device=device)
+    materialized_to(src.model, device)  # buffers built with the skeleton (rotary tables)
+    calib_ids, held = calib_ids.to(device), None if held is None else held.to(device)
     captured = capture_decoder_inputs(src.model, layers, calib_ids, options.micro_batch_size)
+    streams = None
+    if held is not None:  # one window per micro-batch: the tail scores window by window
+        streams = GuardStreams(held, capture_decoder_inputs(src.model, layers, held, 1))
+        if done:
+            streams.restore(*work.load_extra(done), device)
     release_non_layer(src.model, layers_path)  # from here on memory holds one block and the activations
-    hidden = captured.hidden_states if done == 0 else work.load_hidden(done)
+    hidden = captured.hidden_states if done == 0 else [h.to(device) for h in work.load_hidden(done)]
     bar = tqdm(
         total=len(layers), initial=done, desc=f"{method.upper()} blocks", unit="block", disable=not progress
     )
     for i in range(done, len(layers)):
-        block = load_block(src.model, resolved, i, src.reader)
+        block = load_block(src.model, resolved, i, src.reader, device)
         groups = resolved.block(i)
+        names = block_linear_names(block, groups, quant)
         inputs = captured.for_layer(i, hidden)
+        if streams is not None:  # plain rounding's view of this block, before the search moves weights
+            streams.advance("rtn", i, block, names, quant)
         if method == "awq":
             result, next_inputs = awq_block_step(block, groups, inputs, quant, options)
             hidden = next_inputs.hidden_states
@@ -283,11 +329,12 @@ def _quantize_blocks(
             bar.set_postfix(mse_rtn=f"{result.mse_rtn:.3g}", mse_awq=f"{result.mse_awq:.3g}")
         else:
             hidden = forward_block(block, inputs)
+        if streams is not None:
+            streams.advance("awq", i, block, names, quant)
         if not all(torch.isfinite(h).all() for h in hidden):
             raise CalibrationError(f"calibration activations became NaN or Inf at the output of layer {i}")
-        names = block_linear_names(block, groups, quant)
         work.save_block(i, pack_block(block, f"{layers_path}.{i}.", names, quant, resolved))
-        work.save_hidden(i + 1, hidden)
+        work.save_hidden(i + 1, hidden, streams.state() if streams is not None else None)
         work.mark_done(i + 1)
         block.to("meta")  # free the block's weights; the next block is read fresh from the shards
         release_freed_memory()  # else heap fragmentation makes the peak creep up block after block
@@ -295,7 +342,36 @@ def _quantize_blocks(
         if on_block is not None:
             on_block(i + 1, len(layers))
     bar.close()
-    return non_layer_names
+    return non_layer_names, streams
+
+
+def _guard_verdict(
+    src: _Source, streams: GuardStreams, text: str, device: torch.device
+) -> GuardResult | None:
+    """Score the guard's streams through the model's tail (the non-layer weights, head included,
+    loaded for the purpose). A model whose tail cannot be replayed gets a warning, not a failed run."""
+    layers_path = src.resolved.decoder_layers
+    try:
+        load_non_layer(src.model, layers_path, src.reader, with_head=True, device=device)
+        verdict = streams.score(src.model, src.layers, text)
+    except Exception as exc:
+        log.warning("end-to-end check against plain rounding could not run: %s: %s", type(exc).__name__, exc)
+        return None
+    finally:
+        release_non_layer(src.model, layers_path)
+        release_freed_memory()
+    return verdict
+
+
+def _round_blocks(src: _Source, work: WorkDir, quant: AwqQuantConfig, device: torch.device) -> None:
+    """Replace every stored block by its plain rounding (the guard's fallback): read, round, pack."""
+    layers_path, resolved = src.resolved.decoder_layers, src.resolved
+    for i in range(len(src.layers)):
+        block = load_block(src.model, resolved, i, src.reader, device)
+        names = block_linear_names(block, resolved.block(i), quant)
+        work.save_block(i, pack_block(block, f"{layers_path}.{i}.", names, quant, resolved))
+        block.to("meta")
+        release_freed_memory()
 
 
 def quantize_checkpoint(
@@ -309,6 +385,8 @@ def quantize_checkpoint(
     seq_len: int = DEFAULTS.seq_len,
     template: str | Path | dict[str, Any] | None = None,
     options: AwqOptions | None = None,
+    guard: str = "fallback",
+    device: str | torch.device | None = "auto",
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
@@ -320,37 +398,57 @@ def quantize_checkpoint(
     while the block-0 inputs are captured); resumable (see the module docstring).
     ``method="rtn"`` skips the search: plain round-to-nearest, the baseline AWQ is measured
     against. ``calib`` is a built-in text name, a file, documents, or token ids
-    ``[n_samples, seq_len]``. Python code shipped with ``source`` (``auto_map``) is imported
-    only with ``trust_remote_code=True``. ``on_block(done, total)`` is called after each block
-    is stored (the quantize-on-start cache logs progress with it).
+    ``[n_samples, seq_len]``. ``guard`` is what to do when AWQ ends worse than plain
+    rounding on held-out windows (:mod:`awq_plugin.pipeline.guard`): ``fallback`` writes
+    rounding, ``warn`` keeps AWQ, ``off`` skips the check. ``device`` is where each block
+    is computed (``auto``: the first CUDA device if there is one, else the CPU); the
+    source and the results stay on the host. Python code shipped with ``source``
+    (``auto_map``) is imported only with ``trust_remote_code=True``. ``on_block(done,
+    total)`` is called after each block is stored (the quantize-on-start cache logs
+    progress with it).
     """
     started = time.monotonic()
     source, out = Path(source), Path(out)
     if method not in METHODS:
         raise ConfigError(f"quantization method {method!r} is unknown; choose one of {list(METHODS)}")
+    check_guard_mode(guard)
+    device = resolve_device(device)
     quant.check_packable()
     options = options or AwqOptions()
     check_output_dir(out, overwrite)
     src = _open_source(source, template, trust_remote_code)
     quant = keeping_ungroupable_in_full_precision(src.layers, src.resolved, quant)
     quant, precision = keeping_full_precision_listed(src.layers, src.resolved, quant)
-    calib_ids = _calibration_tokens(src, calib, n_samples, seq_len, options.seed, trust_remote_code)
+    windows = GUARD_WINDOWS if method == "awq" and guard != "off" else 0
+    calib_ids, held = _calibration_tokens(
+        src, calib, n_samples, seq_len, options.seed, trust_remote_code, windows
+    )
     n_layers = len(src.layers)
-    work = WorkDir(work_dir_path(out), _run_fingerprint(src, quant, method, calib_ids, options))
+    fp = _run_fingerprint(src, quant, method, calib_ids, options, held, device)
+    work = WorkDir(work_dir_path(out), fp)
     done = work.open()
+    verdict = None
     try:
-        non_layer_names = _quantize_blocks(
-            src, work, done, calib_ids, quant, method, options, progress, on_block
+        non_layer_names, streams = _quantize_blocks(
+            src, work, done, calib_ids, held, quant, method, options, device, progress, on_block
         )
-        results = [work.load_result(i) for i in range(n_layers)] if method == "awq" else []
+        if streams is not None:
+            name = calib if isinstance(calib, str) else "calibration text"
+            verdict = _guard_verdict(src, streams, f"held-out windows of {name!r}", device)
         awq_results = None
-        if method == "awq":
+        results = [work.load_result(i) for i in range(n_layers)] if method == "awq" else []
+        if verdict is not None and verdict.awq_lost and guard == "fallback":
+            _round_blocks(src, work, quant, device)
+            verdict = dataclasses.replace(verdict, action="rounded")
+        elif method == "awq":
             awq_results = AwqResults(
                 blocks=[r for r in results if r is not None],
                 template=dict(src.resolved.data),
                 quant_config=quant_config_dict(quant),
                 options=options.to_dict(),
             )
+        if verdict is not None:
+            (log.warning if verdict.awq_lost else log.info)("%s", verdict.message())
         output_bytes = assemble_checkpoint(
             out,
             overwrite,
@@ -370,9 +468,6 @@ def quantize_checkpoint(
         shutil.rmtree(work.path, ignore_errors=True)
         raise
     shutil.rmtree(work.path, ignore_errors=True)
-    guard = awq_results and guard_checkpoint(
-        source, awq_results, quant, calib, n_samples, seq_len, options.seed, trust_remote_code
-    )
     return QuantizeReport(
         out=str(out),
         method=method,
@@ -390,7 +485,8 @@ def quantize_checkpoint(
             for r in results
             if r
         ],
-        guard=guard.to_dict() if guard else None,
+        guard=verdict.to_dict() if verdict else None,
         precision=precision.as_dict(),
         precision_lines=precision.lines(),
+        device=str(device),
     )

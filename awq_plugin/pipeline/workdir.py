@@ -25,7 +25,7 @@ from awq_plugin.fsutil import atomic_write_json, read_tensor_file, write_tensor_
 
 log = logging.getLogger(__name__)
 
-WORK_FORMAT = 2  # 2: block inputs kept per layer (hidden_NNNNN.safetensors)
+WORK_FORMAT = 3  # 2: block inputs kept per layer (hidden_NNNNN.safetensors); 3: with the guard's streams
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -100,18 +100,37 @@ class WorkDir:
     def hidden_file(self, next_layer: int) -> Path:
         return self.path / f"hidden_{next_layer:05d}.safetensors"
 
-    def save_hidden(self, next_layer: int, hidden: Sequence[torch.Tensor]) -> None:
-        """Store block ``next_layer``'s inputs beside the previous block's.
+    def save_hidden(
+        self,
+        next_layer: int,
+        hidden: Sequence[torch.Tensor],
+        extra: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
+    ) -> None:
+        """Store block ``next_layer``'s inputs beside the previous block's, with ``extra`` tensors
+        and metadata (the end-to-end guard's streams, :meth:`GuardStreams.state`).
 
         The previous file is dropped only by :meth:`mark_done`, after the marker moved on: a
         kill between this write and the marker's finds the inputs the marker points at.
         """
-        tensors = {f"hidden.{m}": h.contiguous() for m, h in enumerate(hidden)}
-        write_tensor_file(self.hidden_file(next_layer), tensors, {"next_layer": str(next_layer)})
+        tensors = {f"hidden.{m}": h.detach().cpu().contiguous() for m, h in enumerate(hidden)}
+        metadata = {"next_layer": str(next_layer)}
+        if extra is not None:
+            tensors.update(extra[0])
+            metadata.update(extra[1])
+        write_tensor_file(self.hidden_file(next_layer), tensors, metadata)
 
     def load_hidden(self, next_layer: int) -> list[torch.Tensor]:
+        tensors = self._hidden_file(next_layer)[0]
+        count = sum(name.startswith("hidden.") for name in tensors)
+        return [tensors[f"hidden.{m}"] for m in range(count)]
+
+    def load_extra(self, next_layer: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """What :meth:`save_hidden` stored beside block ``next_layer``'s inputs as ``extra``."""
+        tensors, metadata = self._hidden_file(next_layer)
+        return {k: v for k, v in tensors.items() if not k.startswith("hidden.")}, dict(metadata or {})
+
+    def _hidden_file(self, next_layer: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         path = self.hidden_file(next_layer)
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the work dir {self.path} is damaged; delete it")
-        tensors, _ = read_tensor_file(path)
-        return [tensors[f"hidden.{m}"] for m in range(len(tensors))]
+        return read_tensor_file(path)
