@@ -266,3 +266,42 @@ def test_standard_error_is_that_of_the_paired_differences() -> None:
     assert verdict.difference == pytest.approx(mean)
     assert verdict.standard_error == pytest.approx(expected)
     assert math.isnan(GuardResult.from_windows([1.0], [2.0], 16, "x").standard_error)
+
+
+# The tail replay on the families' own forwards: tensor or tuple layer outputs, soft-capped
+# logits, learned positions, hybrid stacks. Blocks left unquantized, so both streams are the
+# full-precision model and their losses must equal the whole model's forward.
+TAIL_FAMILIES = [
+    "llama",
+    "gpt2",
+    "gemma2",
+    "opt",
+    "bloom",
+    "falcon",
+    "gpt_neox",
+    "qwen3_moe",
+    "mamba",
+    "xglm",
+]
+
+
+@pytest.mark.parametrize("model_type", TAIL_FAMILIES)
+def test_streams_through_the_tail_equal_the_whole_models_losses(model_type: str) -> None:
+    from awq_plugin.calibration.capture import capture_decoder_inputs
+    from awq_plugin.models.conv1d import linearize_conv1d
+    from awq_plugin.pipeline.guard import GuardStreams, model_window_losses
+    from awq_plugin.templates.infer import find_decoder_layers
+    from awq_plugin.tools.bench_architectures import build_tiny_model
+
+    model = build_tiny_model(model_type).float()
+    linearize_conv1d(model)  # as the pipeline reads GPT-2
+    layers = model.get_submodule(find_decoder_layers(model))
+    windows = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    expected = model_window_losses(model, windows)
+    streams = GuardStreams(windows, capture_decoder_inputs(model, layers, windows, 1))
+    for i, block in enumerate(layers):
+        for stream in ("rtn", "awq"):
+            streams.advance(stream, i, block, [], QUANT)
+    verdict = streams.score(model, layers, "random ids")
+    assert verdict.awq_windows == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert verdict.rtn_windows == pytest.approx(expected, rel=1e-5, abs=1e-5)
