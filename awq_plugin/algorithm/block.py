@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range, symmetric_clamp_share
+from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
     fake_quantized,
@@ -37,6 +38,7 @@ from awq_plugin.algorithm.linears import (
 )
 from awq_plugin.algorithm.moe_fallback import calibrate_underused_experts
 from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES, AwqOptions
+from awq_plugin.algorithm.phases import phase
 from awq_plugin.algorithm.results import BlockAwqResult, GroupScaleResult
 from awq_plugin.algorithm.search import (
     ScaleSearchResult,
@@ -56,12 +58,13 @@ from awq_plugin.errors import TemplateError
 from awq_plugin.models.experts import routed_experts_in, row_positions_lookup
 from awq_plugin.templates import BlockTemplate, ScalingGroup
 from awq_plugin.templates.folds import apply_group_scales, clamp_weight
-from awq_plugin.templates.verify import verify_block_folds
+from awq_plugin.templates.verify import verify_block_folds_at_once
 
 logger = logging.getLogger(__name__)
 
 SEARCH_CHUNK_ROWS = 8192  # token rows per forward of a token-wise module in the search (memory bound)
-SEARCH_DTYPES = {name: getattr(torch, name) for name in SEARCH_DTYPE_NAMES}  # AwqOptions.search_dtype
+# AwqOptions.search_dtype names of fixed dtypes ("auto" depends on the device: forward_dtype)
+SEARCH_DTYPES = {name: getattr(torch, name) for name in SEARCH_DTYPE_NAMES if name != "auto"}
 
 
 @contextmanager
@@ -80,12 +83,34 @@ def computing_in_float32(block: nn.Module) -> Iterator[None]:
         block.to(dtype)
 
 
-def _forward_in_dtype(block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The block's outputs on all micro-batches, computed in ``dtype`` (on a copy), returned in fp32."""
-    if dtype == torch.float32:
-        return forward_block(block, inputs)
-    copy_ = copy.deepcopy(block).to(dtype)
-    return [out.float() for out in forward_block(copy_, inputs.to(dtype))]
+class ForwardTwin:
+    """The fp32 block's forwards, run in ``dtype``: a ``dtype`` copy of the block and its inputs.
+
+    In float32 the twin is the block itself (no copy). Otherwise :meth:`forward` first copies
+    the block's current parameters into the twin (so scales, clips and fake-quantized weights
+    the block holds at that moment are what runs), and returns fp32 outputs.
+    """
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> None:
+        self.block = block
+        self.dtype = dtype
+        self.module = block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+        self.inputs = inputs.to(dtype)
+
+    def sync(self) -> None:
+        """Copy the block's parameters and floating buffers into the twin (cast to its dtype)."""
+        if self.module is self.block:
+            return
+        mine = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        theirs = dict(self.block.named_parameters()) | dict(self.block.named_buffers())
+        for name, tensor in theirs.items():
+            if tensor.is_floating_point():
+                mine[name].data.copy_(tensor.data)
+
+    def forward(self, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The block's outputs (all micro-batches, or ``batches``), computed in ``dtype``, in fp32."""
+        self.sync()
+        return [out.float() for out in forward_block(self.module, self.inputs, batches)]
 
 
 def _search_loss(
@@ -109,6 +134,11 @@ def _search_loss(
     targets = run()
     weights = token_loss_weights(targets, outlier_ratio)
     return lambda: weighted_output_mse(run(), targets, weights)
+
+
+def _device_of(block: nn.Module) -> torch.device:
+    first = next(block.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _relative_name(name: str, parent: str) -> str:
@@ -147,9 +177,13 @@ def awq_block_step(
     """
     options = options or AwqOptions()
     # A template is a claim about data flow: prove every fold on this block before searching.
-    verify_block_folds(block, groups, inputs, "template", max_batches=1)
+    with phase("verify folds"):
+        verify_block_folds_at_once(block, groups, inputs, "template", max_batches=1)
     with torch.no_grad(), computing_in_float32(block):
         inputs = inputs.to(torch.float32)
+        # The forwards (recording, candidates, block errors) run in the search dtype on a twin;
+        # statistics, losses and every weight the search writes are fp32.
+        twin = ForwardTwin(block, inputs, resolve_search_dtype(options.search_dtype, _device_of(block)))
         names = quantized_linear_names(block, groups, quant_config)
         original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
         prior_share = _prior_awq_share(block, names, groups)
@@ -176,56 +210,60 @@ def awq_block_step(
             inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
         )
         inspect_names = [g.layers[0] if g.module2inspect is None else g.module2inspect for g in groups.groups]
-        experts = routed_experts_in(block, groups.experts)
+        experts = routed_experts_in(twin.module, groups.experts)
         for routed in experts.values():
             routed.reset_token_counts()
         record = functools.partial(
             InputRecorder,
-            block,
+            twin.module,
             plan,
             group_size=quant_config.group_size,
             row_positions=row_positions_lookup(experts) if experts else None,
         )
         stat_names = [g.inp for g in groups.groups]
-        recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(inputs)
+        with phase("record forward"):
+            recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(
+                twin.inputs
+            )
+            recorded.outputs = [out.float() for out in recorded.outputs]
         if experts:
             calibrate_underused_experts(
-                experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
+                experts, groups, twin.inputs, record, recorded, stat_names, inspect_names, clip_names, options
             )
         fp_sample = [recorded.outputs[m] for m in plan.search_batches]
         fp_weights = token_loss_weights(fp_sample, options.outlier_token_ratio)
-        with fake_quantized(block, names, quant_config):
-            mse_rtn = weighted_output_mse(
-                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
-            )
+        with phase("rounding error forward"), fake_quantized(block, names, quant_config):
+            mse_rtn = weighted_output_mse(twin.forward(plan.search_batches), fp_sample, fp_weights)
 
-        searches = [
-            _unit_scales(group, recorded)
-            if processed
-            else _search_group(block, group, target, names, recorded, quant_config, options)
-            for group, target in zip(groups.groups, inspect_names)
-        ]
-        for group, found in zip(groups.groups, searches):
-            apply_group_scales(block, group, found.scales)
-            recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
-        clip_min, clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
-        for name, bound in clip_max.items():
-            clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
+        twin.sync()  # the rounding forward left fake-quantized weights in it
+        searches = []
+        for group, target in zip(groups.groups, inspect_names):
+            with phase(f"search {target}"):
+                searches.append(
+                    _unit_scales(group, recorded)
+                    if processed
+                    else _search_group(block, twin, group, target, names, recorded, quant_config, options)
+                )
+        with phase("apply scales"):
+            for group, found in zip(groups.groups, searches):
+                apply_group_scales(block, group, found.scales)
+                recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
+        with phase("clip search"):
+            clip_min, clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
+            for name, bound in clip_max.items():
+                clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
 
-        with fake_quantized(block, names, quant_config):
-            mse_awq = weighted_output_mse(
-                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
-            )
+        with phase("AWQ error forward"), fake_quantized(block, names, quant_config):
+            mse_awq = weighted_output_mse(twin.forward(plan.search_batches), fp_sample, fp_weights)
         if not mse_awq <= mse_rtn:  # the guard (NaN included): never ship a block worse than rounding
             searches, clip_min, clip_max = _fall_back_to_rounding(
                 block, groups, original, searches, mse_rtn, mse_awq
             )
             mse_awq = mse_rtn
-        with fake_quantized(block, names, quant_config):
-            if options.propagate == "quantized":
-                next_hidden = _forward_in_dtype(block, inputs, SEARCH_DTYPES[options.search_dtype])
-            else:
-                next_hidden = recorded.outputs
+        next_hidden = recorded.outputs
+        if options.propagate == "quantized":
+            with phase("next inputs"), fake_quantized(block, names, quant_config):
+                next_hidden = twin.forward()
 
     result = BlockAwqResult(
         layer_index=groups.index,
@@ -302,6 +340,7 @@ def _unit_scales(group: ScalingGroup, recorded: RecordedInputs) -> ScaleSearchRe
 
 def _search_group(
     block: nn.Module,
+    twin: ForwardTwin,
     group: ScalingGroup,
     target: str,
     quantized: Sequence[str],
@@ -310,10 +349,10 @@ def _search_group(
     options: AwqOptions,
 ) -> ScaleSearchResult:
     names = [n for n in group.layers if n in quantized]
-    module = block.get_submodule(target)
-    dtype = SEARCH_DTYPES[options.search_dtype]
-    # The probe is the module the loss runs: the block's own in fp32, else a cast copy.
-    probe = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
+    # The probe is the module the loss runs: the twin's (the block's own in fp32). The scale
+    # searches run on the unmodified block, so the twin recorded from still matches it.
+    probe = twin.module.get_submodule(target)
+    dtype = twin.dtype
     return search_best_scale(
         group,
         weights=[block.get_submodule(n).weight.data for n in names],

@@ -12,7 +12,8 @@ from typing import Any
 from awq_plugin.errors import ConfigError
 
 PROPAGATE_CHOICES = ("fp", "quantized")
-SEARCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes the scale search may run in
+# dtypes the block's forwards may run in; "auto": bf16 where the device has bf16 units, else float32
+SEARCH_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,12 @@ class AwqOptions:
     # fake-quantized (computed in search_dtype), so later blocks calibrate on the inputs
     # they will see at inference.
     propagate: str = "fp"
-    # dtype of the forward passes that score scale candidates ("bfloat16": a bf16 copy of the
-    # inspected module runs them); weights are always quantized from fp32. float32 by default:
-    # on the default model (uint4 g64, 128 x 512) it scored 24.67 perplexity against 24.71 with
-    # bfloat16 (60.9% vs 60.3% of plain rounding's gap) for 17% more search time, and CPUs
-    # without AVX512-BF16 run bfloat16 matmuls slower than float32 anyway.
+    # dtype of the block's forward passes: the recording pass (statistics, samples, Gram
+    # matrices, the full-precision targets), the passes that score scale candidates and the
+    # block errors run on a copy of the block in this dtype; statistics and losses are summed
+    # in fp32/fp64 and weights are always quantized from fp32. "auto": bfloat16 where the
+    # device multiplies bf16 in hardware (AVX-512 BF16, AMX, CUDA), else float32
+    # (algorithm.forward_dtype).
     search_dtype: str = "float32"
     # MoE: an expert routed fewer calibration tokens than this in a block is calibrated on every
     # token reaching its MoE block instead (statistics, search rows and clip statistics), with a
