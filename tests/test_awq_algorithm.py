@@ -250,13 +250,13 @@ def test_sample_plan_is_seeded_and_nested() -> None:
 
 @pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
 def test_next_inputs_follow_the_propagation_option(toy, search_dtype: str) -> None:
-    """ "fp": the unquantized block's output, computed in the search dtype (the recording pass's)."""
+    """'fp': the unquantized block's output as the recording pass computes it (matmuls in the
+    search dtype under autocast, the residual stream in fp32)."""
     model, resolved, captured = toy
     inputs = captured.for_layer(0)
     dtype = getattr(torch, search_dtype)
-    fp_out = [
-        o.float() for o in forward_block(copy.deepcopy(model.model.layers[0]).to(dtype), inputs.to(dtype))
-    ]
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        fp_out = forward_block(copy.deepcopy(model.model.layers[0]), inputs)
     options = AwqOptions(**{**FAST.to_dict(), "search_dtype": search_dtype})
     _, nxt = awq_block_step(copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, options)
     assert all(torch.equal(a, b) for a, b in zip(nxt.hidden_states, fp_out))
