@@ -249,6 +249,7 @@ BENCHMARKS = {
     "large-model": "awq_plugin.tools.bench_large_model",  # quantize a model 3x larger than its peak RSS
     "architectures": "awq_plugin.tools.bench_architectures",  # every transformers decoder/VLM through AWQ
     "quality": "awq_plugin.tools.bench_quality",  # AWQ vs rounding perplexity on a panel of real models
+    "block-cost": "awq_plugin.tools.bench_block_cost",  # one block's AWQ time in forward equivalents
     "soak": "awq_plugin.tools.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
 }
 

@@ -248,13 +248,19 @@ def test_sample_plan_is_seeded_and_nested() -> None:
     assert plan_samples([64, 64], None, None, seed=0).clip_rows is None
 
 
-def test_next_inputs_follow_the_propagation_option(toy) -> None:
+@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
+def test_next_inputs_follow_the_propagation_option(toy, search_dtype: str) -> None:
+    """'fp': the unquantized block's output as the recording pass computes it (matmuls in the
+    search dtype under autocast, the residual stream in fp32)."""
     model, resolved, captured = toy
     inputs = captured.for_layer(0)
-    fp_out = forward_block(model.model.layers[0], inputs)
-    _, nxt = awq_block_step(copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, FAST)
+    dtype = getattr(torch, search_dtype)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        fp_out = forward_block(copy.deepcopy(model.model.layers[0]), inputs)
+    options = AwqOptions(**{**FAST.to_dict(), "search_dtype": search_dtype})
+    _, nxt = awq_block_step(copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, options)
     assert all(torch.equal(a, b) for a, b in zip(nxt.hidden_states, fp_out))
-    quantized = AwqOptions(**{**FAST.to_dict(), "propagate": "quantized"})
+    quantized = AwqOptions(**{**options.to_dict(), "propagate": "quantized"})
     _, nxt_q = awq_block_step(
         copy.deepcopy(model.model.layers[0]), resolved.block(0), inputs, QUANT, quantized
     )

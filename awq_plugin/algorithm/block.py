@@ -17,18 +17,18 @@ seeded generator and all reductions run in a fixed order.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range, symmetric_clamp_share
+from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
     fake_quantized,
@@ -37,6 +37,7 @@ from awq_plugin.algorithm.linears import (
 )
 from awq_plugin.algorithm.moe_fallback import calibrate_underused_experts
 from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES, AwqOptions
+from awq_plugin.algorithm.phases import phase
 from awq_plugin.algorithm.results import BlockAwqResult, GroupScaleResult
 from awq_plugin.algorithm.search import (
     ScaleSearchResult,
@@ -56,12 +57,13 @@ from awq_plugin.errors import TemplateError
 from awq_plugin.models.experts import routed_experts_in, row_positions_lookup
 from awq_plugin.templates import BlockTemplate, ScalingGroup
 from awq_plugin.templates.folds import apply_group_scales, clamp_weight
-from awq_plugin.templates.verify import verify_block_folds
+from awq_plugin.templates.verify import verify_block_folds_at_once
 
 logger = logging.getLogger(__name__)
 
 SEARCH_CHUNK_ROWS = 8192  # token rows per forward of a token-wise module in the search (memory bound)
-SEARCH_DTYPES = {name: getattr(torch, name) for name in SEARCH_DTYPE_NAMES}  # AwqOptions.search_dtype
+# AwqOptions.search_dtype names of fixed dtypes ("auto" depends on the device: forward_dtype)
+SEARCH_DTYPES = {name: getattr(torch, name) for name in SEARCH_DTYPE_NAMES if name != "auto"}
 
 
 @contextmanager
@@ -80,35 +82,66 @@ def computing_in_float32(block: nn.Module) -> Iterator[None]:
         block.to(dtype)
 
 
-def _forward_in_dtype(block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The block's outputs on all micro-batches, computed in ``dtype`` (on a copy), returned in fp32."""
-    if dtype == torch.float32:
-        return forward_block(block, inputs)
-    copy_ = copy.deepcopy(block).to(dtype)
-    return [out.float() for out in forward_block(copy_, inputs.to(dtype))]
+class BlockForwards:
+    """The block step's forwards in ``dtype``: matmuls in ``dtype`` under autocast, the rest fp32.
+
+    In float32 this is the block as it is (bit for bit the plain fp32 path). Otherwise
+    :meth:`autocast` runs the linears, attention products and what follows them inside a
+    branch in ``dtype`` (fp32 accumulation), while the hidden states, the residual stream and
+    the norms stay fp32, so rounding touches each branch's output, never the accumulated stream.
+    The weights are the block's own fp32 ones (fake-quantized, scaled or clipped as the block
+    holds them at that moment), cast once per autocast context.
+    """
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> None:
+        self.block = block
+        self.inputs = inputs
+        self.dtype = dtype
+
+    def autocast(self) -> AbstractContextManager[object]:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(_device_of(self.block).type, dtype=self.dtype)
+
+    def forward(self, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The block's outputs (all micro-batches, or ``batches``), computed so, in fp32."""
+        with self.autocast():
+            return [out.float() for out in forward_block(self.block, self.inputs, batches)]
 
 
 def _search_loss(
-    module: nn.Module, name: str, recorded: RecordedInputs, dtype: torch.dtype, outlier_ratio: float | None
+    module: nn.Module,
+    name: str,
+    recorded: RecordedInputs,
+    forwards: BlockForwards,
+    outlier_ratio: float | None,
 ) -> Callable[[], float]:
-    """``loss()``: MSE of ``module`` (run in ``dtype``) on the search sample against its output now."""
+    """``loss()``: MSE of ``module`` (run as ``forwards`` runs the block) on the search sample
+    against its output now."""
     if not recorded.is_token_wise(name):
-        calls = [call.to(dtype) for call in recorded.calls[name]]
+        calls = recorded.calls[name]
 
         def run() -> list[torch.Tensor]:
-            return [call.run(module) for call in calls]
+            with forwards.autocast():
+                return [call.run(module) for call in calls]
 
     else:
         if name not in recorded.rows:
             raise RuntimeError(f"module '{name}' was never called during the block forward")
-        chunks = [c.to(dtype) for c in recorded.rows[name].split(SEARCH_CHUNK_ROWS)]  # (S_c, K) each
+        chunks = recorded.rows[name].split(SEARCH_CHUNK_ROWS)  # (S_c, K) each
 
         def run() -> list[torch.Tensor]:
-            return [first_output(module(c.unsqueeze(0))) for c in chunks]  # (1, S_c, H) each
+            with forwards.autocast():
+                return [first_output(module(c.unsqueeze(0))) for c in chunks]  # (1, S_c, H) each
 
     targets = run()
     weights = token_loss_weights(targets, outlier_ratio)
     return lambda: weighted_output_mse(run(), targets, weights)
+
+
+def _device_of(block: nn.Module) -> torch.device:
+    first = next(block.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _relative_name(name: str, parent: str) -> str:
@@ -147,9 +180,13 @@ def awq_block_step(
     """
     options = options or AwqOptions()
     # A template is a claim about data flow: prove every fold on this block before searching.
-    verify_block_folds(block, groups, inputs, "template", max_batches=1)
+    with phase("verify folds"):
+        verify_block_folds_at_once(block, groups, inputs, "template", max_batches=1)
     with torch.no_grad(), computing_in_float32(block):
         inputs = inputs.to(torch.float32)
+        # The forwards (recording, candidates, block errors) run their matmuls in the search dtype;
+        # statistics, losses and every weight the search writes are fp32.
+        forwards = BlockForwards(block, inputs, resolve_search_dtype(options.search_dtype, _device_of(block)))
         names = quantized_linear_names(block, groups, quant_config)
         original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
         prior_share = _prior_awq_share(block, names, groups)
@@ -187,45 +224,51 @@ def awq_block_step(
             row_positions=row_positions_lookup(experts) if experts else None,
         )
         stat_names = [g.inp for g in groups.groups]
-        recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(inputs)
-        if experts:
-            calibrate_underused_experts(
-                experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
+        with phase("record forward"), forwards.autocast():
+            recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(
+                inputs
             )
+            recorded.outputs = [out.float() for out in recorded.outputs]
+        if experts:
+            with forwards.autocast():
+                calibrate_underused_experts(
+                    experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
+                )
         fp_sample = [recorded.outputs[m] for m in plan.search_batches]
         fp_weights = token_loss_weights(fp_sample, options.outlier_token_ratio)
-        with fake_quantized(block, names, quant_config):
-            mse_rtn = weighted_output_mse(
-                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
-            )
+        with phase("rounding error forward"), fake_quantized(block, names, quant_config):
+            mse_rtn = weighted_output_mse(forwards.forward(plan.search_batches), fp_sample, fp_weights)
 
-        searches = [
-            _unit_scales(group, recorded)
-            if processed
-            else _search_group(block, group, target, names, recorded, quant_config, options)
-            for group, target in zip(groups.groups, inspect_names)
-        ]
-        for group, found in zip(groups.groups, searches):
-            apply_group_scales(block, group, found.scales)
-            recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
-        clip_min, clip_max = _search_clips(block, clip_names, recorded, quant_config, options)
-        for name, bound in clip_max.items():
-            clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
-
-        with fake_quantized(block, names, quant_config):
-            mse_awq = weighted_output_mse(
-                forward_block(block, inputs, plan.search_batches), fp_sample, fp_weights
+        searches = []
+        for group, target in zip(groups.groups, inspect_names):
+            with phase(f"search {target}"):
+                searches.append(
+                    _unit_scales(group, recorded)
+                    if processed
+                    else _search_group(block, forwards, group, target, names, recorded, quant_config, options)
+                )
+        with phase("apply scales"):
+            for group, found in zip(groups.groups, searches):
+                apply_group_scales(block, group, found.scales)
+                recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
+        with phase("clip search"):
+            clip_min, clip_max = _search_clips(
+                block, clip_names, recorded, quant_config, options, forwards.dtype
             )
+            for name, bound in clip_max.items():
+                clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
+
+        with phase("AWQ error forward"), fake_quantized(block, names, quant_config):
+            mse_awq = weighted_output_mse(forwards.forward(plan.search_batches), fp_sample, fp_weights)
         if not mse_awq <= mse_rtn:  # the guard (NaN included): never ship a block worse than rounding
             searches, clip_min, clip_max = _fall_back_to_rounding(
                 block, groups, original, searches, mse_rtn, mse_awq
             )
             mse_awq = mse_rtn
-        with fake_quantized(block, names, quant_config):
-            if options.propagate == "quantized":
-                next_hidden = _forward_in_dtype(block, inputs, SEARCH_DTYPES[options.search_dtype])
-            else:
-                next_hidden = recorded.outputs
+        next_hidden = recorded.outputs
+        if options.propagate == "quantized":
+            with phase("next inputs"), fake_quantized(block, names, quant_config):
+                next_hidden = forwards.forward()
 
     result = BlockAwqResult(
         layer_index=groups.index,
@@ -302,6 +345,7 @@ def _unit_scales(group: ScalingGroup, recorded: RecordedInputs) -> ScaleSearchRe
 
 def _search_group(
     block: nn.Module,
+    forwards: BlockForwards,
     group: ScalingGroup,
     target: str,
     quantized: Sequence[str],
@@ -310,16 +354,13 @@ def _search_group(
     options: AwqOptions,
 ) -> ScaleSearchResult:
     names = [n for n in group.layers if n in quantized]
-    module = block.get_submodule(target)
-    dtype = SEARCH_DTYPES[options.search_dtype]
-    # The probe is the module the loss runs: the block's own in fp32, else a cast copy.
-    probe = module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
+    probe = block.get_submodule(target)
     return search_best_scale(
         group,
         weights=[block.get_submodule(n).weight.data for n in names],
         probes=[probe.get_submodule(_relative_name(n, target)) for n in names],
         x_mean=group.reduce_columns(recorded.mean_abs(group.inp)),
-        loss_fn=_search_loss(probe, target, recorded, dtype, options.outlier_token_ratio),
+        loss_fn=_search_loss(probe, target, recorded, forwards, options.outlier_token_ratio),
         fake_quantize=make_fake_quantizer(quant_config),
         n_grid=options.n_grid,
         duo_scaling=options.duo_scaling,
@@ -333,8 +374,13 @@ def _search_clips(
     recorded: RecordedInputs,
     quant_config: QuantConfigLike,
     options: AwqOptions,
+    forward_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Clip bounds per linear: (lower bounds, only for the asymmetric search; upper bounds)."""
+    """Clip bounds per linear: (lower bounds, only for the asymmetric search; upper bounds).
+
+    The Gram products run in ``forward_dtype`` when it is lower than fp32 (the block's forwards
+    then run their matmuls in it too: the device has the units); the error sums stay fp32."""
+    products = None if forward_dtype == torch.float32 else forward_dtype
     quantize = make_fake_quantizer(quant_config)
     clip_min: dict[str, torch.Tensor] = {}
     clip_max: dict[str, torch.Tensor] = {}
@@ -348,11 +394,11 @@ def _search_clips(
         weight, gram = block.get_submodule(name).weight, recorded.mean_gram(name).float()
         if options.clip_asymmetric and quant_config.zero_point:
             clip_min[name], clip_max[name] = search_clip_range(
-                weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink
+                weight, gram, quantize, options.clip_grid, options.max_shrink, products
             )
         else:
             clip_max[name] = search_clip_max(
-                weight, gram, quantize, n_grid=options.clip_grid, max_shrink=options.max_shrink
+                weight, gram, quantize, options.clip_grid, options.max_shrink, products
             )
     return clip_min, clip_max
 

@@ -20,6 +20,7 @@ from awq_plugin.algorithm.search import replaced_weights
 from awq_plugin.errors import ConfigError
 from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.quant_ref import fake_quantize
+from awq_plugin.numerics.search_quant import GroupFakeQuantizer
 from awq_plugin.templates import BlockTemplate, ResolvedTemplate
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,10 @@ class QuantConfigLike(Protocol):
 def make_fake_quantizer(quant_config: QuantConfigLike) -> Callable[[torch.Tensor], torch.Tensor]:
     """The reference quantize-dequantize for this config (``awq_plugin.numerics.quant_ref``)."""
 
-    def quantize(w: torch.Tensor) -> torch.Tensor:
-        # The searches call this hundreds of times per linear: weights were checked when
-        # loaded, and the packing quantizer checks them again, so skip the finiteness scan.
-        return fake_quantize(
-            w, quant_config.bits, quant_config.group_size, quant_config.zero_point, check_finite=False
-        )
-
-    return quantize
+    # The searches call this hundreds of times per linear: weights were checked when loaded,
+    # and the packing quantizer checks them again, so there is no finiteness scan; the fused
+    # pieces give quant_ref's bits (numerics.search_quant).
+    return GroupFakeQuantizer(quant_config.bits, quant_config.group_size, quant_config.zero_point)
 
 
 def _skips(quant_config: QuantConfigLike, full_name: str) -> bool:

@@ -12,7 +12,8 @@ from typing import Any
 from awq_plugin.errors import ConfigError
 
 PROPAGATE_CHOICES = ("fp", "quantized")
-SEARCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes the scale search may run in
+# dtypes the block's forwards may run in; "auto": bf16 where the device has bf16 units, else float32
+SEARCH_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 # What the pipeline does when AWQ ends worse than plain rounding on held-out windows
 # (awq_plugin.pipeline.guard): write rounding instead, keep AWQ and warn, or skip the check.
 GUARD_MODES = ("fallback", "warn", "off")
@@ -20,7 +21,8 @@ GUARD_MODES = ("fallback", "warn", "off")
 # The quantizer's output version: bump it whenever the bytes written for the same source,
 # request and options can change (an algorithm or format change). The quantize-on-start cache
 # keys on it, so a changed quantizer never serves an entry its predecessor made.
-QUANTIZER_VERSION = 2  # 2: the streaming end-to-end guard, which may write plain rounding
+# 2: the streaming end-to-end guard (it may write plain rounding); forwards in bf16 by default.
+QUANTIZER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,15 @@ class AwqOptions:
     # fake-quantized (computed in search_dtype), so later blocks calibrate on the inputs
     # they will see at inference.
     propagate: str = "fp"
-    # dtype of the forward passes that score scale candidates ("bfloat16": a bf16 copy of the
-    # inspected module runs them); weights are always quantized from fp32. float32 by default:
-    # on the default model (uint4 g64, 128 x 512) it scored 24.67 perplexity against 24.71 with
-    # bfloat16 (60.9% vs 60.3% of plain rounding's gap) for 17% more search time, and CPUs
-    # without AVX512-BF16 run bfloat16 matmuls slower than float32 anyway.
-    search_dtype: str = "float32"
+    # dtype of the matmuls in the block's forward passes (the recording pass, the candidate
+    # scoring, the block errors) and of the clip search's Gram products: they run under
+    # autocast in it, while the residual stream, norms, statistics and loss sums stay fp32 and
+    # weights are always quantized from fp32. "auto": bfloat16 where the device multiplies bf16
+    # in hardware (AVX-512 BF16, AMX, CUDA), else float32 (algorithm.forward_dtype). On the
+    # default model (uint4 g64, 128 x 512, 1 thread, 8 held-out windows) auto (bf16 on AVX-512
+    # BF16) closes 61.2% of plain rounding's gap (24.578 perplexity) against 61.4% (24.561) in
+    # float32; "awq-plugin bench block-cost" measures the time it saves.
+    search_dtype: str = "auto"
     # MoE: an expert routed fewer calibration tokens than this in a block is calibrated on every
     # token reaching its MoE block instead (statistics, search rows and clip statistics), with a
     # warning naming it. Routing itself is unchanged; see awq_block_step.

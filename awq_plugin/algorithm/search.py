@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from awq_plugin.numerics.quant_ref import resolve_group_size
+from awq_plugin.numerics.search_quant import GroupFakeQuantizer, fake_quantize_scaled
 from awq_plugin.templates import ScalingGroup
 
 # Floor of a candidate per-channel AWQ scale (a dead channel would otherwise get s = 0). Distinct from
@@ -120,6 +121,12 @@ def scaled_fake_quant_weights(
     dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     """``Q(W diag(s)) diag(s)^-1`` for each weight, in ``dtype``: what a layer computes once scaled and quantized."""
+    if isinstance(fake_quantize, GroupFakeQuantizer):  # the same bits, fused in cache-sized pieces
+        q = fake_quantize
+        return [
+            fake_quantize_scaled(w, q.bits, q.group_size, q.zero_point, q.scale_dtype, s_cols, dtype)
+            for w in weights
+        ]
     s_row = s_cols.float()[None, :]  # (1, K)
     return [(fake_quantize(w.float() * s_row) / s_row).to(dtype) for w in weights]
 
@@ -163,7 +170,8 @@ def search_best_scale(
     for i in range(n_grid):
         alpha = i / n_grid
         s = candidate_scales(x_mean, w_mean, alpha, duo_scaling)
-        loss = score(s)
+        # alpha = 0 without duo scaling is s = 1 again: plain rounding, already scored (same number)
+        loss = loss_rtn if torch.equal(s, ones) else score(s)
         losses.append(loss)
         if loss < best_loss:
             best_scales, best_alpha, best_loss = s, alpha, loss

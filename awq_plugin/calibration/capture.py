@@ -424,7 +424,10 @@ class InputRecorder:
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x, keyword = _main_input(args, kwargs)
-            self._record(name, x.detach(), keyword, args, kwargs)
+            # The forward may run its matmuls in bf16 under autocast; the statistics (Gram
+            # products included) are always computed in fp32 / fp64.
+            with torch.autocast(x.device.type, enabled=False):
+                self._record(name, x.detach(), keyword, args, kwargs)
 
         return hook
 

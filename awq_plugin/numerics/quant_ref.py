@@ -101,6 +101,19 @@ def compute_scales_zeros(
         c = clip_max.float().reshape(w_max.shape)
         w_max = torch.minimum(w_max, c)
         w_min = torch.maximum(w_min, -c)
+    return scales_zeros_from_range(w_max, w_min, bits, zero_point, scale_dtype)
+
+
+def scales_zeros_from_range(
+    w_max: torch.Tensor,
+    w_min: torch.Tensor,
+    bits: int,
+    zero_point: bool,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (``scale_dtype``) and float integer zeros of groups whose largest and smallest
+    weights are ``w_max`` and ``w_min`` (fp32, any shape): :func:`compute_scales_zeros` after
+    its reductions."""
     if zero_point:
         q_max = 2**bits - 1
         scales = ((w_max - w_min).clamp(min=MIN_QUANT_STEP) / q_max).to(scale_dtype).float()

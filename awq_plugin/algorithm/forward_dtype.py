@@ -1,0 +1,51 @@
+"""Which dtype the block step's forwards run in: ``AwqOptions.search_dtype`` resolved for a device.
+
+``"auto"`` means bf16 where the device multiplies bf16 in hardware (a CUDA device that supports
+it; a CPU with AVX-512 BF16 or AMX tiles, read from ``/proc/cpuinfo``) and float32 elsewhere:
+a CPU without bf16 units emulates bf16 matmuls more slowly than it runs float32 ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES
+
+#: /proc/cpuinfo flags of a CPU that multiplies bf16 in hardware.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The first processor's ``/proc/cpuinfo`` flags (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def has_bf16_matmul(device: torch.device, flags: Iterable[str] | None = None) -> bool:
+    """Whether ``device`` runs bf16 matmuls in hardware (``flags``: the CPU's, default read here)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(BF16_CPU_FLAGS & frozenset(cpu_flags() if flags is None else flags))
+    return False
+
+
+def resolve_search_dtype(name: str, device: torch.device, flags: Iterable[str] | None = None) -> torch.dtype:
+    """The torch dtype ``AwqOptions.search_dtype`` ``name`` means on ``device``."""
+    if name not in SEARCH_DTYPE_NAMES:
+        raise ValueError(f"search_dtype must be one of {sorted(SEARCH_DTYPE_NAMES)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if has_bf16_matmul(device, flags) else torch.float32
+    return getattr(torch, name)
