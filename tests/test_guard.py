@@ -305,3 +305,12 @@ def test_streams_through_the_tail_equal_the_whole_models_losses(model_type: str)
     verdict = streams.score(model, layers, "random ids")
     assert verdict.awq_windows == pytest.approx(expected, rel=1e-5, abs=1e-5)
     assert verdict.rtn_windows == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_the_report_gives_each_blocks_cost_in_forward_equivalents(tiny_llama_fp, tmp_path) -> None:
+    report = _quantize(tiny_llama_fp, tmp_path / "out", guard="off")
+    assert [c["layer"] for c in report.costs] == [0, 1]
+    for cost in report.costs:
+        assert 0 < cost["forward_seconds"] < cost["seconds"]
+        assert cost["forward_equivalents"] == pytest.approx(cost["seconds"] / cost["forward_seconds"])
+    assert "forward equivalents (median of 2 blocks" in report.render()

@@ -25,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +45,7 @@ from awq_plugin.algorithm.awq import (
 )
 from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
 from awq_plugin.algorithm.options import QUANTIZER_VERSION
+from awq_plugin.algorithm.phases import recording_phases
 from awq_plugin.algorithm.precision import keeping_full_precision_listed
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block
 from awq_plugin.calibration.settings import DEFAULTS
@@ -105,6 +108,7 @@ class QuantizeReport:
     precision: dict[str, Any] = field(default_factory=dict)  # INT4 share of the decoder's matrix weights
     precision_lines: list[str] = field(default_factory=list)  # its summary (PrecisionReport.lines)
     device: str = "cpu"  # where the blocks were computed
+    costs: list[dict[str, Any]] = field(default_factory=list)  # BlockCost per block searched in this run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +121,13 @@ class QuantizeReport:
             f"({self.source_bytes / max(self.output_bytes, 1):.2f}x smaller)",
         ]
         lines += self.precision_lines
+        if self.costs:
+            fe = statistics.median(c["forward_equivalents"] for c in self.costs)
+            seconds = statistics.median(c["seconds"] for c in self.costs)
+            lines.append(
+                f"cost per block: {fe:.1f} forward equivalents (median of {len(self.costs)} blocks: "
+                f"{seconds:.1f} s per block over one full-precision forward of it on the calibration tokens)"
+            )
         if self.resumed_from_block:
             lines.append(f"resumed after block {self.resumed_from_block - 1}")
         if self.blocks and "mse_awq" in self.blocks[0]:
@@ -131,6 +142,25 @@ class QuantizeReport:
         if self.guard:  # last, so that it is the CLI's closing line
             lines.append(self.guard["message"])
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One block's wall time (read, search, guard streams, pack) and its cost in *forward
+    equivalents*: that time over the time of the block's own full-precision forward over the
+    calibration tokens (the step's recording forward, same threads, device and dtype), a figure
+    that does not depend on the machine."""
+
+    layer: int
+    seconds: float
+    forward_seconds: float
+
+    @property
+    def forward_equivalents(self) -> float:
+        return self.seconds / self.forward_seconds if self.forward_seconds > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "forward_equivalents": self.forward_equivalents}
 
 
 @dataclass
@@ -294,11 +324,13 @@ def _quantize_blocks(
     device: torch.device,
     progress: bool,
     on_block: Callable[[int, int], None] | None,
+    costs: list[BlockCost],
 ) -> tuple[list[str], GuardStreams | None]:
     """Capture block 0's inputs, then search, pack and store each block not yet done.
 
     Returns the names of the source's tensors outside the decoder layers (copied at
-    assembly) and the end-to-end guard's streams (None without held-out windows).
+    assembly) and the end-to-end guard's streams (None without held-out windows); appends
+    each AWQ block's cost to ``costs``.
     """
     layers_path, layers, resolved = src.resolved.decoder_layers, src.layers, src.resolved
     non_layer_names = load_non_layer(src.model, layers_path, src.reader, device=device)
@@ -316,6 +348,7 @@ def _quantize_blocks(
         total=len(layers), initial=done, desc=f"{method.upper()} blocks", unit="block", disable=not progress
     )
     for i in range(done, len(layers)):
+        started = time.perf_counter()
         block = load_block(src.model, resolved, i, src.reader, device)
         groups = resolved.block(i)
         names = block_linear_names(block, groups, quant)
@@ -323,7 +356,8 @@ def _quantize_blocks(
         if streams is not None:  # plain rounding's view of this block, before the search moves weights
             streams.advance("rtn", i, block, names, quant)
         if method == "awq":
-            result, next_inputs = awq_block_step(block, groups, inputs, quant, options)
+            with recording_phases() as phases:
+                result, next_inputs = awq_block_step(block, groups, inputs, quant, options)
             hidden = next_inputs.hidden_states
             work.save_result(result)
             bar.set_postfix(mse_rtn=f"{result.mse_rtn:.3g}", mse_awq=f"{result.mse_awq:.3g}")
@@ -334,6 +368,8 @@ def _quantize_blocks(
         if not all(torch.isfinite(h).all() for h in hidden):
             raise CalibrationError(f"calibration activations became NaN or Inf at the output of layer {i}")
         work.save_block(i, pack_block(block, f"{layers_path}.{i}.", names, quant, resolved))
+        if method == "awq":
+            costs.append(BlockCost(i, time.perf_counter() - started, phases.get("record forward", math.nan)))
         work.save_hidden(i + 1, hidden, streams.state() if streams is not None else None)
         work.mark_done(i + 1)
         block.to("meta")  # free the block's weights; the next block is read fresh from the shards
@@ -428,9 +464,10 @@ def quantize_checkpoint(
     work = WorkDir(work_dir_path(out), fp)
     done = work.open()
     verdict = None
+    costs: list[BlockCost] = []
     try:
         non_layer_names, streams = _quantize_blocks(
-            src, work, done, calib_ids, held, quant, method, options, device, progress, on_block
+            src, work, done, calib_ids, held, quant, method, options, device, progress, on_block, costs
         )
         if streams is not None:
             name = calib if isinstance(calib, str) else "calibration text"
@@ -489,4 +526,5 @@ def quantize_checkpoint(
         precision=precision.as_dict(),
         precision_lines=precision.lines(),
         device=str(device),
+        costs=[c.to_dict() for c in costs],
     )
