@@ -119,10 +119,11 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--search-dtype",
-        choices=["float32", "bfloat16"],
+        choices=["auto", "float32", "bfloat16"],
         default=options.search_dtype,
-        help=f"dtype of the scale-search forward passes (default {options.search_dtype}; bfloat16 is "
-        "faster on CPUs with AVX512-BF16 and slightly less exact)",
+        help=f"dtype of the block's forward matmuls in the search (default {options.search_dtype}: bfloat16 "
+        "where the device has bf16 units, such as AVX512-BF16 or AMX, else float32; statistics and losses "
+        "stay float32)",
     )
     p.add_argument(
         "--seed",
