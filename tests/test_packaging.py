@@ -69,6 +69,7 @@ STAGE_RANK = {
     "config": 0,
     "fsutil": 0,
     "procmem": 0,
+    "cpuinfo": 0,  # the CPU's feature flags (kernel paths, the search's matmul dtype)
     "numerics": 0,
     "models": 1,  # skeleton surgery: unfused MoE experts
     "calibration": 2,  # text -> token windows -> recorded activations and their statistics
@@ -119,7 +120,8 @@ def test_every_package_module_has_a_stage() -> None:
 #: addition is fsutil, a base module, for ``cache_base``: the CPU builds and the quantize-on-start
 #: models share one cache root ($AWQ_PLUGIN_CACHE), so its location is defined once. Moving it into
 #: kernels would make fsutil (rank 0) import a later stage and pull torch into ``import awq_plugin``.
-KERNELS_MAY_IMPORT = frozenset({"numerics", "fsutil"})
+#: cpuinfo (base) is the one reader of the CPU's flags, shared with the AWQ search's dtype choice.
+KERNELS_MAY_IMPORT = frozenset({"numerics", "fsutil", "cpuinfo"})
 
 
 def _offenders(here: str, imports: set[str]) -> list[str]:

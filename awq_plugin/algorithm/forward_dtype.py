@@ -7,30 +7,15 @@ a CPU without bf16 units emulates bf16 matmuls more slowly than it runs float32 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
 from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES
+from awq_plugin.cpuinfo import cpu_flags
 
 #: /proc/cpuinfo flags of a CPU that multiplies bf16 in hardware.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The first processor's ``/proc/cpuinfo`` flags (empty where there is no such file)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
 
 
 def has_bf16_matmul(device: torch.device, flags: Iterable[str] | None = None) -> bool:

@@ -24,6 +24,7 @@ from types import ModuleType
 
 import torch
 
+from awq_plugin.cpuinfo import cpu_flags
 from awq_plugin.fsutil import cache_base
 
 SOURCE = Path(__file__).with_name("awq_gemm.cpp")
@@ -36,19 +37,6 @@ TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while anothe
 
 # The instruction sets the AVX-512 path needs (names as in /proc/cpuinfo).
 AVX512_VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of this machine (empty where /proc/cpuinfo is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        # x86 says "flags", ARM says "Features" (asimd, asimddp, ...).
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def has_avx512_vnni(flags: frozenset[str] | None = None) -> bool:
