@@ -103,6 +103,20 @@ def check_block_folds(
     ``max_batches`` limits the micro-batches run (None: all); one is enough to
     tell an exact fold from a wrong one.
     """
+    block32, inputs32, references = _float32_references(block, template, inputs, max_batches)
+    generator = torch.Generator().manual_seed(seed + template.index)
+    checks = []
+    for group in template.groups:
+        error, observed = measure_group_fold(block32, group, inputs32, references, generator)
+        checks.append(FoldCheck(template.index, group.name, error, observed))
+    return checks
+
+
+def _float32_references(
+    block: nn.Module, template: BlockTemplate, inputs: BlockInputs, max_batches: int | None
+) -> tuple[nn.Module, BlockInputs, list[torch.Tensor]]:
+    """A float32 copy of the block, its inputs (the first ``max_batches`` micro-batches) and its
+    outputs on them, which every fold is compared against (they must be finite)."""
     block32 = float32_copy(block)
     inputs32 = BlockInputs(inputs.hidden_states[:max_batches], inputs.kwargs[:max_batches]).to(torch.float32)
     references = forward_block(block32, inputs32)
@@ -110,12 +124,7 @@ def check_block_folds(
         raise CalibrationError(
             f"calibration activations became NaN or Inf at the output of layer {template.index}"
         )
-    generator = torch.Generator().manual_seed(seed + template.index)
-    checks = []
-    for group in template.groups:
-        error, observed = measure_group_fold(block32, group, inputs32, references, generator)
-        checks.append(FoldCheck(template.index, group.name, error, observed))
-    return checks
+    return block32, inputs32, references
 
 
 @torch.no_grad()
@@ -136,13 +145,7 @@ def verify_block_folds_at_once(
     one by one (:func:`verify_block_folds`), which names the first wrong group and raises.
     Unlike :func:`check_block_folds`, it does not tell which groups the tokens observed.
     """
-    folded = float32_copy(block)
-    inputs32 = BlockInputs(inputs.hidden_states[:max_batches], inputs.kwargs[:max_batches]).to(torch.float32)
-    references = forward_block(folded, inputs32)
-    if not all(torch.isfinite(r).all() for r in references):  # nothing to compare a fold against
-        raise CalibrationError(
-            f"calibration activations became NaN or Inf at the output of layer {template.index}"
-        )
+    folded, inputs32, references = _float32_references(block, template, inputs, max_batches)
     generator = torch.Generator().manual_seed(seed + template.index)
     for group in template.groups:
         apply_group_scales(folded, group, random_scales(group.n_scales, generator))
