@@ -249,6 +249,9 @@ def test_sigint_stops_cleanly_with_a_message(tmp_path: Path, long_source: Path) 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd="/",
+        # Ctrl-C as a terminal delivers it, however the suite was started: a background job of a
+        # non-interactive shell inherits SIGINT ignored, and Python then never raises on it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert _wait_for_blocks(proc, _work_dir(out), 1)
     proc.send_signal(signal.SIGINT)
