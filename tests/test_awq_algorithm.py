@@ -9,6 +9,7 @@ input-channel outliers that make plain rounding of the next linears lossy and th
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -26,14 +27,15 @@ from awq_plugin.algorithm.awq import (
     run_awq,
     run_awq_block,
 )
+from awq_plugin.algorithm.block import CHOICES, _choose
 from awq_plugin.algorithm.clip import (
     group_gram,
     partial_output_error,
     rescale_gram,
     search_clip_max,
     search_clip_range,
-    symmetric_clamp_share,
 )
+from awq_plugin.algorithm.phases import recording_phases
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block, plan_samples
 from awq_plugin.errors import ConfigError
 from awq_plugin.numerics.quant_ref import fake_quantize
@@ -248,6 +250,62 @@ def test_sample_plan_is_seeded_and_nested() -> None:
     assert plan_samples([64, 64], None, None, seed=0).clip_rows is None
 
 
+def test_held_out_batches_are_disjoint_from_every_sample() -> None:
+    """The micro-batches after the search's, as many tokens again, are held out: no search row,
+    no clip row, no search batch comes from them; with nothing to spare, nothing is held out."""
+    for seed in range(4):
+        plan = plan_samples([64] * 6, search_tokens=100, clip_tokens=None, seed=seed)
+        assert len(plan.search_batches) == 2 and len(plan.holdout_batches) == 2
+        assert not set(plan.search_batches) & set(plan.holdout_batches)
+        assert plan.decision_batches == plan.holdout_batches
+        for m in plan.holdout_batches:
+            assert plan.search_rows[m].numel() == 0
+        assert sum(r.numel() for r in plan.search_rows) == 100
+        sampled = plan_samples([64] * 6, 100, 50, seed=seed)
+        assert all(sampled.clip_rows[m].numel() == 0 for m in sampled.holdout_batches)
+    everything = plan_samples([64, 64], search_tokens=None, clip_tokens=None, seed=0)
+    assert everything.holdout_batches == () and everything.decision_batches == (0, 1)
+    assert plan_samples([64, 64], 100, None, seed=0).holdout_batches == ()  # both searched
+
+
+def test_choice_is_the_lowest_held_out_error() -> None:
+    assert _choose(mse_rtn=2.0, mse_scaled=1.5, mse_awq=1.0) == "awq"
+    assert _choose(mse_rtn=2.0, mse_scaled=1.0, mse_awq=1.5) == "scales"
+    assert _choose(mse_rtn=1.0, mse_scaled=1.5, mse_awq=1.2) == "rounding"
+    assert _choose(mse_rtn=1.0, mse_scaled=math.nan, mse_awq=1.0) == "awq"  # a tie keeps AWQ
+    assert _choose(mse_rtn=1.0, mse_scaled=math.nan, mse_awq=math.nan) == "rounding"
+    assert _choose(math.nan, math.nan, math.nan) == "rounding"
+
+
+def test_a_clip_that_loses_on_the_held_out_batch_is_undone(toy, monkeypatch) -> None:
+    """Clips that cut every group to a sliver lose on the held-out micro-batch: the block keeps
+    its scales alone, with the weights exactly as scaled before clipping (or rounding, when the
+    scales lose too)."""
+    import awq_plugin.algorithm.block as block_module
+
+    model, resolved, captured = toy
+    groups = resolved.block(0)
+
+    def slivers(block, names, *args, **kwargs):
+        lo, hi = {}, {}
+        for name in names:
+            w = block.get_submodule(name).weight
+            bound = torch.full((w.shape[0], w.shape[1] // QUANT.group_size), 1e-4)
+            lo[name], hi[name] = -bound, bound
+        return lo, hi
+
+    no_clip = AwqOptions(**{**HELD_OUT.to_dict(), "clip": False})
+    scaled = copy.deepcopy(model.model.layers[0])
+    reference = run_awq_block(scaled, groups, captured.for_layer(0), QUANT, no_clip)
+    monkeypatch.setattr(block_module, "_search_clips", slivers)
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, groups, captured.for_layer(0), QUANT, HELD_OUT)
+    assert result.choice == ("scales" if reference.choice == "awq" else "rounding")
+    assert not result.clip_max and result.mse_awq <= result.mse_rtn
+    for name, param in block.named_parameters():
+        assert torch.equal(param, scaled.get_parameter(name)), name
+
+
 @pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
 def test_next_inputs_follow_the_propagation_option(toy, search_dtype: str) -> None:
     """'fp': the unquantized block's output as the recording pass computes it (matmuls in the
@@ -449,60 +507,44 @@ def test_capture_reports_the_model_error_when_no_way_of_bypassing_fits() -> None
     assert all("forward" not in vars(layer) for layer in model.layers)  # the bypass is removed again
 
 
-def clamp_like_llm_awq(linear: nn.Linear, group_size: int = 128, shrink: float = 0.8) -> None:
-    """What llm-awq / AutoAWQ's clip does to a linear: each group clamped to [-c, c], c = shrink * max|w|."""
+def through_a_symmetric_grid(linear: nn.Linear, group_size: int = 32, shrink: float = 0.9) -> None:
+    """What a symmetric 4-bit grid leaves behind (a K-quant, llm-awq's clip then rounding): each
+    group clamped to [-c, c] and rounded to c/8 steps, so max == -min in many groups."""
     w = linear.weight.data
     n, k = w.shape
     grouped = w.reshape(n, k // group_size, group_size)
     c = grouped.abs().amax(dim=-1, keepdim=True) * shrink
-    linear.weight.data = torch.maximum(torch.minimum(grouped, c), -c).reshape(n, k)
+    step = c / 8
+    linear.weight.data = (grouped.clamp(-c, c) / step).round().clamp(-8, 8).mul(step).reshape(n, k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_symmetric_clamp_share_tells_llm_awq_clipped_weights_from_untouched_ones(dtype) -> None:
-    torch.manual_seed(0)
-    # Untouched weights, gaussian and heavy-tailed: exact max == -min is rare (bfloat16's coarse
-    # mantissa makes it most frequent, about 1%).
-    for w in (torch.randn(512, 1024), 0.02 * torch.distributions.StudentT(3.0).sample((512, 1024))):
-        assert symmetric_clamp_share(w.to(dtype)) < 0.02
-        linear = nn.Linear(1024, 512, bias=False)
-        linear.weight.data = w.clone()
-        clamp_like_llm_awq(linear)
-        # A gaussian group of 128 has both ends beyond 0.8 * max|w| in about a third of groups.
-        assert symmetric_clamp_share(linear.weight.data.to(dtype)) > 0.2
-    assert symmetric_clamp_share(torch.zeros(8, 128)) == 0.0  # all-zero groups are not clamped ones
-    assert symmetric_clamp_share(torch.randn(8, 96)) == 0.0  # no size of the list divides K: nothing to tell
+HELD_OUT = AwqOptions(**{**FAST.to_dict(), "search_tokens": 64})  # 1 of 2 micro-batches searched, 1 held out
 
 
-def test_a_block_processed_by_an_earlier_awq_pass_gets_only_the_q_k_clip(toy) -> None:
+def test_weights_from_a_symmetric_grid_get_the_full_search(toy) -> None:
+    """No fingerprint decides what runs: a block whose weights went through a symmetric grid
+    (which an earlier release took for an earlier AWQ pass and did not search) gets the scale
+    search in every group and the clip search on every linear, and keeps what its held-out
+    micro-batch prefers."""
     model, resolved, captured = toy
     groups = resolved.block(0)
-    qk = {"self_attn.q_proj", "self_attn.k_proj"}
     block = copy.deepcopy(model.model.layers[0])
-    for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-        clamp_like_llm_awq(block.get_submodule(name))
-    untouched = copy.deepcopy(block)
-    result = run_awq_block(block, groups, captured.for_layer(0), QUANT, FAST)
-    assert result.prior_awq and result.prior_awq_share > FAST.prior_awq_share
-    assert all(g.alpha is None and torch.equal(g.scales, torch.ones_like(g.scales)) for g in result.groups)
-    assert set(result.clip_max) == qk  # what llm-awq leaves out
-    for name, param in block.named_parameters():  # nothing but q/k changed
-        if not any(name.startswith(n) for n in qk):
-            assert torch.equal(param, untouched.get_parameter(name)), name
+    for name in groups.linears:
+        through_a_symmetric_grid(block.get_submodule(name))
+    with recording_phases() as phases:
+        result = run_awq_block(block, groups, captured.for_layer(0), QUANT, HELD_OUT)
+    assert result.held_out and result.choice in CHOICES
+    searched = {
+        f"search {g.layers[0] if g.module2inspect is None else g.module2inspect}" for g in groups.groups
+    }
+    assert searched <= set(phases) and "clip search" in phases
+    assert all(math.isfinite(g.loss_rtn) and math.isfinite(g.loss_awq) for g in result.groups)
+    assert any(g.alpha is not None for g in result.groups) or result.choice == "rounding"
     assert result.mse_awq <= result.mse_rtn
-    again = BlockAwqResult.from_state(*result.to_state())
-    assert again.prior_awq and again.prior_awq_share == result.prior_awq_share
-
-    # Switched off, the same block gets the full search; an untouched block is never flagged.
-    off = AwqOptions(**{**FAST.to_dict(), "prior_awq_share": None})
-    full = run_awq_block(copy.deepcopy(untouched), groups, captured.for_layer(0), QUANT, off)
-    assert not full.prior_awq and set(full.clip_max) > qk
-    plain = run_awq_block(copy.deepcopy(model.model.layers[0]), groups, captured.for_layer(0), QUANT, FAST)
-    assert not plain.prior_awq and plain.prior_awq_share < 0.02
-    assert "prior_awq" not in plain.to_state()[1]  # unflagged results keep their old bytes
 
 
-@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
-def test_prior_awq_share_option_is_checked(value: float) -> None:
-    with pytest.raises(ConfigError, match="prior_awq_share"):
-        AwqOptions(prior_awq_share=value)
+def test_old_results_with_the_retired_fingerprint_option_still_load() -> None:
+    options = AwqOptions.from_dict({**FAST.to_dict(), "prior_awq_share": 0.05})
+    assert options == FAST
+    with pytest.raises(ConfigError, match="unknown AWQ option"):
+        AwqOptions.from_dict({"prior_awq_shares": 0.05})

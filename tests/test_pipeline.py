@@ -486,16 +486,18 @@ def test_rtn_pipeline_matches_reference_math(tmp_path: Path, source: Path) -> No
     assert torch.equal(quantized.get_submodule(name).dequantized_weight(), expected)
 
 
-def test_report_marks_the_blocks_an_earlier_awq_pass_had_processed() -> None:
+def test_report_marks_the_blocks_that_did_not_keep_awq() -> None:
     from awq_plugin.pipeline.quantize import QuantizeReport
 
     blocks = [
-        {"layer": 0, "mse_rtn": 2.0, "mse_awq": 1.0, "prior_awq": False},
-        {"layer": 1, "mse_rtn": 2.0, "mse_awq": 1.9, "prior_awq": True},
+        {"layer": 0, "mse_rtn": 2.0, "mse_awq": 1.0, "choice": "awq"},
+        {"layer": 1, "mse_rtn": 2.0, "mse_awq": 1.9, "choice": "scales"},
+        {"layer": 2, "mse_rtn": 2.0, "mse_awq": 2.0, "choice": "rounding"},
     ]
     report = QuantizeReport("out", "awq", "uint4_wo_64", 1.0, 1, 2, 1, 4, 64, 1, 0, blocks=blocks)
     lines = report.render().splitlines()
     (first,) = [line for line in lines if line.lstrip().startswith("layer   0")]
     (second,) = [line for line in lines if line.lstrip().startswith("layer   1")]
-    assert "earlier AWQ pass" not in first
-    assert "earlier AWQ pass found: no scale search" in second
+    (third,) = [line for line in lines if line.lstrip().startswith("layer   2")]
+    assert "(" not in first
+    assert "clipping lost" in second and "AWQ lost" in third

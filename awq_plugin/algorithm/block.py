@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
-from awq_plugin.algorithm.clip import search_clip_max, search_clip_range, symmetric_clamp_share
+from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
 from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
@@ -189,25 +189,8 @@ def awq_block_step(
         forwards = BlockForwards(block, inputs, resolve_search_dtype(options.search_dtype, _device_of(block)))
         names = quantized_linear_names(block, groups, quant_config)
         original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
-        prior_share = _prior_awq_share(block, names, groups)
-        processed = options.prior_awq_share is not None and prior_share >= options.prior_awq_share
-        if processed:
-            logger.warning(
-                "layer %d: %.1f%% of its weight groups are clamped to [-c, c] by an earlier AWQ pass "
-                "(llm-awq, AutoAWQ): no second scale search or clip; clipping searched for %s only",
-                groups.index,
-                100 * prior_share,
-                sorted(set(names) & set(groups.clip_skip)) or "nothing",
-            )
         clip_names = (
-            [
-                n
-                for n in names
-                if (n in groups.clip_skip and options.clip_qk)
-                or (n not in groups.clip_skip and not processed)
-            ]
-            if options.clip
-            else []
+            [n for n in names if n not in groups.clip_skip or options.clip_qk] if options.clip else []
         )
         plan = plan_samples(
             inputs.tokens_per_batch(), options.search_tokens, options.clip_tokens, options.seed
@@ -234,18 +217,16 @@ def awq_block_step(
                 calibrate_underused_experts(
                     experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
                 )
-        fp_sample = [recorded.outputs[m] for m in plan.search_batches]
-        fp_weights = token_loss_weights(fp_sample, options.outlier_token_ratio)
-        with phase("rounding error forward"), fake_quantized(block, names, quant_config):
-            mse_rtn = weighted_output_mse(forwards.forward(plan.search_batches), fp_sample, fp_weights)
+        # The block's variants are compared on micro-batches no search saw (plan.holdout_batches).
+        judge = _HeldOutJudge(forwards, recorded, plan.decision_batches, names, quant_config, options)
+        with phase("rounding error forward"):
+            mse_rtn = judge.error()
 
         searches = []
         for group, target in zip(groups.groups, inspect_names):
             with phase(f"search {target}"):
                 searches.append(
-                    _unit_scales(group, recorded)
-                    if processed
-                    else _search_group(block, forwards, group, target, names, recorded, quant_config, options)
+                    _search_group(block, forwards, group, target, names, recorded, quant_config, options)
                 )
         with phase("apply scales"):
             for group, found in zip(groups.groups, searches):
@@ -255,16 +236,31 @@ def awq_block_step(
             clip_min, clip_max = _search_clips(
                 block, clip_names, recorded, quant_config, options, forwards.dtype
             )
+        mse_scaled = math.nan
+        if clip_max:  # the scales alone are a candidate too: keep their weights to return to
+            unclipped = {n: block.get_submodule(n).weight.detach().clone() for n in clip_max}
+            with phase("AWQ error forward"):
+                mse_scaled = judge.error()
             for name, bound in clip_max.items():
                 clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
-
-        with phase("AWQ error forward"), fake_quantized(block, names, quant_config):
-            mse_awq = weighted_output_mse(forwards.forward(plan.search_batches), fp_sample, fp_weights)
-        if not mse_awq <= mse_rtn:  # the guard (NaN included): never ship a block worse than rounding
+        with phase("AWQ error forward"):
+            mse_awq = judge.error()
+        choice = _choose(mse_rtn, mse_scaled, mse_awq)
+        if choice == "rounding":  # NaN included: never ship a block worse than rounding
             searches, clip_min, clip_max = _fall_back_to_rounding(
-                block, groups, original, searches, mse_rtn, mse_awq
+                block, groups, original, searches, mse_rtn, min(mse_awq, mse_scaled)
             )
             mse_awq = mse_rtn
+        elif choice == "scales":
+            logger.info(
+                "layer %d: held-out block error with scales alone %.4g < %.4g with clipping: not clipped",
+                groups.index,
+                mse_scaled,
+                mse_awq,
+            )
+            for name, weight in unclipped.items():
+                block.get_submodule(name).weight.data.copy_(weight)
+            clip_min, clip_max, mse_awq = {}, {}, mse_scaled
         next_hidden = recorded.outputs
         if options.propagate == "quantized":
             with phase("next inputs"), fake_quantized(block, names, quant_config):
@@ -287,17 +283,53 @@ def awq_block_step(
         mse_rtn=mse_rtn,
         mse_awq=mse_awq,
         clip_min=clip_min,
-        prior_awq_share=prior_share,
-        prior_awq=processed,
+        choice=choice,
+        held_out=bool(plan.holdout_batches),
     )
     logger.info(
-        "layer %d: block output MSE vs fp %.4g (RTN) -> %.4g (AWQ); alphas %s",
+        "layer %d: held-out block output error vs fp %.4g (RTN) -> %.4g (%s); alphas %s",
         groups.index,
         mse_rtn,
         mse_awq,
+        choice,
         [g.alpha for g in result.groups],
     )
     return result, inputs.with_hidden_states(next_hidden)
+
+
+class _HeldOutJudge:
+    """The block's output error against its full-precision output on ``batches`` (the held-out
+    micro-batches where there are any), with the quantized linears fake-quantized as they stand."""
+
+    def __init__(
+        self,
+        forwards: BlockForwards,
+        recorded: RecordedInputs,
+        batches: Sequence[int],
+        names: Sequence[str],
+        quant_config: QuantConfigLike,
+        options: AwqOptions,
+    ) -> None:
+        self.forwards, self.batches, self.names, self.quant_config = forwards, batches, names, quant_config
+        self.targets = [recorded.outputs[m] for m in batches]
+        self.weights = token_loss_weights(self.targets, options.outlier_token_ratio)
+
+    def error(self) -> float:
+        with fake_quantized(self.forwards.block, self.names, self.quant_config):
+            return weighted_output_mse(self.forwards.forward(self.batches), self.targets, self.weights)
+
+
+#: The block variants the step chooses between, in order of preference on a tie.
+CHOICES = ("awq", "scales", "rounding")
+
+
+def _choose(mse_rtn: float, mse_scaled: float, mse_awq: float) -> str:
+    """The variant with the lowest held-out error (NaN never wins; all NaN: rounding)."""
+    best, best_error = "rounding", math.inf
+    for name, error in zip(CHOICES, (mse_awq, mse_scaled, mse_rtn)):
+        if error < best_error:  # False for NaN
+            best, best_error = name, error
+    return best
 
 
 def _fall_back_to_rounding(
@@ -314,7 +346,7 @@ def _fall_back_to_rounding(
     re-apply to the same bits.
     """
     logger.warning(
-        "layer %d: AWQ's block output MSE %.4g is above plain rounding's %.4g; "
+        "layer %d: AWQ's held-out block output error %.4g is above plain rounding's %.4g; "
         "falling back to plain rounding (no scales, no clipping) for this block",
         groups.index,
         mse_awq,
@@ -327,20 +359,6 @@ def _fall_back_to_rounding(
         apply_group_scales(block, group, ones)
         rounding.append(dataclasses.replace(found, scales=ones, alpha=None, loss_awq=found.loss_rtn))
     return rounding, {}, {}
-
-
-def _prior_awq_share(block: nn.Module, names: Sequence[str], groups: BlockTemplate) -> float:
-    """Mean :func:`symmetric_clamp_share` over the linears an earlier AWQ pass would have clipped."""
-    shares = [
-        symmetric_clamp_share(block.get_submodule(n).weight) for n in names if n not in groups.clip_skip
-    ]
-    return sum(shares) / len(shares) if shares else 0.0
-
-
-def _unit_scales(group: ScalingGroup, recorded: RecordedInputs) -> ScaleSearchResult:
-    """The scale search's result when it is not run: s = 1 (plain rounding of the group)."""
-    ones = torch.ones_like(group.reduce_columns(recorded.mean_abs(group.inp)))
-    return ScaleSearchResult(scales=ones, alpha=None, loss_rtn=math.nan, loss_awq=math.nan, losses=())
 
 
 def _search_group(

@@ -188,33 +188,3 @@ def _fused_clip_search(
         best_lo[:, rows] = lo_best
         best_hi[:, rows] = hi_best
     return best_lo.t().contiguous(), best_hi.t().contiguous()
-
-
-# Group sizes at which an earlier AWQ pass (llm-awq, AutoAWQ) usually clipped.
-PRIOR_CLIP_GROUP_SIZES = (64, 128)
-
-
-@torch.no_grad()
-def symmetric_clamp_share(
-    weight: torch.Tensor, group_sizes: tuple[int, ...] = PRIOR_CLIP_GROUP_SIZES
-) -> float:
-    """Share of weight groups whose largest weight is exactly minus their smallest (max over sizes).
-
-    llm-awq and AutoAWQ clip a group by clamping it to ``[-c, c]``: when both ends
-    were cut, the group's max and min are then exact negatives. In weights that no
-    such pass touched that is rare: at most 1.8% of a linear's groups at group 64 and
-    128 (SmolLM2 and Gemma 3 dequantized from GGUF; random fp16 and bf16 weights,
-    bf16's coarse mantissa giving the most). In issue 19's llm-awq-processed Qwen2.5
-    it is 14-21% on average over each block's linears but q/k (which llm-awq does
-    not clip), up to 39% in one linear, at llm-awq's group size 128.
-    """
-    w = weight.detach()
-    n, k = w.shape
-    share = 0.0
-    for g in group_sizes:
-        if k % g:
-            continue
-        grouped = w.reshape(n, k // g, g)
-        top, bottom = grouped.amax(dim=-1), grouped.amin(dim=-1)
-        share = max(share, ((top == -bottom) & (top > 0)).float().mean().item())
-    return share

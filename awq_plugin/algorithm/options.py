@@ -22,7 +22,12 @@ GUARD_MODES = ("fallback", "warn", "off")
 # request and options can change (an algorithm or format change). The quantize-on-start cache
 # keys on it, so a changed quantizer never serves an entry its predecessor made.
 # 2: the streaming end-to-end guard (it may write plain rounding); forwards in bf16 by default.
-QUANTIZER_VERSION = 2
+# 3: no weight-fingerprint switch; each block keeps AWQ, its scales alone or rounding by its
+#    error on held-out micro-batches.
+QUANTIZER_VERSION = 3
+
+# Options earlier releases had; saved results that carry them still load (the value is ignored).
+RETIRED_OPTIONS = frozenset({"prior_awq_share"})
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,6 @@ class AwqOptions:
     # own 97-100% of the MSE in some blocks (Qwen2.5, SmolLM2), and the scales are tuned for them
     # alone. None: plain MSE over all tokens (llm-awq).
     outlier_token_ratio: float | None = None
-    # A block whose linears an earlier AWQ pass already processed (llm-awq and AutoAWQ
-    # clamp groups to [-c, c]; see clip.symmetric_clamp_share: on average at least this
-    # share of groups, over the linears such a pass clips) gets only what that pass left
-    # out: the template's clip_skip linears (q/k) are clipped, with no second scale search
-    # and no second clip elsewhere. On issue 19's Qwen2.5 (llm-awq-processed) re-scaling and
-    # re-clipping each won block by block and lost end to end. None: always search fully.
-    prior_awq_share: float | None = 0.05
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -97,8 +95,6 @@ class AwqOptions:
                 f"expert_min_tokens must be >= 1 (an expert with no tokens has no statistics), "
                 f"got {self.expert_min_tokens}"
             )
-        if self.prior_awq_share is not None and not 0.0 < self.prior_awq_share <= 1.0:
-            raise ConfigError(f"prior_awq_share must be in (0, 1] or None, got {self.prior_awq_share}")
         if self.outlier_token_ratio is not None and not self.outlier_token_ratio >= 1.0:
             raise ConfigError(f"outlier_token_ratio must be >= 1 or None, got {self.outlier_token_ratio}")
         if self.search_dtype not in SEARCH_DTYPE_NAMES:
@@ -114,6 +110,7 @@ class AwqOptions:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AwqOptions:
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in RETIRED_OPTIONS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown AWQ option(s) {unknown}; known: {sorted(known)}")

@@ -41,15 +41,15 @@ class BlockAwqResult:
     layer_index: int
     groups: list[GroupScaleResult]
     clip_max: dict[str, torch.Tensor]  # linear name -> fp32 [N, K/G] upper clip bound
-    mse_rtn: float  # block output MSE vs full precision with plain rounding (sampled batches)
-    mse_awq: float  # the same with AWQ scales and clips applied
+    # Block output error vs full precision on the held-out micro-batches (plan.decision_batches)
+    mse_rtn: float  # with plain rounding
+    mse_awq: float  # with what was kept (choice)
     # linear name -> fp32 [N, K/G] lower clip bound (asymmetric clip only; else -clip_max)
     clip_min: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Share of weight groups clamped to [-c, c] by an earlier AWQ pass (clip.symmetric_clamp_share,
-    # averaged over the linears such a pass clips); at or above AwqOptions.prior_awq_share the
-    # block got no scale search and no second clip.
-    prior_awq_share: float = 0.0
-    prior_awq: bool = False
+    # What the block kept, by its held-out error (block.CHOICES): "awq" (scales and clips),
+    # "scales" (the clips lost), "rounding" (both lost: s = 1, no clips).
+    choice: str = "awq"
+    held_out: bool = True  # False: the calibration spared no micro-batch; judged on the search's
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (names relative to this block) and JSON-able metadata."""
@@ -72,9 +72,9 @@ class BlockAwqResult:
             "clip_min": list(self.clip_min),
             "mse_rtn": self.mse_rtn,
             "mse_awq": self.mse_awq,
+            "choice": self.choice,
+            "held_out": self.held_out,
         }
-        if self.prior_awq:  # only then: results of other blocks keep their bytes
-            meta.update(prior_awq=True, prior_awq_share=self.prior_awq_share)
         return tensors, meta
 
     def save(self, path: str | Path) -> Path:
@@ -112,8 +112,8 @@ class BlockAwqResult:
             mse_rtn=meta["mse_rtn"],
             mse_awq=meta["mse_awq"],
             clip_min=clip_min,
-            prior_awq_share=meta.get("prior_awq_share", 0.0),
-            prior_awq=meta.get("prior_awq", False),
+            choice=meta.get("choice", "awq"),
+            held_out=meta.get("held_out", False),
         )
 
 

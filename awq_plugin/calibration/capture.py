@@ -253,8 +253,18 @@ class SamplePlan:
     """
 
     search_rows: tuple[torch.Tensor, ...]  # per micro-batch: sorted rows in the token-wise search loss
-    clip_rows: tuple[torch.Tensor, ...] | None  # per micro-batch rows in the clip statistics; None = all
-    search_batches: tuple[int, ...]  # micro-batches re-run for token-mixing modules and metrics
+    # per micro-batch rows in the clip statistics; None = all (of the batches not held out)
+    clip_rows: tuple[torch.Tensor, ...] | None
+    search_batches: tuple[int, ...]  # micro-batches re-run for token-mixing modules
+    # Micro-batches no search sees (neither the scale search's rows and calls nor the clip
+    # statistics): the block's choice between AWQ and rounding is scored on them, so it judges
+    # how the fit generalises. Empty when the calibration is too small to spare any.
+    holdout_batches: tuple[int, ...] = ()
+
+    @property
+    def decision_batches(self) -> tuple[int, ...]:
+        """Where the block's variants are compared: the held-out batches, else the search's."""
+        return self.holdout_batches or self.search_batches
 
 
 def _split_by_batch(flat: torch.Tensor, tokens_per_batch: Sequence[int]) -> tuple[torch.Tensor, ...]:
@@ -271,30 +281,44 @@ def plan_samples(
 ) -> SamplePlan:
     """Draw the seeded token and micro-batch subsamples (None or a count >= all tokens = everything).
 
-    The clip sample is a prefix of the same permutation as the search sample, so
-    the smaller of the two is contained in the larger.
+    The search takes whole micro-batches in a seeded order until they cover
+    ``search_tokens``; the next ones, as many tokens again, are held out (when any
+    are left). The token samples are drawn from the other micro-batches only; the
+    clip sample is a prefix of the same permutation as the search sample, so the
+    smaller of the two is contained in the larger.
     """
     n = sum(tokens_per_batch)
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator)
-
-    def take(count: int | None) -> torch.Tensor:
-        chosen = perm if count is None or count >= n else perm[:count]
-        return chosen.sort().values
-
-    all_clip = clip_tokens is None or clip_tokens >= n
     batch_perm = torch.randperm(len(tokens_per_batch), generator=generator).tolist()
     batches: list[int] = []
-    covered = 0
+    holdout: list[int] = []
+    covered = held = 0
     for m in batch_perm:
-        if search_tokens is not None and covered >= search_tokens:
+        if search_tokens is None or covered < search_tokens:
+            batches.append(m)
+            covered += tokens_per_batch[m]
+        elif held < covered:
+            holdout.append(m)
+            held += tokens_per_batch[m]
+        else:
             break
-        batches.append(m)
-        covered += tokens_per_batch[m]
+    if holdout:  # the token samples never come from a held-out micro-batch
+        starts = torch.tensor([0, *tokens_per_batch]).cumsum(0)
+        batch_of = torch.bucketize(perm, starts[1:], right=True)  # (n,) micro-batch of each token
+        perm = perm[~torch.isin(batch_of, torch.tensor(holdout))]
+    available = perm.numel()
+
+    def take(count: int | None) -> torch.Tensor:
+        chosen = perm if count is None or count >= available else perm[:count]
+        return chosen.sort().values
+
+    all_clip = clip_tokens is None or clip_tokens >= available  # every token outside the held-out batches
     return SamplePlan(
         search_rows=_split_by_batch(take(search_tokens), tokens_per_batch),
         clip_rows=None if all_clip else _split_by_batch(take(clip_tokens), tokens_per_batch),
         search_batches=tuple(sorted(batches)),
+        holdout_batches=tuple(sorted(holdout)),
     )
 
 
@@ -441,7 +465,7 @@ class InputRecorder:
             total = self._shared_result("abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float64))
             rec.abs_sum[name] = rec.abs_sum[name] + total if name in rec.abs_sum else total.clone()
             rec.count[name] = rec.count.get(name, 0) + x2d.shape[0]
-        if name in self.gram_names:
+        if name in self.gram_names and m not in self.plan.holdout_batches:
             rows = x2d if self.plan.clip_rows is None else x2d[_local_rows(positions, self.plan.clip_rows[m])]
             gram = self._shared_result("gram", x, lambda: group_gram(rows, self.group_size).double())
             rec.gram[name] = rec.gram[name] + gram if name in rec.gram else gram.clone()

@@ -131,14 +131,17 @@ class QuantizeReport:
         if self.resumed_from_block:
             lines.append(f"resumed after block {self.resumed_from_block - 1}")
         if self.blocks and "mse_awq" in self.blocks[0]:
-            lines.append("block output MSE vs full precision: plain rounding -> AWQ")
+            lines.append("held-out block output error vs full precision: plain rounding -> what was kept")
             for b in self.blocks:
-                mark = (
-                    "  (earlier AWQ pass found: no scale search; only clip_skip linears clipped)"
-                    if b.get("prior_awq")
-                    else ""
+                kept = b.get("choice", "awq")
+                mark = {
+                    "awq": "",
+                    "scales": "  (scales kept, clipping lost)",
+                    "rounding": "  (rounded: AWQ lost)",
+                }
+                lines.append(
+                    f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}{mark.get(kept, '')}"
                 )
-                lines.append(f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}{mark}")
         if self.guard:  # last, so that it is the CLI's closing line
             lines.append(self.guard["message"])
         return "\n".join(lines)
@@ -518,7 +521,7 @@ def quantize_checkpoint(
         threads=torch.get_num_threads(),
         resumed_from_block=done,
         blocks=[
-            {"layer": r.layer_index, "mse_rtn": r.mse_rtn, "mse_awq": r.mse_awq, "prior_awq": r.prior_awq}
+            {"layer": r.layer_index, "mse_rtn": r.mse_rtn, "mse_awq": r.mse_awq, "choice": r.choice}
             for r in results
             if r
         ],
