@@ -7,6 +7,8 @@ or an in-memory transformers model (quantized in place: its linears become
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,11 @@ from awq_plugin.calibration.text import CalibSource, calibration_ids, evaluation
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
 from awq_plugin.evaluate import PerplexityResult, perplexity
+from awq_plugin.pipeline.guard import InMemoryGuard, check_guard_mode, held_out_windows
 from awq_plugin.pipeline.quantize import METHODS, QuantizeReport, quantize_checkpoint
 from awq_plugin.templates import resolve_template
+
+log = logging.getLogger(__name__)
 
 
 def as_quant_config(config: AwqQuantConfig | str | dict[str, Any] | None) -> AwqQuantConfig:
@@ -71,7 +76,9 @@ def quantize(
       is where each block is computed.
     - ``model`` an ``nn.Module``: searched, scaled and packed in place (its linears
       become ``AwqLinear`` running ``backend``); returns the model. ``tokenizer`` is
-      needed unless ``calib_data`` is already token ids ``[n, seq_len]``.
+      needed unless ``calib_data`` is already token ids ``[n, seq_len]``. The same
+      end-to-end ``guard`` runs (token ids as calibration leave no held-out text: then
+      it is skipped, with a log line); its verdict is ``model.awq_guard``.
     """
     quant = as_quant_config(config)
     options = options or AwqOptions()
@@ -104,6 +111,7 @@ def quantize(
         template=template,
         options=options,
         backend=backend,
+        guard=guard,
     )
 
 
@@ -119,8 +127,10 @@ def quantize_model(
     template: str | Path | dict[str, Any] | None = None,
     options: AwqOptions | None = None,
     backend: str | None = None,
+    guard: str = "fallback",
 ) -> nn.Module:
-    """In-memory quantization: AWQ search (unless rtn), then pack every quantized linear."""
+    """In-memory quantization: AWQ search (unless rtn) under the end-to-end ``guard``, then pack
+    every quantized linear."""
     from awq_plugin.format.packing import pack_linear
     from awq_plugin.numerics.pack import AwqPacked
     from awq_plugin.runtime.modeling import replace_module
@@ -128,7 +138,7 @@ def quantize_model(
 
     quant.check_packable()
     resolved, quant = _scale_model(
-        model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
+        model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options, guard
     )
     for block, name in quantized_decoder_linears(model, resolved, quant):
         linear = block.get_submodule(name)
@@ -150,22 +160,63 @@ def _scale_model(
     seq_len: int,
     template: Any,
     options: AwqOptions | None,
+    guard: str,
 ) -> tuple[Any, AwqQuantConfig]:
-    """Resolve the template, search and apply AWQ (unless rtn); return the template and the config
-    (with the linears the group size cannot split added to ``modules_to_not_convert``)."""
+    """Resolve the template, search and apply AWQ (unless rtn) under the end-to-end ``guard``;
+    return the template and the config (with the linears the group size cannot split added to
+    ``modules_to_not_convert``). The guard's verdict is ``model.awq_guard`` (None: not run)."""
     if method not in METHODS:
         raise ConfigError(f"quantization method {method!r} is unknown; choose one of {list(METHODS)}")
+    check_guard_mode(guard)
     options = options or AwqOptions()
     resolved = resolve_template(model, template)
     layers = model.get_submodule(resolved.decoder_layers)
     quant = keeping_ungroupable_in_full_precision(layers, resolved, quant)
     quant, precision = keeping_full_precision_listed(layers, resolved, quant)
     model.awq_precision = precision  # the INT4 share and what stays in full precision, with reasons
+    model.awq_guard = None
     if method == "awq":
         ids = calibration_ids(calib_data, tokenizer, n_samples, seq_len, options.seed)
-        results: AwqResults = run_awq(model, quant, ids, dict(resolved.data), options)
-        model.awq_results = results  # kept for inspection / saving alongside the model
+        watch = _in_memory_guard(
+            model, resolved, quant, calib_data, tokenizer, n_samples, seq_len, options, guard
+        )
+        results: AwqResults | None = run_awq(model, quant, ids, dict(resolved.data), options, observer=watch)
+        if watch is not None:
+            verdict = watch.verdict(model, f"held-out windows of {_text_name(calib_data)}")
+            if verdict.awq_lost and guard == "fallback":
+                watch.restore()
+                results, verdict = None, dataclasses.replace(verdict, action="rounded")
+            (log.warning if verdict.awq_lost else log.info)("%s", verdict.message())
+            model.awq_guard = verdict
+        model.awq_results = results  # kept for inspection / saving alongside the model (None: rounded)
     return resolved, quant
+
+
+def _text_name(source: CalibSource) -> str:
+    return repr(source) if isinstance(source, str) else "the calibration text"
+
+
+def _in_memory_guard(
+    model: nn.Module,
+    resolved: Any,
+    quant: AwqQuantConfig,
+    calib_data: CalibSource,
+    tokenizer: Any,
+    n_samples: int,
+    seq_len: int,
+    options: AwqOptions,
+    guard: str,
+) -> InMemoryGuard | None:
+    """The guard's streams over the calibration text's held-out windows (None: off, or no text)."""
+    if guard == "off":
+        return None
+    held = held_out_windows(tokenizer, calib_data, n_samples, seq_len, options.seed)
+    if held is None:
+        log.info(
+            "end-to-end check skipped: the calibration (token ids, or no text left over) has no held-out windows"
+        )
+        return None
+    return InMemoryGuard(model, resolved, quant, held, keep_originals=guard == "fallback")
 
 
 def fake_quantize_model(
@@ -179,13 +230,15 @@ def fake_quantize_model(
     seq_len: int = DEFAULTS.seq_len,
     template: Any = None,
     options: AwqOptions | None = None,
+    guard: str = "fallback",
 ) -> nn.Module:
     """Replace every quantized linear's weight by its quantize-dequantize (any bit width: 2/3/4/8).
 
-    This is how schemes that cannot be packed (2- and 3-bit) are studied.
+    This is how schemes that cannot be packed (2- and 3-bit) are studied. The end-to-end
+    ``guard`` runs as in :func:`quantize` (verdict in ``model.awq_guard``).
     """
     resolved, quant = _scale_model(
-        model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options
+        model, quant, calib_data, tokenizer, method, n_samples, seq_len, template, options, guard
     )
     fake_quantize_decoder_linears(model, resolved, quant)
     return model

@@ -47,6 +47,18 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _add_guard_arg(p: argparse.ArgumentParser, fallback: str) -> None:
+    from awq_plugin.algorithm.options import GUARD_MODES
+
+    p.add_argument(
+        "--guard",
+        choices=GUARD_MODES,
+        default="fallback",
+        help=f"when AWQ ends worse than plain rounding on held-out windows: {fallback} "
+        "(fallback, the default), keep AWQ and warn (warn), or skip the check (off)",
+    )
+
+
 def _awq_options(args: argparse.Namespace):
     from awq_plugin.algorithm.options import AwqOptions
 
@@ -187,8 +199,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             seq_len=args.seq_len,
             template=args.template,
             options=_awq_options(args),
+            guard=args.guard,
         )
         label = f"fake-quant {quant.scheme} ({args.method})"
+        if model.awq_guard is not None:
+            if model.awq_guard.action == "rounded":
+                label = f"fake-quant {quant.scheme} (rtn: AWQ lost the end-to-end check)"
+            if not args.json:
+                print(model.awq_guard.message())
     result = evaluate_perplexity(
         model, tokenizer, args.text, args.windows, args.eval_seq_len, progress=not args.json
     )
@@ -282,13 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or plain rounding")
     _add_calibration_args(p)
-    p.add_argument(
-        "--guard",
-        choices=["fallback", "warn", "off"],
-        default="fallback",
-        help="when AWQ ends worse than plain rounding on held-out windows: write rounding instead "
-        "(fallback, the default), keep AWQ and warn (warn), or skip the check (off)",
-    )
+    _add_guard_arg(p, "write rounding instead")
     p.add_argument(
         "--device",
         default="auto",
@@ -315,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="kernel for AWQ checkpoints: auto, cpu or reference")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_calibration_args(p)
+    _add_guard_arg(p, "with --fake-quant awq: evaluate rounding instead")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="default model -> AWQ -> perplexity table -> vLLM chat (see --help)")

@@ -457,6 +457,7 @@ class AwqHfQuantizer(HfQuantizer):
             template=config.template,
             options=config.awq_options(),
             backend=config.kernel_backend,
+            guard=config.guard,
         )
         # quantize_model builds the AwqLinear modules on the CPU; bring them to the model's device.
         for module in model.modules():

@@ -314,3 +314,86 @@ def test_the_report_gives_each_blocks_cost_in_forward_equivalents(tiny_llama_fp,
         assert 0 < cost["forward_seconds"] < cost["seconds"]
         assert cost["forward_equivalents"] == pytest.approx(cost["seconds"] / cost["forward_seconds"])
     assert "forward equivalents (median of 2 blocks" in report.render()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models held in memory: quantize() on a model, eval --fake-quant, quantize-on-load
+# ---------------------------------------------------------------------------------------------
+
+
+def _in_memory(tiny_llama_fp, guard: str):
+    """``tiny_llama_fp`` in fp32, fake-quantized by the API the way ``eval --fake-quant`` does,
+    with the pipeline tests' calibration (so that the held-out windows are the same)."""
+    from transformers import AutoTokenizer
+
+    from awq_plugin.api import fake_quantize_model
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime.modeling import load_fp_model
+
+    model = load_fp_model(tiny_llama_fp, torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_fp)
+    fake_quantize_model(
+        model,
+        AwqQuantConfig(bits=4, group_size=64),
+        "enwiki",
+        tokenizer=tokenizer,
+        n_samples=4,
+        seq_len=64,
+        options=dataclasses.replace(FAST, clip=False),
+        guard=guard,
+    )
+    return model, tokenizer
+
+
+def test_in_memory_guard_scores_the_same_windows_as_the_whole_model_comparison(tiny_llama_fp) -> None:
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime.modeling import load_fp_model
+
+    model, tokenizer = _in_memory(tiny_llama_fp, guard="warn")
+    verdict = model.awq_guard
+    assert verdict is not None and verdict.action == "kept" and verdict.windows == 8
+    held = held_out_windows(tokenizer, "enwiki", 4, 64, FAST.seed, count=8)
+    whole = compare_with_rounding(
+        lambda: load_fp_model(tiny_llama_fp, torch.float32),
+        model.awq_results,
+        AwqQuantConfig(bits=4, group_size=64),
+        held,
+    )
+    assert verdict.awq_windows == pytest.approx(whole.awq_windows, rel=1e-5, abs=1e-5)
+    assert verdict.rtn_windows == pytest.approx(whole.rtn_windows, rel=1e-5, abs=1e-5)
+
+
+def test_in_memory_fallback_leaves_plain_rounding(tiny_llama_fp, monkeypatch) -> None:
+    """When the verdict is a loss, the model held in memory ends as plain rounding of its
+    full-precision weights: the guard restores every block before the linears are quantized."""
+    import awq_plugin.pipeline.guard as guard_module
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline.guard import fake_quantize_linears
+    from awq_plugin.runtime.modeling import load_fp_model
+
+    def lost(self, model, text):
+        return GuardResult.from_windows([3.0, 3.1, 3.2], [2.0, 2.0, 2.1], 64, text)
+
+    monkeypatch.setattr(guard_module.InMemoryGuard, "verdict", lost)
+    model, _ = _in_memory(tiny_llama_fp, guard="fallback")
+    assert model.awq_guard.action == "rounded" and model.awq_results is None
+    expected = load_fp_model(tiny_llama_fp, torch.float32)
+    fake_quantize_linears(expected, AwqQuantConfig(bits=4, group_size=64))
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    kept, _ = _in_memory(tiny_llama_fp, guard="warn")  # warn: the same loss keeps AWQ
+    assert kept.awq_guard.action == "kept" and kept.awq_results is not None
+    assert any(not torch.equal(kept.state_dict()[n], t) for n, t in expected.state_dict().items())
+
+
+def test_in_memory_guard_is_skipped_without_held_out_text(tiny_llama_fp) -> None:
+    from awq_plugin.api import fake_quantize_model
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.runtime.modeling import load_fp_model
+
+    model = load_fp_model(tiny_llama_fp, torch.float32)
+    fake_quantize_model(
+        model, AwqQuantConfig(bits=4, group_size=64), calib_ids(n=4, seq=64), options=FAST, guard="fallback"
+    )
+    assert model.awq_guard is None and model.awq_results is not None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -83,6 +83,14 @@ __all__ = [
 ]
 
 
+class BlockObserver(Protocol):
+    """Called around each block's AWQ step in :func:`run_awq` (the end-to-end guard's streams)."""
+
+    def before_block(self, index: int, block: nn.Module) -> None: ...
+
+    def after_block(self, index: int, block: nn.Module) -> None: ...
+
+
 def run_awq(
     model: nn.Module,
     quant_config: QuantConfigLike,
@@ -90,12 +98,14 @@ def run_awq(
     template: str | Path | Mapping[str, Any] | None = None,
     options: AwqOptions | None = None,
     progress: bool = True,
+    observer: BlockObserver | None = None,
 ) -> AwqResults:
     """AWQ over a whole in-memory model; the model ends up scaled and clipped (not quantized).
 
     ``calib_input_ids`` ``[n_samples, seq_len]``. For models larger than memory
     use the streaming driver, which calls :func:`awq_block_step` per block.
-    ``progress`` draws a bar over the decoder blocks.
+    ``progress`` draws a bar over the decoder blocks; ``observer`` sees each block just
+    before its step (full precision) and just after it (scaled and clipped).
     """
     options = options or AwqOptions()
     resolved = resolve_template(model, template)
@@ -105,9 +115,13 @@ def run_awq(
     hidden = captured.hidden_states
     results = []
     for i, block in enumerate(tqdm(layers, desc="AWQ blocks", unit="block", disable=not progress)):
+        if observer is not None:
+            observer.before_block(i, block)
         result, next_inputs = awq_block_step(
             block, resolved.block(i), captured.for_layer(i, hidden), quant_config, options
         )
+        if observer is not None:
+            observer.after_block(i, block)
         results.append(result)
         hidden = next_inputs.hidden_states
     return AwqResults(

@@ -16,8 +16,10 @@ non-layer weights is ever in memory. What happens when AWQ loses is the ``guard`
 mode's choice (:data:`GUARD_MODES`): ``fallback`` (the default) writes plain rounding
 instead, ``warn`` keeps AWQ and warns, ``off`` skips the check.
 
-For models held in memory, :func:`compare_with_rounding` scores two fake-quantized
-copies, one at a time.
+Models held in memory (``quantize()`` on a model, ``eval --fake-quant``, quantize-on-load)
+stream the same windows beside :func:`~awq_plugin.algorithm.awq.run_awq`
+(:class:`InMemoryGuard`); :func:`compare_with_rounding` scores two fake-quantized copies
+of a model with saved results, one at a time.
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ from awq_plugin.algorithm.awq import (
     QuantConfigLike,
     apply_awq,
     fake_quantize_decoder_linears,
+    quantized_linear_names,
 )
 from awq_plugin.algorithm.linears import fake_quantized
 from awq_plugin.algorithm.options import GUARD_MODES
-from awq_plugin.calibration.capture import CapturedInputs, first_output
+from awq_plugin.calibration.capture import CapturedInputs, capture_decoder_inputs, first_output
 from awq_plugin.calibration.text import CalibSource, load_documents, tokenize_stream
 from awq_plugin.errors import ConfigError
-from awq_plugin.templates import resolve_template
+from awq_plugin.templates import ResolvedTemplate, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -350,3 +353,53 @@ def _replayed_layers(
     finally:
         for layer in layers:
             del layer.forward
+
+
+class InMemoryGuard:
+    """The end-to-end guard for a model held in memory: :func:`run_awq`'s block observer.
+
+    The held-out ``windows`` stream through each block before its AWQ step (as plain
+    rounding) and after it (as AWQ left it), exactly as in the pipeline; :meth:`verdict`
+    scores them through the model's own tail. With ``keep_originals`` each block's
+    full-precision weights are copied to the host before its step, so that
+    :meth:`restore` can undo AWQ when it lost (that doubles the decoder's weights in host
+    memory for the duration; the streaming pipeline re-reads its shards instead).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        resolved: ResolvedTemplate,
+        quant_config: QuantConfigLike,
+        windows: torch.Tensor,
+        keep_originals: bool,
+    ) -> None:
+        self.layers = model.get_submodule(resolved.decoder_layers)
+        self.resolved, self.quant_config = resolved, quant_config
+        device = next(model.parameters()).device
+        windows = windows.to(device)
+        self.streams = GuardStreams(windows, capture_decoder_inputs(model, self.layers, windows, 1))
+        self.originals: dict[int, dict[str, torch.Tensor]] | None = {} if keep_originals else None
+
+    def _names(self, index: int, block: nn.Module) -> list[str]:
+        return quantized_linear_names(block, self.resolved.block(index), self.quant_config)
+
+    def before_block(self, index: int, block: nn.Module) -> None:
+        if self.originals is not None:
+            self.originals[index] = {
+                k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()
+            }
+        self.streams.advance("rtn", index, block, self._names(index, block), self.quant_config)
+
+    def after_block(self, index: int, block: nn.Module) -> None:
+        self.streams.advance("awq", index, block, self._names(index, block), self.quant_config)
+
+    def verdict(self, model: nn.Module, text: str) -> GuardResult:
+        return self.streams.score(model, self.layers, text)
+
+    def restore(self) -> None:
+        """Every block back to its full-precision weights (plain rounding follows from them)."""
+        if self.originals is None:
+            raise RuntimeError("the guard kept no original weights (keep_originals=False)")
+        for index, state in self.originals.items():
+            self.layers[index].load_state_dict(state)

@@ -112,7 +112,13 @@ def prepare_model(model: PanelModel, models_dir: Path) -> Path:
 
 
 def measure(
-    model_dir: Path, schemes: Sequence[str], n_samples: int, seq_len: int, windows: int, options: Any
+    model_dir: Path,
+    schemes: Sequence[str],
+    n_samples: int,
+    seq_len: int,
+    windows: int,
+    options: Any,
+    template: str | None = None,
 ) -> list[dict[str, Any]]:
     """fp / RTN / AWQ perplexity of one model for each scheme whose group size fits it."""
     import torch
@@ -122,7 +128,8 @@ def measure(
     from awq_plugin.calibration.text import calibration_windows, evaluation_windows
     from awq_plugin.config import AwqQuantConfig
     from awq_plugin.evaluate import perplexity
-    from awq_plugin.pipeline.guard import compare_with_rounding, fake_quantize_linears, held_out_windows
+    from awq_plugin.pipeline.guard import InMemoryGuard, fake_quantize_linears, held_out_windows
+    from awq_plugin.templates import resolve_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -155,16 +162,25 @@ def measure(
         del rtn
         awq = copy.deepcopy(base)
         started = time.perf_counter()
-        results = run_awq(awq, quant, calib, options=options, progress=False)
+        # The end-to-end guard's streams ride along, as in every quantize path.
+        resolved = resolve_template(awq, template)
+        watch = None if held is None else InMemoryGuard(awq, resolved, quant, held, False)
+        run_awq(awq, quant, calib, dict(resolved.data), options=options, progress=False, observer=watch)
         row["awq_seconds"] = round(time.perf_counter() - started, 1)
         fake_quantize_linears(awq, quant)
         row["ppl_awq"] = ppl(awq)
-        del awq
         gap = row["ppl_rtn"] - ppl_fp
         row["gap_closed"] = (row["ppl_rtn"] - row["ppl_awq"]) / gap if gap > 0 else None
-        if held is not None:
-            verdict = compare_with_rounding(lambda: copy.deepcopy(base), results, quant, held)
+        # What a user gets by default: AWQ, or rounding where the guard found AWQ lost.
+        row["kept"] = "awq"
+        if watch is not None:
+            verdict = watch.verdict(awq, "held-out calibration windows")
             row["guard"] = verdict.to_dict()
+            if verdict.awq_lost:
+                row["kept"] = "rounding"
+        del awq
+        row["ppl_kept"] = row["ppl_awq"] if row["kept"] == "awq" else row["ppl_rtn"]
+        row["gap_closed_kept"] = (row["ppl_rtn"] - row["ppl_kept"]) / gap if gap > 0 else None
         log.info("%s", json.dumps(row))
         rows.append(row)
     return rows
@@ -218,6 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=8, help="held-out 512-token Wikipedia windows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--options", default="{}", help="AwqOptions overrides as JSON (default: the defaults)")
+    p.add_argument("--template", help="a template name or JSON file for AWQ (default: the model's own)")
     p.add_argument("--prepare", action="store_true", help="only build the panel's model folders")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
@@ -244,9 +261,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for model_dir in dirs.values():
         rows += measure(
-            model_dir, args.schemes.split(","), args.n_samples, args.seq_len, args.windows, args.awq_options
+            model_dir,
+            args.schemes.split(","),
+            args.n_samples,
+            args.seq_len,
+            args.windows,
+            args.awq_options,
+            args.template,
         )
-    document = {"options": args.awq_options.to_dict(), "threads": args.threads, "rows": rows}
+    document = {
+        "options": args.awq_options.to_dict(),
+        "template": args.template,
+        "threads": args.threads,
+        "rows": rows,
+    }
     text = json.dumps(
         document, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
     )
