@@ -35,6 +35,7 @@ from awq_plugin.algorithm.clip import (
     search_clip_max,
     search_clip_range,
 )
+from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.phases import recording_phases
 from awq_plugin.calibration.capture import capture_decoder_inputs, forward_block, plan_samples
 from awq_plugin.errors import ConfigError
@@ -534,6 +535,10 @@ def test_weights_from_a_symmetric_grid_get_the_full_search(toy) -> None:
     with recording_phases() as phases:
         result = run_awq_block(block, groups, captured.for_layer(0), QUANT, HELD_OUT)
     assert result.held_out and result.choice in CHOICES
+    # "auto" is recorded as what it resolved to on this CPU (bf16 units or not)
+    assert result.search_dtype == str(resolve_search_dtype("auto", torch.device("cpu"))).removeprefix(
+        "torch."
+    )
     searched = {
         f"search {g.layers[0] if g.module2inspect is None else g.module2inspect}" for g in groups.groups
     }

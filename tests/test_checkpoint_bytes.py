@@ -39,7 +39,7 @@ RTN_WEIGHTS = "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9"
 EXPECTED: dict[str, dict[str, str]] = {
     "awq": {
         **SIDE_FILES,
-        "awq_plugin/awq_results.safetensors": "adf102dab410d3d5fcd7fd3b6c7fb114667fecc8a6d026de290b07f059ee5e05",
+        "awq_plugin/awq_results.safetensors": "8b9cdcf62659e402ff3b88feb70d2df1790951d12b76dc1f96c6b1dcdbed94a8",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.

@@ -285,6 +285,7 @@ def awq_block_step(
         clip_min=clip_min,
         choice=choice,
         held_out=bool(plan.holdout_batches),
+        search_dtype=str(forwards.dtype).removeprefix("torch."),
     )
     logger.info(
         "layer %d: held-out block output error vs fp %.4g (RTN) -> %.4g (%s); alphas %s",

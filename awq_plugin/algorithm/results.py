@@ -50,6 +50,9 @@ class BlockAwqResult:
     # "scales" (the clips lost), "rounding" (both lost: s = 1, no clips).
     choice: str = "awq"
     held_out: bool = True  # False: the calibration spared no micro-batch; judged on the search's
+    # The dtype the block's forwards ran their matmuls in (AwqOptions.search_dtype resolved on
+    # the block's device: "auto" is bfloat16 on some CPUs and float32 on others); "" if unknown.
+    search_dtype: str = ""
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (names relative to this block) and JSON-able metadata."""
@@ -74,6 +77,7 @@ class BlockAwqResult:
             "mse_awq": self.mse_awq,
             "choice": self.choice,
             "held_out": self.held_out,
+            "search_dtype": self.search_dtype,
         }
         return tensors, meta
 
@@ -114,6 +118,7 @@ class BlockAwqResult:
             clip_min=clip_min,
             choice=meta.get("choice", "awq"),
             held_out=meta.get("held_out", False),
+            search_dtype=meta.get("search_dtype", ""),
         )
 
 
