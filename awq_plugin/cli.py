@@ -69,13 +69,14 @@ def _awq_options(args: argparse.Namespace):
         clip_tokens=args.clip_tokens or None,
         seed=args.seed,
         search_dtype=args.search_dtype,
+        rounding=args.rounding,
     )
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     # Defaults come from the library's owners (both torch-free), so the CLI and the Python API
     # write the same checkpoint and building the parser does not import torch.
-    from awq_plugin.algorithm.options import AwqOptions
+    from awq_plugin.algorithm.options import ROUNDINGS, AwqOptions
     from awq_plugin.calibration.settings import DEFAULTS
 
     options = AwqOptions()
@@ -136,6 +137,14 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         help=f"dtype of the block's forward matmuls in the search (default {options.search_dtype}: bfloat16 "
         "where the device has bf16 units, such as AVX512-BF16 or AMX, else float32; statistics and losses "
         "stay float32)",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default=options.rounding,
+        help=f"how the weights go to their grid after the scales and clips (default {options.rounding}): "
+        "each to its nearest level, or compensated (GPTQ's error compensation over the block's calibration "
+        "inputs, kept in each block whose held-out error it lowers)",
     )
     p.add_argument(
         "--seed",

@@ -110,6 +110,8 @@ class AwqConfig(HfAwqConfig):
         seq_len: tokens per calibration window.
         duo_scaling: scale by activation and weight magnitude (AutoAWQ's ``duo_scaling``).
         clip: run the clip (max-range shrink) search after scaling.
+        rounding: ``"nearest"`` (default) or ``"compensated"`` (GPTQ's error compensation after
+            the scales and clips, kept per block where its held-out error is lower).
         template: architecture template name, path or dict (default: the shipped one).
         backend: kernel, ``"auto"`` (default: CPU kernel or Triton by device), ``"cpu"``,
             ``"triton"`` or ``"reference"``.
@@ -141,6 +143,7 @@ class AwqConfig(HfAwqConfig):
         seq_len: int = CALIBRATION.seq_len,
         duo_scaling: bool = AwqOptions.duo_scaling,
         clip: bool = AwqOptions.clip,
+        rounding: str = AwqOptions.rounding,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
         tokenizer: Any = None,
@@ -162,6 +165,7 @@ class AwqConfig(HfAwqConfig):
         self.seq_len = seq_len
         self.duo_scaling = duo_scaling
         self.clip = clip
+        self.rounding = rounding
         self.template = template
         self.backend = backend
         self.tokenizer = tokenizer
@@ -212,7 +216,7 @@ class AwqConfig(HfAwqConfig):
 
     def awq_options(self) -> AwqOptions:
         """The search knobs this config sets; the rest keep :class:`AwqOptions`' defaults."""
-        return AwqOptions(duo_scaling=self.duo_scaling, clip=self.clip)
+        return AwqOptions(duo_scaling=self.duo_scaling, clip=self.clip, rounding=self.rounding)
 
     @property
     def kernel_backend(self) -> str | None:
@@ -306,7 +310,7 @@ class AwqConfig(HfAwqConfig):
     def __repr__(self) -> str:
         calibration = {
             k: getattr(self, k)
-            for k in ("dataset", "n_samples", "seq_len", "duo_scaling", "clip", "template", "backend")
+            for k in ("dataset", "n_samples", "seq_len", "duo_scaling", "clip", "rounding", "template", "backend")
         }
         if isinstance(calibration["dataset"], (list, tuple)):
             calibration["dataset"] = f"<{len(calibration['dataset'])} texts>"

@@ -553,3 +553,41 @@ def test_old_results_with_the_retired_fingerprint_option_still_load() -> None:
     assert options == FAST
     with pytest.raises(ConfigError, match="unknown AWQ option"):
         AwqOptions.from_dict({"prior_awq_shares": 0.05})
+
+
+def test_a_block_that_fails_under_autocast_is_recorded_in_float32(toy, caplog) -> None:
+    """A block whose own code breaks under bf16 autocast (xmod writes a linear's bf16 output into
+    a float32 tensor by index) gets its forwards in float32, with a warning naming the layer."""
+    from awq_plugin.algorithm.block import BlockForwards, _record_forward
+    from awq_plugin.calibration.capture import RecordedInputs
+
+    model, _, captured = toy
+    inputs = captured.for_layer(0)
+    calls = []
+
+    def recorder():
+        class Recorder:
+            def run(self, _inputs):
+                calls.append(torch.is_autocast_enabled("cpu"))
+                if calls[-1]:
+                    raise RuntimeError("Index put requires the source and destination dtypes match")
+                return RecordedInputs(outputs=[torch.zeros(1, dtype=torch.bfloat16)])
+
+        return Recorder()
+
+    forwards = BlockForwards(model.model.layers[0], inputs, torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        recorded, used = _record_forward(recorder, forwards, {}, 7)
+    assert calls == [True, False] and used.dtype == torch.float32
+    assert recorded.outputs[0].dtype == torch.float32
+    assert "layer 7: the block's forward fails under bfloat16 autocast" in caplog.text
+
+    def broken():
+        class Recorder:
+            def run(self, _inputs):
+                raise RuntimeError("the block is broken")
+
+        return Recorder()
+
+    with pytest.raises(RuntimeError, match="the block is broken"):  # float32 fails: the block's own error
+        _record_forward(broken, forwards, {}, 7)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
+from awq_plugin.algorithm.compensate import compensated_rounding
 from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
@@ -53,8 +54,8 @@ from awq_plugin.calibration.capture import (
     forward_block,
     plan_samples,
 )
-from awq_plugin.errors import TemplateError
-from awq_plugin.models.experts import routed_experts_in, row_positions_lookup
+from awq_plugin.errors import CheckpointError, TemplateError
+from awq_plugin.models.experts import RoutedExperts, routed_experts_in, row_positions_lookup
 from awq_plugin.templates import BlockTemplate, ScalingGroup
 from awq_plugin.templates.folds import apply_group_scales, clamp_weight
 from awq_plugin.templates.verify import verify_block_folds_at_once
@@ -107,6 +108,35 @@ class BlockForwards:
         """The block's outputs (all micro-batches, or ``batches``), computed so, in fp32."""
         with self.autocast():
             return [out.float() for out in forward_block(self.block, self.inputs, batches)]
+
+
+def _record_forward(
+    recorder: Callable[[], InputRecorder],
+    forwards: BlockForwards,
+    experts: Mapping[str, RoutedExperts],
+    index: int,
+) -> tuple[RecordedInputs, BlockForwards]:
+    """The recording pass in the forwards' dtype; a block whose own code cannot run under that
+    autocast (it writes a lower-precision result into a float32 tensor, say) runs every forward
+    in float32 instead, with a warning. Returns what was recorded and the forwards used."""
+    try:
+        with forwards.autocast():
+            recorded = recorder().run(forwards.inputs)
+    except RuntimeError as exc:
+        if forwards.dtype == torch.float32:
+            raise
+        logger.warning(
+            "layer %d: the block's forward fails under %s autocast (%s); its search forwards run in float32",
+            index,
+            str(forwards.dtype).removeprefix("torch."),
+            str(exc).splitlines()[0],
+        )
+        forwards = BlockForwards(forwards.block, forwards.inputs, torch.float32)
+        for routed in experts.values():
+            routed.reset_token_counts()
+        recorded = recorder().run(forwards.inputs)
+    recorded.outputs = [out.float() for out in recorded.outputs]
+    return recorded, forwards
 
 
 def _search_loss(
@@ -207,21 +237,36 @@ def awq_block_step(
             row_positions=row_positions_lookup(experts) if experts else None,
         )
         stat_names = [g.inp for g in groups.groups]
-        with phase("record forward"), forwards.autocast():
-            recorded = record(stat_names=stat_names, call_names=inspect_names, gram_names=clip_names).run(
-                inputs
-            )
-            recorded.outputs = [out.float() for out in recorded.outputs]
+        hessian_names = list(names) if options.rounding == "compensated" else []
+        recorder = functools.partial(
+            record,
+            stat_names=stat_names,
+            call_names=inspect_names,
+            gram_names=clip_names,
+            hessian_names=hessian_names,
+        )
+        with phase("record forward"):
+            recorded, forwards = _record_forward(recorder, forwards, experts, groups.index)
         if experts:
             with forwards.autocast():
                 calibrate_underused_experts(
-                    experts, groups, inputs, record, recorded, stat_names, inspect_names, clip_names, options
+                    experts,
+                    groups,
+                    inputs,
+                    record,
+                    recorded,
+                    stat_names,
+                    inspect_names,
+                    clip_names,
+                    options,
+                    hessian_names,
                 )
         # The block's variants are compared on micro-batches no search saw (plan.holdout_batches).
         judge = _HeldOutJudge(forwards, recorded, plan.decision_batches, names, quant_config, options)
         with phase("rounding error forward"):
             mse_rtn = judge.error()
 
+        unscaled_hessians = {n: h.clone() for n, h in recorded.hessian.items()}  # if the scales lose
         searches = []
         for group, target in zip(groups.groups, inspect_names):
             with phase(f"search {target}"):
@@ -261,6 +306,12 @@ def awq_block_step(
             for name, weight in unclipped.items():
                 block.get_submodule(name).weight.data.copy_(weight)
             clip_min, clip_max, mse_awq = {}, {}, mse_scaled
+        rounding = "nearest"
+        if hessian_names:
+            hessians = unscaled_hessians if choice == "rounding" else recorded.hessian
+            with phase("compensated rounding"):
+                rounding, mse_awq = _compensate(block, names, hessians, judge, quant_config, mse_awq)
+            logger.info("layer %d: %s rounding kept", groups.index, rounding)
         next_hidden = recorded.outputs
         if options.propagate == "quantized":
             with phase("next inputs"), fake_quantized(block, names, quant_config):
@@ -284,6 +335,7 @@ def awq_block_step(
         mse_awq=mse_awq,
         clip_min=clip_min,
         choice=choice,
+        rounding=rounding,
         held_out=bool(plan.holdout_batches),
         search_dtype=str(forwards.dtype).removeprefix("torch."),
     )
@@ -296,6 +348,38 @@ def awq_block_step(
         [g.alpha for g in result.groups],
     )
     return result, inputs.with_hidden_states(next_hidden)
+
+
+def _compensate(
+    block: nn.Module,
+    names: Sequence[str],
+    hessians: Mapping[str, torch.Tensor],
+    judge: _HeldOutJudge,
+    quant_config: QuantConfigLike,
+    nearest_error: float,
+) -> tuple[str, float]:
+    """Round ``names`` with error compensation (their weights end on their grids), keep it if the
+    held-out block error beats nearest rounding's (``nearest_error``), else put the weights back.
+    Returns the rounding kept and its error."""
+    before = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    for name in names:
+        weight = block.get_submodule(name).weight
+        weight.data.copy_(
+            compensated_rounding(
+                weight, hessians[name], quant_config.bits, quant_config.group_size, quant_config.zero_point
+            )
+        )
+    error = judge.error()
+    if error < nearest_error:
+        return "compensated", error
+    logger.info(
+        "held-out block error with compensated rounding %.4g >= %.4g with nearest: nearest kept",
+        error,
+        nearest_error,
+    )
+    for name, weight in before.items():
+        block.get_submodule(name).weight.data.copy_(weight)
+    return "nearest", nearest_error
 
 
 class _HeldOutJudge:
@@ -442,6 +526,11 @@ def run_awq_block(
 def apply_awq_block(block: nn.Module, groups: BlockTemplate, result: BlockAwqResult) -> None:
     """Re-apply saved scales and clips to a fresh full-precision block (same bits as the search run)."""
     _check_result_matches(groups, result)
+    if result.rounding != "nearest":
+        raise CheckpointError(
+            f"layer {result.layer_index} was rounded with {result.rounding} rounding, which its scales and "
+            "clips alone do not reproduce: read its integers from the checkpoint instead"
+        )
     with torch.no_grad(), computing_in_float32(block):
         for group, found in zip(groups.groups, result.groups):
             apply_group_scales(block, group, found.scales.float())

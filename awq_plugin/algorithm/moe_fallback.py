@@ -24,6 +24,7 @@ def calibrate_underused_experts(
     call_names: Sequence[str],
     gram_names: Sequence[str],
     options: AwqOptions,
+    hessian_names: Sequence[str] = (),
 ) -> None:
     """The fallback for experts the calibration set leaves (almost) unused.
 
@@ -62,10 +63,13 @@ def calibrate_underused_experts(
 
     with experts_on_all_tokens(chosen, experts):
         again = record(
-            stat_names=inside(stat_names), call_names=inside(call_names), gram_names=inside(gram_names)
+            stat_names=inside(stat_names),
+            call_names=inside(call_names),
+            gram_names=inside(gram_names),
+            hessian_names=inside(hessian_names),
         ).run(inputs)
-    for name in {*inside(stat_names), *inside(call_names), *inside(gram_names)}:
-        for table in ("abs_sum", "count", "rows", "calls", "gram", "gram_count"):
+    for name in {*inside(stat_names), *inside(call_names), *inside(gram_names), *inside(hessian_names)}:
+        for table in ("abs_sum", "count", "rows", "calls", "gram", "gram_count", "hessian"):
             old, new = getattr(recorded, table), getattr(again, table)
             old.pop(name, None)
             if name in new:

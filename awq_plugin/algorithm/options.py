@@ -17,6 +17,10 @@ SEARCH_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 # What the pipeline does when AWQ ends worse than plain rounding on held-out windows
 # (awq_plugin.pipeline.guard): write rounding instead, keep AWQ and warn, or skip the check.
 GUARD_MODES = ("fallback", "warn", "off")
+# How each weight group's integers are chosen after the scales and clips: each weight to its
+# nearest level, or GPTQ's error compensation over the block's calibration inputs
+# (algorithm.compensate), kept per block only where its held-out error is lower.
+ROUNDINGS = ("nearest", "compensated")
 
 # The quantizer's output version: bump it whenever the bytes written for the same source,
 # request and options can change (an algorithm or format change). The quantize-on-start cache
@@ -78,6 +82,9 @@ class AwqOptions:
     # own 97-100% of the MSE in some blocks (Qwen2.5, SmolLM2), and the scales are tuned for them
     # alone. None: plain MSE over all tokens (llm-awq).
     outlier_token_ratio: float | None = None
+    # See ROUNDINGS. "compensated" accumulates each linear's x^T x in the recording pass and
+    # solves one Cholesky per linear.
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -101,6 +108,8 @@ class AwqOptions:
             raise ConfigError(
                 f"search_dtype must be one of {sorted(SEARCH_DTYPE_NAMES)}, got {self.search_dtype!r}"
             )
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
         if self.propagate not in PROPAGATE_CHOICES:
             raise ConfigError(f"propagate must be one of {PROPAGATE_CHOICES}, got {self.propagate!r}")
 

@@ -49,6 +49,10 @@ class BlockAwqResult:
     # What the block kept, by its held-out error (block.CHOICES): "awq" (scales and clips),
     # "scales" (the clips lost), "rounding" (both lost: s = 1, no clips).
     choice: str = "awq"
+    # How the kept weights are rounded to their grid: "nearest", or "compensated" (GPTQ's error
+    # compensation, algorithm.compensate). Compensated weights cannot be re-derived from the
+    # scales and clips: the checkpoint's integers are the record (apply_awq refuses them).
+    rounding: str = "nearest"
     held_out: bool = True  # False: the calibration spared no micro-batch; judged on the search's
     # The dtype the block's forwards ran their matmuls in (AwqOptions.search_dtype resolved on
     # the block's device: "auto" is bfloat16 on some CPUs and float32 on others); "" if unknown.
@@ -76,6 +80,7 @@ class BlockAwqResult:
             "mse_rtn": self.mse_rtn,
             "mse_awq": self.mse_awq,
             "choice": self.choice,
+            "rounding": self.rounding,
             "held_out": self.held_out,
             "search_dtype": self.search_dtype,
         }
@@ -117,6 +122,7 @@ class BlockAwqResult:
             mse_awq=meta["mse_awq"],
             clip_min=clip_min,
             choice=meta.get("choice", "awq"),
+            rounding=meta.get("rounding", "nearest"),
             held_out=meta.get("held_out", False),
             search_dtype=meta.get("search_dtype", ""),
         )

@@ -377,6 +377,8 @@ class RecordedInputs:
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)  # name -> calls on search batches
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float64 [K/G, G, G], sum x x^T
     gram_count: dict[str, int] = field(default_factory=dict)  # name -> tokens in gram
+    # name -> float32 [K, K], sum x^T x over the tokens outside the held-out batches (compensated rounding)
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: list[torch.Tensor] = field(default_factory=list)  # block output per micro-batch
 
     def mean_abs(self, name: str) -> torch.Tensor:
@@ -393,9 +395,14 @@ class RecordedInputs:
 
     def rescale_grams(self, names: Sequence[str], s_cols: torch.Tensor) -> None:
         """Turn the Gram matrices of ``names`` into those of ``x / s_cols`` (after a scale fold)."""
+        inv = None
         for name in names:
             if name in self.gram:
                 self.gram[name] = rescale_gram(self.gram[name], s_cols)
+            if name in self.hessian:
+                if inv is None:
+                    inv = 1.0 / s_cols.to(self.hessian[name].dtype)  # (K,)
+                self.hessian[name] = self.hessian[name] * inv[:, None] * inv[None, :]
 
 
 class InputRecorder:
@@ -408,6 +415,8 @@ class InputRecorder:
     ``plan.search_batches``.
     ``gram_names``: linears whose per-group input Gram matrices (group size
     ``group_size``) are accumulated over ``plan.clip_rows`` for the clip search.
+    ``hessian_names``: linears whose whole ``x^T x`` (``[K, K]``, fp32) is accumulated
+    over every token outside ``plan.holdout_batches``, for compensated rounding.
     Modules reading the same tensor (q/k/v) share the work.
     ``row_positions(name)``: for modules that see a subset of a micro-batch's
     tokens (MoE experts), the micro-batch rows of the current input, so the
@@ -423,6 +432,7 @@ class InputRecorder:
         gram_names: Sequence[str] = (),
         group_size: int = -1,
         row_positions: Callable[[str], torch.Tensor | None] | None = None,
+        hessian_names: Sequence[str] = (),
     ) -> None:
         self.block = block
         self.row_positions = row_positions
@@ -430,8 +440,9 @@ class InputRecorder:
         self.stat_names = set(stat_names)
         self.call_names = set(call_names)
         self.gram_names = set(gram_names)
+        self.hessian_names = set(hessian_names)
         self.group_size = group_size
-        self.names = sorted(self.stat_names | self.call_names | self.gram_names)
+        self.names = sorted(self.stat_names | self.call_names | self.gram_names | self.hessian_names)
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
         # Per micro-batch work shared by modules that read the same tensor, keyed by id(x).
         # x itself is kept in the entry: a freed tensor's id could be reused by the next input.
@@ -465,11 +476,15 @@ class InputRecorder:
             total = self._shared_result("abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float64))
             rec.abs_sum[name] = rec.abs_sum[name] + total if name in rec.abs_sum else total.clone()
             rec.count[name] = rec.count.get(name, 0) + x2d.shape[0]
-        if name in self.gram_names and m not in self.plan.holdout_batches:
+        if (name in self.gram_names or name in self.hessian_names) and m not in self.plan.holdout_batches:
             rows = x2d if self.plan.clip_rows is None else x2d[_local_rows(positions, self.plan.clip_rows[m])]
-            gram = self._shared_result("gram", x, lambda: group_gram(rows, self.group_size).double())
-            rec.gram[name] = rec.gram[name] + gram if name in rec.gram else gram.clone()
-            rec.gram_count[name] = rec.gram_count.get(name, 0) + rows.shape[0]
+            if name in self.gram_names:
+                gram = self._shared_result("gram", x, lambda: group_gram(rows, self.group_size).double())
+                rec.gram[name] = rec.gram[name] + gram if name in rec.gram else gram.clone()
+                rec.gram_count[name] = rec.gram_count.get(name, 0) + rows.shape[0]
+            if name in self.hessian_names:  # every token outside the held-out batches, not the clip sample
+                xtx = self._shared_result("hessian", x, lambda: x2d.float().t() @ x2d.float())  # (K, K)
+                rec.hessian[name] = rec.hessian[name] + xtx if name in rec.hessian else xtx.clone()
         if name in self.call_names:
             if bool(kwargs) or len(args) > 1:  # token-mixing: keep whole calls
                 if m in self.plan.search_batches:

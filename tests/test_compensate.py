@@ -1,0 +1,218 @@
+"""Compensated (GPTQ-style) rounding: on the reference quantizer's grid, better than nearest.
+
+The oracle is the one reference quantizer: the result must be a fixed point of
+``fake_quantize`` (so packing writes exactly the integers chosen), an identity Hessian
+(no correlation to exploit) must give nearest rounding back, and on correlated inputs
+the layer's output error must drop well below nearest rounding's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from test_awq_algorithm import HELD_OUT, QUANT, calib_ids, make_outlier_llama
+
+from awq_plugin.algorithm.awq import AwqOptions, apply_awq_block, run_awq_block
+from awq_plugin.algorithm.compensate import compensated_rounding
+from awq_plugin.calibration.capture import capture_decoder_inputs
+from awq_plugin.errors import CheckpointError, ConfigError
+from awq_plugin.numerics.quant_ref import compute_scales_zeros, fake_quantize
+from awq_plugin.templates import resolve_template
+
+# (N, K, group size, zero point): groups of 32/64/128, a group size that is not a power of two,
+# per-channel (-1), K not a multiple of the 128-column blocks, odd N.
+SHAPES = [
+    (64, 256, 64, True),
+    (33, 200, 40, True),
+    (48, 96, -1, True),
+    (64, 256, 32, False),
+    (17, 320, 64, False),
+    (40, 384, 128, True),
+]
+
+
+def _case(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight ``[n, k]`` and correlated inputs ``[2048, k]`` with a few loud channels."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    x = torch.randn(2048, k, generator=gen) @ (0.3 * torch.randn(k, k, generator=gen)) + torch.randn(
+        k, generator=gen
+    )
+    x[:, :3] *= 10.0
+    return w, x
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float(((x @ (w_hat - w).t()) ** 2).mean())
+
+
+@pytest.mark.parametrize(("n", "k", "group", "zero_point"), SHAPES)
+def test_compensated_weights_sit_on_the_reference_grid(n, k, group, zero_point) -> None:
+    w, x = _case(n, k)
+    q = compensated_rounding(w, x.t() @ x, 4, group, zero_point)
+    assert torch.equal(fake_quantize(q, 4, group, zero_point), q)  # packing writes these integers
+    expected = compute_scales_zeros(w, 4, group, zero_point)  # the grid nearest rounding uses
+    got = compute_scales_zeros(q, 4, group, zero_point)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize(("n", "k", "group", "zero_point"), SHAPES)
+def test_compensation_lowers_the_layer_output_error(n, k, group, zero_point) -> None:
+    w, x = _case(n, k, seed=1)
+    nearest = _output_error(x, w, fake_quantize(w, 4, group, zero_point))
+    compensated = _output_error(x, w, compensated_rounding(w, x.t() @ x, 4, group, zero_point))
+    assert compensated < 0.75 * nearest, (compensated, nearest)
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_an_identity_hessian_gives_nearest_rounding_back(zero_point) -> None:
+    """Uncorrelated, equally loud inputs leave nothing to compensate. Only asymmetric groups whose
+    largest weight nearest rounding leaves one level below the top differ: it is placed on the
+    top level (one step), so that the grid stays the one the weights set."""
+    w, _ = _case(64, 256)
+    q = compensated_rounding(w, torch.eye(256), 4, 64, zero_point)
+    nearest = fake_quantize(w, 4, 64, zero_point)
+    differ = q != nearest
+    if not zero_point:
+        assert not differ.any()
+        return
+    scales = compute_scales_zeros(w, 4, 64, True)[0].float().repeat_interleave(64, dim=1)
+    assert differ.sum() <= w.shape[0] * 4  # at most one weight per group
+    assert torch.allclose((q - nearest)[differ], scales[differ])  # one step up
+    grouped = w.reshape(64, 4, 64)
+    largest = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, grouped.argmax(-1, keepdim=True), True)
+    assert not (differ & ~largest.reshape(64, 256)).any()  # and only the group's largest weight
+
+
+def test_lazy_column_blocks_equal_one_column_at_a_time() -> None:
+    w, x = _case(32, 200, seed=2)
+    h = x.t() @ x
+    blocked = compensated_rounding(w, h, 4, 40, True, column_block=128)
+    single = compensated_rounding(w, h, 4, 40, True, column_block=1)
+    odd = compensated_rounding(w, h, 4, 40, True, column_block=7)
+    # The same algorithm in another summation order: rounding ties may flip a rare level.
+    assert (blocked != single).float().mean() < 1e-3 and (blocked != odd).float().mean() < 1e-3
+
+
+def test_dead_inputs_and_a_singular_hessian_stay_finite() -> None:
+    w, x = _case(16, 64, seed=3)
+    x[:, 5] = 0.0  # an input that never fires
+    x[:, 7] = x[:, 6]  # two identical inputs: H is singular
+    q = compensated_rounding(w, x.t() @ x, 4, 32, True)
+    assert torch.isfinite(q).all() and torch.equal(fake_quantize(q, 4, 32, True), q)
+
+
+def test_a_hessian_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected \\(64, 64\\)"):
+        compensated_rounding(torch.randn(8, 64), torch.eye(32), 4, 32, True)
+
+
+def test_rounding_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="rounding must be one of"):
+        AwqOptions(rounding="stochastic")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = make_outlier_llama()
+    resolved = resolve_template(model)
+    captured = capture_decoder_inputs(model, model.model.layers, calib_ids(n=16), micro_batch_size=4)
+    return model, resolved, captured
+
+
+def test_block_step_keeps_compensated_rounding_only_where_it_wins(toy) -> None:
+    """Per block the compensated weights are judged on the held-out micro-batch against nearest
+    rounding of the same scales and clips; what is kept is on the grid and no worse."""
+    model, resolved, captured = toy
+    compensated = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated"})
+    for i in range(len(model.model.layers)):
+        nearest_block = copy.deepcopy(model.model.layers[i])
+        nearest = run_awq_block(nearest_block, resolved.block(i), captured.for_layer(i), QUANT, HELD_OUT)
+        block = copy.deepcopy(model.model.layers[i])
+        result = run_awq_block(block, resolved.block(i), captured.for_layer(i), QUANT, compensated)
+        assert result.choice == nearest.choice and result.mse_rtn == nearest.mse_rtn
+        assert result.rounding in ("nearest", "compensated")
+        assert result.mse_awq <= nearest.mse_awq
+        for name in resolved.block(i).linears:
+            weight = block.get_submodule(name).weight
+            if result.rounding == "compensated":
+                assert torch.equal(fake_quantize(weight.float(), 4, QUANT.group_size), weight.float()), name
+            else:
+                assert torch.equal(weight, nearest_block.get_submodule(name).weight), name
+    assert result.rounding == "compensated"  # the outlier toy's last block gains from it
+
+
+def test_compensated_results_are_not_reapplied_from_their_scales(toy) -> None:
+    model, resolved, captured = toy
+    compensated = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated"})
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, compensated)
+    result = dataclasses.replace(result, rounding="compensated")
+    with pytest.raises(CheckpointError, match="compensated rounding"):
+        apply_awq_block(copy.deepcopy(model.model.layers[0]), resolved.block(0), result)
+
+
+def test_pipeline_writes_compensated_blocks_that_reload(tiny_llama_fp, tmp_path) -> None:
+    """quantize_checkpoint with rounding="compensated": each block records the rounding it kept,
+    and the checkpoint's integers are the compensated weights (read back through the loader)."""
+    from awq_plugin.algorithm.awq import AwqResults
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline.assemble import RESULTS_FILE
+    from awq_plugin.pipeline.quantize import quantize_checkpoint
+    from awq_plugin.runtime import modeling
+
+    options = dataclasses.replace(HELD_OUT, rounding="compensated", search_tokens=128)
+    out = tmp_path / "out"
+    quantize_checkpoint(
+        tiny_llama_fp,
+        out,
+        AwqQuantConfig(bits=4, group_size=64),
+        n_samples=32,
+        seq_len=64,
+        options=options,
+        guard="warn",  # a random model: every variant is as bad as the next on real text
+        progress=False,
+    )
+    results = AwqResults.load(out / RESULTS_FILE)
+    assert {b.rounding for b in results.blocks} <= {"nearest", "compensated"}
+    assert all(b.held_out for b in results.blocks)
+    assert any(b.rounding == "compensated" for b in results.blocks)
+    # The same run in memory (eval --fake-quant's path) gives the checkpoint's weights exactly.
+    from transformers import AutoTokenizer
+
+    from awq_plugin.api import fake_quantize_model
+
+    memory = modeling.load_fp_model(tiny_llama_fp, torch.float32)
+    fake_quantize_model(
+        memory,
+        AwqQuantConfig(bits=4, group_size=64),
+        "enwiki",
+        tokenizer=AutoTokenizer.from_pretrained(tiny_llama_fp),
+        n_samples=32,
+        seq_len=64,
+        options=options,
+        guard="warn",
+    )
+    loaded = modeling.load_awq_model(out, backend="reference")
+    for name, module in loaded.named_modules():
+        if hasattr(module, "dequantized_weight"):
+            assert torch.equal(module.dequantized_weight(), memory.get_submodule(name).weight), name
+
+
+def test_the_rounding_option_reaches_every_front_end() -> None:
+    from awq_plugin.cli import build_parser
+    from awq_plugin.integrations.transformers import AwqConfig
+    from awq_plugin.pipeline.cache import QuantizeRequest
+
+    args = build_parser().parse_args(["quantize", "src", "out", "--rounding", "compensated"])
+    assert args.rounding == "compensated"
+    assert AwqConfig(rounding="compensated").awq_options().rounding == "compensated"
+    with pytest.raises(ConfigError, match="rounding must be one of"):
+        AwqConfig(rounding="stochastic")
+    request = QuantizeRequest.from_dict({"scheme": "uint4_wo_64", "rounding": "compensated"})
+    assert request.options["rounding"] == "compensated"
+    with pytest.raises(ConfigError, match="rounding must be one of"):
+        QuantizeRequest.from_dict({"rounding": "stochastic"})
