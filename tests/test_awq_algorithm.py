@@ -270,18 +270,16 @@ def test_held_out_batches_are_disjoint_from_every_sample() -> None:
 
 
 def test_choice_is_the_lowest_held_out_error() -> None:
-    assert _choose(mse_rtn=2.0, mse_scaled=1.5, mse_awq=1.0) == "awq"
-    assert _choose(mse_rtn=2.0, mse_scaled=1.0, mse_awq=1.5) == "scales"
-    assert _choose(mse_rtn=1.0, mse_scaled=1.5, mse_awq=1.2) == "rounding"
-    assert _choose(mse_rtn=1.0, mse_scaled=math.nan, mse_awq=1.0) == "awq"  # a tie keeps AWQ
-    assert _choose(mse_rtn=1.0, mse_scaled=math.nan, mse_awq=math.nan) == "rounding"
-    assert _choose(math.nan, math.nan, math.nan) == "rounding"
+    assert _choose(mse_rtn=2.0, mse_awq=1.0) == "awq"
+    assert _choose(mse_rtn=1.0, mse_awq=1.2) == "rounding"
+    assert _choose(mse_rtn=1.0, mse_awq=1.0) == "awq"  # a tie keeps AWQ
+    assert _choose(mse_rtn=1.0, mse_awq=math.nan) == "rounding"
+    assert _choose(math.nan, math.nan) == "rounding"
 
 
-def test_a_clip_that_loses_on_the_held_out_batch_is_undone(toy, monkeypatch) -> None:
-    """Clips that cut every group to a sliver lose on the held-out micro-batch: the block keeps
-    its scales alone, with the weights exactly as scaled before clipping (or rounding, when the
-    scales lose too)."""
+def test_clips_that_lose_on_the_held_out_batch_leave_plain_rounding(toy, monkeypatch) -> None:
+    """Clips that cut every group to a sliver lose on the held-out micro-batch: the block is
+    put back to its full-precision weights (plain rounding follows from them)."""
     import awq_plugin.algorithm.block as block_module
 
     model, resolved, captured = toy
@@ -295,16 +293,14 @@ def test_a_clip_that_loses_on_the_held_out_batch_is_undone(toy, monkeypatch) -> 
             lo[name], hi[name] = -bound, bound
         return lo, hi
 
-    no_clip = AwqOptions(**{**HELD_OUT.to_dict(), "clip": False})
-    scaled = copy.deepcopy(model.model.layers[0])
-    reference = run_awq_block(scaled, groups, captured.for_layer(0), QUANT, no_clip)
     monkeypatch.setattr(block_module, "_search_clips", slivers)
     block = copy.deepcopy(model.model.layers[0])
     result = run_awq_block(block, groups, captured.for_layer(0), QUANT, HELD_OUT)
-    assert result.choice == ("scales" if reference.choice == "awq" else "rounding")
-    assert not result.clip_max and result.mse_awq <= result.mse_rtn
-    for name, param in block.named_parameters():
-        assert torch.equal(param, scaled.get_parameter(name)), name
+    assert result.choice == "rounding" and not result.clip_max and result.mse_awq == result.mse_rtn
+    assert all(torch.equal(g.scales, torch.ones_like(g.scales)) for g in result.groups)
+    reference = model.model.layers[0]
+    for name, param in block.named_parameters():  # unit scales fold to the same weights
+        assert torch.allclose(param, reference.get_parameter(name), rtol=1e-6, atol=1e-7), name
 
 
 @pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])

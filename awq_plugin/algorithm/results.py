@@ -46,8 +46,8 @@ class BlockAwqResult:
     mse_awq: float  # with what was kept (choice)
     # linear name -> fp32 [N, K/G] lower clip bound (asymmetric clip only; else -clip_max)
     clip_min: dict[str, torch.Tensor] = field(default_factory=dict)
-    # What the block kept, by its held-out error (block.CHOICES): "awq" (scales and clips),
-    # "scales" (the clips lost), "rounding" (both lost: s = 1, no clips).
+    # What the block kept, by its held-out error (block.CHOICES): "awq" (scales and clips) or
+    # "rounding" (AWQ lost: s = 1, no clips).
     choice: str = "awq"
     # How the kept weights are rounded to their grid: "nearest", or "compensated" (GPTQ's error
     # compensation, algorithm.compensate). Compensated weights cannot be re-derived from the

@@ -374,6 +374,7 @@ class InMemoryGuard:
         windows: torch.Tensor,
         keep_originals: bool,
     ) -> None:
+        model.eval()  # as run_awq runs it: no dropout in the streams
         self.layers = model.get_submodule(resolved.decoder_layers)
         self.resolved, self.quant_config = resolved, quant_config
         device = next(model.parameters()).device

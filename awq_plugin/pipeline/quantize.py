@@ -134,11 +134,7 @@ class QuantizeReport:
             lines.append("held-out block output error vs full precision: plain rounding -> what was kept")
             for b in self.blocks:
                 kept = b.get("choice", "awq")
-                mark = {
-                    "awq": "",
-                    "scales": "  (scales kept, clipping lost)",
-                    "rounding": "  (rounded: AWQ lost)",
-                }
+                mark = {"awq": "", "rounding": "  (rounded: AWQ lost)"}
                 lines.append(
                     f"  layer {b['layer']:3d}: {b['mse_rtn']:.4g} -> {b['mse_awq']:.4g}{mark.get(kept, '')}"
                 )
