@@ -310,7 +310,16 @@ class AwqConfig(HfAwqConfig):
     def __repr__(self) -> str:
         calibration = {
             k: getattr(self, k)
-            for k in ("dataset", "n_samples", "seq_len", "duo_scaling", "clip", "rounding", "template", "backend")
+            for k in (
+                "dataset",
+                "n_samples",
+                "seq_len",
+                "duo_scaling",
+                "clip",
+                "rounding",
+                "template",
+                "backend",
+            )
         }
         if isinstance(calibration["dataset"], (list, tuple)):
             calibration["dataset"] = f"<{len(calibration['dataset'])} texts>"
