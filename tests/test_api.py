@@ -109,3 +109,17 @@ def test_cli_defaults_come_from_the_calibration_settings() -> None:
         DEFAULTS.n_samples,
         DEFAULTS.seq_len,
     )
+
+
+def test_a_built_in_text_is_tokenized_once_per_tokenizer(default_model_dir) -> None:
+    """The cached stream equals a fresh tokenization, and a caller's edit never reaches the cache."""
+    from transformers import AutoTokenizer
+
+    from awq_plugin.calibration.text import load_documents, source_stream, tokenize_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    first = source_stream(tokenizer, "pydoc")
+    assert torch.equal(first, tokenize_stream(tokenizer, load_documents("pydoc")))
+    first[:10] = -1
+    again = source_stream(AutoTokenizer.from_pretrained(default_model_dir), "pydoc")
+    assert torch.equal(again, tokenize_stream(tokenizer, load_documents("pydoc")))

@@ -193,6 +193,10 @@ def with_calibration(code: str, calibration: str) -> str:
     return code
 
 
+# The whole quick start (quantize-on-load of the default model, ~110 s even at 4 x 64 tokens)
+# runs in make test-all; make test runs the same AwqConfig path on a tiny model
+# (test_transformers_integration's quantize-on-load tests), as with the Python API snippet.
+@pytest.mark.full
 @pytest.mark.parametrize("calibration", CALIBRATIONS)
 def test_transformers_quick_start(workdir: Path, calibration: str) -> None:
     pre_quantized, on_load = readme_blocks("Quick start: transformers")

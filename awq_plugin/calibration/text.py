@@ -160,6 +160,27 @@ def tokenize_stream(tokenizer: Any, docs: Sequence[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+#: Tokenized built-in sets, keyed by the set and the tokenizer's identity (class, source folder,
+#: vocabulary size, EOS id): one quantize run tokenizes its calibration text twice (calibration
+#: windows and the guard's held-out windows), and a test session does it for many runs.
+_STREAMS: dict[tuple[Any, ...], torch.Tensor] = {}
+_MAX_STREAMS = 4
+
+
+def source_stream(tokenizer: Any, source: str | Path | Sequence[str]) -> torch.Tensor:
+    """:func:`tokenize_stream` of :func:`load_documents` (``[T]``, a fresh tensor); built-in sets are
+    tokenized once per tokenizer (a tokenizer without a folder name is never cached)."""
+    name = getattr(tokenizer, "name_or_path", "")
+    if not (isinstance(source, str) and source in BUILTIN_SOURCES and isinstance(name, str) and name):
+        return tokenize_stream(tokenizer, load_documents(source))
+    key = (source, type(tokenizer).__name__, name, len(tokenizer), tokenizer.eos_token_id)
+    if key not in _STREAMS:
+        if len(_STREAMS) >= _MAX_STREAMS:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = tokenize_stream(tokenizer, load_documents(source))
+    return _STREAMS[key].clone()
+
+
 def _windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     n = stream.numel() // seq_len
     return stream[: n * seq_len].reshape(n, seq_len)  # (n_windows, seq_len)
@@ -180,7 +201,7 @@ def calibration_windows(
     """
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
-    windows = _windows(tokenize_stream(tokenizer, load_documents(source)), seq_len)
+    windows = _windows(source_stream(tokenizer, source), seq_len)
     if windows.shape[0] < n_samples:
         raise CalibrationError(
             f"calibration text {_describe(source)} gives only {windows.shape[0]} windows of {seq_len} "
@@ -199,7 +220,7 @@ def evaluation_windows(
     seq_len: int = 512,
 ) -> torch.Tensor:
     """The first ``n_windows`` consecutive windows of the text (all of them when None)."""
-    windows = _windows(tokenize_stream(tokenizer, load_documents(source)), seq_len)
+    windows = _windows(source_stream(tokenizer, source), seq_len)
     if windows.shape[0] == 0 or (n_windows is not None and windows.shape[0] < n_windows):
         raise CalibrationError(
             f"evaluation text {_describe(source)} gives {windows.shape[0]} windows of {seq_len} tokens; "

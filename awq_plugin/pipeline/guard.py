@@ -46,7 +46,7 @@ from awq_plugin.algorithm.awq import (
 from awq_plugin.algorithm.linears import fake_quantized
 from awq_plugin.algorithm.options import GUARD_MODES
 from awq_plugin.calibration.capture import CapturedInputs, capture_decoder_inputs, first_output
-from awq_plugin.calibration.text import CalibSource, load_documents, tokenize_stream
+from awq_plugin.calibration.text import CalibSource, source_stream
 from awq_plugin.errors import ConfigError
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 
@@ -179,7 +179,7 @@ def held_out_windows(
     """
     if isinstance(source, torch.Tensor) or tokenizer is None:
         return None
-    stream = tokenize_stream(tokenizer, load_documents(source))
+    stream = source_stream(tokenizer, source)
     n = stream.numel() // seq_len
     windows = stream[: n * seq_len].reshape(n, seq_len)  # (n_windows, seq_len)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
