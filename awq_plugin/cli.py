@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from awq_plugin.errors import AwqPluginError
 
@@ -184,6 +185,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from awq_plugin.format.checkpoint import read_json
+    from awq_plugin.format.convert import convert_checkpoint, describe, read_scheme, target_scheme
+
+    config = read_json(Path(args.source) / "config.json")
+    scheme = read_scheme(config)
+    target = target_scheme(scheme, args.to, config, args.gptq_format)
+    out = convert_checkpoint(
+        args.source, args.out, args.to, gptq_format=args.gptq_format, overwrite=args.overwrite
+    )
+    print(
+        f"{args.source}: {describe(scheme)} -> {out}: {describe(target)}, the same integers, scales and zeros"
+    )
+    return EXIT_OK
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -325,6 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="FILE", help="also write the run's report as JSON")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a 4-bit checkpoint in another layout (AutoAWQ, compressed-tensors, GPTQ), exactly",
+    )
+    p.add_argument(
+        "source", metavar="SRC", help="an AutoAWQ, compressed-tensors (W4A16) or GPTQ 4-bit folder"
+    )
+    p.add_argument("out", metavar="OUT", help="output folder (written atomically)")
+    p.add_argument(
+        "--to", required=True, choices=["autoawq", "compressed-tensors", "gptq"], help="target layout"
+    )
+    p.add_argument(
+        "--gptq-format",
+        choices=["gptq", "gptq_v2"],
+        help="with --to gptq: v1 ('gptq', the default for symmetric weights; stores z - 1) or 'gptq_v2' "
+        "(the default for asymmetric ones, whose zero points may be 0)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds a model")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("eval", help="perplexity of a full-precision folder or an AWQ checkpoint")
     p.add_argument("model", metavar="MODEL")

@@ -163,3 +163,18 @@ def tiny_llama_awq(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path
     model = load_fp_model(tiny_llama_fp, dtype=torch.float32)
     out = tmp_path_factory.mktemp("tiny") / "tiny-llama-awq"
     return write_packed_model(model, out, AwqQuantConfig(bits=4, group_size=64), source_dir=tiny_llama_fp)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_awq_sym(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) -> Path:
+    """``tiny_llama_fp`` rounded to symmetric int4, group 64 (every zero point 8): the form
+    GPTQ's v1 layout and stock vLLM's GPTQ path take."""
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.format.packing import write_packed_model
+    from awq_plugin.runtime.modeling import load_fp_model
+
+    model = load_fp_model(tiny_llama_fp, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama-awq-sym"
+    return write_packed_model(
+        model, out, AwqQuantConfig(bits=4, group_size=64, zero_point=False), source_dir=tiny_llama_fp
+    )
