@@ -161,9 +161,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from awq_plugin.pipeline.quantize import quantize_checkpoint
 
     _set_threads(args.threads)
+    # Another layout: quantize into a staging AutoAWQ folder beside OUT (resumable there), then
+    # convert it exactly (awq_plugin.format.convert) and drop the staging folder.
+    target = Path(args.out)
+    out = target if args.format == "autoawq" else target.with_name(f".{target.name}.autoawq")
+    if out != target:
+        from awq_plugin.fsutil import check_output_dir
+
+        check_output_dir(target, args.overwrite)
     report = quantize_checkpoint(
         args.source,
-        args.out,
+        out,
         AwqQuantConfig.from_scheme(args.scheme),
         method=args.method,
         calib=args.calib,
@@ -178,6 +186,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     print(report.render())
+    if out != target:
+        import shutil
+
+        from awq_plugin.format.convert import convert_checkpoint
+
+        convert_checkpoint(out, target, args.format, overwrite=args.overwrite)
+        shutil.rmtree(out)
+        print(f"written in the {args.format} layout (the same integers, scales and zeros) to {target}")
     if args.json:
         from awq_plugin.fsutil import atomic_write_json
 
@@ -294,6 +310,7 @@ BENCHMARKS = {
     "large-model": "awq_plugin.tools.bench_large_model",  # quantize a model 3x larger than its peak RSS
     "architectures": "awq_plugin.tools.bench_architectures",  # every transformers decoder/VLM through AWQ
     "quality": "awq_plugin.tools.bench_quality",  # AWQ vs rounding perplexity on a panel of real models
+    "peers": "awq_plugin.tools.bench_peers",  # llm-compressor's recipes on the quality panel's windows
     "block-cost": "awq_plugin.tools.bench_block_cost",  # one block's AWQ time in forward equivalents
     "soak": "awq_plugin.tools.soak",  # vllm serve under 64 concurrent clients: errors, latency, memory drift
 }
@@ -325,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheme", default="uint4_wo_128", help="uint4_wo_128 (default), uint4_wo_64, int4_wo_128, ..."
     )
     p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or plain rounding")
+    p.add_argument(
+        "--format",
+        choices=["autoawq", "compressed-tensors", "gptq"],
+        default="autoawq",
+        help="checkpoint layout: autoawq (default), compressed-tensors (llm-compressor's W4A16) or gptq",
+    )
     _add_calibration_args(p)
     _add_guard_arg(p, "write rounding instead")
     p.add_argument(

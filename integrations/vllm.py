@@ -1170,7 +1170,14 @@ def _marlin_ok(layer: Any, quant: AwqQuantConfig, group_size: int) -> bool:
 # The vLLM classes, assembled on first use
 # ---------------------------------------------------------------------------------------------
 
-_VLLM_CLASS_NAMES = ("AwqPluginConfig", "AwqPluginLinearMethod", "AwqPluginMoEMethod")
+_VLLM_CLASS_NAMES = (
+    "AwqPluginConfig",
+    "AwqPluginLinearMethod",
+    "AwqPluginMoEMethod",
+    "AwqPluginCtConfig",
+    "AwqPluginGptqConfig",
+    "AwqPluginLayoutLinearMethod",
+)
 
 
 @functools.cache
@@ -1180,11 +1187,15 @@ def _vllm_classes() -> dict[str, type]:
     from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-    def make(name: str, impl: type, base: type) -> type:
+    from awq_plugin.integrations.vllm_layouts import LAYOUT_NAMES, _LayoutConfigImpl, _LayoutLinearMethodImpl
+
+    def make(name: str, impl: type, base: type, **attrs: Any) -> type:
         # __module__/__qualname__ make the class importable by name (pickling the config
         # into vLLM's engine process resolves it through this module's __getattr__).
         return type(
-            name, (impl, base), {"__module__": __name__, "__qualname__": name, "__doc__": impl.__doc__}
+            name,
+            (impl, base),
+            {"__module__": __name__, "__qualname__": name, "__doc__": impl.__doc__, **attrs},
         )
 
     config_cls = make("AwqPluginConfig", _ConfigImpl, QuantizationConfig)
@@ -1194,7 +1205,27 @@ def _vllm_classes() -> dict[str, type]:
         make("AwqPluginLinearMethod", _LinearMethodImpl, LinearMethodBase)
     )
     moe_cls = make("AwqPluginMoEMethod", _MoEMethodImpl, FusedMoEMethodBase)
-    return {"AwqPluginConfig": config_cls, "AwqPluginLinearMethod": method_cls, "AwqPluginMoEMethod": moe_cls}
+    # compressed-tensors and GPTQ checkpoints on our kernels (awq_plugin.integrations.vllm_layouts)
+    layouts = {
+        "AwqPluginCtConfig": make(
+            "AwqPluginCtConfig",
+            _LayoutConfigImpl,
+            QuantizationConfig,
+            layout_name=LAYOUT_NAMES["compressed-tensors"],
+        ),
+        "AwqPluginGptqConfig": make(
+            "AwqPluginGptqConfig", _LayoutConfigImpl, QuantizationConfig, layout_name=LAYOUT_NAMES["gptq"]
+        ),
+        "AwqPluginLayoutLinearMethod": register_weight_loader_v2_supported_method(
+            make("AwqPluginLayoutLinearMethod", _LayoutLinearMethodImpl, LinearMethodBase)
+        ),
+    }
+    return {
+        "AwqPluginConfig": config_cls,
+        "AwqPluginLinearMethod": method_cls,
+        "AwqPluginMoEMethod": moe_cls,
+        **layouts,
+    }
 
 
 def __getattr__(name: str) -> Any:
@@ -1226,6 +1257,12 @@ def register() -> None:
         # Our own name, plus the built-in AWQ names: see BUILTIN_AWQ_NAMES for why we take them.
         for name in (PLUGIN_QUANT_NAME, *BUILTIN_AWQ_NAMES):
             register_quantization_config(name)(config_cls)
+        from awq_plugin.integrations.vllm_layouts import LAYOUT_NAMES
+
+        # compressed-tensors and GPTQ 4-bit checkpoints, claimed on the CPU only (see there)
+        classes = _vllm_classes()
+        register_quantization_config(LAYOUT_NAMES["compressed-tensors"])(classes["AwqPluginCtConfig"])
+        register_quantization_config(LAYOUT_NAMES["gptq"])(classes["AwqPluginGptqConfig"])
         _install_quantize_on_start()  # `--quantization awq` on a full-precision folder
         _registered = True
         log.info(

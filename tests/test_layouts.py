@@ -248,3 +248,17 @@ def test_convert_command(tiny_llama_awq, tmp_path, capsys) -> None:
     )
     assert cli_main(["convert", str(tiny_llama_awq), str(out), "--to", "gptq"]) == 2  # exists, no --overwrite
     assert "already" in capsys.readouterr().err
+
+
+def test_quantize_writes_the_other_layouts(tiny_llama_fp, tmp_path, capsys) -> None:
+    """``quantize --format``: the same numbers as the AutoAWQ run, in the asked layout, and no
+    staging folder left behind."""
+    common = [str(tiny_llama_fp), "--method", "rtn", "--scheme", "uint4_wo_64", "--no-progress"]
+    awq = tmp_path / "awq"
+    assert cli_main(["quantize", common[0], str(awq), *common[1:]]) == 0
+    ct = tmp_path / "ct"
+    assert cli_main(["quantize", common[0], str(ct), *common[1:], "--format", "compressed-tensors"]) == 0
+    assert "written in the compressed-tensors layout" in capsys.readouterr().out
+    assert read_scheme(json.loads((ct / "config.json").read_text())).layout == "compressed-tensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["awq", "ct"]
+    _same_tensors(awq, convert_checkpoint(ct, tmp_path / "back", "autoawq"))

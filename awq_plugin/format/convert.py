@@ -169,8 +169,9 @@ def _compressed_tensors_scheme(config: Mapping[str, Any], quant: Mapping[str, An
             "one checkpoint in the other layouts has one group size and one symmetry"
         )
     size, sym = schemes[0]
-    dtype = getattr(torch, declared_dtype(config))
-    return Scheme("compressed-tensors", size, symmetric=sym, scale_dtype=dtype)
+    return Scheme(
+        "compressed-tensors", size, symmetric=sym, scale_dtype=getattr(torch, declared_dtype(config))
+    )
 
 
 def quantized_linears(reader: SafetensorsReader, layout: str) -> list[str]:
@@ -239,9 +240,9 @@ def target_scheme(
     """The scheme written for ``to``: the source's numbers in the target layout's terms."""
     if to not in FORMATS:
         raise CheckpointError(f"--to must be one of {FORMATS}, got {to!r}")
-    scale_dtype = getattr(torch, declared_dtype(config)) if to == "compressed-tensors" else torch.float16
-    if to == "compressed-tensors" and scale_dtype == torch.float32:
-        scale_dtype = torch.float16
+    # The scales keep their dtype where the target lets them: compressed-tensors stores any
+    # (its writers use the model's); AutoAWQ and GPTQ store fp16.
+    scale_dtype = source.scale_dtype if to == "compressed-tensors" else torch.float16
     fmt = gptq_format or ("gptq" if source.symmetric else "gptq_v2")
     target = dataclasses.replace(source, layout=to, scale_dtype=scale_dtype, gptq_format=fmt)
     if to == "autoawq":
@@ -310,11 +311,14 @@ def convert_checkpoint(
     source = Path(source)
     config = read_json(source / "config.json")
     scheme = read_scheme(config)
-    target = target_scheme(scheme, to, config, gptq_format)
     reader = SafetensorsReader(source)
     linears = quantized_linears(reader, scheme.layout)
     if not linears:
         raise CheckpointError(f"{source} holds no {scheme.layout} quantized linear")
+    if scheme.layout == "compressed-tensors":  # the scales' dtype as stored (writers differ)
+        stored = reader.get_spec(f"{linears[0]}.weight_scale").dtype
+        scheme = dataclasses.replace(scheme, scale_dtype=stored)
+    target = target_scheme(scheme, to, config, gptq_format)
     if target.layout != "autoawq" and any(_linear_shape(reader, p, scheme)[0][0] % 8 for p in linears):
         raise CheckpointError("a quantized linear's output size is not a multiple of 8")
     owned = {f"{p}.{leaf}" for p in linears for leaf in LAYOUT_SUFFIXES[scheme.layout]}
