@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_vllm_plugin import SERVER_VS_REFERENCE_NATS
 
 from awq_plugin.format.convert import convert_checkpoint
 from awq_plugin.integrations.vllm_layouts import claims
@@ -159,6 +160,10 @@ def test_llmcompressor_checkpoints_on_our_kernel_match_transformers(
     for name in names:
         config = read_json(llmcompressor_checkpoints[name] / "config.json")["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    # Each checkpoint twice: on the reference kernel inside vLLM (exact dequantization: the
+    # layout's test) and on the CPU kernel this machine picks (int8 activations: its noise).
+    kernels = ("reference", "auto")
+    runs = [(n, k) for n in names for k in kernels]
     result = vllm_generate_models(
         [
             {
@@ -166,13 +171,15 @@ def test_llmcompressor_checkpoints_on_our_kernel_match_transformers(
                 "prompts": prompts,
                 "max_tokens": 10,
                 "dtype": "float32",
+                "env": {"AWQ_PLUGIN_KERNEL": k},
             }
-            for n in names
+            for n, k in runs
         ],
         tmp_path,
     )
-    assert "AwqPluginLayoutLinearMethod (compressed-tensors) using kernel" in result["log"]
-    for name, run in zip(names, result["runs"], strict=True):
+    assert "AwqPluginLayoutLinearMethod (compressed-tensors) using kernel 'reference'" in result["log"]
+    references = {}
+    for name in names:
         # The independent side: transformers' compressed-tensors loader, decompressed by the library.
         model = AutoModelForCausalLM.from_pretrained(
             llmcompressor_checkpoints[name],
@@ -180,6 +187,13 @@ def test_llmcompressor_checkpoints_on_our_kernel_match_transformers(
             quantization_config=CompressedTensorsConfig(run_compressed=False),
         )
         assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
-        reference = reference_greedy(model.eval(), prompts, 10)
-        notes = assert_same_or_near_tie(reference, run["tokens"], f"plugin, llm-compressor {name}")
-        assert len(notes) <= 1, notes
+        references[name] = reference_greedy(model.eval(), prompts, 10)
+    for (name, kernel), run in zip(runs, result["runs"], strict=True):
+        what = f"plugin ({kernel} kernel), llm-compressor {name}"
+        if kernel == "reference":
+            notes = assert_same_or_near_tie(references[name], run["tokens"], what)
+            assert len(notes) <= 1, notes
+        else:
+            # int8 activations against an fp32 dense model: flips only below the margin
+            # test_vllm_plugin measured for that pair (a layout error moves logits by whole nats).
+            assert_same_or_near_tie(references[name], run["tokens"], what, SERVER_VS_REFERENCE_NATS)

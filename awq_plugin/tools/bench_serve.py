@@ -33,6 +33,10 @@ from typing import Any
 from awq_plugin.tools.server import VllmServer
 
 IMPLS = ("plugin", "builtin_awq", "bf16")
+#: The plugin on its other CPU paths (forced with AWQ_PLUGIN_KERNEL): ask for them with --impls.
+FORCED_PATHS = {"plugin_avx2": "avx2", "plugin_portable": "portable"}
+#: Checkpoint layouts the quantized contenders read (--layout): the plugin serves both.
+LAYOUTS = ("autoawq", "compressed-tensors")
 CONCURRENCIES = (1, 16)
 MODELS = ("llama-1.1b", "default")
 PROMPT_ID_RANGE = (100, 32000)  # below the synthetic model's vocabulary of 32000
@@ -40,8 +44,10 @@ PROMPT_ID_RANGE = (100, 32000)  # below the synthetic model's vocabulary of 3200
 # What each implementation's server log must show, so a row cannot silently measure
 # another path (e.g. the plugin not loading and vLLM's built-in AWQ running instead).
 PATH_MARKERS = {
-    "plugin": "awq-plugin: AwqPluginLinearMethod using kernel",
-    "builtin_awq": "CPUWNA16LinearKernel",
+    "plugin": r"awq-plugin: AwqPlugin(Layout)?LinearMethod( \([\w-]+\))? using kernel 'cpu'",
+    "plugin_avx2": r"awq-plugin: AwqPlugin(Layout)?LinearMethod( \([\w-]+\))? using kernel 'avx2'",
+    "plugin_portable": r"awq-plugin: AwqPlugin(Layout)?LinearMethod( \([\w-]+\))? using kernel 'portable'",
+    "builtin_awq": r"CPUWNA16LinearKernel",
     "bf16": None,
 }
 
@@ -176,8 +182,9 @@ class BenchModel:
 
     name: str
     fp_dir: Path
-    awq_dir: Path
+    awq_dir: Path  # the quantized checkpoint, in ``layout``
     group_size: int
+    layout: str = "autoawq"
 
 
 def rtn_quantize(fp_dir: Path, out_dir: Path, group_size: int) -> Path:
@@ -193,8 +200,9 @@ def rtn_quantize(fp_dir: Path, out_dir: Path, group_size: int) -> Path:
     return write_packed_model(model, out_dir, quant, source_dir=fp_dir, overwrite=True)
 
 
-def prepare_model(name: str, work_dir: Path) -> BenchModel:
-    """Write (once; reused from ``work_dir`` afterwards) the fp16 and AWQ folders of a model."""
+def prepare_model(name: str, work_dir: Path, layout: str = "autoawq") -> BenchModel:
+    """Write (once; reused from ``work_dir`` afterwards) the fp16 and quantized folders of a model
+    (the quantized one in ``layout``, converted exactly from the AutoAWQ checkpoint)."""
     from awq_plugin.fsutil import holds_model
     from awq_plugin.tools.default_model import write_default_model
 
@@ -213,7 +221,14 @@ def prepare_model(name: str, work_dir: Path) -> BenchModel:
     awq_dir = work_dir / f"{name}-awq-g{group}"
     if not holds_model(awq_dir):
         rtn_quantize(fp_dir, awq_dir, group)
-    return BenchModel(name, fp_dir, awq_dir, group)
+    if layout != "autoawq":
+        from awq_plugin.format.convert import convert_checkpoint
+
+        converted = work_dir / f"{name}-{layout}-g{group}"
+        if not holds_model(converted):
+            convert_checkpoint(awq_dir, converted, layout)
+        awq_dir = converted
+    return BenchModel(name, fp_dir, awq_dir, group, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +238,11 @@ def prepare_model(name: str, work_dir: Path) -> BenchModel:
 
 def kernel_in_use(impl: str, log_text: str) -> str:
     """The linear kernel a server ran, from its log (the plugin logs its choice once)."""
-    if impl == "plugin":
-        found = re.search(r"AwqPluginLinearMethod using kernel '(\w+)'", log_text)
+    if impl.startswith("plugin"):
+        found = re.search(r"AwqPlugin(?:Layout)?LinearMethod(?: \([\w-]+\))? using kernel '(\w+)'", log_text)
         return f"awq-plugin {found.group(1)}" if found else "unknown"
     if impl == "builtin_awq":
-        found = re.search(r"Using (\w+) for AutoAWQMarlinLinearMethod", log_text)
+        found = re.search(r"Using (\w+) for (?:AutoAWQMarlinLinearMethod|CompressedTensorsWNA16)", log_text)
         return found.group(1) if found else "unknown"
     return "dense (vLLM's unquantized linear)"
 
@@ -244,10 +259,15 @@ def server_launch(
         "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": settings.threads_bind,
     }
+    # An AutoAWQ folder is named with --quantization awq, as users serve it; vLLM detects
+    # compressed-tensors from the folder's config.
+    quantized = [*args, "--quantization", "awq"] if model.layout == "autoawq" else args
     if impl == "plugin":
-        return model.awq_dir, [*args, "--quantization", "awq"], env
+        return model.awq_dir, quantized, env
+    if impl in FORCED_PATHS:
+        return model.awq_dir, quantized, {**env, "AWQ_PLUGIN_KERNEL": FORCED_PATHS[impl]}
     if impl == "builtin_awq":
-        return model.awq_dir, [*args, "--quantization", "awq"], {**env, "VLLM_PLUGINS": ""}
+        return model.awq_dir, quantized, {**env, "VLLM_PLUGINS": ""}
     if impl == "bf16":
         return model.fp_dir, args, env
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
@@ -263,7 +283,7 @@ def bench_impl(
     with VllmServer(folder, log_path, args, env=env, startup_timeout=settings.start_timeout_s) as server:
         start_s = time.perf_counter() - started
         marker = PATH_MARKERS[impl]
-        if marker is not None and marker not in server.log_text():
+        if marker is not None and not re.search(marker, server.log_text()):
             raise RuntimeError(f"{impl}: the server log lacks {marker!r}; see {log_path}")
         warm = stream_completion(server.base_url, server.model, prompts[0], 4, settings.request_timeout_s)
         rows = []
@@ -284,6 +304,7 @@ def bench_impl(
             tokens_per_request=settings.output_tokens,
             mode="eager" if settings.enforce_eager else "compile",
             group_size=model.group_size if impl != "bf16" else None,
+            layout=model.layout if impl != "bf16" else None,
         )
     return rows
 
@@ -294,7 +315,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if row["impl"] != "plugin":
             continue
-        for other in IMPLS[1:]:
+        for other in (*IMPLS[1:], *FORCED_PATHS):
             peer = by_key.get((row["model"], row["concurrency"], other))
             if peer and peer["output_tok_s"] > 0:
                 row[f"speedup_vs_{other}"] = round(row["output_tok_s"] / peer["output_tok_s"], 3)
@@ -352,7 +373,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="default model only, eager mode, short requests")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of impls")
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help=f"comma-separated subset of {', '.join((*IMPLS, *FORCED_PATHS))}",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="autoawq",
+        help="checkpoint layout of the quantized contenders (compressed-tensors: converted exactly)",
+    )
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (faster start, slower decode)")
     parser.add_argument(
         "--threads-bind",
@@ -384,11 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     prompts = random_prompts(max(4, settings.rounds * max(CONCURRENCIES)), settings.prompt_tokens)
     rows: list[dict[str, Any]] = []
     for name in models:
-        model = prepare_model(name, work_dir)
+        model = prepare_model(name, work_dir, args.layout)
         for impl in impls:
             print(f"bench serve: {name} / {impl} ...", file=sys.stderr, flush=True)
             rows += bench_impl(impl, model, settings, prompts, log_dir)
     add_ratios(rows)
+    from awq_plugin.tools.bench_block_cost import cpu_description
+
+    cpu = cpu_description()["model_name"]
+    for row in rows:
+        row["cpu"] = cpu
     print(summary(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -399,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(
             rows,
             args.png,
-            f"vllm serve on CPU ({mode}, VLLM_CPU_OMP_THREADS_BIND={settings.threads_bind}), "
+            f"vllm serve on {cpu} ({mode}, VLLM_CPU_OMP_THREADS_BIND={settings.threads_bind}, "
+            f"{args.layout} checkpoints), "
             f"{settings.prompt_tokens} prompt + {settings.output_tokens} output tokens per request",
         )
     return 0
