@@ -32,9 +32,6 @@ from awq_plugin.numerics.quant_ref import compute_scales_zeros, resolve_group_si
 DAMPING = 0.01
 #: Columns updated together before the lazy update of the rest (GPTQ's block size).
 COLUMN_BLOCK = 128
-#: The orders the columns can be rounded in: as stored, or by decreasing input energy
-#: (GPTQ's "act-order"; the grid is fixed beforehand, so groups stay contiguous as stored).
-COLUMN_ORDERS = ("natural", "activation")
 
 
 def _range_setters(w: torch.Tensor, group_size: int, zero_point: bool) -> torch.Tensor:
@@ -96,19 +93,13 @@ def compensated_rounding(
     zero_point: bool = True,
     damping: float = DAMPING,
     column_block: int = COLUMN_BLOCK,
-    order: str = "natural",
 ) -> torch.Tensor:
     """Round ``weight`` ``[N, K]`` to its group grid with GPTQ's error compensation.
 
     ``hessian`` ``[K, K]`` is ``X^T X`` of the linear's calibration inputs (any positive
-    multiple: only its shape matters). ``order`` is one of :data:`COLUMN_ORDERS`: with
-    ``"activation"`` the columns whose inputs carry the most energy (largest ``H`` diagonal)
-    are rounded first, while the most columns are still free to absorb their errors; each
-    column keeps its own group's grid. Returns fp32 weights on the grid that
+    multiple: only its shape matters). Returns fp32 weights on the grid that
     :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros` takes from ``weight``.
     """
-    if order not in COLUMN_ORDERS:
-        raise ValueError(f"order must be one of {COLUMN_ORDERS}, got {order!r}")
     w = weight.detach().float().clone()  # (N, K), rounded column by column in place
     n, k = w.shape
     g = resolve_group_size(group_size, k)
@@ -128,20 +119,12 @@ def compensated_rounding(
     if zero_point:
         _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
     free = (~setters).float()
-    col_scales = scales.repeat_interleave(g, dim=1)  # (N, K): each column's own group grid
-    col_zeros = zeros.repeat_interleave(g, dim=1)
-    hessian = hessian.to(w.device)
-    perm = None
-    if order == "activation":
-        perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)  # (K,)
-        w, free, col_scales, col_zeros = (t[:, perm] for t in (w, free, col_scales, col_zeros))
-        hessian = hessian[perm][:, perm]
-    u = _inverse_factor(hessian, damping)  # (K, K) upper
+    u = _inverse_factor(hessian.to(w.device), damping)  # (K, K) upper
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
         errors = torch.empty(n, end - start, dtype=w.dtype, device=w.device)
         for j in range(start, end):
-            s, z = col_scales[:, j], col_zeros[:, j]  # (N,)
+            s, z = scales[:, j // g], zeros[:, j // g]  # (N,)
             column = w[:, j]
             on_grid = (torch.round(column / s) + z).clamp_(q_min, q_max).sub_(z).mul_(s)
             error = (column - on_grid) / u[j, j]  # (N,)
@@ -151,6 +134,4 @@ def compensated_rounding(
             errors[:, j - start] = error
         if end < k:
             w[:, end:] -= (errors @ u[start:end, end:]) * free[:, end:]
-    if perm is not None:
-        w = w[:, torch.argsort(perm)]
     return w
