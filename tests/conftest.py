@@ -178,3 +178,34 @@ def tiny_llama_awq_sym(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: 
     return write_packed_model(
         model, out, AwqQuantConfig(bits=4, group_size=64, zero_point=False), source_dir=tiny_llama_fp
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_compensated(tmp_path_factory: pytest.TempPathFactory, tiny_llama_fp: Path) -> Path:
+    """``tiny_llama_fp`` through AWQ with compensated rounding (uint4, group 64; 32 x 64 tokens,
+    half of them held out for the per-block choices), written by the pipeline."""
+    from awq_plugin.algorithm.awq import AwqOptions
+    from awq_plugin.config import AwqQuantConfig
+    from awq_plugin.pipeline.quantize import quantize_checkpoint
+
+    # test_awq_algorithm's fast options; 128 of the 32 x 64 tokens searched, as many held out
+    options = AwqOptions(
+        n_grid=10,
+        clip_grid=10,
+        search_tokens=128,
+        clip_tokens=256,
+        micro_batch_size=4,
+        rounding="compensated",
+    )
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama-compensated"
+    quantize_checkpoint(
+        tiny_llama_fp,
+        out,
+        AwqQuantConfig(bits=4, group_size=64),
+        n_samples=32,
+        seq_len=64,
+        options=options,
+        guard="warn",  # a random model: every variant is as bad as the next on real text
+        progress=False,
+    )
+    return out

@@ -155,28 +155,19 @@ def test_compensated_results_are_not_reapplied_from_their_scales(toy) -> None:
         apply_awq_block(copy.deepcopy(model.model.layers[0]), resolved.block(0), result)
 
 
-def test_pipeline_writes_compensated_blocks_that_reload(tiny_llama_fp, tmp_path) -> None:
-    """quantize_checkpoint with rounding="compensated": each block records the rounding it kept,
-    and the checkpoint's integers are the compensated weights (read back through the loader)."""
+def test_pipeline_writes_compensated_blocks_that_reload(tiny_llama_fp, tiny_llama_compensated) -> None:
+    """quantize_checkpoint with rounding="compensated" (the fixture): each block records the
+    rounding it kept, and the checkpoint's integers are the compensated weights (read back
+    through the loader)."""
     from awq_plugin.algorithm.awq import AwqResults
     from awq_plugin.config import AwqQuantConfig
     from awq_plugin.pipeline.assemble import RESULTS_FILE
-    from awq_plugin.pipeline.quantize import quantize_checkpoint
     from awq_plugin.runtime import modeling
 
-    options = dataclasses.replace(HELD_OUT, rounding="compensated", search_tokens=128)
-    out = tmp_path / "out"
-    quantize_checkpoint(
-        tiny_llama_fp,
-        out,
-        AwqQuantConfig(bits=4, group_size=64),
-        n_samples=32,
-        seq_len=64,
-        options=options,
-        guard="warn",  # a random model: every variant is as bad as the next on real text
-        progress=False,
-    )
+    out = tiny_llama_compensated
     results = AwqResults.load(out / RESULTS_FILE)
+    options = AwqOptions.from_dict(results.options)
+    assert options.rounding == "compensated"
     assert {b.rounding for b in results.blocks} <= {"nearest", "compensated"}
     assert all(b.held_out for b in results.blocks)
     assert any(b.rounding == "compensated" for b in results.blocks)

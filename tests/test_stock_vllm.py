@@ -14,19 +14,25 @@ NEW_TOKENS = 12
 
 
 def test_stock_vllm_serves_our_checkpoints_like_the_reference(
-    vllm_launch: None, tiny_llama_awq: Path, tiny_llama_awq_sym: Path, tmp_path: Path
+    vllm_launch: None,
+    tiny_llama_awq: Path,
+    tiny_llama_awq_sym: Path,
+    tiny_llama_compensated: Path,
+    tmp_path: Path,
 ) -> None:
-    """Our AutoAWQ checkpoint, its compressed-tensors conversion (asymmetric) and a GPTQ v1
-    conversion (symmetric: vLLM's GPTQ takes no other), each through vLLM's own path for the
-    layout: the same greedy tokens as the AutoAWQ source's reference model."""
+    """Our AutoAWQ checkpoints (nearest and compensated rounding), a compressed-tensors
+    conversion (asymmetric) and a GPTQ v1 conversion (symmetric: vLLM's GPTQ takes no other),
+    each through vLLM's own path for the layout: the same greedy tokens as the AutoAWQ
+    source's reference model."""
     ct = convert_checkpoint(tiny_llama_awq, tmp_path / "ct", "compressed-tensors")
     gptq = convert_checkpoint(tiny_llama_awq_sym, tmp_path / "gptq", "gptq")
     references = {
         source: reference_greedy(modeling.load_awq_model(source, backend="reference"), PROMPTS, NEW_TOKENS)
-        for source in (tiny_llama_awq, tiny_llama_awq_sym)
+        for source in (tiny_llama_awq, tiny_llama_awq_sym, tiny_llama_compensated)
     }
     runs = [("AutoAWQ", tiny_llama_awq, tiny_llama_awq), ("compressed-tensors", ct, tiny_llama_awq)]
     runs.append(("GPTQ", gptq, tiny_llama_awq_sym))
+    runs.append(("AutoAWQ, compensated rounding", tiny_llama_compensated, tiny_llama_compensated))
     result = vllm_generate_models(
         # fp16 activations (10 significant bits) keep vLLM's rounding far below the logit gaps of
         # this random model; in bf16 its near-uniform logits produce more near ties.
