@@ -13,8 +13,7 @@ layout and repacked for the kernel, exactly as an AWQ layer is.
 
 Everything else goes to vLLM's own config for the checkpoint (``CompressedTensorsConfig`` or
 ``AutoGPTQConfig``), with one log line naming it: layers of other schemes (8-bit, FP8,
-activation quantization), GPTQ layers with act-order across groups (a ``g_idx`` that is not
-contiguous), MoE experts, and every layer on GPUs (where vLLM's Marlin serves these layouts).
+activation quantization), MoE experts, and every layer on GPUs (where vLLM's Marlin serves these layouts).
 ``VLLM_PLUGINS=""`` restores vLLM's own handling throughout.
 """
 
@@ -43,13 +42,17 @@ def _log_once(key: str, message: str, *args: Any) -> None:
 
 def claims(hf_quant_cfg: dict[str, Any], user_quant: str | None, on_cpu: bool) -> str | None:
     """Our config name for a checkpoint vLLM is about to load, or None to leave it to vLLM:
-    a pure function (tested per case). Claims 4-bit GPTQ and compressed-tensors checkpoints
-    that have a pack-quantized group, on the CPU only."""
+    a pure function (tested per case). Claims 4-bit GPTQ checkpoints (not act-order across
+    groups: ``desc_act`` without ``static_groups``) and compressed-tensors checkpoints that
+    have a 4-bit pack-quantized group, on the CPU only."""
     method = str(hf_quant_cfg.get("quant_method", "")).lower()
     if not on_cpu or method not in LAYOUT_NAMES or user_quant not in _CLAIMABLE[method]:
         return None
     if method == "gptq":
-        return LAYOUT_NAMES[method] if hf_quant_cfg.get("bits") == 4 else None
+        # act-order without static groups permutes input channels across groups (a g_idx
+        # that is not contiguous): vLLM's own GPTQ path serves that, not ours
+        act_order = bool(hf_quant_cfg.get("desc_act")) and not hf_quant_cfg.get("static_groups")
+        return LAYOUT_NAMES[method] if hf_quant_cfg.get("bits") == 4 and not act_order else None
     groups = hf_quant_cfg.get("config_groups") or {}
     top = hf_quant_cfg.get("format")
     for group in groups.values():

@@ -54,6 +54,13 @@ W4A16 = {
         ({"quant_method": "gptq", "bits": 4}, None, True, "awq_plugin_gptq"),
         ({"quant_method": "gptq", "bits": 4}, "gptq_marlin", True, "awq_plugin_gptq"),
         ({"quant_method": "gptq", "bits": 8}, None, True, None),
+        ({"quant_method": "gptq", "bits": 4, "desc_act": True}, None, True, None),  # g_idx permuted
+        (
+            {"quant_method": "gptq", "bits": 4, "desc_act": True, "static_groups": True},
+            None,
+            True,
+            "awq_plugin_gptq",
+        ),
         ({"quant_method": "awq", "bits": 4}, None, True, None),  # AutoAWQ is the other config's
     ],
 )
