@@ -796,24 +796,8 @@ class _LinearMethodImpl:
         if self.delegate is not None:
             self.delegate.process_weights_after_loading(layer)
             return
-        from vllm.model_executor.layers.quantization.utils import replace_parameter
-
-        from awq_plugin.kernels import prepare_awq_weight
-
-        weight = prepare_awq_weight(
-            layer.qweight.data,
-            layer.qzeros.data,
-            layer.scales.data,
-            layer.awq_group_size,
-            backend=self.kernel,
-        )
-        # Swap the checkpoint tensors for the kernel's layout (repacked once, here), and keep
-        # the weight object pointing at the registered parameters for apply().
-        replace_parameter(layer, "qweight", weight.qweight)
-        replace_parameter(layer, "qzeros", weight.qzeros)
-        replace_parameter(layer, "scales", weight.scales)
-        layer.awq_weight = dataclasses.replace(
-            weight, qweight=layer.qweight, qzeros=layer.qzeros, scales=layer.scales
+        install_kernel_weight(
+            layer, layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.awq_group_size, self.kernel
         )
 
     def apply(self, layer: Any, x: Any, bias: Any = None) -> Any:
@@ -822,6 +806,28 @@ class _LinearMethodImpl:
         from awq_plugin.kernels import awq_linear
 
         return awq_linear(x, layer.awq_weight, bias)  # x (..., K) -> (..., N) in x's dtype
+
+
+def install_kernel_weight(
+    layer: Any, qweight: Any, qzeros: Any, scales: Any, group_size: int, kernel: str | None
+) -> None:
+    """Repack one linear's AutoAWQ tensors for ``kernel`` (once, after loading) and keep them as
+    the layer's ``qweight``/``qzeros``/``scales`` parameters, replacing what the checkpoint
+    loaded under those names; ``layer.awq_weight`` points at them for ``apply()``."""
+    import torch
+    from vllm.model_executor.layers.quantization.utils import replace_parameter
+
+    from awq_plugin.kernels import prepare_awq_weight
+
+    weight = prepare_awq_weight(qweight, qzeros, scales, group_size, backend=kernel)
+    for name, tensor in (("qweight", weight.qweight), ("qzeros", weight.qzeros), ("scales", weight.scales)):
+        if name in layer._parameters:
+            replace_parameter(layer, name, tensor)
+        else:
+            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    layer.awq_weight = dataclasses.replace(
+        weight, qweight=layer.qweight, qzeros=layer.qzeros, scales=layer.scales
+    )
 
 
 class _MoEMethodImpl:

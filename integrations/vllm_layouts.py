@@ -251,11 +251,9 @@ class _LayoutLinearMethodImpl:
         if self.kernel == "native":
             self.native_method.process_weights_after_loading(layer)
             return
-        import dataclasses
-
         import torch
 
-        from awq_plugin.kernels import prepare_awq_weight
+        from awq_plugin.integrations.vllm import install_kernel_weight
         from awq_plugin.numerics import layouts
         from awq_plugin.numerics.pack import pack
         from awq_plugin.numerics.quant_ref import GroupQuantized
@@ -272,7 +270,9 @@ class _LayoutLinearMethodImpl:
                     torch.tensor([n, k], dtype=torch.int64),
                 )
             )
-            names = ["weight_packed", "weight_scale", "weight_zero_point", "weight_shape"]
+            for name in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
+                if hasattr(layer, name):
+                    delattr(layer, name)
         else:
             gq = layouts.unpack_gptq(
                 layouts.GptqPacked(
@@ -280,20 +280,10 @@ class _LayoutLinearMethodImpl:
                 ),
                 self.spec["format"],
             )
-            names = ["qweight", "qzeros", "scales", "g_idx"]
+            delattr(layer, "g_idx")
         # One group per row for the channel strategy: the kernel takes it as a group of all K.
-        gq = GroupQuantized(gq.q, gq.scales.to(torch.float16), gq.zeros, 4, g)
-        packed = pack(gq)
-        weight = prepare_awq_weight(packed.qweight, packed.qzeros, packed.scales, g, backend=self.kernel)
-        for name in names:
-            if hasattr(layer, name):
-                delattr(layer, name)
-        replace = {"awq_qweight": weight.qweight, "awq_qzeros": weight.qzeros, "awq_scales": weight.scales}
-        for name, tensor in replace.items():
-            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-        layer.awq_weight = dataclasses.replace(
-            weight, qweight=layer.awq_qweight, qzeros=layer.awq_qzeros, scales=layer.awq_scales
-        )
+        packed = pack(GroupQuantized(gq.q, gq.scales.to(torch.float16), gq.zeros, 4, g))
+        install_kernel_weight(layer, packed.qweight, packed.qzeros, packed.scales, g, self.kernel)
 
     def apply(self, layer: Any, x: Any, bias: Any = None) -> Any:
         if self.kernel == "native":
