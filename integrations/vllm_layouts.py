@@ -169,9 +169,7 @@ class _LayoutConfigImpl:
             return {"group_size": scheme.group_size, "symmetric": bool(scheme.symmetric)}
         from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQLinearMethod
 
-        if not isinstance(native_method, AutoGPTQLinearMethod) and not getattr(
-            self.native, "asymmetric", False
-        ):
+        if not isinstance(native_method, AutoGPTQLinearMethod):
             return None  # a layer the checkpoint keeps in full precision (vLLM's own decision)
         return {
             "group_size": int(self.raw["group_size"]),
@@ -188,13 +186,9 @@ def _class_for(layout: str) -> Any:
 
 def _gptq_native(config_cls: Any, config: dict[str, Any]) -> Any:
     """vLLM's GPTQ config for the checkpoint; for asymmetric 4-bit GPTQ, which vLLM 0.32 refuses,
-    the same config built as if symmetric (it then decides only which layers are quantized) and
-    marked so that every linear it quantizes comes to us."""
-    if config.get("sym", True):
-        return config_cls.from_config(config)
-    native = config_cls.from_config({**config, "sym": True})
-    native.asymmetric = True
-    return native
+    the same config built as if symmetric: it then only decides which layers are quantized
+    (every one it quantizes comes to us, and we read the zero points)."""
+    return config_cls.from_config(config if config.get("sym", True) else {**config, "sym": True})
 
 
 class _LayoutLinearMethodImpl:
