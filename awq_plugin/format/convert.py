@@ -4,8 +4,8 @@ All three store the same numbers (``w = (q - z) * s`` over contiguous groups of 
 channels), so a conversion is exact: every quantized linear is unpacked to its integers,
 scales and zeros and packed again in the target layout (:mod:`awq_plugin.numerics.layouts`,
 :mod:`awq_plugin.numerics.pack`); every other tensor is copied as it is. Where the target
-cannot hold the numbers exactly, the conversion is refused with the reason, before anything
-is written:
+cannot hold the numbers exactly, the conversion is refused with the reason, and nothing
+is left at the output (it is written in a staging folder, removed on error):
 
 - a GPTQ source whose ``g_idx`` is not contiguous (act-order without static groups);
 - scales that the target's dtype does not hold exactly (compressed-tensors stores them in
@@ -344,15 +344,10 @@ def convert_checkpoint(
             try:
                 converted[prefix] = write_linear(read_linear(reader, prefix, scheme), target)
             except ValueError as exc:
-                raise CheckpointError(f"{prefix}: {exc}") from None
+                # The staging folder goes with the error: OUT is never half written.
+                raise CheckpointError(f"{prefix}: {exc}; nothing was written") from None
         return converted[prefix][leaf]
 
-    # Every linear is checked before the output folder is created: a refusal writes nothing.
-    for prefix in linears:
-        try:
-            write_linear(read_linear(reader, prefix, scheme), target)
-        except ValueError as exc:
-            raise CheckpointError(f"{prefix}: {exc}; nothing was written") from None
     with atomic_output_dir(Path(out), overwrite=overwrite) as staging:
         write_sharded(staging, sources, load, specs)
         _write_config(config, staging, target, linears)
