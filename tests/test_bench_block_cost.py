@@ -48,12 +48,15 @@ def test_summary_charges_phases_against_the_chosen_floor() -> None:
     assert bench.thread_speedup([run]) is None
 
 
-@pytest.mark.parametrize("search_dtype", ["float32", "bfloat16"])
-def test_tiny_block_run_writes_consistent_json_and_a_png(tmp_path: Path, search_dtype: str) -> None:
+@pytest.mark.parametrize(("search_dtype", "guard_windows"), [("float32", 0), ("bfloat16", 2)])
+def test_tiny_block_run_writes_consistent_json_and_a_png(
+    tmp_path: Path, search_dtype: str, guard_windows: int
+) -> None:
     out, png = tmp_path / "cost.json", tmp_path / "cost.png"
     options = {"n_grid": 4, "clip_grid": 4, "search_dtype": search_dtype}
     argv = ["--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "64"]
     argv += ["--n-samples", "4", "--seq-len", "16", "--scheme", "uint4_wo_32", "--threads", "1"]
+    argv += ["--guard-windows", str(guard_windows)]
     argv += ["--options", json.dumps(options), "--json", str(out), "--png", str(png)]
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
@@ -65,6 +68,7 @@ def test_tiny_block_run_writes_consistent_json_and_a_png(tmp_path: Path, search_
     names = [p["phase"] for p in run["phases"]]
     for expected in ("verify folds", "record forward", "search self_attn", "search mlp", "clip search"):
         assert expected in names
+    assert ("guard windows" in names) == bool(guard_windows) and result["guard_windows"] == guard_windows
     assert run["unaccounted_seconds"] >= -1e-3  # the phases do not overlap
     assert run["mse_awq"] <= run["mse_rtn"]
     assert png.stat().st_size > 0

@@ -18,7 +18,13 @@ from awq_plugin.calibration.capture import capture_decoder_inputs
 from awq_plugin.errors import TemplateError
 from awq_plugin.runtime.modeling import decode_special_floats, hf_config_from_dict
 from awq_plugin.templates import resolve_template
-from awq_plugin.templates.verify import FOLD_TOLERANCE, check_block_folds, verify_block_folds
+from awq_plugin.calibration.capture import BlockInputs
+from awq_plugin.templates.verify import (
+    FOLD_TOLERANCE,
+    check_block_folds,
+    verify_block_folds,
+    verify_block_folds_at_once,
+)
 
 torch.set_num_threads(1)
 
@@ -63,6 +69,71 @@ def test_every_shipped_fold_is_proven_exact(model_type: str) -> None:
         assert all(c.observed for c in checks if "experts" not in c.group), checks
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_at_once_check_on_one_sequence_passes_every_shipped_family(
+    model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold proof's fast path: one sequence of the first micro-batch, and it is what ran."""
+    import awq_plugin.templates.verify as verify
+
+    model = make_tiny_model(model_type)
+    resolved = resolve_template(model)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    seen: list[int] = []
+    real = verify._folds_hold_at_once
+
+    def spy(block, template, inputs, seed, max_batches):  # noqa: ANN001, ANN202
+        seen.append(inputs.hidden_states[0].shape[0])
+        return real(block, template, inputs, seed, max_batches)
+
+    monkeypatch.setattr(verify, "_folds_hold_at_once", spy)
+    for i, block in enumerate(layers):
+        verify_block_folds_at_once(block, resolved.block(i), captured.for_layer(i), max_batches=1)
+    expected = [2] if resolved.block(0).experts else [1]  # MoE blocks run the whole micro-batch
+    assert seen == expected * len(layers)
+
+
+def test_first_sequence_cuts_the_batch_dimension_only() -> None:
+    hidden = torch.randn(3, 5, 8)
+    rotary = (torch.randn(3, 5, 4), torch.randn(3, 5, 4))
+    kwargs = {
+        "position_embeddings": rotary,
+        "cache_position": torch.arange(3),
+        "position_ids": torch.zeros(1, 5),
+    }
+    one = BlockInputs([hidden, hidden], [kwargs, kwargs]).first_sequence()
+    assert one is not None and len(one.hidden_states) == 1
+    assert torch.equal(one.hidden_states[0], hidden[:1])
+    assert torch.equal(one.kwargs[0]["position_embeddings"][1], rotary[1][:1])
+    assert one.kwargs[0]["cache_position"].shape == (3,)  # one dimension: not a batch
+    assert one.kwargs[0]["position_ids"].shape == (1, 5)
+    assert BlockInputs([hidden[:1]], [kwargs]).first_sequence() is None
+
+
+def test_a_keyword_the_cut_gets_wrong_falls_back_to_the_whole_micro_batch() -> None:
+    """A [batch, ...]-looking keyword that is not batched makes the cut block fail: the check
+    must then run on the whole micro-batch and pass, not refuse a correct template."""
+    model = make_tiny_model("llama")
+    resolved = resolve_template(model)
+    layers, captured = block_inputs(model, resolved.decoder_layers)
+    inputs = captured.for_layer(0)
+    cos, sin = inputs.kwargs[0]["position_embeddings"]
+    shared = (cos[:1].expand(2, -1, -1), sin[:1].expand(2, -1, -1))  # [2, T, D] with T != 2
+    kwargs = {**inputs.kwargs[0], "position_embeddings": shared}
+    block = layers[0]
+    original_forward = block.forward
+
+    def strict(hidden_states, **kw):  # noqa: ANN001, ANN003, ANN202
+        if kw["position_embeddings"][0].shape[0] != 2:
+            raise RuntimeError("rotary table cut to the wrong batch")
+        return original_forward(hidden_states, **kw)
+
+    block.forward = strict
+    verify_block_folds_at_once(
+        block, resolved.block(0), BlockInputs(inputs.hidden_states[:1], [kwargs]), max_batches=1
+    )
+
+
 def test_llama_template_renamed_for_bitnet_is_refused_naming_the_group() -> None:
     """BitNet normalises between v_proj and o_proj (attn_sub_norm) and before down_proj."""
     model = make_model("bitnet")
@@ -80,6 +151,10 @@ def test_llama_template_renamed_for_bitnet_is_refused_naming_the_group() -> None
         verify_block_folds(layers[0], resolved.block(0), captured.for_layer(0), "'bitnet-from-llama'")
     with pytest.raises(TemplateError, match=r"^'bitnet-from-llama': scaling group"):
         verify_block_folds(
+            layers[0], resolved.block(0), captured.for_layer(0), "'bitnet-from-llama'", max_batches=1
+        )
+    with pytest.raises(TemplateError, match=r"'self_attn\.v_proj -> self_attn\.o_proj' of decoder layer 0"):
+        verify_block_folds_at_once(
             layers[0], resolved.block(0), captured.for_layer(0), "'bitnet-from-llama'", max_batches=1
         )
 

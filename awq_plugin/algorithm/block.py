@@ -43,6 +43,7 @@ from awq_plugin.algorithm.results import BlockAwqResult, GroupScaleResult
 from awq_plugin.algorithm.search import (
     ScaleSearchResult,
     search_best_scale,
+    replaced_weights,
     token_loss_weights,
     weighted_output_mse,
 )
@@ -91,22 +92,38 @@ class BlockForwards:
     branch in ``dtype`` (fp32 accumulation), while the hidden states, the residual stream and
     the norms stay fp32, so rounding touches each branch's output, never the accumulated stream.
     The weights are the block's own fp32 ones (fake-quantized, scaled or clipped as the block
-    holds them at that moment), cast once per autocast context.
+    holds them at that moment). Autocast casts a float32 weight on every call, so the passes
+    over many micro-batches (:meth:`lowered`) first give the linears ``names`` a copy in
+    ``dtype``: the same products, one cast per pass instead of one per micro-batch.
     """
 
-    def __init__(self, block: nn.Module, inputs: BlockInputs, dtype: torch.dtype) -> None:
+    def __init__(
+        self, block: nn.Module, inputs: BlockInputs, dtype: torch.dtype, names: Sequence[str] = ()
+    ) -> None:
         self.block = block
         self.inputs = inputs
         self.dtype = dtype
+        self.names = list(names)
 
     def autocast(self) -> AbstractContextManager[object]:
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(_device_of(self.block).type, dtype=self.dtype)
 
+    @contextmanager
+    def lowered(self) -> Iterator[None]:
+        """Autocast, with the linears ``names`` holding ``dtype`` copies of their weights as they
+        stand now (the float32 ones come back on exit)."""
+        if self.dtype == torch.float32:
+            yield
+            return
+        linears = [self.block.get_submodule(n) for n in self.names]
+        with self.autocast(), replaced_weights(linears, [lin.weight.data.to(self.dtype) for lin in linears]):
+            yield
+
     def forward(self, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
         """The block's outputs (all micro-batches, or ``batches``), computed so, in fp32."""
-        with self.autocast():
+        with self.lowered():
             return [out.float() for out in forward_block(self.block, self.inputs, batches)]
 
 
@@ -120,7 +137,7 @@ def _record_forward(
     autocast (it writes a lower-precision result into a float32 tensor, say) runs every forward
     in float32 instead, with a warning. Returns what was recorded and the forwards used."""
     try:
-        with forwards.autocast():
+        with forwards.lowered():
             recorded = recorder().run(forwards.inputs)
     except RuntimeError as exc:
         if forwards.dtype == torch.float32:
@@ -131,7 +148,7 @@ def _record_forward(
             str(forwards.dtype).removeprefix("torch."),
             str(exc).splitlines()[0],
         )
-        forwards = BlockForwards(forwards.block, forwards.inputs, torch.float32)
+        forwards = BlockForwards(forwards.block, forwards.inputs, torch.float32, forwards.names)
         for routed in experts.values():
             routed.reset_token_counts()
         recorded = recorder().run(forwards.inputs)
@@ -216,8 +233,10 @@ def awq_block_step(
         inputs = inputs.to(torch.float32)
         # The forwards (recording, candidates, block errors) run their matmuls in the search dtype;
         # statistics, losses and every weight the search writes are fp32.
-        forwards = BlockForwards(block, inputs, resolve_search_dtype(options.search_dtype, _device_of(block)))
         names = quantized_linear_names(block, groups, quant_config)
+        forwards = BlockForwards(
+            block, inputs, resolve_search_dtype(options.search_dtype, _device_of(block)), names
+        )
         original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
         clip_names = (
             [n for n in names if n not in groups.clip_skip or options.clip_qk] if options.clip else []

@@ -87,6 +87,24 @@ class BlockInputs:
         """The same kwargs with new hidden states (e.g. the previous block's outputs)."""
         return BlockInputs(hidden_states=list(hidden_states), kwargs=self.kwargs)
 
+    def first_sequence(self) -> BlockInputs | None:
+        """Micro-batch 0 cut to its first sequence (None when it holds only one).
+
+        Every keyword tensor of two or more dimensions whose first one is the batch size is
+        cut with it (masks, rotary tables); the rest is kept whole. A tensor whose first
+        dimension only happens to equal the batch size is cut too, so callers must treat the
+        result as a cheap first try that may fail, never as the only evidence.
+        """
+        hidden = self.hidden_states[0]
+        batch = hidden.shape[0]
+        if batch < 2:
+            return None
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:1] if t.dim() >= 2 and t.shape[0] == batch else t
+
+        return BlockInputs(hidden_states=[hidden[:1]], kwargs=[_map_tensors(self.kwargs[0], cut)])
+
     def to(self, dtype: torch.dtype) -> BlockInputs:
         """Cast floating tensors (hidden states, rotary tables, masks) to ``dtype``."""
         return BlockInputs(
@@ -473,7 +491,11 @@ class InputRecorder:
         x2d = x.reshape(-1, x.shape[-1])  # (B*T, K), or (n_routed, K) inside an expert
         positions = self.row_positions(name) if self.row_positions is not None else None
         if name in self.stat_names:
-            total = self._shared_result("abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float64))
+            # Summed in fp32 within the micro-batch (a few thousand rows: ~1e-6 relative; fp64
+            # reductions cost 2-3x more), accumulated in fp64 across micro-batches.
+            total = self._shared_result(
+                "abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float32).double()
+            )
             rec.abs_sum[name] = rec.abs_sum[name] + total if name in rec.abs_sum else total.clone()
             rec.count[name] = rec.count.get(name, 0) + x2d.shape[0]
         if (name in self.gram_names or name in self.hessian_names) and m not in self.plan.holdout_batches:

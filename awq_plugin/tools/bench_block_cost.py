@@ -9,9 +9,12 @@ model's bf16), then per thread count:
 
 1. times one forward of the block over all calibration tokens in bf16 and in fp32 (the floors,
    micro-batched like the search), after one warm-up micro-batch;
-2. times :func:`awq_plugin.algorithm.block.awq_block_step` on a fresh copy of the block, with
-   the step's own phase markers (:mod:`awq_plugin.algorithm.phases`);
-3. reports FE = AWQ seconds / the ``--floor-dtype`` forward's seconds, per phase too.
+2. times what the pipeline spends on the block: :func:`awq_plugin.algorithm.block.awq_block_step`
+   on a fresh float32 copy of it (the pipeline reads each block in float32), with the step's own
+   phase markers (:mod:`awq_plugin.algorithm.phases`), and the end-to-end guard's two passes of
+   its held-out windows through the block (as plain rounding before the step, as written after
+   it; ``--guard-windows 0``: no guard);
+3. reports FE = those seconds / the ``--floor-dtype`` forward's seconds, per phase too.
 
 It prints one JSON object (CPU model and flags, shape, tokens, options, per-run seconds, FE,
 phases, and the speed-up between the first two thread counts) and draws the phases as bars.
@@ -36,6 +39,8 @@ from typing import Any
 
 # The Llama-3-8B block: hidden 4096, SwiGLU 14336, 32 query heads of 128 over 8 KV heads.
 LLAMA3_8B_SHAPE = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8}
+# The pipeline's default: the guard's windows are part of every block's cost.
+GUARD_WINDOWS = 8
 SUB_PHASE = "/"  # "search mlp/forwards" is part of "search mlp": totals skip such names
 
 
@@ -115,8 +120,9 @@ def thread_speedup(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def build_block(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """(model with one decoder layer in bf16, its resolved template, the layer's BlockInputs)."""
+def build_block(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(model with one decoder layer in bf16, its resolved template, the layer's BlockInputs, the
+    guard's streams of ``args.guard_windows`` random windows, or None)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -141,7 +147,20 @@ def build_block(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     )
     layers = model.model.layers
     captured = capture_decoder_inputs(model, layers, ids, args.micro_batch_size)
-    return model, resolve_template(model).block(0), captured.for_layer(0)
+    streams = None
+    if args.guard_windows:
+        from awq_plugin.pipeline.guard import GuardStreams
+
+        windows = torch.randint(
+            0,
+            args.vocab,
+            (args.guard_windows, args.seq_len),
+            generator=torch.Generator().manual_seed(args.seed + 1),
+        )
+        # one window per micro-batch and float32 hidden states, as the pipeline's streams
+        streams = GuardStreams(windows, capture_decoder_inputs(model.float(), layers, windows, 1))
+        model.to(torch.bfloat16)
+    return model, resolve_template(model).block(0), captured.for_layer(0), streams
 
 
 def time_forward(block: Any, inputs: Any, dtype: Any) -> float:
@@ -160,20 +179,36 @@ def time_forward(block: Any, inputs: Any, dtype: Any) -> float:
 
 
 def run_one(
-    threads: int, block: Any, groups: Any, inputs: Any, quant: Any, options: Any, floor_dtype: str
+    threads: int,
+    block: Any,
+    groups: Any,
+    inputs: Any,
+    quant: Any,
+    options: Any,
+    floor_dtype: str,
+    streams: Any = None,
 ) -> dict[str, Any]:
-    """Floors and one AWQ step (on a copy of ``block``) with ``threads`` intra-op threads."""
+    """Floors and one block's AWQ (a float32 copy of ``block``; with the guard's ``streams``
+    when given) with ``threads`` intra-op threads."""
     import torch
 
     from awq_plugin.algorithm.block import awq_block_step
-    from awq_plugin.algorithm.phases import recording_phases
+    from awq_plugin.algorithm.linears import quantized_linear_names
+    from awq_plugin.algorithm.phases import phase, recording_phases
 
     torch.set_num_threads(threads)
     floors = {name: time_forward(block, inputs, getattr(torch, name)) for name in ("bfloat16", "float32")}
-    work = copy.deepcopy(block)
+    work = copy.deepcopy(block).float()
+    names = quantized_linear_names(work, groups, quant)
     with recording_phases() as phases:
         started = time.perf_counter()
+        if streams is not None:
+            with phase("guard windows"):
+                streams.advance("rtn", 0, work, names, quant)
         result, _ = awq_block_step(work, groups, inputs, quant, options)
+        if streams is not None:
+            with phase("guard windows"):
+                streams.advance("awq", 0, work, names, quant)
         awq_seconds = time.perf_counter() - started
     run = summarize_run(threads, floors, awq_seconds, phases, floor_dtype)
     run["mse_rtn"], run["mse_awq"] = result.mse_rtn, result.mse_awq
@@ -246,6 +281,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--options", default="{}", help="AwqOptions overrides as JSON (default: the defaults)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and token ids")
+    p.add_argument(
+        "--guard-windows",
+        type=int,
+        default=GUARD_WINDOWS,
+        help=f"held-out windows the end-to-end guard streams through the block (default {GUARD_WINDOWS}; 0: none)",
+    )
     p.add_argument("--json", metavar="OUT", help="also write the JSON object to this file")
     p.add_argument("--png", metavar="OUT", help="draw the phases to this PNG")
     args = p.parse_args(argv)
@@ -268,12 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bench block-cost: building the block and its {args.n_samples} x {args.seq_len} inputs",
         file=sys.stderr,
     )
-    model, groups, inputs = build_block(args)
+    model, groups, inputs, streams = build_block(args)
     block = model.model.layers[0]
     runs = []
     for threads in args.thread_counts:
         print(f"bench block-cost: {threads} thread(s) ...", file=sys.stderr)
-        runs.append(run_one(threads, block, groups, inputs, quant, args.awq_options, args.floor_dtype))
+        runs.append(
+            run_one(threads, block, groups, inputs, quant, args.awq_options, args.floor_dtype, streams)
+        )
         print(
             json.dumps({k: runs[-1][k] for k in ("threads", "floor_seconds", "awq_seconds", "fe")}),
             file=sys.stderr,
@@ -291,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scheme": quant.scheme,
         "options": args.awq_options.to_dict(),
         "floor_dtype": args.floor_dtype,
+        "guard_windows": args.guard_windows,
         "runs": runs,
         "speedup": thread_speedup(runs),
         "cpu_count": os.cpu_count(),
