@@ -23,6 +23,7 @@ from awq_plugin.algorithm.awq import (
     quantized_decoder_linears,
     run_awq,
 )
+from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.precision import keeping_full_precision_listed
 from awq_plugin.calibration.settings import DEFAULTS
 from awq_plugin.calibration.text import CalibSource, calibration_ids, evaluation_windows
@@ -216,7 +217,8 @@ def _in_memory_guard(
             "end-to-end check skipped: the calibration (token ids, or no text left over) has no held-out windows"
         )
         return None
-    return InMemoryGuard(model, resolved, quant, held, keep_originals=guard == "fallback")
+    dtype = resolve_search_dtype(options.search_dtype, next(model.parameters()).device)
+    return InMemoryGuard(model, resolved, quant, held, keep_originals=guard == "fallback", dtype=dtype)
 
 
 def fake_quantize_model(

@@ -14,11 +14,10 @@ import torch
 from test_templates import FAMILIES, llama_template, make_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from awq_plugin.calibration.capture import capture_decoder_inputs
+from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs
 from awq_plugin.errors import TemplateError
 from awq_plugin.runtime.modeling import decode_special_floats, hf_config_from_dict
 from awq_plugin.templates import resolve_template
-from awq_plugin.calibration.capture import BlockInputs
 from awq_plugin.templates.verify import (
     FOLD_TOLERANCE,
     check_block_folds,
@@ -82,7 +81,7 @@ def test_at_once_check_on_one_sequence_passes_every_shipped_family(
     seen: list[int] = []
     real = verify._folds_hold_at_once
 
-    def spy(block, template, inputs, seed, max_batches):  # noqa: ANN001, ANN202
+    def spy(block, template, inputs, seed, max_batches):
         seen.append(inputs.hidden_states[0].shape[0])
         return real(block, template, inputs, seed, max_batches)
 
@@ -123,7 +122,7 @@ def test_a_keyword_the_cut_gets_wrong_falls_back_to_the_whole_micro_batch() -> N
     block = layers[0]
     original_forward = block.forward
 
-    def strict(hidden_states, **kw):  # noqa: ANN001, ANN003, ANN202
+    def strict(hidden_states, **kw):
         if kw["position_embeddings"][0].shape[0] != 2:
             raise RuntimeError("rotary table cut to the wrong batch")
         return original_forward(hidden_states, **kw)

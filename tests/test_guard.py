@@ -125,7 +125,9 @@ def test_held_out_windows_are_the_calibration_draws_unused_windows() -> None:
     assert held_out_windows(None, torch.zeros(2, 4, dtype=torch.long), 2, 4, 0) is None
 
 
-def _quantize(source, out, **kwargs):
+def _quantize(source, out, search_dtype: str = "float32", **kwargs):
+    """The pipeline on ``source``; float32 forwards unless asked (the exact comparisons need them,
+    and "auto" would make the verdicts depend on the CPU's bf16 units)."""
     from awq_plugin.config import AwqQuantConfig
     from awq_plugin.pipeline.quantize import quantize_checkpoint
 
@@ -135,7 +137,7 @@ def _quantize(source, out, **kwargs):
         AwqQuantConfig(bits=4, group_size=64),
         n_samples=4,
         seq_len=64,
-        options=dataclasses.replace(FAST, clip=False),
+        options=dataclasses.replace(FAST, clip=False, search_dtype=search_dtype),
         progress=False,
         **kwargs,
     )
@@ -196,6 +198,18 @@ def test_streamed_guard_equals_the_whole_model_comparison(tiny_llama_fp, tmp_pat
     assert streamed["windows"] == whole.windows == 8
     for key, expected in (("awq_windows", whole.awq_windows), ("rtn_windows", whole.rtn_windows)):
         assert streamed[key] == pytest.approx(list(expected), rel=1e-5, abs=1e-5)
+
+
+def test_guard_windows_in_bf16_agree_with_float32(tiny_llama_fp, tmp_path) -> None:
+    """With bf16 forwards (the default where the CPU has bf16 units) the guard's streams run
+    their matmuls in bf16 too: per-window losses within bf16's reach of float32's, same verdict."""
+    exact = _quantize(tiny_llama_fp, tmp_path / "fp32", guard="warn").guard
+    lowered = _quantize(tiny_llama_fp, tmp_path / "bf16", search_dtype="bfloat16", guard="warn").guard
+    assert lowered is not None and exact is not None and lowered["windows"] == exact["windows"] == 8
+    for key in ("awq_windows", "rtn_windows"):
+        assert lowered[key] == pytest.approx(exact[key], rel=2e-3)
+        assert lowered[key] != exact[key]  # the bf16 path ran
+    assert lowered["action"] == exact["action"]
 
 
 def test_quantize_checkpoint_reports_the_guard_last(tiny_llama_fp, tmp_path) -> None:
@@ -339,7 +353,7 @@ def _in_memory(tiny_llama_fp, guard: str):
         tokenizer=tokenizer,
         n_samples=4,
         seq_len=64,
-        options=dataclasses.replace(FAST, clip=False),
+        options=dataclasses.replace(FAST, clip=False, search_dtype="float32"),
         guard=guard,
     )
     return model, tokenizer

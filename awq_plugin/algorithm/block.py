@@ -42,8 +42,8 @@ from awq_plugin.algorithm.phases import phase
 from awq_plugin.algorithm.results import BlockAwqResult, GroupScaleResult
 from awq_plugin.algorithm.search import (
     ScaleSearchResult,
-    search_best_scale,
     replaced_weights,
+    search_best_scale,
     token_loss_weights,
     weighted_output_mse,
 )

@@ -28,7 +28,9 @@ ROUNDINGS = ("nearest", "compensated")
 # 2: the streaming end-to-end guard (it may write plain rounding); forwards in bf16 by default.
 # 3: no weight-fingerprint switch; each block keeps AWQ, its scales alone or rounding by its
 #    error on held-out micro-batches.
-QUANTIZER_VERSION = 3
+# 4: the guard's windows run their matmuls in the search dtype; |x| statistics summed in fp32
+#    per micro-batch.
+QUANTIZER_VERSION = 4
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
 RETIRED_OPTIONS = frozenset({"prior_awq_share"})

@@ -493,9 +493,7 @@ class InputRecorder:
         if name in self.stat_names:
             # Summed in fp32 within the micro-batch (a few thousand rows: ~1e-6 relative; fp64
             # reductions cost 2-3x more), accumulated in fp64 across micro-batches.
-            total = self._shared_result(
-                "abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float32).double()
-            )
+            total = self._shared_result("abs", x, lambda: x2d.abs().sum(dim=0, dtype=torch.float32).double())
             rec.abs_sum[name] = rec.abs_sum[name] + total if name in rec.abs_sum else total.clone()
             rec.count[name] = rec.count.get(name, 0) + x2d.shape[0]
         if (name in self.gram_names or name in self.hessian_names) and m not in self.plan.holdout_batches:

@@ -38,7 +38,12 @@ def quantize_grouped_(wg: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     ``(...)`` (``scales`` already rounded to their storage dtype and back to fp32). Returns ``wg``."""
     s = scales.unsqueeze(-1)  # (..., 1)
     z = zeros.unsqueeze(-1)
-    return wg.div_(s).round_().clamp_(min=-z, max=(2**bits - 1) - z).mul_(s)
+    wg.div_(s).round_()
+    # clamp_ with tensor bounds, as two broadcast in-place extremes (the same numbers: clamp is
+    # min(max(x, lo), hi)); tensor-bound clamp_ ran about 8x slower on the CPU.
+    torch.maximum(wg, -z, out=wg)
+    torch.minimum(wg, (2**bits - 1) - z, out=wg)
+    return wg.mul_(s)
 
 
 @torch.no_grad()

@@ -43,9 +43,10 @@ from awq_plugin.algorithm.awq import (
     fake_quantize_decoder_linears,
     quantized_linear_names,
 )
+from awq_plugin.algorithm.block import BlockForwards
 from awq_plugin.algorithm.linears import fake_quantized
 from awq_plugin.algorithm.options import GUARD_MODES
-from awq_plugin.calibration.capture import CapturedInputs, capture_decoder_inputs, first_output
+from awq_plugin.calibration.capture import BlockInputs, CapturedInputs, capture_decoder_inputs, first_output
 from awq_plugin.calibration.text import CalibSource, source_stream
 from awq_plugin.errors import ConfigError
 from awq_plugin.templates import ResolvedTemplate, resolve_template
@@ -265,6 +266,9 @@ class GuardStreams:
     captured: CapturedInputs
     hidden: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     output_arity: int | None = None  # a decoder layer returns a tensor (None) or a tuple this long
+    # The blocks' matmuls run in this dtype, as the search's forwards do (AwqOptions.search_dtype,
+    # resolved): both streams alike, the residual stream, norms and the tail's losses in float32.
+    dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         for stream in STREAMS:
@@ -276,13 +280,31 @@ class GuardStreams:
     ) -> None:
         """Run ``stream`` through decoder layer ``index`` (``block``) with ``names`` fake-quantized."""
         inputs = self.captured.for_layer(index, self.hidden[stream])
+        try:
+            self.hidden[stream] = self._forward(block, inputs, names, quant_config)
+        except RuntimeError as exc:
+            if self.dtype == torch.float32:
+                raise
+            log.warning(
+                "layer %d: the block's forward fails under %s autocast (%s); the guard's windows run in float32",
+                index,
+                str(self.dtype).removeprefix("torch."),
+                str(exc).splitlines()[0],
+            )
+            self.dtype = torch.float32
+            self.hidden[stream] = self._forward(block, inputs, names, quant_config)
+
+    def _forward(
+        self, block: nn.Module, inputs: BlockInputs, names: Sequence[str], quant_config: QuantConfigLike
+    ) -> list[torch.Tensor]:
         outputs = []
-        with fake_quantized(block, names, quant_config):
+        forwards = BlockForwards(block, inputs, self.dtype, names)
+        with fake_quantized(block, names, quant_config), forwards.lowered():
             for hidden, kwargs in zip(inputs.hidden_states, inputs.kwargs):
                 out = block(hidden, **kwargs)
                 self.output_arity = len(out) if isinstance(out, (tuple, list)) else None
-                outputs.append(first_output(out))
-        self.hidden[stream] = outputs
+                outputs.append(first_output(out).to(hidden.dtype))  # the stream keeps its dtype
+        return outputs
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and metadata to store with the next block's inputs (a resumed run reloads them)."""
@@ -373,13 +395,15 @@ class InMemoryGuard:
         quant_config: QuantConfigLike,
         windows: torch.Tensor,
         keep_originals: bool,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         model.eval()  # as run_awq runs it: no dropout in the streams
         self.layers = model.get_submodule(resolved.decoder_layers)
         self.resolved, self.quant_config = resolved, quant_config
         device = next(model.parameters()).device
         windows = windows.to(device)
-        self.streams = GuardStreams(windows, capture_decoder_inputs(model, self.layers, windows, 1))
+        captured = capture_decoder_inputs(model, self.layers, windows, 1)
+        self.streams = GuardStreams(windows, captured, dtype=dtype)
         self.originals: dict[int, dict[str, torch.Tensor]] | None = {} if keep_originals else None
 
     def _names(self, index: int, block: nn.Module) -> list[str]:

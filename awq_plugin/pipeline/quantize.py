@@ -44,6 +44,7 @@ from awq_plugin.algorithm.awq import (
     keeping_ungroupable_in_full_precision,
 )
 from awq_plugin.algorithm.awq import quantized_linear_names as block_linear_names
+from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
 from awq_plugin.algorithm.options import QUANTIZER_VERSION
 from awq_plugin.algorithm.phases import recording_phases
 from awq_plugin.algorithm.precision import keeping_full_precision_listed
@@ -338,7 +339,8 @@ def _quantize_blocks(
     captured = capture_decoder_inputs(src.model, layers, calib_ids, options.micro_batch_size)
     streams = None
     if held is not None:  # one window per micro-batch: the tail scores window by window
-        streams = GuardStreams(held, capture_decoder_inputs(src.model, layers, held, 1))
+        captured_held = capture_decoder_inputs(src.model, layers, held, 1)
+        streams = GuardStreams(held, captured_held, dtype=resolve_search_dtype(options.search_dtype, device))
         if done:
             streams.restore(*work.load_extra(done), device)
     release_non_layer(src.model, layers_path)  # from here on memory holds one block and the activations

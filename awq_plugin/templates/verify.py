@@ -161,7 +161,7 @@ def verify_block_folds_at_once(
             try:
                 if _folds_hold_at_once(block, template, one, seed, None):
                     return
-            except Exception:  # noqa: BLE001 (a fast path only: the full check below decides)
+            except Exception:
                 logger.debug("layer %d: the one-sequence fold check could not run", template.index)
     if _folds_hold_at_once(block, template, inputs, seed, max_batches):
         return

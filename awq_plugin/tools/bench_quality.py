@@ -125,6 +125,7 @@ def measure(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from awq_plugin.algorithm.awq import run_awq
+    from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
     from awq_plugin.calibration.text import calibration_windows, evaluation_windows
     from awq_plugin.config import AwqQuantConfig
     from awq_plugin.evaluate import perplexity
@@ -164,7 +165,8 @@ def measure(
         started = time.perf_counter()
         # The end-to-end guard's streams ride along, as in every quantize path.
         resolved = resolve_template(awq, template)
-        watch = None if held is None else InMemoryGuard(awq, resolved, quant, held, False)
+        dtype = resolve_search_dtype(options.search_dtype, next(awq.parameters()).device)
+        watch = None if held is None else InMemoryGuard(awq, resolved, quant, held, False, dtype)
         run_awq(awq, quant, calib, dict(resolved.data), options=options, progress=False, observer=watch)
         row["awq_seconds"] = round(time.perf_counter() - started, 1)
         fake_quantize_linears(awq, quant)
