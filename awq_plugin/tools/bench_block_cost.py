@@ -149,6 +149,7 @@ def build_block(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     captured = capture_decoder_inputs(model, layers, ids, args.micro_batch_size)
     streams = None
     if args.guard_windows:
+        from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
         from awq_plugin.pipeline.guard import GuardStreams
 
         windows = torch.randint(
@@ -157,8 +158,11 @@ def build_block(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
             (args.guard_windows, args.seq_len),
             generator=torch.Generator().manual_seed(args.seed + 1),
         )
-        # one window per micro-batch and float32 hidden states, as the pipeline's streams
-        streams = GuardStreams(windows, capture_decoder_inputs(model.float(), layers, windows, 1))
+        # one window per micro-batch, float32 hidden states and the search's forward dtype, as
+        # the pipeline's streams
+        dtype = resolve_search_dtype(args.awq_options.search_dtype, torch.device("cpu"))
+        captured = capture_decoder_inputs(model.float(), layers, windows, 1)
+        streams = GuardStreams(windows, captured, dtype=dtype)
         model.to(torch.bfloat16)
     return model, resolve_template(model).block(0), captured.for_layer(0), streams
 
