@@ -161,8 +161,9 @@ def build_block(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         # one window per micro-batch, float32 hidden states and the search's forward dtype, as
         # the pipeline's streams
         dtype = resolve_search_dtype(args.awq_options.search_dtype, torch.device("cpu"))
-        captured = capture_decoder_inputs(model.float(), layers, windows, 1)
-        streams = GuardStreams(windows, captured, dtype=dtype)
+        streams = GuardStreams(
+            windows, capture_decoder_inputs(model.float(), layers, windows, 1), dtype=dtype
+        )
         model.to(torch.bfloat16)
     return model, resolve_template(model).block(0), captured.for_layer(0), streams
 
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibration": {
             "n_samples": args.n_samples,
             "seq_len": args.seq_len,
-            "tokens": args.n_samples * args.seq_len,
+            "tokens": inputs.n_tokens,  # as captured: what every forward above ran over
         },
         "scheme": quant.scheme,
         "options": args.awq_options.to_dict(),
