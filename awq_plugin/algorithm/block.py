@@ -29,7 +29,7 @@ from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
 from awq_plugin.algorithm.compensate import compensated_rounding
-from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
+from awq_plugin.algorithm.forward_dtype import resolve_search_dtype, warn_float32_fallback
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
     fake_quantized,
@@ -142,12 +142,7 @@ def _record_forward(
     except RuntimeError as exc:
         if forwards.dtype == torch.float32:
             raise
-        logger.warning(
-            "layer %d: the block's forward fails under %s autocast (%s); its search forwards run in float32",
-            index,
-            str(forwards.dtype).removeprefix("torch."),
-            str(exc).splitlines()[0],
-        )
+        warn_float32_fallback(index, forwards.dtype, exc, "its search forwards")
         forwards = BlockForwards(forwards.block, forwards.inputs, torch.float32, forwards.names)
         for routed in experts.values():
             routed.reset_token_counts()

@@ -7,12 +7,15 @@ a CPU without bf16 units emulates bf16 matmuls more slowly than it runs float32 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 
 from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES
 from awq_plugin.cpuinfo import cpu_flags
+
+logger = logging.getLogger(__name__)
 
 #: /proc/cpuinfo flags of a CPU that multiplies bf16 in hardware.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -34,3 +37,15 @@ def resolve_search_dtype(name: str, device: torch.device, flags: Iterable[str] |
     if name == "auto":
         return torch.bfloat16 if has_bf16_matmul(device, flags) else torch.float32
     return getattr(torch, name)
+
+
+def warn_float32_fallback(index: int, dtype: torch.dtype, exc: Exception, what: str) -> None:
+    """Say that layer ``index``'s forward failed under ``dtype`` autocast and ``what`` runs in
+    float32 instead (a block whose code writes a lower-precision result into a float32 tensor)."""
+    logger.warning(
+        "layer %d: the block's forward fails under %s autocast (%s); %s run in float32",
+        index,
+        str(dtype).removeprefix("torch."),
+        str(exc).splitlines()[0],
+        what,
+    )

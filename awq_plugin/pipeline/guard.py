@@ -44,6 +44,7 @@ from awq_plugin.algorithm.awq import (
     quantized_linear_names,
 )
 from awq_plugin.algorithm.block import BlockForwards
+from awq_plugin.algorithm.forward_dtype import warn_float32_fallback
 from awq_plugin.algorithm.linears import fake_quantized
 from awq_plugin.algorithm.options import GUARD_MODES
 from awq_plugin.calibration.capture import BlockInputs, CapturedInputs, capture_decoder_inputs, first_output
@@ -285,12 +286,7 @@ class GuardStreams:
         except RuntimeError as exc:
             if self.dtype == torch.float32:
                 raise
-            log.warning(
-                "layer %d: the block's forward fails under %s autocast (%s); the guard's windows run in float32",
-                index,
-                str(self.dtype).removeprefix("torch."),
-                str(exc).splitlines()[0],
-            )
+            warn_float32_fallback(index, self.dtype, exc, "the guard's windows")
             self.dtype = torch.float32
             self.hidden[stream] = self._forward(block, inputs, names, quant_config)
 
