@@ -93,8 +93,9 @@ class BlockForwards:
     the norms stay fp32, so rounding touches each branch's output, never the accumulated stream.
     The weights are the block's own fp32 ones (fake-quantized, scaled or clipped as the block
     holds them at that moment). Autocast casts a float32 weight on every call, so the passes
-    over many micro-batches (:meth:`lowered`) first give the linears ``names`` a copy in
-    ``dtype``: the same products, one cast per pass instead of one per micro-batch.
+    over all micro-batches (:meth:`lowered`) first give the linears ``names`` a copy in
+    ``dtype``: the same products, one cast per pass instead of one per micro-batch, for half
+    the block's float32 weights in memory while the pass runs.
     """
 
     def __init__(
@@ -121,9 +122,10 @@ class BlockForwards:
         with self.autocast(), replaced_weights(linears, [lin.weight.data.to(self.dtype) for lin in linears]):
             yield
 
-    def forward(self, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """The block's outputs (all micro-batches, or ``batches``), computed so, in fp32."""
-        with self.lowered():
+    def forward(self, batches: Sequence[int] | None = None, lower: bool = False) -> list[torch.Tensor]:
+        """The block's outputs (all micro-batches, or ``batches``), computed so, in fp32; with
+        ``lower``, under :meth:`lowered` (worth its copy of the weights on many micro-batches)."""
+        with self.lowered() if lower else self.autocast():
             return [out.float() for out in forward_block(self.block, self.inputs, batches)]
 
 
@@ -232,7 +234,6 @@ def awq_block_step(
         forwards = BlockForwards(
             block, inputs, resolve_search_dtype(options.search_dtype, _device_of(block)), names
         )
-        original = {k: v.clone() for k, v in block.state_dict().items()}  # for the rounding fallback
         clip_names = (
             [n for n in names if n not in groups.clip_skip or options.clip_qk] if options.clip else []
         )
@@ -275,6 +276,9 @@ def awq_block_step(
                     options,
                     hessian_names,
                 )
+        # For the rounding fallback; taken after the recording pass (which changes no weight), so
+        # that its bf16 copies of the weights never sit beside this one.
+        original = {k: v.clone() for k, v in block.state_dict().items()}
         # The block's variants are compared on micro-batches no search saw (plan.holdout_batches).
         judge = _HeldOutJudge(forwards, recorded, plan.decision_batches, names, quant_config, options)
         with phase("rounding error forward"):
@@ -317,7 +321,7 @@ def awq_block_step(
         next_hidden = recorded.outputs
         if options.propagate == "quantized":
             with phase("next inputs"), fake_quantized(block, names, quant_config):
-                next_hidden = forwards.forward()
+                next_hidden = forwards.forward(lower=True)
 
     result = BlockAwqResult(
         layer_index=groups.index,
