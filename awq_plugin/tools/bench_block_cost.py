@@ -37,35 +37,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from awq_plugin.cpuinfo import cpu_description
+
 # The Llama-3-8B block: hidden 4096, SwiGLU 14336, 32 query heads of 128 over 8 KV heads.
 LLAMA3_8B_SHAPE = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8}
 # The pipeline's default: the guard's windows are part of every block's cost.
 GUARD_WINDOWS = 8
 SUB_PHASE = "/"  # "search mlp/forwards" is part of "search mlp": totals skip such names
-
-
-def cpu_description(cpuinfo: str | None = None) -> dict[str, Any]:
-    """The CPU's model name and flags (``/proc/cpuinfo``'s first processor), with its matrix units."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = sorted(fields.get("flags", "").split())
-    return {
-        "model_name": fields.get("model name", "unknown"),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "flags": flags,
-    }
 
 
 def forward_equivalents(seconds: float, floor_seconds: float) -> float:

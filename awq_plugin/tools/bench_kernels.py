@@ -17,8 +17,10 @@ Contenders, all timed in the same process on the same quantized weights:
   (only when vLLM is importable).
 
 Every contender cycles through more than ``--cycle-mib`` of distinct weight copies
-so that the L3 cache (260 MiB here) cannot hold them: each call reads its weight
-from DRAM, as a decode step through a large model does. The machine's read
+(default: 544 MiB, or twice the machine's last-level cache as sysfs reports it where that
+is more) so that the cache cannot hold them: each call reads its weight from DRAM, as a
+decode step through a large model does. A ``machine`` row records the CPU model, its
+matrix-unit flags, the last-level cache and the bytes cycled. The machine's read
 bandwidth is measured in the same run (summing a 1 GiB tensor), and our backends are
 reported as a fraction of the bytes / bandwidth limit.
 
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from awq_plugin.cpuinfo import cpu_description, last_level_cache_bytes
 from awq_plugin.numerics import pack, quant_ref
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)]
@@ -50,6 +53,35 @@ QUICK_MS = [1, 16]
 IMPLS = ("ours", "avx2", "portable", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
 #: Our backends by contender name (``ours`` kept its name: it is the AVX-512 VNNI ``cpu`` backend).
 OUR_BACKENDS = {"ours": "cpu", "avx2": "avx2", "portable": "portable"}
+
+
+#: Distinct weight bytes cycled by default: at least this, and twice the last-level cache.
+MIN_CYCLE_MIB = 544
+#: CPU flags that decide which matrix path runs (ours and PyTorch's dense bf16).
+MATRIX_FLAGS = ("avx2", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def default_cycle_mib(quick: bool, llc_bytes: int | None = None) -> int:
+    """MiB of distinct weights each contender cycles through: twice the last-level cache
+    (``llc_bytes``, default read from sysfs) and at least :data:`MIN_CYCLE_MIB`; 32 for ``--quick``
+    (a smoke run, not a cold-cache measurement)."""
+    if quick:
+        return 32
+    llc = last_level_cache_bytes() if llc_bytes is None else llc_bytes
+    return max(MIN_CYCLE_MIB, math.ceil(2 * (llc or 0) / 2**20))
+
+
+def machine_row(cycle_mib: int) -> dict[str, Any]:
+    """The CPU the run measured (model, matrix-unit flags), its last-level cache and the bytes cycled."""
+    cpu = cpu_description()
+    llc = last_level_cache_bytes()
+    return {
+        "impl": "machine",
+        "model_name": cpu["model_name"],
+        "flags": [f for f in MATRIX_FLAGS if f in cpu["flags"]],
+        "llc_mib": None if llc is None else round(llc / 2**20, 1),
+        "cycle_mib": cycle_mib,
+    }
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -338,7 +370,7 @@ def add_bandwidth_fractions(rows: list[dict[str, Any]], bandwidth: dict[int, flo
 def best_over_threads(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int, str], dict[str, Any]]:
     best: dict[tuple[int, int, int, str], dict[str, Any]] = {}
     for r in rows:
-        if r["impl"] == "bandwidth":
+        if "M" not in r:  # the bandwidth and machine rows
             continue
         key = (r["K"], r["N"], r["M"], r["impl"])
         if key not in best or r["ms"] < best[key]["ms"]:
@@ -406,9 +438,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labels.setdefault(label, handle)
-    threads = sorted({r["threads"] for r in rows if r["impl"] != "bandwidth"})
+    threads = sorted({r["threads"] for r in rows if "M" in r})
+    machine = next((r for r in rows if r["impl"] == "machine"), None)
+    where = (
+        ""
+        if machine is None
+        else f" on {machine['model_name']}, {machine['cycle_mib']} MiB of weights cycled"
+    )
     fig.suptitle(
-        "AWQ int4 linear on CPU (bf16 activations), cold cache\n"
+        f"AWQ int4 linear on CPU (bf16 activations), cold cache{where}\n"
         f"best of {threads} threads per contender; higher is better"
     )
     fig.tight_layout()
@@ -458,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [parse_shape(text) for text in args.shapes.split(",")]
     if args.ms:
         ms = [int(m) for m in args.ms.split(",")]
-    cycle_mib = args.cycle_mib if args.cycle_mib is not None else (32 if args.quick else 544)
+    cycle_mib = args.cycle_mib if args.cycle_mib is not None else default_cycle_mib(args.quick)
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.2)
     bw_bytes = (256 if args.quick else 1024) * 2**20
     saved_threads = torch.get_num_threads()
@@ -482,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         {"impl": "bandwidth", "threads": t, "gbps": round(bw, 2), "bytes": bw_bytes}
         for t, bw in bandwidth.items()
     ]
+    rows.append(machine_row(cycle_mib))
     add_speedups(rows)
     add_bandwidth_fractions(rows, bandwidth)
 
