@@ -39,7 +39,7 @@ RTN_WEIGHTS = "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9"
 EXPECTED: dict[str, dict[str, str]] = {
     "awq": {
         **SIDE_FILES,
-        "awq_plugin/awq_results.safetensors": "581bb49c0889f778fd3a18a27701a0167cf9bc31a324cdded32efd1645cb0bc7",
+        "awq_plugin/awq_results.safetensors": "5be9e044349d0d28e0ef6c00782d26f5d4bd28f4ff9745ee077f1373a23417a6",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
