@@ -161,7 +161,7 @@ def verify_block_folds_at_once(
             try:
                 if _folds_hold_at_once(block, template, one, seed, None):
                     return
-            except Exception:
+            except Exception:  # any failure of the shortcut leaves the verdict to the full check
                 logger.debug("layer %d: the one-sequence fold check could not run", template.index)
     if _folds_hold_at_once(block, template, inputs, seed, max_batches):
         return
