@@ -95,8 +95,8 @@ _CLAIMABLE_USER_QUANT = (None, PLUGIN_QUANT_NAME, "marlin", *BUILTIN_AWQ_NAMES)
 
 #: ``marlin`` means vLLM's own AWQ linear method, whose ``choose_mp_linear_kernel`` picks
 #: Marlin on CUDA GPUs that support it (and its CPU/XPU WNA16 kernels elsewhere).
-KERNELS = ("cpu", "avx2", "portable", "triton", "marlin", "reference")
-_CPU_KERNELS = ("cpu", "avx2", "portable")  # ours, for CPU tensors (see awq_plugin.kernels)
+KERNELS = ("cpu", "amx", "avx2", "portable", "triton", "marlin", "reference")
+_CPU_KERNELS = ("cpu", "amx", "avx2", "portable")  # ours, for CPU tensors (see awq_plugin.kernels)
 _GPU_PLATFORMS = ("cuda", "rocm")
 
 
@@ -358,7 +358,7 @@ def _log_kernel_once(choice: KernelChoice, method: str = "AwqPluginLinearMethod"
 
 #: Kernels :class:`AwqPluginMoEMethod` runs itself, one expert at a time; the others
 #: (``marlin``, and ``triton`` on GPUs) hand the experts to vLLM's own AWQ MoE method.
-_MOE_KERNELS = ("cpu", "avx2", "portable", "reference")
+_MOE_KERNELS = ("cpu", "amx", "avx2", "portable", "reference")
 #: vLLM's ``MoEActivation`` values :func:`moe_activation` computes. Gated ones read gate and up
 #: from the two halves of ``w13``'s output (``swigluoai``: interleaved, see there);
 #: ``NAME_no_mul`` applies ``act`` alone to a single projection.

@@ -18,7 +18,12 @@ Backends:
   ``kernels/cpu/build.py``). Activations are quantized to int8 per (row, group)
   inside the kernel: the result differs from the reference by at most
   ``sum_k |w_hat[n, k]| * s_a[m, k // G] / 2`` plus fp32 rounding, with
-  ``s_a = max_{k in group} |x[m, k]| / 127``.
+  ``s_a = max_{k in group} |x[m, k]| / 127``. On CPUs with AMX-INT8 tiles the
+  same kernel multiplies batches of :data:`AMX_MIN_ROWS` rows or more on the
+  tiles (``tdpbssd``), with the same layout and the same numbers bit for bit;
+  :func:`cpu_path_for` is that choice.
+- ``"amx"``: the same kernel on the AMX tiles at every M (tests and benchmarks
+  force it by name; it needs a CPU with ``amx_tile`` and ``amx_int8``).
 - ``"avx2"``: the C++ AVX2 kernel in ``kernels/cpu/awq_gemm_avx2.cpp`` for x86
   CPUs without AVX-512 VNNI (``vpmaddubsw``/``vpmaddwd``, or the VEX ``vpdpbusd``
   where the CPU has AVX-VNNI), on the same repacked layout and with the same
@@ -34,7 +39,7 @@ Backends:
   tensors, on the checkpoint layout as is.
 
 Choice: an explicit ``backend=`` argument wins; otherwise the environment
-variable ``AWQ_PLUGIN_KERNEL`` (``auto|cpu|avx512|avx2|portable|triton|reference``)
+variable ``AWQ_PLUGIN_KERNEL`` (``auto|cpu|avx512|amx|avx2|portable|triton|reference``)
 decides; ``auto`` (or unset) picks triton for CUDA weights and, on a CPU, the
 first of cpu (AVX-512 VNNI), avx2 (AVX2 + FMA + F16C), portable (anything else)
 that the CPU flags allow; a C++ kernel that fails to build falls through to
@@ -51,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
-from awq_plugin.kernels.cpu.build import AVX512_VNNI_FLAGS
+from awq_plugin.kernels.cpu.build import AMX_INT8_FLAGS, AVX512_VNNI_FLAGS, has_amx_int8
 from awq_plugin.numerics.pack import PACK_FACTOR, unpack_int4_columns
 from awq_plugin.numerics.quant_ref import linear_ref, resolve_group_size
 
@@ -66,6 +71,8 @@ __all__ = [
     "awq_linear",
     "choose_backend",
     "cpu_kernel_available",
+    "cpu_linear",
+    "cpu_path_for",
     "kernel_name",
     "prepare_awq_weight",
     "repack_for_cpu",
@@ -73,11 +80,12 @@ __all__ = [
 ]
 
 KERNEL_ENV = "AWQ_PLUGIN_KERNEL"
-BACKENDS = ("cpu", "avx2", "portable", "triton", "reference")
+BACKENDS = ("cpu", "amx", "avx2", "portable", "triton", "reference")
 BACKEND_ALIASES = {"avx512": "cpu"}  # the AVX-512 VNNI kernel kept its first name, "cpu"
-CPU_BACKENDS = ("cpu", "avx2", "portable")  # the kernels that run on CPU tensors, fastest first
+CPU_BACKENDS = ("cpu", "amx", "avx2", "portable")  # the kernels that run on CPU tensors
 # Integer ids: the custom op takes tensors and ints only.
-_BACKEND_IDS = {"reference": 0, "cpu": 1, "triton": 2, "avx2": 3, "portable": 4}
+_BACKEND_IDS = {"reference": 0, "cpu": 1, "triton": 2, "avx2": 3, "portable": 4, "amx": 5}
+_CPU_LAYOUT = ("cpu", "amx", "avx2")  # the backends that read repack_for_cpu's layout
 
 # CPU flags (as /proc/cpuinfo names them) each kernel needs (AVX512_VNNI_FLAGS: kernels.cpu.build).
 AVX2_FLAGS = ("avx2", "fma", "f16c")
@@ -90,6 +98,14 @@ log = logging.getLogger(__name__)
 CPU_TILE_N = 16  # output channels per tile: one zmm of int32 accumulators
 CPU_BLOCK_TILES = 4  # tiles per streamed block; must match kBlockTiles in awq_gemm.cpp
 CPU_K_STEP = 8  # input channels per 64-byte row (two nibbles x 4 bytes per lane)
+#: Rows from which the ``cpu`` backend multiplies on the AMX tiles where it can: below, the
+#: VNNI path reads the weights at the bandwidth limit and the tiles' fixed costs (decoding a
+#: block into tiles, padding the rows to 16) do not pay; measured with ``awq-plugin bench
+#: kernels`` on a Xeon with AMX (README, kernel table).
+AMX_MIN_ROWS = 6
+#: The AMX path multiplies 32 or 64 input channels per tile step; a padded group of another
+#: size (a multiple of 8 only) would take 8 or 16 per step, which is not measured.
+AMX_K_STEPS = (32, 64)
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,7 @@ class AwqKernelWeight:
 
     The three tensors mean different things per backend:
 
-    - ``"cpu"`` and ``"avx2"``: ``qweight`` uint8 (blocked nibbles), ``scales``
+    - ``"cpu"``, ``"amx"`` and ``"avx2"``: ``qweight`` uint8 (blocked nibbles), ``scales``
       fp16 and ``qzeros`` uint8 (blocked per group), all 1-D; see ``awq_gemm.cpp``
       (both kernels read this one layout).
     - ``"portable"``: ``qweight`` uint8 (tiles of 64 channels x K, nibbles),
@@ -140,6 +156,12 @@ def cpu_backend_for(flags: Collection[str], unavailable: Collection[str] = ()) -
     anything else (ARM, with or without dot product, or an old x86) -> ``portable``.
     """
     flags = frozenset(flags)
+    if "cpu" not in unavailable and has_amx_int8(flags):
+        return BackendChoice(
+            "cpu",
+            f"CPU has AVX-512 VNNI and AMX-INT8: the AVX-512 kernel (vpdpbusd on zmm), "
+            f"on the AMX tiles from {AMX_MIN_ROWS} rows",
+        )
     if "cpu" not in unavailable and all(f in flags for f in AVX512_VNNI_FLAGS):
         return BackendChoice("cpu", "CPU has AVX-512 VNNI: the AVX-512 kernel (vpdpbusd on zmm)")
     if "avx2" not in unavailable and all(f in flags for f in AVX2_FLAGS):
@@ -161,6 +183,19 @@ def cpu_backend_for(flags: Collection[str], unavailable: Collection[str] = ()) -
             "portable", f"{why}: the portable kernel (generic C++ vectors, compiled for this CPU)"
         )
     return BackendChoice("reference", "no CPU kernel is available: the pure-PyTorch reference")
+
+
+def cpu_path_for(rows: int, group_size: int, amx_ready: bool) -> str:
+    """Which path of the ``cpu`` kernel multiplies ``rows`` activation rows (pure; tested).
+
+    ``"amx"`` (int8 tiles) where the CPU has them (``amx_ready``: AMX-INT8 compiled in and
+    granted by Linux), the batch has at least :data:`AMX_MIN_ROWS` rows and the padded
+    group splits into tile steps of :data:`AMX_K_STEPS`; ``"vnni"`` (``vpdpbusd`` on zmm)
+    otherwise. Both give the same numbers.
+    """
+    padded = -(-group_size // CPU_K_STEP) * CPU_K_STEP
+    steps_ok = any(padded % step == 0 for step in AMX_K_STEPS)
+    return "amx" if amx_ready and rows >= AMX_MIN_ROWS and steps_ok else "vnni"
 
 
 def avx2_uses_avx_vnni(flags: Collection[str]) -> bool:
@@ -245,6 +280,16 @@ def cpu_kernel_available() -> bool:
 
 
 @functools.cache
+def amx_ready() -> bool:
+    """True when the AVX-512 kernel was built with its AMX path and Linux grants the tiles."""
+    from awq_plugin.kernels.cpu import build
+
+    if not build.has_amx_int8() or not cpu_kernel_available():
+        return False
+    return bool(build.load_extension().amx_ready())
+
+
+@functools.cache
 def avx2_kernel_available() -> bool:
     """True when the CPU has AVX2 (+ FMA, F16C) and the AVX2 kernel builds (builds it once)."""
     from awq_plugin.kernels.cpu import build
@@ -287,6 +332,8 @@ def _backend_runs(name: str) -> bool:
     """Whether CPU backend ``name`` runs in this process (builds its extension once)."""
     if name == "cpu":
         return cpu_kernel_available()
+    if name == "amx":
+        return amx_ready()
     if name == "avx2":
         return avx2_kernel_available()
     if name == "portable":
@@ -466,7 +513,12 @@ def prepare_awq_weight(
         raise ValueError(
             f"the 'avx2' AWQ kernel needs an x86 CPU with {', '.join(AVX2_FLAGS)} and a compiler"
         )
-    if name in ("cpu", "avx2"):
+    if name == "amx" and not amx_ready():  # it would die of SIGILL, not raise
+        raise ValueError(
+            f"the 'amx' AWQ kernel needs a CPU with {', '.join(AMX_INT8_FLAGS)} and a compiler that "
+            "emits them"
+        )
+    if name in _CPU_LAYOUT:
         wq, wz, ws = repack_for_cpu(qweight, qzeros, scales, g)
     elif name == "portable":
         wq, wz, ws = repack_for_portable(qweight, qzeros, scales, g)
@@ -515,8 +567,13 @@ def _awq_gemm_impl(
 ) -> torch.Tensor:
     """Eager implementation of ``awq_plugin::awq_gemm``: route to the backend's kernel."""
     if backend_id == _BACKEND_IDS["cpu"]:
+        amx = cpu_path_for(x.shape[0], group_size, amx_ready()) == "amx"
         return _cpu_extension().awq_gemm_cpu(
-            x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias
+            x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias, False, amx
+        )
+    if backend_id == _BACKEND_IDS["amx"]:
+        return _cpu_extension().awq_gemm_cpu(
+            x.contiguous(), qweight, scales, qzeros, group_size, out_features, bias, False, True
         )
     if backend_id == _BACKEND_IDS["avx2"]:
         return _avx2_extension().awq_gemm_avx2(
@@ -563,7 +620,7 @@ if not _op_registered():
 
 #: ``awq_gemm(x [M, K], qweight, qzeros, scales, group_size, out_features, backend_id, bias=None)
 #: -> y [M, N]`` on the tensors of an :class:`AwqKernelWeight`; ``backend_id``: 0 reference,
-#: 1 cpu, 2 triton, 3 avx2, 4 portable; ``y`` has ``x``'s dtype. This is ``torch.ops.awq_plugin.awq_gemm``.
+#: 1 cpu, 2 triton, 3 avx2, 4 portable, 5 amx; ``y`` has ``x``'s dtype. This is ``torch.ops.awq_plugin.awq_gemm``.
 awq_gemm = torch.ops.awq_plugin.awq_gemm
 
 
@@ -602,13 +659,48 @@ def avx2_linear(
     return y.reshape(*x.shape[:-1], weight.out_features)  # (..., N)
 
 
+CPU_PATHS = ("vnni", "amx")  # the cpu kernel's two paths (see cpu_path_for)
+
+
+def cpu_linear(
+    x: torch.Tensor, weight: AwqKernelWeight, bias: torch.Tensor | None = None, *, path: str
+) -> torch.Tensor:
+    """``awq_linear`` on the ``cpu`` kernel with its path forced by name, ``"vnni"`` or ``"amx"``.
+
+    Auto picks one per call by the row count (:func:`cpu_path_for`); this lets tests check
+    each against the oracle on every host that runs it, and the benchmark time both. A path
+    this CPU cannot run is a ValueError.
+    """
+    if weight.backend not in ("cpu", "amx"):
+        raise ValueError(f"cpu_linear needs a weight prepared for 'cpu' or 'amx', not {weight.backend!r}")
+    if path not in CPU_PATHS:
+        raise ValueError(f"unknown cpu kernel path {path!r}; expected one of {CPU_PATHS}")
+    if path == "amx" and not amx_ready():
+        raise ValueError(
+            f"this CPU cannot run the cpu kernel's AMX path (flags: {', '.join(AMX_INT8_FLAGS)})"
+        )
+    x2 = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
+    y = _cpu_extension().awq_gemm_cpu(
+        x2,
+        weight.qweight,
+        weight.scales,
+        weight.qzeros,
+        weight.group_size,
+        weight.out_features,
+        bias,
+        False,
+        path == "amx",
+    )
+    return y.reshape(*x.shape[:-1], weight.out_features)  # (..., N)
+
+
 def awq_linear(x: torch.Tensor, weight: AwqKernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x @ W_hat.T + bias`` for ``x [..., K]`` in fp32/bf16/fp16; returns ``[..., N]`` in x's dtype."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {weight.in_features}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, weight.in_features)  # (M, K)
-    if weight.backend in ("cpu", "avx2"):
+    if weight.backend in _CPU_LAYOUT:
         x2 = x2.contiguous()
     y = awq_gemm(
         x2,

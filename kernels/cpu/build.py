@@ -18,7 +18,7 @@ import fcntl
 import functools
 import hashlib
 import platform
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +45,16 @@ def has_avx512_vnni(flags: frozenset[str] | None = None) -> bool:
     return all(f in flags for f in AVX512_VNNI_FLAGS)
 
 
+# The instruction sets the AMX path needs on top of those (int8 tiles).
+AMX_INT8_FLAGS = ("amx_tile", "amx_int8")
+
+
+def has_amx_int8(flags: Collection[str] | None = None) -> bool:
+    """Whether the CPU has the AVX-512 VNNI kernel and the int8 AMX tiles of its batch path."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    return has_avx512_vnni(flags) and all(f in flags for f in AMX_INT8_FLAGS)
+
+
 def compile_flags(flags: frozenset[str] | None = None) -> list[str]:
     """Compiler flags for this CPU.
 
@@ -60,6 +70,8 @@ def compile_flags(flags: frozenset[str] | None = None) -> list[str]:
             out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
             if "avx512_bf16" in flags:
                 out.append("-mavx512bf16")
+            if has_amx_int8(flags):  # the kernel's AMX path (tdpbssd); chosen at run time by M
+                out += ["-mamx-tile", "-mamx-int8"]
         elif "avx2" in flags:
             out += ["-mavx2", "-mfma", "-mf16c"]
     return out
