@@ -2,12 +2,19 @@
 
 Contenders, all timed in the same process on the same quantized weights:
 
-- ``ours``: ``awq_plugin.kernels.awq_linear`` on the AVX-512 VNNI backend (``cpu``; bf16 activations);
+- ``ours``: ``awq_plugin.kernels.awq_linear`` on the AVX-512 VNNI backend (``cpu``; bf16 activations),
+  which multiplies on the AMX tiles from ``AMX_MIN_ROWS`` rows on CPUs that have them;
+- ``vnni`` and ``amx``: the same kernel with its path forced (``kernels.cpu_linear``), so that the
+  choice between them by M can be read off the same run (``amx`` only where the CPU has AMX-INT8);
 - ``avx2``: the same on the ``avx2`` backend (the kernel x86 CPUs without AVX-512 VNNI run; its
   AVX-VNNI inner product only where the CPU has ``avx_vnni``);
 - ``portable``: the same on the ``portable`` backend (ARM and other CPUs: our generic C++
   kernel, compiled for the host CPU);
 - ``dense_bf16``: ``F.linear`` on the dequantized weight in bf16 (the unquantized baseline);
+- ``dense_bf16_noamx``: the same with oneDNN kept off the AMX tiles
+  (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``; only on CPUs with AMX). oneDNN reads that variable once
+  per process, so these rows come from a child process run right after the others, not
+  interleaved with them;
 - ``dense_onednn``: the same bf16 weight through vLLM's own CPU linear for unquantized layers
   (``onednn_mm`` on the handle ``dispatch_cpu_unquantized_gemm`` creates), i.e. what
   ``vllm serve`` of the bf16 model runs; several times faster than ``F.linear`` here at small M
@@ -34,6 +41,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,9 +59,24 @@ LARGE_SHAPES = SHAPES[:3]
 MS = [1, 4, 16, 64, 256]
 QUICK_SHAPES = [(576, 1536), (1536, 576)]
 QUICK_MS = [1, 16]
-IMPLS = ("ours", "avx2", "portable", "dense_bf16", "dense_onednn", "aten_int4", "vllm_wna16")
+IMPLS = (
+    "ours",
+    "vnni",
+    "amx",
+    "avx2",
+    "portable",
+    "dense_bf16",
+    "dense_bf16_noamx",
+    "dense_onednn",
+    "aten_int4",
+    "vllm_wna16",
+)
 #: Our backends by contender name (``ours`` kept its name: it is the AVX-512 VNNI ``cpu`` backend).
-OUR_BACKENDS = {"ours": "cpu", "avx2": "avx2", "portable": "portable"}
+OUR_BACKENDS = {"ours": "cpu", "vnni": "cpu", "amx": "cpu", "avx2": "avx2", "portable": "portable"}
+#: Contenders that force one path of the ``cpu`` kernel (``kernels.cpu_linear``).
+FORCED_PATHS = {"vnni": "vnni", "amx": "amx"}
+#: oneDNN's instruction-set cap for ``dense_bf16_noamx``: AVX-512 with bf16, no AMX.
+NOAMX_ISA = "AVX512_CORE_BF16"
 
 
 #: Distinct weight bytes cycled by default: at least this, and twice the last-level cache.
@@ -127,12 +151,18 @@ def make_ours(p: pack.AwqPacked, group_size: int, cycle_bytes: int, name: str = 
     if backend not in kernels.available_backends():
         print(f"{name} unavailable: backend {backend!r} does not run on this machine", file=sys.stderr)
         return None
+    if name == "amx" and not kernels.amx_ready():
+        print("amx unavailable: this CPU has no AMX-INT8 tiles", file=sys.stderr)
+        return None
     w = kernels.prepare_awq_weight(p.qweight, p.qzeros, p.scales, group_size, backend=backend)
     nbytes = tensor_bytes(w.qweight, w.qzeros, w.scales)
     copies = [w] + [
         dataclasses.replace(w, qweight=w.qweight.clone(), qzeros=w.qzeros.clone(), scales=w.scales.clone())
         for _ in range(copies_needed(nbytes, cycle_bytes) - 1)
     ]
+    if name in FORCED_PATHS:
+        path = FORCED_PATHS[name]
+        return Contender(name, [lambda x, w=w: kernels.cpu_linear(x, w, path=path) for w in copies], nbytes)
     return Contender(name, [lambda x, w=w: kernels.awq_linear(x, w) for w in copies], nbytes)
 
 
@@ -308,6 +338,7 @@ def bench_shape(
     makers: dict[str, Callable[[], Contender | None]] = {
         **{name: (lambda name=name: make_ours(packed, g, cycle_bytes, name)) for name in OUR_BACKENDS},
         "dense_bf16": lambda: make_dense(gq, cycle_bytes),
+        "dense_bf16_noamx": lambda: None,  # a child process runs it (see noamx_rows)
         "dense_onednn": lambda: make_dense_onednn(gq, cycle_bytes),
         "aten_int4": lambda: make_aten_int4(gq, cycle_bytes),
         "vllm_wna16": lambda: make_vllm_wna16(gq, cycle_bytes),
@@ -460,6 +491,35 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def noamx_rows(
+    shapes: list[tuple[int, int]],
+    ms: list[int],
+    threads: list[int],
+    cycle_mib: int,
+    budget: float,
+    group_size: int | None,
+) -> list[dict[str, Any]]:
+    """``dense_bf16`` timed in a child process whose oneDNN may not use AMX, as ``dense_bf16_noamx``.
+
+    Empty (with a note) on a CPU without AMX bf16 tiles, where ``dense_bf16`` is that already.
+    """
+    if "amx_bf16" not in cpu_description()["flags"]:
+        print("dense_bf16_noamx: this CPU has no AMX bf16 tiles; dense_bf16 is without them", file=sys.stderr)
+        return []
+    argv = [sys.executable, "-m", "awq_plugin.tools.bench_kernels", "--impls", "dense_bf16"]
+    argv += ["--shapes", ",".join(f"{k}x{n}" for k, n in shapes), "--ms", ",".join(map(str, ms))]
+    argv += ["--threads", ",".join(map(str, threads)), "--cycle-mib", str(cycle_mib), "--budget", str(budget)]
+    if group_size is not None:
+        argv += ["--group-size", str(group_size)]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": NOAMX_ISA}
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, check=True, text=True)
+    rows = [r for r in json.loads(done.stdout) if r.get("impl") == "dense_bf16"]
+    for r in rows:
+        r["impl"] = "dense_bf16_noamx"
+        r.pop("speedup_vs_dense", None)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the kernel benchmark; prints the JSON rows to stdout and a summary table to stderr."""
     parser = argparse.ArgumentParser(prog="awq-plugin bench kernels", description=__doc__.split("\n\n")[0])
@@ -516,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_shape(*shape, ms, threads, cycle_mib * 2**20, budget, args.group_size, impls)
     finally:
         torch.set_num_threads(saved_threads)
+    if "dense_bf16_noamx" in impls:
+        rows += noamx_rows(shapes, ms, threads, cycle_mib, budget, args.group_size)
     rows += [
         {"impl": "bandwidth", "threads": t, "gbps": round(bw, 2), "bytes": bw_bytes}
         for t, bw in bandwidth.items()
