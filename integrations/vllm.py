@@ -76,7 +76,11 @@ from typing import TYPE_CHECKING, Any
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
-from awq_plugin.kernels import KERNEL_ENV, kernel_name  # in vLLM the variable also accepts ``marlin``
+from awq_plugin.kernels import (
+    AMX_MIN_ROWS,
+    KERNEL_ENV,
+    kernel_name,
+)  # in vLLM the variable also accepts ``marlin``
 from awq_plugin.numerics import PER_CHANNEL, effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
@@ -123,6 +127,7 @@ def choose_kernel(
     cpu_kernel_ok: bool,
     marlin_ok: bool,
     cpu_fallback: KernelChoice | None = None,
+    amx_ready: bool = False,
 ) -> KernelChoice:
     """Pick the kernel for one layer: a pure function of its inputs (tested per case).
 
@@ -132,6 +137,7 @@ def choose_kernel(
     ``marlin_ok``: vLLM's Marlin supports this GPU, quant type, group size and layer shape.
     ``cpu_fallback``: our kernel for a CPU without AVX-512 VNNI (``avx2`` or ``portable``, with
     the reason ``awq_plugin.kernels.auto_cpu_choice`` gives), or None where none runs.
+    ``amx_ready``: our kernel's AMX path runs here (named in the reason).
 
     Auto: CPU -> ``cpu``, else ``cpu_fallback``, else vLLM's own ``marlin`` route; CUDA/ROCm ->
     ``marlin`` where supported, else our ``triton``; other platforms -> vLLM's own route. A
@@ -147,6 +153,12 @@ def choose_kernel(
             raise ValueError(f"{KERNEL_ENV}=triton needs a CUDA or ROCm GPU; this is {platform!r}")
         return KernelChoice(wanted, f"forced by {KERNEL_ENV}")
     if platform == "cpu":
+        if cpu_kernel_ok and amx_ready:
+            return KernelChoice(
+                "cpu",
+                f"CPU with AVX-512 VNNI and AMX-INT8: the awq-plugin C++ kernel, on the AMX tiles "
+                f"from {AMX_MIN_ROWS} rows",
+            )
         if cpu_kernel_ok:
             return KernelChoice("cpu", "CPU with AVX-512 VNNI: the awq-plugin C++ kernel")
         if cpu_fallback is not None:
@@ -578,6 +590,7 @@ def _choose_kernel_here(layer: Any, group_size: int, quant: AwqQuantConfig) -> K
         cpu_kernel_ok=cpu_kernel_ok,
         marlin_ok=platform in _GPU_PLATFORMS and _marlin_ok(layer, quant, group_size),
         cpu_fallback=_cpu_fallback() if platform == "cpu" and not cpu_kernel_ok else None,
+        amx_ready=cpu_kernel_ok and _amx_ready(),
     )
 
 
@@ -1151,6 +1164,12 @@ def _current_model_type() -> str | None:
     vllm_config = get_current_vllm_config_or_none()
     model_config = getattr(vllm_config, "model_config", None)
     return getattr(getattr(model_config, "hf_config", None), "model_type", None)
+
+
+def _amx_ready() -> bool:
+    from awq_plugin.kernels import amx_ready
+
+    return amx_ready()
 
 
 def _cpu_kernel_ok() -> bool:

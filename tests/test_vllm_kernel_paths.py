@@ -1,8 +1,9 @@
-"""``vllm serve`` on the CPU paths for machines without AVX-512 VNNI, and how vLLM picks them.
+"""``vllm serve`` on the CPU paths for machines without AVX-512 VNNI, on the AMX tiles, and how
+vLLM picks them.
 
 The serving tests force each path with ``AWQ_PLUGIN_KERNEL`` (this machine has AVX-512
-VNNI, so auto would take the ``cpu`` kernel) and check that the server answers a chat
-request and logs the path it runs and why. One server per path, eager mode, a small KV cache.
+VNNI, so auto would take the ``cpu`` kernel) and check that vLLM generates the reference
+model's tokens and logs the path it runs and why. ``amx`` runs where the CPU has AMX-INT8.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from awq_plugin import kernels
 from awq_plugin.integrations.vllm import KernelChoice, choose_kernel
 from greedy import Greedy, assert_same_or_near_tie, reference_greedy, vllm_generate_models
 
@@ -31,6 +33,7 @@ PORTABLE_FALLBACK = KernelChoice("portable", "ARM CPU with dot product (asimddp)
         ("avx2", True, None, "avx2"),  # forced
         ("portable", True, None, "portable"),
         ("avx512", False, AVX2_FALLBACK, "cpu"),  # the alias of the AVX-512 kernel
+        ("amx", True, None, "amx"),  # the AMX tiles at every batch size
     ],
 )
 def test_vllm_cpu_choice_takes_our_kernel_for_the_cpu(
@@ -42,7 +45,14 @@ def test_vllm_cpu_choice_takes_our_kernel_for_the_cpu(
         assert choice.reason == fallback.reason  # the server log says why
 
 
-@pytest.mark.parametrize("env", ["avx2", "portable"])
+def test_vllm_auto_names_the_amx_tiles_where_they_run() -> None:
+    choice = choose_kernel("cpu", None, cpu_kernel_ok=True, marlin_ok=False, amx_ready=True)
+    assert choice.kernel == "cpu"
+    assert f"AMX tiles from {kernels.AMX_MIN_ROWS} rows" in choice.reason
+    assert "AMX" not in choose_kernel("cpu", None, cpu_kernel_ok=True, marlin_ok=False).reason
+
+
+@pytest.mark.parametrize("env", ["avx2", "portable", "amx"])
 def test_cpu_paths_cannot_be_forced_on_a_gpu(env: str) -> None:
     with pytest.raises(ValueError, match="needs the CPU platform"):
         choose_kernel("cuda", env, cpu_kernel_ok=False, marlin_ok=True)
@@ -50,8 +60,10 @@ def test_cpu_paths_cannot_be_forced_on_a_gpu(env: str) -> None:
 
 PROMPTS = [[1, 504, 3575, 282, 4649, 314], [1, 551, 28015, 30, 96, 29], [1, 24318, 14018, 429, 253, 3601]]
 NEW_TOKENS = 12
-FORCED_PATHS = ("avx2", "portable")
-# Both paths quantize activations to int8 per (row, group) as the AVX-512 kernel does; the
+FORCED_PATHS = ("avx2", "portable", "amx")
+# The AMX tiles run only on CPUs with AMX-INT8; elsewhere that path's test skips.
+RUNNABLE_PATHS = tuple(k for k in FORCED_PATHS if k != "amx" or kernels.amx_ready())
+# All three paths quantize activations to int8 per (row, group) as the AVX-512 kernel does; the
 # threshold of that kernel inside vLLM against the fp32 reference model applies (measured and
 # explained in test_vllm_plugin.SERVER_VS_REFERENCE_NATS). A wrong path moves logits by nats.
 FORCED_VS_REFERENCE_NATS = 1.0
@@ -67,7 +79,7 @@ def forced_path_runs(vllm_launch: None, default_model_rtn_g64: Path, tmp_path_fa
             "max_tokens": NEW_TOKENS,
             "env": {"AWQ_PLUGIN_KERNEL": kernel},
         }
-        for kernel in FORCED_PATHS
+        for kernel in RUNNABLE_PATHS
     ]
     return vllm_generate_models(runs, tmp_path_factory.mktemp("forced-paths"))
 
@@ -86,8 +98,10 @@ def reference(default_model_rtn_g64: Path) -> Greedy:
 def test_vllm_generates_on_the_forced_path_as_the_reference_model(
     forced_path_runs: dict, reference: Greedy, kernel: str
 ) -> None:
+    if kernel not in RUNNABLE_PATHS:
+        pytest.skip("the AMX path needs a CPU with amx_tile and amx_int8")
     log = forced_path_runs["log"]
     assert f"awq-plugin: AwqPluginLinearMethod using kernel '{kernel}' (forced by AWQ_PLUGIN_KERNEL)" in log
     assert "CPUWNA16LinearKernel" not in log  # vLLM's built-in AWQ kernel must not be in use
-    run = forced_path_runs["runs"][FORCED_PATHS.index(kernel)]  # runs come back in request order
+    run = forced_path_runs["runs"][RUNNABLE_PATHS.index(kernel)]  # runs come back in request order
     assert_same_or_near_tie(reference, run["tokens"], f"vLLM on '{kernel}'", FORCED_VS_REFERENCE_NATS)
