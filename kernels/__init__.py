@@ -51,7 +51,7 @@ Importing this module compiles nothing.
 import functools
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -645,16 +645,21 @@ def avx2_linear(
         raise ValueError(
             f"this CPU cannot execute the avx2 kernel's {inner_product!r} (flags: {AVX_VNNI_FLAG})"
         )
+    return _on_packed_layout(_avx2_extension().awq_gemm_avx2, x, weight, bias, inner_product == "vpdpbusd")
+
+
+def _on_packed_layout(
+    gemm: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    weight: AwqKernelWeight,
+    bias: torch.Tensor | None,
+    *flags: bool,
+) -> torch.Tensor:
+    """``gemm`` (an extension's entry point on :func:`repack_for_cpu`'s layout) on ``x [..., K]``,
+    with its trailing path ``flags``; returns ``[..., N]``."""
     x2 = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
-    y = _avx2_extension().awq_gemm_avx2(
-        x2,
-        weight.qweight,
-        weight.scales,
-        weight.qzeros,
-        weight.group_size,
-        weight.out_features,
-        bias,
-        inner_product == "vpdpbusd",
+    y = gemm(
+        x2, weight.qweight, weight.scales, weight.qzeros, weight.group_size, weight.out_features, bias, *flags
     )
     return y.reshape(*x.shape[:-1], weight.out_features)  # (..., N)
 
@@ -679,19 +684,7 @@ def cpu_linear(
         raise ValueError(
             f"this CPU cannot run the cpu kernel's AMX path (flags: {', '.join(AMX_INT8_FLAGS)})"
         )
-    x2 = x.reshape(-1, weight.in_features).contiguous()  # (M, K)
-    y = _cpu_extension().awq_gemm_cpu(
-        x2,
-        weight.qweight,
-        weight.scales,
-        weight.qzeros,
-        weight.group_size,
-        weight.out_features,
-        bias,
-        False,
-        path == "amx",
-    )
-    return y.reshape(*x.shape[:-1], weight.out_features)  # (..., N)
+    return _on_packed_layout(_cpu_extension().awq_gemm_cpu, x, weight, bias, False, path == "amx")
 
 
 def awq_linear(x: torch.Tensor, weight: AwqKernelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
