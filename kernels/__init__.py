@@ -101,7 +101,7 @@ CPU_K_STEP = 8  # input channels per 64-byte row (two nibbles x 4 bytes per lane
 #: Rows from which the ``cpu`` backend multiplies on the AMX tiles where it can: below, the
 #: VNNI path reads the weights at the bandwidth limit and the tiles' fixed costs (decoding a
 #: block into tiles, padding the rows to 16) do not pay; measured with ``awq-plugin bench
-#: kernels`` on a Xeon with AMX (README, kernel table).
+#: kernels`` on a Xeon with AMX (docs/results.md, "On an AMX Xeon").
 AMX_MIN_ROWS = 6
 #: The AMX path multiplies 32 or 64 input channels per tile step; a padded group of another
 #: size (a multiple of 8 only) would take 8 or 16 per step, which is not measured.

@@ -52,3 +52,26 @@ def test_a_tiny_run_records_the_machine_and_compares_with_dense(tmp_path: Path) 
         assert r["ms"] > 0
         if r["impl"] == "ours":
             assert r["speedup_vs_dense"] > 0
+
+
+def test_dense_without_amx_runs_in_a_child_capped_below_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    # oneDNN reads its ISA cap once per process: the rows must come from a child started with it.
+    seen: dict = {}
+
+    def fake_run(argv: list[str], env: dict, **kwargs) -> object:
+        seen.update(argv=argv, env=env)
+        rows = [
+            {"impl": "dense_bf16", "K": 64, "N": 32, "M": 1, "threads": 1, "ms": 2.0, "speedup_vs_dense": 1.0}
+        ]
+        rows.append({"impl": "bandwidth", "threads": 1, "gbps": 9.0})
+        return type("Done", (), {"stdout": json.dumps(rows)})()
+
+    monkeypatch.setattr(bench_kernels.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_kernels, "cpu_description", lambda: {"flags": ["amx_bf16", "avx512_bf16"]})
+    rows = bench_kernels.noamx_rows([(64, 32)], [1], [1], 8, 0.01, None)
+    assert seen["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
+    assert seen["argv"][seen["argv"].index("--impls") + 1] == "dense_bf16"
+    assert rows == [{"impl": "dense_bf16_noamx", "K": 64, "N": 32, "M": 1, "threads": 1, "ms": 2.0}]
+    # Without AMX, dense_bf16 is already without it: no child, no rows.
+    monkeypatch.setattr(bench_kernels, "cpu_description", lambda: {"flags": ["avx512_bf16"]})
+    assert bench_kernels.noamx_rows([(64, 32)], [1], [1], 8, 0.01, None) == []
