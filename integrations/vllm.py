@@ -76,11 +76,10 @@ from typing import TYPE_CHECKING, Any
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
-from awq_plugin.kernels import (
-    AMX_MIN_ROWS,
-    KERNEL_ENV,
-    kernel_name,
-)  # in vLLM the variable also accepts ``marlin``
+
+# In vLLM, AWQ_PLUGIN_KERNEL also accepts ``marlin``.
+from awq_plugin.kernels import AMX_MIN_ROWS, KERNEL_ENV, kernel_name
+from awq_plugin.kernels import amx_ready as _amx_ready_here
 from awq_plugin.numerics import PER_CHANNEL, effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 
@@ -590,7 +589,7 @@ def _choose_kernel_here(layer: Any, group_size: int, quant: AwqQuantConfig) -> K
         cpu_kernel_ok=cpu_kernel_ok,
         marlin_ok=platform in _GPU_PLATFORMS and _marlin_ok(layer, quant, group_size),
         cpu_fallback=_cpu_fallback() if platform == "cpu" and not cpu_kernel_ok else None,
-        amx_ready=cpu_kernel_ok and _amx_ready(),
+        amx_ready=cpu_kernel_ok and _amx_ready_here(),
     )
 
 
@@ -1164,12 +1163,6 @@ def _current_model_type() -> str | None:
     vllm_config = get_current_vllm_config_or_none()
     model_config = getattr(vllm_config, "model_config", None)
     return getattr(getattr(model_config, "hf_config", None), "model_type", None)
-
-
-def _amx_ready() -> bool:
-    from awq_plugin.kernels import amx_ready
-
-    return amx_ready()
 
 
 def _cpu_kernel_ok() -> bool:

@@ -31,8 +31,8 @@
 // row are, after the nibble split, two rows of the B operand of tdpbssd
 // (16 output channels x 4 consecutive k each), so a block's group is decoded
 // into B tiles without any shuffle, with the zero point subtracted in int8
-// (q - z in [-15, 15]). The A operand is the int8 activations as they lie,
-// 16 rows at a time with a row stride of Kp. Each C tile then holds the exact
+// (q - z in [-15, 15]). The A operand is the int8 activations, copied once per
+// call into contiguous tiles of 16 rows. Each C tile then holds the exact
 // group dots sum_k a_q * (q - z), which the VNNI path reaches by subtracting
 // z * sum_a; the group's fp32 scaling is the same instruction sequence.
 // The weights are decoded once per block and group and reused for every row.
@@ -370,8 +370,9 @@ inline void amx_scale_tile(const int32_t* __restrict c, __m512 s, const float* _
 }
 
 // The int8 activations [Mp][Kp] as A tiles: [Mp / 16][Kp / k_step][16 rows][k_step], each
-// tile contiguous. Loading tiles straight from [Mp][Kp] strides their 16 rows by Kp bytes,
-// often a multiple of 4 KiB: every row then falls into the same L1 set.
+// tile contiguous. Loaded straight from [Mp][Kp], a tile's 16 rows would be Kp bytes apart,
+// often a multiple of 4 KiB, and share one L1 set (no gain measured on the Xeon, where the
+// copy costs little).
 void amx_tile_activations(const int8_t* aq, int64_t Mp, int64_t Kp, int64_t k_step, int8_t* at) {
   const int64_t chunks = Kp / k_step;
   at::parallel_for(0, Mp, 16, [&](int64_t m0, int64_t m1) {
@@ -417,15 +418,16 @@ void amx_scale_pending(const AmxPending& job, const int32_t* c, int64_t NG) {
   }
 
 // All Mp rows (a multiple of 16; rows past M are zero activations) x one block of nb tiles,
-// over all of K, into acc [Mp][kBlockTiles * kTileN] (written, not added to). Needs amx_configure(k_step) on this
-// thread. at: the activations as A tiles (amx_tile_activations); bt: 16 * Gp * nb bytes of
-// B tiles; cbuf: four C tiles; s: two sets of kBlockTiles scales.
+// over all of K, into acc [Mp][kBlockTiles * kTileN] (written, not added to). Needs
+// amx_configure(k_step) on this thread. at: the activations as A tiles
+// (amx_tile_activations); bt: 16 * Gp * nb bytes of B tiles; cbuf: four C tiles; s: two
+// sets of kBlockTiles scales.
 //
 // Per group the block is decoded into B tiles once; then each row tile loads its A tile
-// once per k-step and multiplies it with every channel tile of the block (C in tmm0-3, A in
-// tmm4-5, B in tmm6-7). The fp32 scaling of the previous row tile comes after
-// the next row tile's tdpbssd in program order, so the vector units scale while the tile
-// unit multiplies.
+// once per k-step and multiplies it with every channel tile of the block (C in tmm0-3, A
+// in tmm4-5, B in tmm6-7). The fp32 scaling of the previous row tile comes after the next
+// row tile's tdpbssd in program order, so the vector units can scale while the tile unit
+// multiplies.
 void block_amx(const uint8_t* __restrict wq, const c10::Half* __restrict ws,
                const uint8_t* __restrict wz, const int8_t* __restrict at,
                const float* __restrict sa, const Problem& p, int64_t Mp, int64_t nb,
@@ -619,8 +621,6 @@ void run_gemm(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, c
 
 }  // namespace
 
-bool awq_has_amx_code() { return AWQ_HAVE_AMX; }
-
 bool awq_amx_ready() {
 #if AWQ_HAVE_AMX
   return amx_permitted();
@@ -661,7 +661,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("wq"), py::arg("ws"), py::arg("wz"), py::arg("group_size"), py::arg("out_features"),
         py::arg("bias") = py::none(), py::arg("generic") = false, py::arg("amx") = false);
   m.def("has_avx512_vnni", &awq_has_avx512_vnni, "whether the AVX-512 VNNI path was compiled in");
-  m.def("has_amx_code", &awq_has_amx_code, "whether the AMX path was compiled in");
   m.def("amx_ready", &awq_amx_ready,
         "whether the AMX path runs here: compiled in, and Linux granted the tile state");
   m.def("block_tiles", &awq_block_tiles, "tiles of 16 output channels per weight block");
