@@ -18,6 +18,7 @@ from torch import nn
 
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.format.checkpoint import save_awq_checkpoint
+from awq_plugin.models.grouped_linear import COLUMN_LEAVES, GroupedLinearSplit
 from awq_plugin.numerics.pack import pack
 from awq_plugin.numerics.quant_ref import quantize
 
@@ -53,16 +54,43 @@ def packed_state_dict(
     """
     names = set(linear_names)
     skipped = set(skip_keys)
+    packed = {name: pack_linear(module.get_submodule(name), quant, (clip or {}).get(name)) for name in names}
+    packed, joined = _join_grouped(module, packed)
     state: dict[str, torch.Tensor] = {}
-    for name in sorted(names):
-        for leaf, tensor in pack_linear(module.get_submodule(name), quant, (clip or {}).get(name)).items():
+    for name in sorted(packed):
+        for leaf, tensor in packed[name].items():
             state[rename(f"{prefix}{name}.{leaf}")] = tensor
     for key, tensor in module.state_dict().items():
-        if key.rsplit(".", 1)[0] in names or key in skipped:
+        owner = key.rsplit(".", 1)[0]
+        if owner in names or owner in joined or key in skipped:
             continue
         value = tensor.detach()
         state[rename(prefix + key)] = value.to(torch.float16) if value.is_floating_point() else value
     return state
+
+
+def _join_grouped(
+    module: nn.Module, packed: dict[str, dict[str, torch.Tensor]]
+) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
+    """The packed parts of each grouped linear (:class:`GroupedLinearSplit`) joined into the one AWQ
+    linear its checkpoint name stands for; returns the packed map and the joined names."""
+    joined = set()
+    for name, split in module.named_modules():
+        if not isinstance(split, GroupedLinearSplit):
+            continue
+        parts = [f"{name}.{g}" if name else str(g) for g in range(len(split))]
+        present = [part in packed for part in parts]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"{name}: a grouped linear is quantized whole or not at all, not in part")
+        tensors = [packed.pop(part) for part in parts]
+        packed[name] = {
+            leaf: torch.cat([t[leaf] for t in tensors], dim=1 if leaf in COLUMN_LEAVES else 0)
+            for leaf in tensors[0]
+        }
+        joined.add(name)
+    return packed, joined
 
 
 def decoder_linear_names(

@@ -55,8 +55,7 @@ from awq_plugin.config import AwqQuantConfig, quant_config_dict
 from awq_plugin.errors import AwqPluginError, CalibrationError, ConfigError, TemplateError
 from awq_plugin.format.checkpoint import SafetensorsReader, read_json
 from awq_plugin.fsutil import check_output_dir
-from awq_plugin.models import has_submodule
-from awq_plugin.models.conv1d import linearize_conv1d
+from awq_plugin.models import as_plain_linears, has_submodule
 from awq_plugin.pipeline.assemble import RESULTS_FILE, assemble_checkpoint
 from awq_plugin.pipeline.blocks import (
     layer_as_built,
@@ -187,7 +186,7 @@ def _open_source(
     reader = SafetensorsReader(folder)
     hf_config = hf_config_from_dict(config, trust_remote_code, folder)
     model = build_empty_model(hf_config, torch.float32, trust_remote_code)
-    linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear (loads the source's [in, out] weights)
+    as_plain_linears(model)  # Conv1D and grouped linears as nn.Linear (the source's tensors load unchanged)
     reader = renamed_reader(reader, model)  # transformers' key renamings (VLM checkpoint layouts)
     if template == INFER or (template is None and not _has_shipped_template(model)):
         template = _inferred_template(model, reader)
@@ -199,7 +198,7 @@ def _open_source(
         # fails on the first missing tensor instead.
         log.warning("%s", missing)
         model = build_empty_model(hf_config, torch.float32, trust_remote_code)
-        linearize_conv1d(model)
+        as_plain_linears(model)
         reader = renamed_reader(SafetensorsReader(folder), model)
         resolved = resolve_template(model, template_without_experts(resolved.data, missing))
     return _Source(folder, config, reader, model, resolved)

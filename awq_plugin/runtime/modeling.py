@@ -27,8 +27,9 @@ from awq_plugin.format.checkpoint import (
     validate_checkpoint,
 )
 from awq_plugin.models.auto import auto_model_class
+from awq_plugin.models.grouped_linear import GroupedLinearSplit, input_groups, split_linear
 from awq_plugin.models.tied import tied_parameters
-from awq_plugin.runtime.qlinear import AwqLinear
+from awq_plugin.runtime.qlinear import AwqGroupedLinear, AwqLinear
 from awq_plugin.templates import unfuse_experts_for_loading
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,15 @@ def swap_in_awq_linears(
 
     for prefix in prefixes:
         old = get_submodule(model, prefix)
+        groups = input_groups(old)  # DeepSeek-V4's o_a_proj: G linears side by side
+        if groups is not None:
+            part = old[0] if isinstance(old, GroupedLinearSplit) else None
+            n_in = part.in_features if part is not None else old.in_features
+            n_out = part.out_features * groups if part is not None else old.out_features
+            has_bias = (part if part is not None else old).bias is not None
+            new = AwqGroupedLinear(n_in, n_out, group_size, has_bias, groups, backend=backend, dtype=dtype)
+            replace_module(model, prefix, new)
+            continue
         if isinstance(old, nn.Linear):
             n_in, n_out = old.in_features, old.out_features
         elif isinstance(old, Conv1D):  # GPT-2's linear, weight stored [in, out]
@@ -150,6 +160,15 @@ def dequantize_awq_linears(model: nn.Module, dtype: torch.dtype = torch.float32)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, AwqLinear)]
     for name, module in targets:
         weight = module.dequantized_weight(dtype)  # (N, K)
+        if isinstance(module, AwqGroupedLinear):  # its G plain linears, in its grouped math
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.to(device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            replace_module(model, name, split_linear(dense, module.input_groups))
+            continue
         linear = nn.Linear(
             module.in_features,
             module.out_features,

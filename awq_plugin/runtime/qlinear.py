@@ -112,6 +112,11 @@ class AwqLinear(nn.Module):
             )
         return self._kernel_weight
 
+    @property
+    def kernel_backend(self) -> str:
+        """The kernel this layer runs on (repacks the weights for it on first use)."""
+        return self.kernel_weight().backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from awq_plugin.kernels import awq_linear
 
@@ -129,3 +134,72 @@ class AwqLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend or 'auto'}"
         )
+
+
+class AwqGroupedLinear(AwqLinear):
+    """A grouped linear (DeepSeek-V4's ``o_a_proj``, see :mod:`awq_plugin.models.grouped_linear`)
+    with AWQ weights: input ``[..., G, k]``, group ``g`` through output channels
+    ``g*r:(g+1)*r``, output ``[..., G, r]``.
+
+    Its buffers are one AWQ linear's (``[k, G*r/8]`` ...), as the checkpoint stores them; the
+    kernel runs once per group on that group's output channels (whole packed columns, as
+    ``r`` is a multiple of 8).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        bias: bool,
+        input_groups: int,
+        backend: str | None = None,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if input_groups < 1 or out_features % (input_groups * PACK_FACTOR):
+            raise ValueError(
+                f"out_features={out_features} does not split into {input_groups} groups of a multiple of "
+                f"{PACK_FACTOR} channels"
+            )
+        super().__init__(in_features, out_features, group_size, bias, backend, dtype, device)
+        self.input_groups = input_groups
+
+    @property
+    def kernel_backend(self) -> str:
+        return self.kernel_weight()[0].backend
+
+    def kernel_weight(self):
+        """One kernel weight per group of output channels."""
+        if self._kernel_weight is None:
+            from awq_plugin.kernels import prepare_awq_weight
+
+            columns = self.out_features // self.input_groups // PACK_FACTOR
+            self._kernel_weight = [
+                prepare_awq_weight(
+                    self.qweight[:, g * columns : (g + 1) * columns].contiguous(),
+                    self.qzeros[:, g * columns : (g + 1) * columns].contiguous(),
+                    self.scales[:, g * columns * PACK_FACTOR : (g + 1) * columns * PACK_FACTOR].contiguous(),
+                    self.group_size,
+                    backend=self.backend,
+                )
+                for g in range(self.input_groups)
+            ]
+        return self._kernel_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from awq_plugin.kernels import awq_linear
+
+        if x.shape[-2] != self.input_groups:
+            raise ValueError(
+                f"grouped AWQ linear of {self.input_groups} groups got an input of shape {tuple(x.shape)}"
+            )
+        rows = self.out_features // self.input_groups
+        outs = []
+        for g, weight in enumerate(self.kernel_weight()):
+            bias = None if self.bias is None else self.bias[g * rows : (g + 1) * rows]
+            outs.append(awq_linear(x[..., g, :].contiguous(), weight, bias))
+        return torch.stack(outs, dim=-2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_groups={self.input_groups}"

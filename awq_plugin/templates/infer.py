@@ -46,8 +46,7 @@ from torch import nn
 
 from awq_plugin.calibration.capture import BlockInputs, capture_decoder_inputs, first_output
 from awq_plugin.errors import TemplateError
-from awq_plugin.models import has_submodule
-from awq_plugin.models.conv1d import linearize_conv1d
+from awq_plugin.models import as_plain_linears, has_submodule
 from awq_plugin.models.discover_experts import (
     ExpertsFinding,
     checkpoint_expert_names,
@@ -606,7 +605,7 @@ def infer_template(
     the modules outside the layers must have theirs.
     """
     config = getattr(model, "config", None)
-    linearize_conv1d(model)  # GPT-2's Conv1D is a linear: make it one, in place
+    as_plain_linears(model)  # Conv1D, grouped linears: plain nn.Linear, in place
     layers_path = find_decoder_layers(model)
     layers = model.get_submodule(layers_path)
     non_layer = find_non_layer_modules(model, layers_path)

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from awq_plugin.errors import TemplateError
-from awq_plugin.models import has_submodule
-from awq_plugin.models.conv1d import linearize_conv1d
+from awq_plugin.models import as_plain_linears, has_submodule
 from awq_plugin.models.experts import ExpertsLayout, unfuse_experts
 from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates.layer_config import config_of_layer
@@ -180,13 +179,15 @@ def _inferred(model: nn.Module) -> tuple[dict[str, Any], str]:
 
 def _as_model(model_or_config: Any) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
-        linearize_conv1d(model_or_config)  # GPT-2's Conv1D is a linear: make it one, in place
+        as_plain_linears(model_or_config)  # Conv1D, grouped linears: plain nn.Linear, in place
         return model_or_config
     # A config: build the module tree without allocating weights (names are all we need).
     from awq_plugin.models.auto import auto_model_class
 
     with torch.device("meta"):
-        return auto_model_class(model_or_config).from_config(model_or_config)
+        model = auto_model_class(model_or_config).from_config(model_or_config)
+    as_plain_linears(model)  # a grouped linear's parts have names of their own
+    return model
 
 
 def _check_config_requirements(data: Mapping[str, Any], config: Any, where: str) -> None:

@@ -155,6 +155,10 @@ def _shrink_fields(config: Any, seen: set[int] | None = None) -> None:
         config.num_experts_per_tok = SMALL["num_experts_per_tok"]  # DeepSeek-V2 leaves it unset
     if getattr(config, "kv_lora_rank", None) and getattr(config, "num_key_value_heads", None):
         config.num_key_value_heads = config.num_attention_heads  # latent attention: one K/V per head
+    if getattr(config, "o_groups", None) and getattr(config, "o_lora_rank", None):
+        # DeepSeek-V4's grouped output projection: groups of 32 inputs (one quantization group),
+        # a rank as small as the rest of the tiny model
+        config.o_groups, config.o_lora_rank = 2, 32
     vocab = getattr(config, "vocab_size", None)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids beyond the tiny vocabulary
         current = getattr(config, key, None)
@@ -460,7 +464,7 @@ def kernel_name(model: Any) -> str | None:
     """The backend the model's AWQ linears run on (None: the model has none)."""
     from awq_plugin.runtime.qlinear import AwqLinear
 
-    names = {m.kernel_weight().backend for m in model.modules() if isinstance(m, AwqLinear)}
+    names = {m.kernel_backend for m in model.modules() if isinstance(m, AwqLinear)}
     return ",".join(sorted(names)) or None
 
 

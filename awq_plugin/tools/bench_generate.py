@@ -111,7 +111,7 @@ def awq_kernel(model: Any) -> str | None:
 
     for module in model.modules():
         if isinstance(module, AwqLinear):
-            return module.kernel_weight().backend
+            return module.kernel_backend
     return None
 
 
