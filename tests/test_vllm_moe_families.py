@@ -28,9 +28,8 @@ top-2 margins. vLLM runs with our ``reference`` kernel (the math of the oracle: 
 up to the usual near ties, tests/greedy.py) and gpt-oss once with the default CPU kernel (int8
 activations: near ties of 1 nat, as in tests/test_moe.py). A planted bug, gpt-oss with gate and
 up stored as halves instead of interleaved, must change the tokens: the comparison can see a
-layout mistake. DeepSeek-V2/V3 are not here: vLLM 0.32 on CPU runs them (with kv_lora_rank 512
-+ rope 64, the only MLA size its CPU kernels take) but its tokens differ from transformers'
-already in full precision on such tiny models.
+layout mistake. Qwen3-Next and DeepSeek-V3 are served from checkpoints our pipeline writes
+(``tests/test_moe_families.py``), not here.
 
 Runtime: about 75 s (one vLLM process, engine in-process, thirteen model loads).
 """
@@ -69,6 +68,36 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "phimoe": dict(attention_bias=True, lm_head_bias=True),
     # vLLM's AFMoE reads routing fields real AFMoE configs carry and transformers 5's lacks
     "afmoe": dict(score_func="sigmoid", route_norm=True, n_group=1, topk_group=1),
+    # vLLM's CPU MLA kernels take kv_lora_rank 512 with rope 64 only; its grouped router needs
+    # the group fields. Rope as DeepSeek-V3 ships it (YaRN): vLLM 0.32's CPU rotary kernel, which
+    # the default rope type reaches, mis-rotates every query head but the first in MLA's 3-D
+    # query slice (its PyTorch path and the YaRN class are right), so the default rope type
+    # would test that bug rather than the checkpoint.
+    "deepseek_v3": dict(
+        first_k_dense_replace=1,  # its default (3) would leave the tiny model no MoE layer
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        head_dim=64,
+        qk_head_dim=128,
+        q_lora_rank=None,
+        n_group=1,
+        topk_group=1,
+        topk_method="noaux_tc",  # as V3's config says: vLLM then reads the router's correction bias
+        scoring_func="sigmoid",
+        max_position_embeddings=163840,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    ),
 }
 #: transformers 5 names some classes otherwise than vLLM's registry (which then falls back to
 #: its Transformers backend): the name real checkpoints carry.
@@ -101,6 +130,8 @@ EXPERTS = {
     "gpt_oss": ("mlp", "experts.gate_up_proj", "experts.down_proj", True, "router"),
     "llama4_text": ("feed_forward", "experts.gate_up_proj", "experts.down_proj", True, "router"),
     "granitemoe": ("block_sparse_moe", "input_linear.weight", "output_linear.weight", False, "router.layer"),
+    "qwen3_next": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
+    "deepseek_v3": ("mlp", "experts.gate_up_proj", "experts.down_proj", False, "gate"),
 }
 
 
