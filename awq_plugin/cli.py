@@ -166,9 +166,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     target = Path(args.out)
     out = target if args.format == "autoawq" else target.with_name(f".{target.name}.autoawq")
     if out != target:
+        from awq_plugin.format.checkpoint import read_json
+        from awq_plugin.format.convert import check_layout_holds_architecture
         from awq_plugin.fsutil import check_output_dir
 
         check_output_dir(target, args.overwrite)
+        check_layout_holds_architecture(read_json(Path(args.source) / "config.json"), args.format)
     report = quantize_checkpoint(
         args.source,
         out,

@@ -187,3 +187,62 @@ def _packed_state(layer: Layer) -> dict[str, torch.Tensor]:
 def test_a_grouped_awq_linear_refuses_channels_that_do_not_split() -> None:
     with pytest.raises(ValueError, match="does not split into 3 groups"):
         AwqGroupedLinear(64, 36, 32, False, 3)
+
+
+def test_an_unpackable_grouped_linear_is_listed_by_the_name_loaders_see(tmp_path) -> None:
+    """8 inputs per group cannot hold a group of 32: the grouped linear stays in full precision,
+    listed in modules_to_not_convert as ``o_a_proj`` (not its parts), and reloads as itself."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import awq_plugin.integrations.transformers as awq_transformers
+    from awq_plugin.api import quantize
+
+    model = tiny_model("deepseek_v4", o_groups=8, o_lora_rank=64)  # 4 heads x 16 / 8 = 8 inputs
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(1, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantize(
+        str(tmp_path / "src"), "uint4_wo_32", ids, out_dir=tmp_path / "awq", progress=False, guard="warn"
+    )
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    listed = [name for name in config["modules_to_not_convert"] if "o_a_proj" in name]
+    assert listed == [f"model.layers.{i}.self_attn.o_a_proj" for i in range(model.config.num_hidden_layers)]
+    awq_transformers.activate()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "awq").eval()
+    assert type(loaded.model.layers[0].self_attn.o_a_proj) is type(model.model.layers[0].self_attn.o_a_proj)
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.99
+
+
+def test_layouts_whose_loaders_would_run_a_grouped_linear_flat_are_refused(tmp_path, capsys) -> None:
+    """compressed-tensors and GPTQ loaders would make o_a_proj one plain quantized linear: convert
+    and quantize --format refuse, naming it, before writing anything."""
+    from awq_plugin import cli
+    from awq_plugin.api import quantize
+    from awq_plugin.errors import CheckpointError
+    from awq_plugin.format.convert import convert_checkpoint
+
+    model = tiny_model("deepseek_v4")
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(1, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantize(
+        str(tmp_path / "src"), "uint4_wo_32", ids, out_dir=tmp_path / "awq", progress=False, guard="warn"
+    )
+    for to in ("compressed-tensors", "gptq"):
+        with pytest.raises(CheckpointError, match=r"self_attn\.o_a_proj .* grouped linear"):
+            convert_checkpoint(tmp_path / "awq", tmp_path / to, to)
+        assert not (tmp_path / to).exists()
+    convert_checkpoint(tmp_path / "awq", tmp_path / "same", "autoawq")  # its own layout still converts
+    argv = [
+        "quantize",
+        str(tmp_path / "src"),
+        str(tmp_path / "ct"),
+        "--format",
+        "compressed-tensors",
+        "--no-progress",
+    ]
+    assert cli.main(argv) != 0
+    assert "grouped linear" in capsys.readouterr().err
+    assert not (tmp_path / "ct").exists()

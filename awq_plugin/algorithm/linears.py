@@ -18,6 +18,7 @@ from torch import nn
 
 from awq_plugin.algorithm.search import replaced_weights
 from awq_plugin.errors import ConfigError
+from awq_plugin.models.grouped_linear import loaded_name
 from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.numerics.search_quant import GroupFakeQuantizer
@@ -87,7 +88,8 @@ def ungroupable_linears(
                 "linear weights); choose a group size that divides it or list the module in "
                 "modules_to_not_convert"
             )
-        kept.extend(groups.full_name(name) for name in bad)
+        # a grouped linear's parts are listed as the grouped linear, the module loaders see
+        kept.extend(dict.fromkeys(groups.full_name(loaded_name(block, name)) for name in bad))
     return tuple(kept)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from awq_plugin.algorithm.linears import QuantConfigT, _skips
+from awq_plugin.models.grouped_linear import loaded_name
 from awq_plugin.numerics import effective_group_size
 from awq_plugin.numerics.pack import PACK_FACTOR
 from awq_plugin.templates import ResolvedTemplate
@@ -108,7 +109,7 @@ def decoder_precision(
                 report.int4_weights += size
                 continue
             report.fp_weights += size
-            full = groups.full_name(name)
+            full = groups.full_name(loaded_name(block, name))
             leaf = not any(True for _ in module.children())
             reason = _reason(name, module, groups, quant_config, not_quantized, routers, kept_fused)
             if isinstance(module, nn.Linear) or (leaf and _weight_2d(module)) or _is_fused_experts(module):

@@ -42,6 +42,7 @@ from awq_plugin.format.checkpoint import (
     write_sharded,
 )
 from awq_plugin.fsutil import atomic_output_dir, atomic_write_json
+from awq_plugin.models.grouped_linear import input_groups
 from awq_plugin.numerics import PER_CHANNEL
 from awq_plugin.numerics.layouts import (
     SYMMETRIC_ZERO,
@@ -250,6 +251,24 @@ def target_scheme(
     return target
 
 
+def check_layout_holds_architecture(config: Mapping[str, Any], to: str) -> None:
+    """Refuse ``to`` for an architecture with grouped linears (DeepSeek-V4's ``o_a_proj``) unless
+    it is AutoAWQ: compressed-tensors and GPTQ loaders would replace them by plain quantized
+    linears, which compute ``x @ W.T`` over the whole weight instead of one block per group."""
+    if to == "autoawq":
+        return
+    built = _meta_model(config)
+    if built is None:
+        return
+    model, rename = built
+    grouped = [rename(name) for name, module in model.named_modules() if input_groups(module) is not None]
+    if grouped:
+        raise CheckpointError(
+            f"{grouped[0]} (and {len(grouped) - 1} more) is a grouped linear, which {to} loaders would run as "
+            "one plain linear over the whole weight; keep the AutoAWQ layout (--to autoawq / --format autoawq)"
+        )
+
+
 def _autoawq_config(target: Scheme) -> AwqQuantConfig:
     return AwqQuantConfig(
         bits=4,
@@ -319,6 +338,7 @@ def convert_checkpoint(
         stored = reader.get_spec(f"{linears[0]}.weight_scale").dtype
         scheme = dataclasses.replace(scheme, scale_dtype=stored)
     target = target_scheme(scheme, to, config, gptq_format)
+    check_layout_holds_architecture(config, to)
     if target.layout != "autoawq" and any(_linear_shape(reader, p, scheme)[0][0] % 8 for p in linears):
         raise CheckpointError("a quantized linear's output size is not a multiple of 8")
     owned = {f"{p}.{leaf}" for p in linears for leaf in LAYOUT_SUFFIXES[scheme.layout]}

@@ -112,6 +112,15 @@ def _split_for_children(module: nn.Module, state: dict[str, Any], prefix: str, *
             state[f"{prefix}{g}.{leaf}"] = part.contiguous()
 
 
+def loaded_name(root: nn.Module, name: str) -> str:
+    """The module of ``root`` a loader sees for ``name``: a grouped linear's part
+    (``o_a_proj.3``) is the grouped linear (``o_a_proj``), split only while quantizing."""
+    parent = name.rpartition(".")[0]
+    if parent and isinstance(root.get_submodule(parent), GroupedLinearSplit):
+        return parent
+    return name
+
+
 def split_linear(module: nn.Linear, groups: int) -> GroupedLinearSplit:
     """The G plain linears of a grouped one (weights copied; meta stays meta)."""
     rows = module.out_features // groups
