@@ -27,7 +27,7 @@ from awq_plugin.format.checkpoint import (
     validate_checkpoint,
 )
 from awq_plugin.models.auto import auto_model_class
-from awq_plugin.models.grouped_linear import GroupedLinearSplit, input_groups, split_linear
+from awq_plugin.models.grouped_linear import input_groups, split_linear
 from awq_plugin.models.tied import tied_parameters
 from awq_plugin.runtime.qlinear import AwqGroupedLinear, AwqLinear
 from awq_plugin.templates import unfuse_experts_for_loading
@@ -133,13 +133,10 @@ def swap_in_awq_linears(
 
     for prefix in prefixes:
         old = get_submodule(model, prefix)
-        groups = input_groups(old)  # DeepSeek-V4's o_a_proj: G linears side by side
-        if groups is not None:
-            part = old[0] if isinstance(old, GroupedLinearSplit) else None
-            n_in = part.in_features if part is not None else old.in_features
-            n_out = part.out_features * groups if part is not None else old.out_features
-            has_bias = (part if part is not None else old).bias is not None
-            new = AwqGroupedLinear(n_in, n_out, group_size, has_bias, groups, backend=backend, dtype=dtype)
+        groups = input_groups(old) if isinstance(old, nn.Linear) else None
+        if groups is not None:  # DeepSeek-V4's o_a_proj: G linears side by side
+            n_in, n_out, bias = old.in_features, old.out_features, old.bias is not None
+            new = AwqGroupedLinear(n_in, n_out, group_size, bias, groups, backend=backend, dtype=dtype)
             replace_module(model, prefix, new)
             continue
         if isinstance(old, nn.Linear):
