@@ -45,6 +45,14 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations in host memory before each
+        # smoothing search, which torch refuses without an accelerator ("Cannot access
+        # accelerator device"). Pinning only speeds host-to-device copies; without a device
+        # there are none, so it is skipped. Nothing else of the peer changes.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index: None
     with open(args.ids) as handle:
         ids = json.load(handle)
     dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
