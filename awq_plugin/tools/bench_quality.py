@@ -128,7 +128,7 @@ def measure(
     from awq_plugin.algorithm.forward_dtype import resolve_search_dtype
     from awq_plugin.calibration.text import calibration_windows, evaluation_windows
     from awq_plugin.config import AwqQuantConfig
-    from awq_plugin.evaluate import perplexity
+    from awq_plugin.evaluate import paired_difference, perplexity
     from awq_plugin.pipeline.guard import InMemoryGuard, fake_quantize_linears, held_out_windows
     from awq_plugin.templates import resolve_template
 
@@ -138,10 +138,14 @@ def measure(
     evals = evaluation_windows(tokenizer, "enwiki-heldout", windows, 512)
     held = held_out_windows(tokenizer, "enwiki", n_samples, seq_len, 0)
 
-    def ppl(model: torch.nn.Module) -> float:
-        return perplexity(model, evals, batch_size=4, progress=False).ppl
+    scored: dict[str, list[float]] = {}
 
-    ppl_fp = ppl(base)
+    def ppl(model: torch.nn.Module, name: str) -> float:
+        result = perplexity(model, evals, batch_size=4, progress=False)
+        scored[name] = list(result.window_nll)
+        return result.ppl
+
+    ppl_fp = ppl(base, "fp")
     rows = []
     for scheme in schemes:
         quant = AwqQuantConfig.from_scheme(scheme)
@@ -159,7 +163,7 @@ def measure(
             continue
         rtn = copy.deepcopy(base)
         fake_quantize_linears(rtn, quant)
-        row["ppl_rtn"] = ppl(rtn)
+        row["ppl_rtn"] = ppl(rtn, "rtn")
         del rtn
         awq = copy.deepcopy(base)
         started = time.perf_counter()
@@ -170,9 +174,14 @@ def measure(
         run_awq(awq, quant, calib, dict(resolved.data), options=options, progress=False, observer=watch)
         row["awq_seconds"] = round(time.perf_counter() - started, 1)
         fake_quantize_linears(awq, quant)
-        row["ppl_awq"] = ppl(awq)
+        row["ppl_awq"] = ppl(awq, "awq")
         gap = row["ppl_rtn"] - ppl_fp
         row["gap_closed"] = (row["ppl_rtn"] - row["ppl_awq"]) / gap if gap > 0 else None
+        # Per-window losses (nats/token), so that two runs on the same windows compare by their
+        # paired differences, and AWQ against rounding with its standard error.
+        row["window_nll"] = {"fp": scored["fp"], "rtn": scored["rtn"], "awq": scored["awq"]}
+        difference, error = paired_difference(scored["awq"], scored["rtn"])
+        row["awq_minus_rtn"] = {"nats_per_token": difference, "standard_error": error}
         # What a user gets by default: AWQ, or rounding where the guard found AWQ lost.
         row["kept"] = "awq"
         if watch is not None:
@@ -220,6 +229,34 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def compare(base: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each (model, scheme) in both documents: OTHER's AWQ loss minus BASE's on the same evaluation
+    windows, in nats/token, with the standard error of the paired differences."""
+    from awq_plugin.evaluate import paired_difference
+
+    def keyed(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(r["model"], r["scheme"]): r for r in document["rows"] if "window_nll" in r}
+
+    before, after = keyed(base), keyed(other)
+    out = []
+    for key in sorted(before.keys() & after.keys()):
+        a, b = before[key]["window_nll"]["awq"], after[key]["window_nll"]["awq"]
+        if len(a) != len(b):
+            raise SystemExit(f"{key[0]} {key[1]}: {len(a)} against {len(b)} evaluation windows")
+        difference, error = paired_difference(b, a)
+        out.append(
+            {
+                "model": key[0],
+                "scheme": key[1],
+                "windows": len(a),
+                "ppl_awq": [before[key]["ppl_awq"], after[key]["ppl_awq"]],
+                "gap_closed": [before[key]["gap_closed"], after[key]["gap_closed"]],
+                "other_minus_base": {"nats_per_token": difference, "standard_error": error},
+            }
+        )
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from awq_plugin.algorithm.awq import AwqOptions
 
@@ -240,6 +277,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prepare", action="store_true", help="only build the panel's model folders")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BASE", "OTHER"),
+        help="compare two earlier --json results window by window (nothing is run)",
+    )
     args = p.parse_args(argv)
     args.awq_options = AwqOptions.from_dict(json.loads(args.options))
     return args
@@ -249,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
+    if args.compare:
+        documents = [json.loads(path.read_text()) for path in args.compare]
+        print(json.dumps(compare(*documents), indent=2))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.models_dir.mkdir(parents=True, exist_ok=True)
