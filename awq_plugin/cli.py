@@ -71,13 +71,14 @@ def _awq_options(args: argparse.Namespace):
         seed=args.seed,
         search_dtype=args.search_dtype,
         rounding=args.rounding,
+        propagate=args.propagate,
     )
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     # Defaults come from the library's owners (both torch-free), so the CLI and the Python API
     # write the same checkpoint and building the parser does not import torch.
-    from awq_plugin.algorithm.options import ROUNDINGS, AwqOptions
+    from awq_plugin.algorithm.options import PROPAGATE_CHOICES, ROUNDINGS, AwqOptions
     from awq_plugin.calibration.settings import DEFAULTS
 
     options = AwqOptions()
@@ -146,6 +147,14 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         help=f"how the weights go to their grid after the scales and clips (default {options.rounding}): "
         "each to its nearest level, or compensated (GPTQ's error compensation over the block's calibration "
         "inputs, kept in each block whose held-out error it lowers)",
+    )
+    p.add_argument(
+        "--propagate",
+        choices=PROPAGATE_CHOICES,
+        default=options.propagate,
+        help=f"what feeds each next block (default {options.propagate}): the outputs of this block as "
+        "quantized, or its full-precision outputs (one forward per block less; with --rounding nearest "
+        "the fast setting)",
     )
     p.add_argument(
         "--seed",

@@ -110,8 +110,10 @@ class AwqConfig(HfAwqConfig):
         seq_len: tokens per calibration window.
         duo_scaling: scale by activation and weight magnitude (AutoAWQ's ``duo_scaling``).
         clip: run the clip (max-range shrink) search after scaling.
-        rounding: ``"nearest"`` (default) or ``"compensated"`` (GPTQ's error compensation after
-            the scales and clips, kept per block where its held-out error is lower).
+        rounding: ``"compensated"`` (default: GPTQ's error compensation after the scales and
+            clips, kept per block where its held-out error is lower) or ``"nearest"``.
+        propagate: what feeds each next block: ``"quantized"`` (default) outputs of the block
+            as quantized, or ``"fp"`` its full-precision outputs (one forward per block less).
         template: architecture template name, path or dict (default: the shipped one).
         backend: kernel, ``"auto"`` (default: CPU kernel or Triton by device), ``"cpu"``,
             ``"triton"`` or ``"reference"``.
@@ -144,6 +146,7 @@ class AwqConfig(HfAwqConfig):
         duo_scaling: bool = AwqOptions.duo_scaling,
         clip: bool = AwqOptions.clip,
         rounding: str = AwqOptions.rounding,
+        propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
         tokenizer: Any = None,
@@ -166,6 +169,7 @@ class AwqConfig(HfAwqConfig):
         self.duo_scaling = duo_scaling
         self.clip = clip
         self.rounding = rounding
+        self.propagate = propagate
         self.template = template
         self.backend = backend
         self.tokenizer = tokenizer
@@ -216,7 +220,9 @@ class AwqConfig(HfAwqConfig):
 
     def awq_options(self) -> AwqOptions:
         """The search knobs this config sets; the rest keep :class:`AwqOptions`' defaults."""
-        return AwqOptions(duo_scaling=self.duo_scaling, clip=self.clip, rounding=self.rounding)
+        return AwqOptions(
+            duo_scaling=self.duo_scaling, clip=self.clip, rounding=self.rounding, propagate=self.propagate
+        )
 
     @property
     def kernel_backend(self) -> str | None:
@@ -317,6 +323,7 @@ class AwqConfig(HfAwqConfig):
                 "duo_scaling",
                 "clip",
                 "rounding",
+                "propagate",
                 "template",
                 "backend",
             )

@@ -46,7 +46,17 @@ from awq_plugin.templates.folds import apply_group_scales, fold_scales_into_line
 torch.set_num_threads(1)
 
 QUANT = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
-FAST = AwqOptions(n_grid=10, clip_grid=10, search_tokens=None, clip_tokens=256, micro_batch_size=4)
+# The scale and clip search as llm-awq runs it: nearest rounding and full-precision block inputs
+# (compensated rounding and quantized inputs, the defaults, have their own tests).
+FAST = AwqOptions(
+    n_grid=10,
+    clip_grid=10,
+    search_tokens=None,
+    clip_tokens=256,
+    micro_batch_size=4,
+    rounding="nearest",
+    propagate="fp",
+)
 # fp32 tolerance for "unchanged": every folded weight is rounded once more (relative 2^-24 ~ 6e-8)
 # and dot products over K <= 256 terms accumulate ~sqrt(K) such errors; outputs are O(1-10), so
 # 1e-5 relative / 1e-5 absolute is ~10x above the expected drift and far below any real change.

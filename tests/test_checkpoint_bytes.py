@@ -24,7 +24,9 @@ COMMON = ["--scheme", "uint4_wo_64", "--n-samples", "4", "--seq-len", "64", "--t
 # The search's forwards in float32: the default ("auto") runs them in bf16 where the CPU has bf16
 # units, and bf16 matmul kernels (AVX-512 BF16 vs AMX tiles) round differently from one CPU to
 # another, so only the float32 path's bytes can be pinned for every machine.
-METHOD_ARGS = {"awq": ["--search-dtype", "float32"], "rtn": []}
+# Nearest rounding and full-precision block inputs (the scale and clip search as pinned since before
+# compensated rounding became the default): the bytes these flags give are unchanged by that switch.
+METHOD_ARGS = {"awq": ["--search-dtype", "float32", "--rounding", "nearest", "--propagate", "fp"], "rtn": []}
 # float32 is not enough: MKL's sgemm takes a different code path on an Intel Xeon than on an
 # AMD EPYC (the sums round differently), and PyTorch's own kernels follow the CPU's vector width.
 # MKL's conditional numerical reproducibility (one code path on every x86 CPU) and PyTorch's

@@ -222,7 +222,10 @@ def test_block_where_awq_is_worse_than_rounding_falls_back_with_a_warning(
 
     monkeypatch.setattr(block_step, "search_best_scale", harmful_search)
     quant = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
-    options = awq.AwqOptions(n_grid=4, clip_grid=4, search_tokens=None, clip_tokens=64, micro_batch_size=2)
+    # Nearest rounding: after the fallback the block holds exactly its original weights.
+    options = awq.AwqOptions(
+        n_grid=4, clip_grid=4, search_tokens=None, clip_tokens=64, micro_batch_size=2, rounding="nearest"
+    )
     with caplog.at_level("WARNING", logger="awq_plugin.algorithm.block"):
         result, _ = awq.awq_block_step(block, resolved.block(0), inputs, quant, options)
     warning = [r.getMessage() for r in caplog.records if "falling back to plain rounding" in r.getMessage()]

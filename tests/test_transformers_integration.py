@@ -30,6 +30,7 @@ from transformers.quantizers.quantizer_awq import AwqQuantizer as TransformersAw
 
 import awq_plugin
 from awq_plugin import AwqConfig
+from awq_plugin.algorithm.options import AwqOptions
 from awq_plugin.api import quantize_model
 from awq_plugin.config import AwqQuantConfig
 from awq_plugin.errors import ConfigError
@@ -118,6 +119,10 @@ def test_config_serializes_as_our_checkpoint_writer_does() -> None:
     assert config.to_dict() == AwqQuantConfig(bits=4, group_size=64).to_quantization_config()
     assert json.loads(config.to_json_string()) == config.to_dict()
     assert isinstance(config, transformers.AwqConfig)  # transformers forwards loading attributes to it
+    # The quantizer's options follow the library's defaults unless given.
+    assert config.awq_options() == AwqOptions()
+    fast = AwqConfig(rounding="nearest", propagate="fp").awq_options()
+    assert (fast.rounding, fast.propagate) == ("nearest", "fp")
     # Every AWQ dialect reads back; another tool's backend is not a property of the checkpoint.
     autoawq = {"quant_method": "awq", "w_bit": 4, "q_group_size": 128, "zero_point": False, "version": "GEMM"}
     read = AwqConfig.from_dict({**autoawq, "backend": "exllama_v2"})
@@ -142,6 +147,8 @@ def test_config_serializes_as_our_checkpoint_writer_does() -> None:
         dict(seq_len=1),
         dict(guard="sometimes"),
         dict(device=0),
+        dict(rounding="stochastic"),
+        dict(propagate="sideways"),
     ],
 )
 def test_config_rejects_what_cannot_be_loaded_or_packed(bad: dict[str, Any]) -> None:

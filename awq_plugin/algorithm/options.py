@@ -30,7 +30,8 @@ ROUNDINGS = ("nearest", "compensated")
 #    error on held-out micro-batches.
 # 4: the guard's windows run their matmuls in the search dtype; |x| statistics summed in fp32
 #    per micro-batch.
-QUANTIZER_VERSION = 4
+# 5: compensated rounding and quantized block inputs by default.
+QUANTIZER_VERSION = 5
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
 RETIRED_OPTIONS = frozenset({"prior_awq_share"})
@@ -63,8 +64,10 @@ class AwqOptions:
     # Which output feeds the next block: "fp" = the block's full-precision output (llm-awq,
     # AutoAWQ), "quantized" = the output of this block with AWQ applied and weights
     # fake-quantized (computed in search_dtype), so later blocks calibrate on the inputs
-    # they will see at inference.
-    propagate: str = "fp"
+    # they will see at inference (GPTQ's order). "quantized" costs one more forward of each
+    # block; with compensated rounding it is what keeps compensation ahead of nearest
+    # rounding across the panel (docs/results.md, "Compensated rounding").
+    propagate: str = "quantized"
     # dtype of the matmuls in the block's forward passes (the recording pass, the candidate
     # scoring, the block errors) and of the clip search's Gram products: they run under
     # autocast in it, while the residual stream, norms, statistics and loss sums stay fp32 and
@@ -85,8 +88,8 @@ class AwqOptions:
     # alone. None: plain MSE over all tokens (llm-awq).
     outlier_token_ratio: float | None = None
     # See ROUNDINGS. "compensated" accumulates each linear's x^T x in the recording pass and
-    # solves one Cholesky per linear.
-    rounding: str = "nearest"
+    # solves one Cholesky per linear; "nearest" with propagate="fp" is the fast setting.
+    rounding: str = "compensated"
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
