@@ -417,25 +417,38 @@ def comparison_failure(figures: dict[str, float]) -> str | None:
     return None
 
 
-def fake_quant_reference(model: Any, checkpoint: Path) -> Any:
+def fake_quant_reference(model: Any, checkpoint: Path, calib_ids: Any) -> Any:
     """``model`` (full precision, modified in place) made into what the checkpoint should hold,
-    in memory, with no packing, saving or loading: the checkpoint's AWQ scales and clips
-    re-applied, every quantized decoder linear replaced by its reference quantize-dequantize
-    (``numerics.quant_ref``), every other parameter rounded to float16, the format's type for
-    everything that is not INT4."""
+    in memory, with no packing, saving or loading: every quantized decoder linear replaced by
+    its reference quantize-dequantize (``numerics.quant_ref``) after AWQ, every other parameter
+    rounded to float16, the format's type for everything that is not INT4.
+
+    Where every block was rounded to nearest, the checkpoint's saved AWQ scales and clips are
+    re-applied. Compensated rounding's integers are not in the saved results (only in the
+    checkpoint, which this reference must not read): the search runs again in memory on the
+    same calibration ids (``api.fake_quantize_model``), which must reach the integers the
+    folder pipeline streamed to disk."""
     import torch
 
-    from awq_plugin.algorithm.awq import apply_awq, quantized_linear_names
+    from awq_plugin.algorithm.awq import AwqOptions, apply_awq, quantized_linear_names
     from awq_plugin.algorithm.results import AwqResults
+    from awq_plugin.api import fake_quantize_model
     from awq_plugin.config import AwqQuantConfig
     from awq_plugin.format.checkpoint import read_json
     from awq_plugin.pipeline.assemble import RESULTS_FILE
     from awq_plugin.pipeline.guard import fake_quantize_linears
+    from awq_plugin.templates import resolve_template
 
     results = AwqResults.load(checkpoint / RESULTS_FILE)
     # the config the loaders obey, including the linears the quantizer kept in full precision
     quant = AwqQuantConfig.from_dict(read_json(checkpoint / "config.json")["quantization_config"])
-    resolved = apply_awq(model, results)
+    in_memory = any(block.rounding != "nearest" for block in results.blocks)
+    if in_memory:
+        options = AwqOptions.from_dict(results.options)
+        fake_quantize_model(model, quant, calib_ids, template=results.template, options=options)
+        resolved = resolve_template(model, results.template)
+    else:
+        resolved = apply_awq(model, results)
     layers = model.get_submodule(resolved.decoder_layers)
     quantized = {
         id(block.get_submodule(name).weight)
@@ -446,7 +459,8 @@ def fake_quant_reference(model: Any, checkpoint: Path) -> Any:
         for p in model.parameters():
             if p.is_floating_point() and id(p) not in quantized:
                 p.copy_(p.to(torch.float16))
-    fake_quantize_linears(model, quant, results.template)
+    if not in_memory:
+        fake_quantize_linears(model, quant, results.template)
     return model
 
 
@@ -581,7 +595,7 @@ def run_one(
         del loaded
         step = "reference"
         # the in-memory model itself (template resolution computes the same function)
-        fake_quant_logits = logits_of(fake_quant_reference(model, out), eval_ids)
+        fake_quant_logits = logits_of(fake_quant_reference(model, out, ids), eval_ids)
         del model
         step = "compare"
         figures = compare_logits(fp_logits, fake_quant_logits, reloaded_logits, kernel_logits)
