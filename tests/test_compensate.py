@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_awq_algorithm import HELD_OUT, QUANT, calib_ids, make_outlier_llama
+from test_awq_algorithm import FAST, HELD_OUT, QUANT, calib_ids, make_outlier_llama
 
 from awq_plugin.algorithm.awq import AwqOptions, apply_awq_block, run_awq_block
 from awq_plugin.algorithm.compensate import compensated_rounding
@@ -207,3 +207,12 @@ def test_the_rounding_option_reaches_every_front_end() -> None:
     assert request.options["rounding"] == "compensated"
     with pytest.raises(ConfigError, match="rounding must be one of"):
         QuantizeRequest.from_dict({"rounding": "stochastic"})
+
+
+def test_without_held_out_micro_batches_compensation_is_not_tried(toy) -> None:
+    """Compensation fits the calibration tokens; with none held out to judge it, nearest rounding."""
+    model, resolved, captured = toy
+    options = AwqOptions(**{**FAST.to_dict(), "rounding": "compensated"})  # every micro-batch searched
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options)
+    assert not result.held_out and result.rounding == "nearest"

@@ -252,7 +252,15 @@ def awq_block_step(
             row_positions=row_positions_lookup(experts) if experts else None,
         )
         stat_names = [g.inp for g in groups.groups]
-        hessian_names = list(names) if options.rounding == "compensated" else []
+        # Compensation fits the calibration tokens closely; it is kept only where micro-batches it
+        # did not see say it helps. A calibration too small to hold any out keeps nearest rounding
+        # (on tiny random models fit on 4 sequences it cost closeness to full precision).
+        compensate = options.rounding == "compensated" and bool(plan.holdout_batches)
+        if options.rounding == "compensated" and not compensate:
+            logger.info(
+                "layer %d: no held-out micro-batch to judge compensation by: nearest rounding", groups.index
+            )
+        hessian_names = list(names) if compensate else []
         recorder = functools.partial(
             record,
             stat_names=stat_names,
@@ -369,6 +377,9 @@ def _compensate(
     Returns the rounding kept and its error."""
     before = {n: block.get_submodule(n).weight.detach().clone() for n in names}
     for name in names:
+        if name not in hessians:  # never called as a module (its weight read directly): no inputs
+            logger.info("%s: no recorded inputs, rounded to nearest", name)
+            continue
         weight = block.get_submodule(name).weight
         weight.data.copy_(
             compensated_rounding(
