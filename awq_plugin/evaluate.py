@@ -33,10 +33,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     if len(a) != len(b) or not a:
         raise ValueError(f"paired windows needed, got {len(a)} and {len(b)}")
     diff = [x - y for x, y in zip(a, b)]
-    mean = sum(diff) / len(diff)
+    mean = math.fsum(diff) / len(diff)
     if len(diff) < 2:
         return mean, math.nan
-    var = sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)
+    var = math.fsum((d - mean) ** 2 for d in diff) / (len(diff) - 1)
     return mean, math.sqrt(var / len(diff))
 
 

@@ -50,6 +50,7 @@ from awq_plugin.algorithm.options import GUARD_MODES
 from awq_plugin.calibration.capture import BlockInputs, CapturedInputs, capture_decoder_inputs, first_output
 from awq_plugin.calibration.text import CalibSource, source_stream
 from awq_plugin.errors import ConfigError
+from awq_plugin.evaluate import paired_difference
 from awq_plugin.templates import ResolvedTemplate, resolve_template
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,9 @@ class GuardResult:
     @property
     def standard_error(self) -> float:
         """Standard error of the mean paired per-window difference (NaN with fewer than 2 windows)."""
-        diffs = [a - r for a, r in zip(self.awq_windows, self.rtn_windows)]
-        if len(diffs) < 2:
+        if not self.awq_windows:
             return math.nan
-        mean = math.fsum(diffs) / len(diffs)
-        variance = math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-        return math.sqrt(variance / len(diffs))
+        return paired_difference(self.awq_windows, self.rtn_windows)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
