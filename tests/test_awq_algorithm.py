@@ -9,6 +9,7 @@ input-channel outliers that make plain rounding of the next linears lossy and th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -47,7 +48,8 @@ torch.set_num_threads(1)
 
 QUANT = SimpleNamespace(bits=4, group_size=32, zero_point=True, modules_to_not_convert=())
 # The scale and clip search as llm-awq runs it: nearest rounding and full-precision block inputs
-# (compensated rounding and quantized inputs, the defaults, have their own tests).
+# (compensated rounding and quantized inputs, the defaults, have their own tests). Forwards in
+# float32: "auto" means bf16 only where the CPU has bf16 units, and no verdict may depend on that.
 FAST = AwqOptions(
     n_grid=10,
     clip_grid=10,
@@ -56,6 +58,7 @@ FAST = AwqOptions(
     micro_batch_size=4,
     rounding="nearest",
     propagate="fp",
+    search_dtype="float32",
 )
 # fp32 tolerance for "unchanged": every folded weight is rounded once more (relative 2^-24 ~ 6e-8)
 # and dot products over K <= 256 terms accumulate ~sqrt(K) such errors; outputs are O(1-10), so
@@ -539,7 +542,9 @@ def test_weights_from_a_symmetric_grid_get_the_full_search(toy) -> None:
     for name in groups.linears:
         through_a_symmetric_grid(block.get_submodule(name))
     with recording_phases() as phases:
-        result = run_awq_block(block, groups, captured.for_layer(0), QUANT, HELD_OUT)
+        result = run_awq_block(
+            block, groups, captured.for_layer(0), QUANT, dataclasses.replace(HELD_OUT, search_dtype="auto")
+        )
     assert result.held_out and result.choice in CHOICES
     # "auto" is recorded as what it resolved to on this CPU (bf16 units or not)
     assert result.search_dtype == str(resolve_search_dtype("auto", torch.device("cpu"))).removeprefix(

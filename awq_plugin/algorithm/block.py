@@ -250,6 +250,7 @@ def awq_block_step(
             plan,
             group_size=quant_config.group_size,
             row_positions=row_positions_lookup(experts) if experts else None,
+            hessian_dtype=forwards.dtype,
         )
         stat_names = [g.inp for g in groups.groups]
         # Compensation fits the calibration tokens closely; it is kept only where micro-batches it

@@ -31,7 +31,8 @@ ROUNDINGS = ("nearest", "compensated")
 # 4: the guard's windows run their matmuls in the search dtype; |x| statistics summed in fp32
 #    per micro-batch.
 # 5: compensated rounding and quantized block inputs by default.
-QUANTIZER_VERSION = 5
+# 6: compensation's x^T x in the search dtype (bf16 chunks where the device has bf16 matmuls).
+QUANTIZER_VERSION = 6
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
 RETIRED_OPTIONS = frozenset({"prior_awq_share"})
