@@ -12,8 +12,10 @@ demo: setup
 	$(VENV)/bin/awq-plugin demo
 
 ## Lint and the test suite without the tests marked `full` (what CI runs; about 20 minutes here).
+## Two workers, one test file each at a time (a file's module fixtures, such as a vLLM server,
+## stay in one process); about half the suite waits on subprocesses, so two overlap well.
 test: setup lint
-	$(VENV)/bin/pytest -m "not full"
+	$(VENV)/bin/pytest -m "not full" -n 2 --dist loadfile
 
 ## Everything, including long kills, soak, tensor parallel and the larger calibrations (about
 ## an hour here): before a release, or after touching serving, caching or resumable runs.

@@ -16,6 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make test` runs two pytest-xdist workers on the machine's two cores: each computes on one
+# thread, and so do the CLI runs it starts (two threads per worker would oversubscribe the cores;
+# small ops then spend their time in OpenMP hand-offs). Tests that need more threads set them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 
 # ---------------------------------------------------------------------------------------------
 # Marks that follow the fixtures, and a check that they are right
