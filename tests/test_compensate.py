@@ -49,36 +49,31 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> floa
     return float(((x @ (w_hat - w).t()) ** 2).mean())
 
 
-@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(("n", "k", "group", "zero_point"), SHAPES)
-def test_compensated_weights_sit_on_the_reference_grid(n, k, group, zero_point, act_order) -> None:
+def test_compensated_weights_sit_on_the_reference_grid(n, k, group, zero_point) -> None:
     w, x = _case(n, k)
-    q = compensated_rounding(w, x.t() @ x, 4, group, zero_point, act_order=act_order)
+    q = compensated_rounding(w, x.t() @ x, 4, group, zero_point)
     assert torch.equal(fake_quantize(q, 4, group, zero_point), q)  # packing writes these integers
     expected = compute_scales_zeros(w, 4, group, zero_point)  # the grid nearest rounding uses
     got = compute_scales_zeros(q, 4, group, zero_point)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(("n", "k", "group", "zero_point"), SHAPES)
-def test_compensation_lowers_the_layer_output_error(n, k, group, zero_point, act_order) -> None:
+def test_compensation_lowers_the_layer_output_error(n, k, group, zero_point) -> None:
     w, x = _case(n, k, seed=1)
     nearest = _output_error(x, w, fake_quantize(w, 4, group, zero_point))
-    compensated = _output_error(
-        x, w, compensated_rounding(w, x.t() @ x, 4, group, zero_point, act_order=act_order)
-    )
+    compensated = _output_error(x, w, compensated_rounding(w, x.t() @ x, 4, group, zero_point))
     assert compensated < 0.75 * nearest, (compensated, nearest)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("zero_point", [True, False])
-def test_an_identity_hessian_gives_nearest_rounding_back(zero_point, act_order) -> None:
+def test_an_identity_hessian_gives_nearest_rounding_back(zero_point) -> None:
     """Uncorrelated, equally loud inputs leave nothing to compensate. Only asymmetric groups whose
     largest weight nearest rounding leaves one level below the top differ: it is placed on the
     top level (one step), so that the grid stays the one the weights set."""
     w, _ = _case(64, 256)
-    q = compensated_rounding(w, torch.eye(256), 4, 64, zero_point, act_order=act_order)
+    q = compensated_rounding(w, torch.eye(256), 4, 64, zero_point)
     nearest = fake_quantize(w, 4, 64, zero_point)
     differ = q != nearest
     if not zero_point:

@@ -93,7 +93,6 @@ def compensated_rounding(
     zero_point: bool = True,
     damping: float = DAMPING,
     column_block: int = COLUMN_BLOCK,
-    act_order: bool = False,
 ) -> torch.Tensor:
     """Round ``weight`` ``[N, K]`` to its group grid with GPTQ's error compensation.
 
@@ -120,21 +119,12 @@ def compensated_rounding(
     if zero_point:
         _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
     free = (~setters).float()
-    hessian = hessian.to(w.device)
-    group_of = [j // g for j in range(k)]  # the group of the j-th column walked
-    if act_order:
-        # Loudest inputs first (GPTQ's act-order) on the static grid: the columns are walked in
-        # that order, each keeps its own group's scale and zero point, and the result is put
-        # back in the original order, so the checkpoint still has contiguous groups.
-        perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
-        w, free, hessian = w[:, perm], free[:, perm], hessian[perm][:, perm]
-        group_of = [j // g for j in perm.tolist()]
-    u = _inverse_factor(hessian, damping)  # (K, K) upper
+    u = _inverse_factor(hessian.to(w.device), damping)  # (K, K) upper
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
         errors = torch.empty(n, end - start, dtype=w.dtype, device=w.device)
         for j in range(start, end):
-            s, z = scales[:, group_of[j]], zeros[:, group_of[j]]  # (N,)
+            s, z = scales[:, j // g], zeros[:, j // g]  # (N,)
             column = w[:, j]
             on_grid = (torch.round(column / s) + z).clamp_(q_min, q_max).sub_(z).mul_(s)
             error = (column - on_grid) / u[j, j]  # (N,)
@@ -144,6 +134,4 @@ def compensated_rounding(
             errors[:, j - start] = error
         if end < k:
             w[:, end:] -= (errors @ u[start:end, end:]) * free[:, end:]
-    if act_order:
-        w = w[:, torch.argsort(perm)]
     return w
