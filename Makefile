@@ -11,7 +11,7 @@ setup:
 demo: setup
 	$(VENV)/bin/awq-plugin demo
 
-## Lint and the test suite without the tests marked `full` (what CI runs; about 20 minutes here).
+## Lint and the test suite without the tests marked `full` (what CI runs; about 13 minutes here).
 ## Two workers, one test file each at a time (a file's module fixtures, such as a vLLM server,
 ## stay in one process); about half the suite waits on subprocesses, so two overlap well.
 test: setup lint
