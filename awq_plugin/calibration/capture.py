@@ -443,7 +443,8 @@ def input_hessian(x2d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     total = torch.zeros(x2d.shape[1], x2d.shape[1], dtype=torch.float32, device=x2d.device)
     for start in range(0, x2d.shape[0], HESSIAN_CHUNK_ROWS):
         chunk = x2d[start : start + HESSIAN_CHUNK_ROWS].to(dtype)
-        total += (chunk.t() @ chunk).float()
+        # A contiguous transposed operand: oneDNN's bf16 path took 1.8x longer on the strided one.
+        total += (chunk.t().contiguous() @ chunk).float()
     return total
 
 
@@ -531,7 +532,10 @@ class InputRecorder:
                 rec.gram_count[name] = rec.gram_count.get(name, 0) + rows.shape[0]
             if name in self.hessian_names:  # every token outside the held-out batches, not the clip sample
                 xtx = self._shared_result("hessian", x, lambda: input_hessian(x2d, self.hessian_dtype))
-                rec.hessian[name] = rec.hessian[name] + xtx if name in rec.hessian else xtx.clone()
+                if name in rec.hessian:  # in place: a [K, K] sum is 822 MB for a 14336-wide input
+                    rec.hessian[name].add_(xtx)
+                else:
+                    rec.hessian[name] = xtx.clone()
         if name in self.call_names:
             if bool(kwargs) or len(args) > 1:  # token-mixing: keep whole calls
                 if m in self.plan.search_batches:
