@@ -237,3 +237,21 @@ def test_a_bf16_hessian_compensates_as_well_as_the_fp32_one() -> None:
     nearest = _output_error(held_out, w, fake_quantize(w, 4, 64, True))
     assert errors[1] < 0.8 * nearest
     assert errors[1] == pytest.approx(errors[0], rel=0.02)
+
+
+@pytest.mark.parametrize(("k", "leaf"), [(50, 7), (97, 16), (600, 512)])
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k, leaf) -> None:
+    """U with U^T U = (H + damping)^-1, upper triangular with a positive diagonal, through the
+    triangular inverse by halves (odd splits and several levels with the small leaves)."""
+    from awq_plugin.algorithm import compensate
+
+    _, x = _case(8, k, seed=5)
+    h = (x.t() @ x).double()
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    lower = torch.linalg.cholesky(damped.flip(0, 1))
+    by_halves = compensate._lower_inverse(lower, leaf)
+    assert torch.allclose(by_halves @ lower, torch.eye(k, dtype=torch.float64), atol=1e-9)
+    u = compensate._inverse_factor(h.float(), 0.01).double()
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.allclose(u, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
