@@ -255,3 +255,27 @@ def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k
     assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
     expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
     assert torch.allclose(u, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_the_sweeps_reference_reaches_a_compensated_checkpoint(tiny_llama_fp, tiny_llama_compensated) -> None:
+    """The architecture sweep's in-memory reference (its search run again on the same ids, as
+    compensated integers are not in the saved results) equals what the pipeline packed."""
+    from transformers import AutoTokenizer
+
+    from awq_plugin.calibration.text import calibration_ids
+    from awq_plugin.runtime import modeling
+    from awq_plugin.tools.bench_architectures import fake_quant_reference
+
+    ids = calibration_ids("enwiki", AutoTokenizer.from_pretrained(tiny_llama_fp), 32, 64)
+    reference = fake_quant_reference(
+        modeling.load_fp_model(tiny_llama_fp, torch.float32), tiny_llama_compensated, ids
+    )
+    loaded = modeling.load_awq_model(tiny_llama_compensated, backend="reference")
+    compared = 0
+    for name, module in loaded.named_modules():
+        if hasattr(module, "dequantized_weight"):
+            assert torch.equal(module.dequantized_weight().float(), reference.get_submodule(name).weight), (
+                name
+            )
+            compared += 1
+    assert compared == 7 * len(reference.model.layers)
