@@ -434,8 +434,8 @@ def input_hessian(x2d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     In fp32 it is one product. In bf16 (where the device has bf16 matmul units: a third of
     fp32's time on AVX-512 BF16 / AMX, and on the down projection of a large MLP the product
     costs about as much as the block's whole forward) the rows go in chunks of
-    :data:`HESSIAN_CHUNK_ROWS`; compensated rounding's layer errors on held-out tokens stay
-    within 0.2% of the fp32 Hessian's (measured on the default model).
+    :data:`HESSIAN_CHUNK_ROWS`; compensated rounding's layer errors on held-out tokens stayed
+    within 0.15% of the fp32 Hessian's on the default model's layer 5 (q, o and down_proj).
     """
     if dtype == torch.float32:
         x = x2d.float()
