@@ -293,7 +293,6 @@ def awq_block_step(
         with phase("rounding error forward"):
             mse_rtn = judge.error()
 
-        unscaled_hessians = {n: h.clone() for n, h in recorded.hessian.items()}  # if the scales lose
         searches = []
         for group, target in zip(groups.groups, inspect_names):
             with phase(f"search {target}"):
@@ -323,9 +322,12 @@ def awq_block_step(
             mse_awq = mse_rtn
         rounding = "nearest"
         if hessian_names:
-            hessians = unscaled_hessians if choice == "rounding" else recorded.hessian
+            # the inputs' scales, unless the block went back to rounding (its weights unscaled)
+            input_scales = {} if choice == "rounding" else recorded.hessian_scale
             with phase("compensated rounding"):
-                rounding, mse_awq = _compensate(block, names, hessians, judge, quant_config, mse_awq)
+                rounding, mse_awq = _compensate(
+                    block, names, recorded.hessian, input_scales, judge, quant_config, mse_awq
+                )
             logger.info("layer %d: %s rounding kept", groups.index, rounding)
         next_hidden = recorded.outputs
         if options.propagate == "quantized":
@@ -369,6 +371,7 @@ def _compensate(
     block: nn.Module,
     names: Sequence[str],
     hessians: Mapping[str, torch.Tensor],
+    input_scales: Mapping[str, torch.Tensor],
     judge: _HeldOutJudge,
     quant_config: QuantConfigLike,
     nearest_error: float,
@@ -384,7 +387,12 @@ def _compensate(
         weight = block.get_submodule(name).weight
         weight.data.copy_(
             compensated_rounding(
-                weight, hessians[name], quant_config.bits, quant_config.group_size, quant_config.zero_point
+                weight,
+                hessians[name],
+                quant_config.bits,
+                quant_config.group_size,
+                quant_config.zero_point,
+                input_scale=input_scales.get(name),
             )
         )
     error = judge.error()

@@ -64,7 +64,9 @@ def _lower_inverse(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
     return out
 
 
-def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+def _inverse_factor(
+    hessian: torch.Tensor, damping: float, input_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), fp32
     ``[K, K]``.
 
@@ -75,6 +77,9 @@ def _inverse_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     rounded to nearest and receive no correction.
     """
     h = hessian.detach().float().clone()
+    if input_scale is not None:  # the inputs divided by input_scale: H / (s s^T), on the copy
+        inv = 1.0 / input_scale.to(h)
+        h.mul_(inv[:, None]).mul_(inv[None, :])
     diag = h.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
@@ -115,12 +120,15 @@ def compensated_rounding(
     zero_point: bool = True,
     damping: float = DAMPING,
     column_block: int = COLUMN_BLOCK,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Round ``weight`` ``[N, K]`` to its group grid with GPTQ's error compensation.
 
     ``hessian`` ``[K, K]`` is ``X^T X`` of the linear's calibration inputs (any positive
-    multiple: only its shape matters). Returns fp32 weights on the grid that
-    :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros` takes from ``weight``.
+    multiple: only its shape matters); with ``input_scale`` ``[K]``, of inputs that have since
+    been divided by it (an AWQ scale fold), applied to the working copy. Returns fp32 weights
+    on the grid that :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros` takes from
+    ``weight``.
     """
     w = weight.detach().float().clone()  # (N, K), rounded column by column in place
     n, k = w.shape
@@ -140,7 +148,8 @@ def compensated_rounding(
     setters = _range_setters(w, g, zero_point)  # (N, K): the weights that set their group's range
     if zero_point:
         _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
-    u = _inverse_factor(hessian.to(w.device), damping)  # (K, K) upper
+    scale = None if input_scale is None else input_scale.to(w.device)
+    u = _inverse_factor(hessian.to(w.device), damping, scale)  # (K, K) upper
     # Walked transposed: weight column j is the contiguous row j of ``wt`` (a strided column of a
     # wide matrix touches one cache line per element, for every one of the ~16 ops per column).
     wt = w.t().contiguous()  # (K, N)

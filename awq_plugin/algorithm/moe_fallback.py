@@ -69,7 +69,7 @@ def calibrate_underused_experts(
             hessian_names=inside(hessian_names),
         ).run(inputs)
     for name in {*inside(stat_names), *inside(call_names), *inside(gram_names), *inside(hessian_names)}:
-        for table in ("abs_sum", "count", "rows", "calls", "gram", "gram_count", "hessian"):
+        for table in ("abs_sum", "count", "rows", "calls", "gram", "gram_count", "hessian", "hessian_scale"):
             old, new = getattr(recorded, table), getattr(again, table)
             old.pop(name, None)
             if name in new:

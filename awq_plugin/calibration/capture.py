@@ -395,8 +395,11 @@ class RecordedInputs:
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)  # name -> calls on search batches
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float64 [K/G, G, G], sum x x^T
     gram_count: dict[str, int] = field(default_factory=dict)  # name -> tokens in gram
-    # name -> float32 [K, K], sum x^T x over the tokens outside the held-out batches (compensated rounding)
+    # name -> float32 [K, K], sum x^T x over the tokens outside the held-out batches (compensated
+    # rounding), of the inputs as recorded; after scale folds, the inputs are x / hessian_scale[name]
+    # (applied where the matrix is used, not stored twice)
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 [K]
     outputs: list[torch.Tensor] = field(default_factory=list)  # block output per micro-batch
 
     def mean_abs(self, name: str) -> torch.Tensor:
@@ -413,14 +416,14 @@ class RecordedInputs:
 
     def rescale_grams(self, names: Sequence[str], s_cols: torch.Tensor) -> None:
         """Turn the Gram matrices of ``names`` into those of ``x / s_cols`` (after a scale fold)."""
-        inv = None
         for name in names:
             if name in self.gram:
                 self.gram[name] = rescale_gram(self.gram[name], s_cols)
             if name in self.hessian:
-                if inv is None:
-                    inv = 1.0 / s_cols.to(self.hessian[name].dtype)  # (K,)
-                self.hessian[name] = self.hessian[name] * inv[:, None] * inv[None, :]
+                scale = s_cols.to(torch.float32)
+                self.hessian_scale[name] = (
+                    self.hessian_scale[name] * scale if name in self.hessian_scale else scale
+                )
 
 
 # Rows per bf16 product in input_hessian: each chunk's sum is rounded to bf16 once (relative
