@@ -242,16 +242,17 @@ def test_a_bf16_hessian_compensates_as_well_as_the_fp32_one() -> None:
 @pytest.mark.parametrize(("k", "leaf"), [(50, 7), (97, 16), (600, 512)])
 def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k, leaf) -> None:
     """U with U^T U = (H + damping)^-1, upper triangular with a positive diagonal, through the
-    triangular inverse by halves (odd splits and several levels with the small leaves)."""
+    in-place triangular inverse by halves (odd splits and several levels with the small leaves)."""
     from awq_plugin.algorithm import compensate
 
     _, x = _case(8, k, seed=5)
     h = (x.t() @ x).double()
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
     lower = torch.linalg.cholesky(damped.flip(0, 1))
-    by_halves = compensate._lower_inverse(lower, leaf)
+    by_halves = lower.clone()
+    compensate._invert_lower_(by_halves, leaf)  # in place
     assert torch.allclose(by_halves @ lower, torch.eye(k, dtype=torch.float64), atol=1e-9)
-    u = compensate._inverse_factor(h.float(), 0.01).double()
+    u = compensate._reversed_inverse_factor(h.float(), 0.01).double().flip(0, 1)
     assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
     expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
     assert torch.allclose(u, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
@@ -291,3 +292,22 @@ def test_an_input_scale_is_the_hessian_of_the_scaled_inputs() -> None:
     lazy = compensated_rounding(w, x.t() @ x, 4, 64, True, input_scale=s)
     assert (direct != lazy).float().mean() < 1e-3  # fp32 products in another order
     assert torch.equal(fake_quantize(lazy, 4, 64, True), lazy)
+
+
+def test_a_losing_compensation_puts_the_searched_weights_back_bit_for_bit(toy, monkeypatch) -> None:
+    """Where compensation loses on the held-out batch, the block's weights are rebuilt from its
+    original weights and the search's scales and clips (no copy is kept): bit for bit those of
+    the same search with nearest rounding."""
+    from awq_plugin.algorithm import block as block_step
+
+    model, resolved, captured = toy
+    compensated = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated"})
+    monkeypatch.setattr(block_step, "compensated_rounding", lambda weight, *a, **k: torch.zeros_like(weight))
+    for i in range(len(model.model.layers)):
+        nearest_block = copy.deepcopy(model.model.layers[i])
+        nearest = run_awq_block(nearest_block, resolved.block(i), captured.for_layer(i), QUANT, HELD_OUT)
+        block = copy.deepcopy(model.model.layers[i])
+        result = run_awq_block(block, resolved.block(i), captured.for_layer(i), QUANT, compensated)
+        assert (result.rounding, result.mse_awq) == ("nearest", nearest.mse_awq)
+        for name, tensor in nearest_block.state_dict().items():
+            assert torch.equal(block.state_dict()[name], tensor), name

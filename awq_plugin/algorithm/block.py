@@ -300,15 +300,14 @@ def awq_block_step(
                     _search_group(block, forwards, group, target, names, recorded, quant_config, options)
                 )
         with phase("apply scales"):
+            _apply_scales(block, groups, searches)
             for group, found in zip(groups.groups, searches):
-                apply_group_scales(block, group, found.scales)
-                recorded.rescale_grams(group.layers, group.expand_scales(found.scales))
+                recorded.fold_input_scales(group.layers, group.expand_scales(found.scales))
         with phase("clip search"):
             clip_min, clip_max = _search_clips(
                 block, clip_names, recorded, quant_config, options, forwards.dtype
             )
-            for name, bound in clip_max.items():
-                clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
+            _apply_clips(block, clip_min, clip_max)
         with phase("AWQ error forward"):
             mse_awq = judge.error()
         # A third candidate, the scales without the clips, was measured and dropped: on the
@@ -324,9 +323,15 @@ def awq_block_step(
         if hessian_names:
             # the inputs' scales, unless the block went back to rounding (its weights unscaled)
             input_scales = {} if choice == "rounding" else recorded.hessian_scale
+
+            def restore() -> None:  # the weights as they stood before compensation, bit for bit
+                block.load_state_dict(original)
+                _apply_scales(block, groups, searches)
+                _apply_clips(block, clip_min, clip_max)
+
             with phase("compensated rounding"):
                 rounding, mse_awq = _compensate(
-                    block, names, recorded.hessian, input_scales, judge, quant_config, mse_awq
+                    block, names, recorded.hessian, input_scales, judge, quant_config, mse_awq, restore
                 )
             logger.info("layer %d: %s rounding kept", groups.index, rounding)
         next_hidden = recorded.outputs
@@ -375,11 +380,12 @@ def _compensate(
     judge: _HeldOutJudge,
     quant_config: QuantConfigLike,
     nearest_error: float,
+    restore: Callable[[], None],
 ) -> tuple[str, float]:
     """Round ``names`` with error compensation (their weights end on their grids), keep it if the
-    held-out block error beats nearest rounding's (``nearest_error``), else put the weights back.
-    Returns the rounding kept and its error."""
-    before = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    held-out block error beats nearest rounding's (``nearest_error``), else put the weights back
+    with ``restore`` (from the block's original weights and the search's results: no copy of the
+    block's weights is held for it). Returns the rounding kept and its error."""
     for name in names:
         if name not in hessians:  # never called as a module (its weight read directly): no inputs
             logger.info("%s: no recorded inputs, rounded to nearest", name)
@@ -403,8 +409,7 @@ def _compensate(
         error,
         nearest_error,
     )
-    for name, weight in before.items():
-        block.get_submodule(name).weight.data.copy_(weight)
+    restore()
     return "nearest", nearest_error
 
 
@@ -464,12 +469,26 @@ def _fall_back_to_rounding(
         mse_rtn,
     )
     block.load_state_dict(original)
-    rounding = []
-    for group, found in zip(groups.groups, searches):
-        ones = torch.ones_like(found.scales)
-        apply_group_scales(block, group, ones)
-        rounding.append(dataclasses.replace(found, scales=ones, alpha=None, loss_awq=found.loss_rtn))
+    rounding = [
+        dataclasses.replace(found, scales=torch.ones_like(found.scales), alpha=None, loss_awq=found.loss_rtn)
+        for found in searches
+    ]
+    _apply_scales(block, groups, rounding)
     return rounding, {}, {}
+
+
+def _apply_scales(block: nn.Module, groups: BlockTemplate, searches: Sequence[ScaleSearchResult]) -> None:
+    """Fold each group's searched scales into its previous op and its linears."""
+    for group, found in zip(groups.groups, searches):
+        apply_group_scales(block, group, found.scales)
+
+
+def _apply_clips(
+    block: nn.Module, clip_min: Mapping[str, torch.Tensor], clip_max: Mapping[str, torch.Tensor]
+) -> None:
+    """Clamp each linear with a searched clip to its range."""
+    for name, bound in clip_max.items():
+        clamp_weight(block.get_submodule(name), bound, clip_min.get(name))
 
 
 def _search_group(

@@ -47,55 +47,67 @@ def _range_setters(w: torch.Tensor, group_size: int, zero_point: bool) -> torch.
     return mask.reshape(n, k)
 
 
-def _lower_inverse(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix, by halves: ``[[A, 0], [B, C]]^-1`` is
+def _invert_lower_(lower: torch.Tensor, leaf: int = 512) -> None:
+    """Invert a lower-triangular matrix in place, by halves: ``[[A, 0], [B, C]]^-1`` is
     ``[[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, so most of the work is two dense matmuls per level
-    (a third faster here than one triangular solve against the identity)."""
+    (a third faster here than one triangular solve against the identity), and the only
+    scratch is one product the size of ``B``."""
     n = lower.shape[0]
     if n <= leaf:
         eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
+        lower.copy_(torch.linalg.solve_triangular(lower, eye, upper=False))
+        return
     h = n // 2
-    top, bottom = _lower_inverse(lower[:h, :h], leaf), _lower_inverse(lower[h:, h:], leaf)
-    out = torch.zeros_like(lower)
-    out[:h, :h] = top
-    out[h:, h:] = bottom
-    out[h:, :h] = -(bottom @ lower[h:, :h]) @ top
-    return out
+    a, b, c = lower[:h, :h], lower[h:, :h], lower[h:, h:]
+    _invert_lower_(a, leaf)
+    _invert_lower_(c, leaf)
+    b.copy_(c @ b)
+    b.copy_(b @ a)
+    b.neg_()
 
 
-def _inverse_factor(
+def _reversed_inverse_factor(
     hessian: torch.Tensor, damping: float, input_scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), fp32
-    ``[K, K]``.
+    """``M`` with ``U = J M J``: ``U`` the upper Cholesky factor of
+    ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), ``J`` the order-reversing
+    permutation; fp32 ``[K, K]``, lower triangular. :func:`_factor_rows` reads ``U``'s rows.
 
-    With ``J`` the order-reversing permutation and ``L`` the lower Cholesky factor of ``J H J``,
-    ``U = J L^-1 J``: one factorisation and one triangular inverse, where factoring, inverting
-    and factoring the inverse again cost twice as much (a 14336-wide ``H``: 14 s against 24 s).
-    Inputs that never fired (a zero diagonal) get a unit diagonal: their columns are then
-    rounded to nearest and receive no correction.
+    ``M`` is ``L^-1`` with ``L`` the lower Cholesky factor of ``J H J``: one factorisation and
+    one triangular inverse, where factoring, inverting and factoring the inverse again cost
+    twice as much (a 14336-wide ``H``: 14 s against 24 s). Both run in place on one copy of
+    ``H``: one ``[K, K]`` matrix (822 MB for a 14336-wide input) plus a quarter of one as
+    scratch. Inputs that never fired (a zero diagonal) get a unit diagonal: their columns are
+    then rounded to nearest and receive no correction.
     """
-    # At most three [K, K] matrices live at once (822 MB each for a 14336-wide input): J H J
-    # (flip copies), damped in place, its factor, then the factor's inverse and that flipped.
-    h = hessian.detach().float().flip(0, 1)  # J H J
-    if input_scale is not None:  # the inputs divided by input_scale: H / (s s^T)
-        inv = 1.0 / input_scale.to(h).flip(0)
-        h.mul_(inv[:, None]).mul_(inv[None, :])
-    diag = h.diagonal()
-    diag[diag == 0] = 1.0
-    damp = damping * diag.mean()
-    diag.add_(damp)
+    scale = 1.0
     for _ in range(4):  # a near-singular H (few tokens, duplicate inputs) gets more damping
-        lower, info = torch.linalg.cholesky_ex(h)
+        h = hessian.detach().float().flip(0, 1)  # J H J, the one copy
+        if input_scale is not None:  # the inputs divided by input_scale: H / (s s^T)
+            inv = 1.0 / input_scale.to(h).flip(0)
+            h.mul_(inv[:, None]).mul_(inv[None, :])
+        diag = h.diagonal()
+        diag[diag == 0] = 1.0
+        damp = scale * damping * diag.mean()
+        diag.add_(damp)
+        # The upper factor of the (symmetric) transpose, written over it: LAPACK's column-major
+        # view of ``h``, so no copy is made; ``h`` then holds L in its lower triangle.
+        info = torch.empty((), dtype=torch.int32, device=h.device)
+        torch.linalg.cholesky_ex(h.mT, upper=True, out=(h.mT, info))
         if int(info) == 0:
-            del h
-            inverse = _lower_inverse(lower)
-            del lower
-            return inverse.flip(0, 1)
-        diag.add_(9.0 * damp)  # ten times the damping
-        damp = damp * 10.0
+            h.tril_()
+            _invert_lower_(h)
+            return h
+        del h
+        scale *= 10.0
     raise ValueError(f"the inputs' second-moment matrix is not positive definite even with damping {damp:g}")
+
+
+def _factor_rows(m: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows ``start:end`` of ``U = J M J`` from column ``start`` on (``U`` is zero before it),
+    ``[end - start, K - start]``: a small copy of ``M``'s block, reversed."""
+    k = m.shape[0]
+    return m[k - end : k - start, : k - start].flip(0, 1)
 
 
 def _largest_to_the_top_level(
@@ -108,11 +120,12 @@ def _largest_to_the_top_level(
 ) -> None:
     """In place: each group's largest weight onto the top level of its grid where nearest rounding
     would put it one short (groups with a clamped zero point keep theirs)."""
-    s = scales.repeat_interleave(group_size, dim=1)  # (N, K)
-    z = zeros.repeat_interleave(group_size, dim=1)
-    level = (torch.round(w / s) + z).clamp(0, q_max)
-    largest = setters & (w > 0) & (z > 0) & (z < q_max) & (level == q_max - 1)
-    w[largest] = ((q_max - z) * s)[largest]
+    n, k = w.shape
+    grouped = w.view(n, k // group_size, group_size)  # (N, K/G, G), w's storage
+    s, z = scales[..., None], zeros[..., None]  # (N, K/G, 1)
+    level = (torch.round(grouped / s) + z).clamp_(0, q_max)
+    largest = setters.view_as(grouped) & (grouped > 0) & (z > 0) & (z < q_max) & (level == q_max - 1)
+    grouped[largest] = ((q_max - z) * s).expand_as(grouped)[largest]
 
 
 @torch.no_grad()
@@ -132,15 +145,18 @@ def compensated_rounding(
     multiple: only its shape matters); with ``input_scale`` ``[K]``, of inputs that have since
     been divided by it (an AWQ scale fold), applied to the working copy. Returns fp32 weights
     on the grid that :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros` takes from
-    ``weight``.
+    ``weight`` (a transposed view of the working copy: copy it where it is needed).
     """
-    w = weight.detach().float().clone()  # (N, K), rounded column by column in place
-    n, k = w.shape
+    n, k = weight.shape
     g = resolve_group_size(group_size, k)
     if hessian.shape != (k, k):
         raise ValueError(
-            f"hessian has shape {tuple(hessian.shape)}; expected ({k}, {k}) for weight {tuple(w.shape)}"
+            f"hessian has shape {tuple(hessian.shape)}; expected ({k}, {k}) for weight {tuple(weight.shape)}"
         )
+    # The factor first, while no copy of the weight is held: its [K, K] matrix is the largest.
+    scale = None if input_scale is None else input_scale.to(weight.device)
+    m = _reversed_inverse_factor(hessian.to(weight.device), damping, scale)  # (K, K): U = J m J
+    w = weight.detach().float().clone()  # (N, K), rounded column by column in place
     scales, zeros = compute_scales_zeros(w, bits, g, zero_point)  # (N, K/G) each
     scales = scales.float().to(w.device)
     zeros = zeros.float().to(w.device)
@@ -152,34 +168,35 @@ def compensated_rounding(
     setters = _range_setters(w, g, zero_point)  # (N, K): the weights that set their group's range
     if zero_point:
         _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
-    scale = None if input_scale is None else input_scale.to(w.device)
-    u = _inverse_factor(hessian.to(w.device), damping, scale)  # (K, K) upper
     # Walked transposed: weight column j is the contiguous row j of ``wt`` (a strided column of a
     # wide matrix touches one cache line per element, for every one of the ~16 ops per column).
     wt = w.t().contiguous()  # (K, N)
+    del w
     pinned = setters.t().contiguous()  # (K, N): these receive no compensation
+    del setters
     pinned_values = wt[pinned]
     scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()  # (K/G, N)
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
+        u = _factor_rows(m, start, end)  # (B, K - start): U[start:end, start:]
         rows = wt[start:end]  # (B, N) view
         keep = pinned[start:end]
         # The lazy updates below reach the pinned weights too (no mask over the whole rest of the
         # matrix at every block); they get their own values back before their block is walked.
-        rows[keep] = pinned_values[: int(keep.sum())]
-        pinned_values = pinned_values[int(keep.sum()) :]
+        n_pinned = int(keep.sum())
+        rows[keep] = pinned_values[:n_pinned]
+        pinned_values = pinned_values[n_pinned:]
         free = (~keep).float()
-        errors = torch.empty(end - start, n, dtype=w.dtype, device=w.device)
+        errors = torch.empty(end - start, n, dtype=wt.dtype, device=wt.device)
         for i in range(end - start):
-            j = start + i
-            s, z = scales_t[j // g], zeros_t[j // g]  # (N,)
+            s, z = scales_t[(start + i) // g], zeros_t[(start + i) // g]  # (N,)
             row = rows[i]
             on_grid = (torch.round(row / s) + z).clamp_(q_min, q_max).sub_(z).mul_(s)
-            error = (row - on_grid) / u[j, j]  # (N,)
+            error = (row - on_grid) / u[i, i]  # (N,)
             row.copy_(on_grid)
-            if j + 1 < end:
-                rows[i + 1 :] -= u[j, j + 1 : end][:, None] * error[None, :] * free[i + 1 :]
+            if i + 1 < end - start:
+                rows[i + 1 :] -= u[i, i + 1 : end - start][:, None] * error[None, :] * free[i + 1 :]
             errors[i] = error
         if end < k:
-            wt[end:].addmm_(u[start:end, end:].t(), errors, alpha=-1.0)
-    return wt.t().contiguous()
+            wt[end:].addmm_(u[:, end - start :].t(), errors, alpha=-1.0)
+    return wt.t()

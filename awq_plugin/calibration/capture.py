@@ -414,8 +414,9 @@ class RecordedInputs:
         """Whether ``name`` treats tokens independently (it was called with its input alone)."""
         return name not in self.calls
 
-    def rescale_grams(self, names: Sequence[str], s_cols: torch.Tensor) -> None:
-        """Turn the Gram matrices of ``names`` into those of ``x / s_cols`` (after a scale fold)."""
+    def fold_input_scales(self, names: Sequence[str], s_cols: torch.Tensor) -> None:
+        """After a scale fold the inputs of ``names`` are ``x / s_cols``: turn their Gram matrices
+        into those of the scaled inputs, and multiply ``s_cols`` into their Hessians' scales."""
         for name in names:
             if name in self.gram:
                 self.gram[name] = rescale_gram(self.gram[name], s_cols)
