@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -104,7 +105,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             ]
             if not quant.zero_point:
                 command.append("--symmetric")
-            done = subprocess.run(command, capture_output=True, text=True)
+            # The peer's own environment only: a PYTHONPATH reaching this checkout would put our
+            # kernels/ folder in place of the hub's `kernels` package that transformers imports.
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            done = subprocess.run(command, capture_output=True, text=True, env=env, cwd="/")
             if done.returncode != 0:
                 raise RuntimeError(f"the peer failed on {recipe}:\n{done.stderr[-3000:]}")
             peer = json.loads(done.stdout.strip().splitlines()[-1])
