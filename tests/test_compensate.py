@@ -16,8 +16,14 @@ import torch
 from test_awq_algorithm import FAST, HELD_OUT, QUANT, calib_ids, make_outlier_llama
 
 from awq_plugin.algorithm.awq import AwqOptions, apply_awq_block, run_awq_block
-from awq_plugin.algorithm.compensate import compensated_rounding
-from awq_plugin.calibration.capture import capture_decoder_inputs, input_hessian
+from awq_plugin.algorithm.compensate import compensated_rounding, compensated_rounding_shared
+from awq_plugin.calibration.capture import (
+    BlockInputs,
+    InputRecorder,
+    SamplePlan,
+    capture_decoder_inputs,
+    input_hessian,
+)
 from awq_plugin.errors import CheckpointError, ConfigError
 from awq_plugin.numerics.quant_ref import compute_scales_zeros, fake_quantize
 from awq_plugin.templates import resolve_template
@@ -302,7 +308,11 @@ def test_a_losing_compensation_puts_the_searched_weights_back_bit_for_bit(toy, m
 
     model, resolved, captured = toy
     compensated = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated"})
-    monkeypatch.setattr(block_step, "compensated_rounding", lambda weight, *a, **k: torch.zeros_like(weight))
+    monkeypatch.setattr(
+        block_step,
+        "compensated_rounding_shared",
+        lambda weights, *a, **k: [torch.zeros_like(w) for w in weights],
+    )
     for i in range(len(model.model.layers)):
         nearest_block = copy.deepcopy(model.model.layers[i])
         nearest = run_awq_block(nearest_block, resolved.block(i), captured.for_layer(i), QUANT, HELD_OUT)
@@ -311,3 +321,48 @@ def test_a_losing_compensation_puts_the_searched_weights_back_bit_for_bit(toy, m
         assert (result.rounding, result.mse_awq) == ("nearest", nearest.mse_awq)
         for name, tensor in nearest_block.state_dict().items():
             assert torch.equal(block.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_linears_that_read_one_input_round_in_one_walk_as_each_alone(zero_point) -> None:
+    """q/k/v (or gate/up) stacked in one walk: bit for bit what each gets on its own, scaled
+    inputs included (compensation treats each output row on its own)."""
+    _, x = _case(8, 200, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    weights = [torch.randn(n, 200, generator=gen) * 0.05 for n in (33, 17, 64)]
+    scale = torch.rand(200, generator=gen) + 0.5
+    h = x.t() @ x
+    together = compensated_rounding_shared(weights, h, 4, 40, zero_point, input_scale=scale)
+    for w, result in zip(weights, together, strict=True):
+        assert result.shape == w.shape
+        assert torch.equal(result, compensated_rounding(w, h, 4, 40, zero_point, input_scale=scale))
+
+
+class _ThreeReaders(torch.nn.Module):
+    """a and b read the block input; c reads it in micro-batch 0 and another tensor after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(16, 8, bias=False) for _ in range(3))
+
+    def forward(self, x: torch.Tensor, other: bool) -> torch.Tensor:
+        return self.a(x) + self.b(x) + self.c(x * 2.0 if other else x)
+
+
+def test_linears_that_read_one_input_share_one_hessian_and_part_when_they_stop() -> None:
+    """The recorder keeps one X^T X for linears reading the same tensor (the same object), and
+    gives a linear that later reads another input its own, each equal to its inputs' X^T X."""
+    torch.manual_seed(0)
+    block = _ThreeReaders()
+    xs = [torch.randn(2, 5, 16) for _ in range(3)]
+    inputs = BlockInputs(hidden_states=xs, kwargs=[{"other": m > 0} for m in range(3)])
+    plan = SamplePlan(search_rows=tuple(torch.arange(10) for _ in xs), clip_rows=None, search_batches=(0,))
+    names = ["a", "b", "c"]
+    recorded = InputRecorder(block, plan, [], [], hessian_names=names).run(inputs)
+    assert recorded.hessian["a"] is recorded.hessian["b"]
+    assert recorded.hessian["c"] is not recorded.hessian["a"]
+    flat = [x.reshape(-1, 16) for x in xs]
+    shared = sum(f.t() @ f for f in flat)
+    parted = flat[0].t() @ flat[0] + sum((2 * f).t() @ (2 * f) for f in flat[1:])
+    assert torch.allclose(recorded.hessian["a"], shared, rtol=1e-5)
+    assert torch.allclose(recorded.hessian["c"], parted, rtol=1e-5)

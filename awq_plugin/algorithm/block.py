@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
-from awq_plugin.algorithm.compensate import compensated_rounding
+from awq_plugin.algorithm.compensate import compensated_rounding_shared
 from awq_plugin.algorithm.forward_dtype import resolve_search_dtype, warn_float32_fallback
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
@@ -386,21 +386,18 @@ def _compensate(
     held-out block error beats nearest rounding's (``nearest_error``), else put the weights back
     with ``restore`` (from the block's original weights and the search's results: no copy of the
     block's weights is held for it). Returns the rounding kept and its error."""
-    for name in names:
-        if name not in hessians:  # never called as a module (its weight read directly): no inputs
-            logger.info("%s: no recorded inputs, rounded to nearest", name)
-            continue
-        weight = block.get_submodule(name).weight
-        weight.data.copy_(
-            compensated_rounding(
-                weight,
-                hessians[name],
-                quant_config.bits,
-                quant_config.group_size,
-                quant_config.zero_point,
-                input_scale=input_scales.get(name),
-            )
+    for together in _shared_inputs(names, hessians, input_scales):
+        weights = [block.get_submodule(name).weight for name in together]
+        rounded = compensated_rounding_shared(
+            weights,
+            hessians[together[0]],
+            quant_config.bits,
+            quant_config.group_size,
+            quant_config.zero_point,
+            input_scale=input_scales.get(together[0]),
         )
+        for weight, result in zip(weights, rounded):
+            weight.data.copy_(result)
     error = judge.error()
     if error < nearest_error:
         return "compensated", error
@@ -411,6 +408,31 @@ def _compensate(
     )
     restore()
     return "nearest", nearest_error
+
+
+def _shared_inputs(
+    names: Sequence[str], hessians: Mapping[str, torch.Tensor], input_scales: Mapping[str, torch.Tensor]
+) -> list[list[str]]:
+    """``names`` in runs that share one ``X^T X`` (the recorder's same matrix) and equal input
+    scales: each run is rounded in one walk. Linears without recorded inputs (their weight
+    read directly, never called as a module) are left out, and logged."""
+    runs: dict[tuple[int, int | None], list[str]] = {}
+    for name in names:
+        if name not in hessians:
+            logger.info("%s: no recorded inputs, rounded to nearest", name)
+            continue
+        scale = input_scales.get(name)
+        key = (id(hessians[name]), None if scale is None else id(scale))
+        for other_key, run in runs.items():  # equal scales held in two tensors
+            if other_key[0] == key[0] and _same_scale(input_scales.get(run[0]), scale):
+                key = other_key
+                break
+        runs.setdefault(key, []).append(name)
+    return list(runs.values())
+
+
+def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 class _HeldOutJudge:

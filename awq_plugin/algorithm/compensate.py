@@ -24,6 +24,9 @@ reference quantizer sees it, which is what gets judged and written.)
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 
 from awq_plugin.numerics.quant_ref import compute_scales_zeros, resolve_group_size
@@ -147,35 +150,65 @@ def compensated_rounding(
     on the grid that :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros` takes from
     ``weight`` (a transposed view of the working copy: copy it where it is needed).
     """
-    n, k = weight.shape
+    (rounded,) = compensated_rounding_shared(
+        [weight], hessian, bits, group_size, zero_point, damping, column_block, input_scale
+    )
+    return rounded
+
+
+@torch.no_grad()
+def compensated_rounding_shared(
+    weights: Sequence[torch.Tensor],
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    zero_point: bool = True,
+    damping: float = DAMPING,
+    column_block: int = COLUMN_BLOCK,
+    input_scale: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """:func:`compensated_rounding` of linears that read one input (q/k/v, gate/up), in one
+    walk: compensation treats each output row on its own, so their rows stacked give each
+    linear's result, with one factorisation and one column loop instead of one per linear."""
+    k = weights[0].shape[1]
     g = resolve_group_size(group_size, k)
-    if hessian.shape != (k, k):
-        raise ValueError(
-            f"hessian has shape {tuple(hessian.shape)}; expected ({k}, {k}) for weight {tuple(weight.shape)}"
-        )
-    # The factor first, while no copy of the weight is held: its [K, K] matrix is the largest.
-    scale = None if input_scale is None else input_scale.to(weight.device)
-    m = _reversed_inverse_factor(hessian.to(weight.device), damping, scale)  # (K, K): U = J m J
-    w = weight.detach().float().clone()  # (N, K), rounded column by column in place
-    scales, zeros = compute_scales_zeros(w, bits, g, zero_point)  # (N, K/G) each
-    scales = scales.float().to(w.device)
-    zeros = zeros.float().to(w.device)
+    for weight in weights:
+        if weight.shape[1] != k or hessian.shape != (k, k):
+            raise ValueError(
+                f"hessian has shape {tuple(hessian.shape)}; expected ({k}, {k}) for weight {tuple(weight.shape)}"
+            )
+    device = weights[0].device
+    # The factor first, while no copy of the weights is held: its [K, K] matrix is the largest.
+    scale = None if input_scale is None else input_scale.to(device)
+    m = _reversed_inverse_factor(hessian.to(device), damping, scale)  # (K, K): U = J m J
     q_max = 2**bits - 1
     # Symmetric grids span -(2^(b-1) - 1) .. 2^(b-1) - 1 steps from the largest magnitude; the
     # extra level below (-2^(b-1)) is never reached by nearest rounding, and a weight moved there
     # would re-derive a wider grid.
     q_min = 0 if zero_point else 1
-    setters = _range_setters(w, g, zero_point)  # (N, K): the weights that set their group's range
-    if zero_point:
-        _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
     # Walked transposed: weight column j is the contiguous row j of ``wt`` (a strided column of a
     # wide matrix touches one cache line per element, for every one of the ~16 ops per column).
-    wt = w.t().contiguous()  # (K, N)
-    del w
-    pinned = setters.t().contiguous()  # (K, N): these receive no compensation
-    del setters
+    sizes = [weight.shape[0] for weight in weights]
+    n = sum(sizes)
+    wt = torch.empty(k, n, dtype=torch.float32, device=device)  # (K, N), rounded row by row in place
+    pinned = torch.empty(k, n, dtype=torch.bool, device=device)  # these receive no compensation
+    scales_t = torch.empty(k // g, n, dtype=torch.float32, device=device)
+    zeros_t = torch.empty_like(scales_t)
+    offset = 0
+    for weight, size in zip(weights, sizes):
+        columns = slice(offset, offset + size)
+        w = weight.detach().float().clone()  # (N_i, K)
+        scales, zeros = compute_scales_zeros(w, bits, g, zero_point)  # (N_i, K/G) each
+        scales, zeros = scales.float().to(device), zeros.float().to(device)
+        setters = _range_setters(w, g, zero_point)  # the weights that set their group's range
+        if zero_point:
+            _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
+        wt[:, columns] = w.t()
+        pinned[:, columns] = setters.t()
+        scales_t[:, columns], zeros_t[:, columns] = scales.t(), zeros.t()
+        del w, setters
+        offset += size
     pinned_values = wt[pinned]
-    scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()  # (K/G, N)
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
         u = _factor_rows(m, start, end)  # (B, K - start): U[start:end, start:]
@@ -186,17 +219,21 @@ def compensated_rounding(
         n_pinned = int(keep.sum())
         rows[keep] = pinned_values[:n_pinned]
         pinned_values = pinned_values[n_pinned:]
-        free = (~keep).float()
+        # Within the block too: each row's pinned weights are put back just before it is rounded.
+        held = rows.clone()
+        diagonal = u.diagonal().tolist()
         errors = torch.empty(end - start, n, dtype=wt.dtype, device=wt.device)
         for i in range(end - start):
             s, z = scales_t[(start + i) // g], zeros_t[(start + i) // g]  # (N,)
             row = rows[i]
+            torch.where(keep[i], held[i], row, out=row)
             on_grid = (torch.round(row / s) + z).clamp_(q_min, q_max).sub_(z).mul_(s)
-            error = (row - on_grid) / u[i, i]  # (N,)
+            error = errors[i]
+            torch.sub(row, on_grid, out=error).div_(diagonal[i])  # (N,)
             row.copy_(on_grid)
             if i + 1 < end - start:
-                rows[i + 1 :] -= u[i, i + 1 : end - start][:, None] * error[None, :] * free[i + 1 :]
-            errors[i] = error
+                rows[i + 1 :].addr_(u[i, i + 1 : end - start], error, alpha=-1.0)
         if end < k:
             wt[end:].addmm_(u[:, end - start :].t(), errors, alpha=-1.0)
-    return wt.t()
+    rounded = wt.t()
+    return [rounded[offset - size : offset] for offset, size in zip(itertools.accumulate(sizes), sizes)]

@@ -32,8 +32,9 @@ ROUNDINGS = ("nearest", "compensated")
 #    per micro-batch.
 # 5: compensated rounding and quantized block inputs by default.
 # 6: compensation's x^T x in the search dtype (bf16 chunks where the device has bf16 matmuls).
-# 7: the compensation factor in place (its Cholesky factor on the transposed view): the same
-#    matrix to rounding, which can flip a few integers on wide inputs.
+# 7: the compensation factor in place (its Cholesky factor on the transposed view), and linears
+#    that read one input compensated in one walk: the same arithmetic to rounding, which can
+#    flip a few integers on wide inputs.
 QUANTIZER_VERSION = 7
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).

@@ -385,6 +385,13 @@ def _main_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Te
     raise NotImplementedError(f"cannot find the input tensor of a module call (kwargs: {sorted(kwargs)})")
 
 
+def _same_tensor_key(x: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies the data of ``x``: each hook sees its own ``x.detach()`` (a new tensor
+    object, so ``id`` differs) of the one tensor q/k/v read. The cache entry keeps ``x``
+    alive, so its memory cannot be another input's within the micro-batch."""
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+
+
 @dataclass
 class RecordedInputs:
     """What :class:`InputRecorder` kept for one block."""
@@ -465,7 +472,7 @@ class InputRecorder:
     ``hessian_names``: linears whose whole ``x^T x`` (``[K, K]``, fp32) is accumulated
     over every token outside ``plan.holdout_batches``, for compensated rounding; each
     micro-batch's product is a ``hessian_dtype`` matmul (see :func:`input_hessian`).
-    Modules reading the same tensor (q/k/v) share the work.
+    Modules reading the same tensor (q/k/v) share the work, and their ``x^T x`` one matrix.
     ``row_positions(name)``: for modules that see a subset of a micro-batch's
     tokens (MoE experts), the micro-batch rows of the current input, so the
     samples keep exactly the sampled tokens routed there; ``None`` = every row.
@@ -494,17 +501,51 @@ class InputRecorder:
         self.group_size = group_size
         self.names = sorted(self.stat_names | self.call_names | self.gram_names | self.hessian_names)
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
-        # Per micro-batch work shared by modules that read the same tensor, keyed by id(x).
-        # x itself is kept in the entry: a freed tensor's id could be reused by the next input.
-        self._shared: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per micro-batch work shared by modules that read the same tensor, keyed by its data
+        # (_same_tensor_key). x itself is kept in the entry: freed memory could hold the next input.
+        self._shared: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
         self._batch = 0
+        # name -> the linear whose X^T X matrix it uses (itself, or one that reads the same
+        # input), and the micro-batch where an owner's matrix was started
+        self._hessian_owner: dict[str, str] = {}
+        self._hessian_born: dict[str, int] = {}
+        self._hessian_pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sum, this batch's x^T x)
         self.recorded = RecordedInputs()
 
-    def _shared_result(self, kind: str, x: torch.Tensor, compute: Any) -> torch.Tensor:
-        key = (kind, id(x))
+    def _shared_result(self, kind: str, x: torch.Tensor, compute: Any) -> Any:
+        key = (kind, *_same_tensor_key(x))
         if key not in self._shared:
             self._shared[key] = (x, compute())
         return self._shared[key][1]
+
+    def _record_hessian(self, name: str, x: torch.Tensor, x2d: torch.Tensor) -> None:
+        """Add this micro-batch's ``x^T x`` to ``name``'s sum in place (a [K, K] sum is 822 MB
+        for a 14336-wide input). Linears that read the same tensor from their first micro-batch
+        on (q/k/v, gate/up) share one matrix (the same object in ``RecordedInputs.hessian``);
+        one that later reads another input gets its own copy from then on."""
+        rec, m = self.recorded, self._batch
+        first = self._shared_owner(x, name)  # the first linear that read x in this micro-batch
+        owner = self._hessian_owner.get(name)
+        if owner is not None and owner != name and owner == first:
+            return  # the matrix is shared with `first`, which added this product
+        product = self._shared_result("hessian", x, lambda: input_hessian(x2d, self.hessian_dtype))
+        if owner is None:  # name's first product
+            if first != name and self._hessian_owner.get(first) == first and self._hessian_born[first] == m:
+                rec.hessian[name] = rec.hessian[first]  # same input since the same micro-batch
+                self._hessian_owner[name] = first
+            else:
+                rec.hessian[name] = product.clone()
+                self._hessian_owner[name], self._hessian_born[name] = name, m
+            return
+        if owner != name:  # shared until now, another input from here on: its own copy
+            rec.hessian[name] = rec.hessian[name].clone()  # as of the last micro-batch (see below)
+            self._hessian_owner[name] = name
+        # Added when the micro-batch ends, so that a copy taken above never holds the product a
+        # sharer added earlier in this micro-batch.
+        self._hessian_pending.append((rec.hessian[name], product))
+
+    def _shared_owner(self, x: torch.Tensor, name: str) -> str:
+        return self._shared_result("owner", x, lambda: name)
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -535,11 +576,7 @@ class InputRecorder:
                 rec.gram[name] = rec.gram[name] + gram if name in rec.gram else gram.clone()
                 rec.gram_count[name] = rec.gram_count.get(name, 0) + rows.shape[0]
             if name in self.hessian_names:  # every token outside the held-out batches, not the clip sample
-                xtx = self._shared_result("hessian", x, lambda: input_hessian(x2d, self.hessian_dtype))
-                if name in rec.hessian:  # in place: a [K, K] sum is 822 MB for a 14336-wide input
-                    rec.hessian[name].add_(xtx)
-                else:
-                    rec.hessian[name] = xtx.clone()
+                self._record_hessian(name, x, x2d)
         if name in self.call_names:
             if bool(kwargs) or len(args) > 1:  # token-mixing: keep whole calls
                 if m in self.plan.search_batches:
@@ -574,6 +611,9 @@ class InputRecorder:
                 self._shared = {}
                 out = first_output(self.block(inputs.hidden_states[m], **inputs.kwargs[m]))
                 self.recorded.outputs.append(out)
+                for total, product in self._hessian_pending:
+                    total.add_(product)
+                self._hessian_pending = []
         self._shared = {}
         self._concatenate_rows()
         return self.recorded
