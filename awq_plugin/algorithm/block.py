@@ -336,7 +336,7 @@ def awq_block_step(
             logger.info("layer %d: %s rounding kept", groups.index, rounding)
         next_hidden = recorded.outputs
         if options.propagate == "quantized":
-            with phase("next inputs"), fake_quantized(block, names, quant_config):
+            with phase("next inputs"), fake_quantized(block, names, quant_config, forwards.dtype):
                 next_hidden = forwards.forward(lower=True)
 
     result = BlockAwqResult(
@@ -398,6 +398,7 @@ def _compensate(
         )
         for weight, result in zip(weights, rounded):
             weight.data.copy_(result)
+        del rounded, result  # the working copy, before the next run's walk
     error = judge.error()
     if error < nearest_error:
         return "compensated", error
@@ -453,7 +454,7 @@ class _HeldOutJudge:
         self.weights = token_loss_weights(self.targets, options.outlier_token_ratio)
 
     def error(self) -> float:
-        with fake_quantized(self.forwards.block, self.names, self.quant_config):
+        with fake_quantized(self.forwards.block, self.names, self.quant_config, self.forwards.dtype):
             return weighted_output_mse(self.forwards.forward(self.batches), self.targets, self.weights)
 
 

@@ -114,20 +114,27 @@ def _factor_rows(m: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 
 def _largest_to_the_top_level(
-    w: torch.Tensor,
-    setters: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
+    wt: torch.Tensor,
+    setters_t: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor,
     group_size: int,
     q_max: int,
 ) -> None:
-    """In place: each group's largest weight onto the top level of its grid where nearest rounding
-    would put it one short (groups with a clamped zero point keep theirs)."""
-    n, k = w.shape
-    grouped = w.view(n, k // group_size, group_size)  # (N, K/G, G), w's storage
-    s, z = scales[..., None], zeros[..., None]  # (N, K/G, 1)
-    level = (torch.round(grouped / s) + z).clamp_(0, q_max)
-    largest = setters.view_as(grouped) & (grouped > 0) & (z > 0) & (z < q_max) & (level == q_max - 1)
+    """In place on transposed weights ``wt`` ``[K, N]`` (a view is fine): each group's largest
+    weight onto the top level of its grid where nearest rounding would put it one short (groups
+    with a clamped zero point keep theirs). ``setters_t``, ``scales_t``, ``zeros_t``: ``[K, N]``
+    and ``[K/G, N]``."""
+    k, n = wt.shape
+    grouped = wt.view(k // group_size, group_size, n)  # (K/G, G, N), wt's storage
+    s, z = scales_t[:, None, :], zeros_t[:, None, :]  # (K/G, 1, N)
+    # in place on one fp32 temporary and one bool mask (the weight of an 8B down_proj is 235 MB)
+    level = torch.div(grouped, s).round_().add_(z).clamp_(0, q_max)
+    largest = level == q_max - 1
+    del level
+    largest &= setters_t.view_as(grouped)
+    largest &= grouped > 0
+    largest &= (z > 0) & (z < q_max)
     grouped[largest] = ((q_max - z) * s).expand_as(grouped)[largest]
 
 
@@ -197,16 +204,16 @@ def compensated_rounding_shared(
     offset = 0
     for weight, size in zip(weights, sizes):
         columns = slice(offset, offset + size)
-        w = weight.detach().float().clone()  # (N_i, K)
+        w = weight.detach().float()  # (N_i, K); a copy only if the weight is not float32
         scales, zeros = compute_scales_zeros(w, bits, g, zero_point)  # (N_i, K/G) each
-        scales, zeros = scales.float().to(device), zeros.float().to(device)
-        setters = _range_setters(w, g, zero_point)  # the weights that set their group's range
-        if zero_point:
-            _largest_to_the_top_level(w, setters, scales, zeros, g, q_max)
-        wt[:, columns] = w.t()
-        pinned[:, columns] = setters.t()
         scales_t[:, columns], zeros_t[:, columns] = scales.t(), zeros.t()
-        del w, setters
+        pinned[:, columns] = _range_setters(w, g, zero_point).t()  # the weights that set the ranges
+        wt[:, columns] = w.t()
+        del w, scales, zeros
+        if zero_point:
+            _largest_to_the_top_level(
+                wt[:, columns], pinned[:, columns], scales_t[:, columns], zeros_t[:, columns], g, q_max
+            )
         offset += size
     pinned_values = wt[pinned]
     for start in range(0, k, column_block):

@@ -133,11 +133,20 @@ def quantized_linear_names(
 
 
 @contextmanager
-def fake_quantized(block: nn.Module, names: Sequence[str], quant_config: QuantConfigLike) -> Iterator[None]:
-    """Temporarily replace the named linears' weights by their reference fake quantization."""
+def fake_quantized(
+    block: nn.Module, names: Sequence[str], quant_config: QuantConfigLike, dtype: torch.dtype | None = None
+) -> Iterator[None]:
+    """Temporarily replace the named linears' weights by their reference fake quantization,
+    held in ``dtype`` when given (the dtype the forwards run their matmuls in under autocast,
+    which would cast each weight to it on every call: the same products, for half the memory
+    of float32 copies)."""
     quantize = make_fake_quantizer(quant_config)
     linears = [block.get_submodule(n) for n in names]
-    with replaced_weights(linears, [quantize(lin.weight.data) for lin in linears]):
+    # one float32 result at a time before its cast
+    copies = [
+        quantize(lin.weight.data) if dtype is None else quantize(lin.weight.data).to(dtype) for lin in linears
+    ]
+    with replaced_weights(linears, copies):
         yield
 
 

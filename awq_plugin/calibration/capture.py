@@ -439,8 +439,11 @@ class RecordedInputs:
 HESSIAN_CHUNK_ROWS = 2048
 
 
-def input_hessian(x2d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``x^T x`` (``[K, K]``, fp32) of rows ``x2d`` ``[n, K]``, with its matmuls in ``dtype``.
+def input_hessian(
+    x2d: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x^T x`` (``[K, K]``, fp32) of rows ``x2d`` ``[n, K]``, with its matmuls in ``dtype``;
+    added to ``out`` in place when given (and returned).
 
     In fp32 it is one product. In bf16 (where the device has bf16 matmul units: a third of
     fp32's time on AVX-512 BF16 / AMX, and on the down projection of a large MLP the product
@@ -448,14 +451,17 @@ def input_hessian(x2d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
     :data:`HESSIAN_CHUNK_ROWS`; compensated rounding's layer errors on held-out tokens stayed
     within 0.15% of the fp32 Hessian's on the default model's layer 5 (q, o and down_proj).
     """
+    k = x2d.shape[1]
+    total = torch.zeros(k, k, dtype=torch.float32, device=x2d.device) if out is None else out
     if dtype == torch.float32:
         x = x2d.float()
-        return x.t() @ x
-    total = torch.zeros(x2d.shape[1], x2d.shape[1], dtype=torch.float32, device=x2d.device)
+        return total.addmm_(x.t(), x)
     for start in range(0, x2d.shape[0], HESSIAN_CHUNK_ROWS):
         chunk = x2d[start : start + HESSIAN_CHUNK_ROWS].to(dtype)
         # A contiguous transposed operand: oneDNN's bf16 path took 1.8x longer on the strided one.
-        total += (chunk.t().contiguous() @ chunk).float()
+        product = chunk.t().contiguous() @ chunk
+        for row in range(0, k, HESSIAN_CHUNK_ROWS):  # widened to fp32 a slice at a time, not whole
+            total[row : row + HESSIAN_CHUNK_ROWS].add_(product[row : row + HESSIAN_CHUNK_ROWS])
     return total
 
 
@@ -509,7 +515,7 @@ class InputRecorder:
         # input), and the micro-batch where an owner's matrix was started
         self._hessian_owner: dict[str, str] = {}
         self._hessian_born: dict[str, int] = {}
-        self._hessian_pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sum, this batch's x^T x)
+        self._hessian_inputs: dict[str, torch.Tensor] = {}  # owner -> its input in this micro-batch
         self.recorded = RecordedInputs()
 
     def _shared_result(self, kind: str, x: torch.Tensor, compute: Any) -> Any:
@@ -519,30 +525,38 @@ class InputRecorder:
         return self._shared[key][1]
 
     def _record_hessian(self, name: str, x: torch.Tensor, x2d: torch.Tensor) -> None:
-        """Add this micro-batch's ``x^T x`` to ``name``'s sum in place (a [K, K] sum is 822 MB
-        for a 14336-wide input). Linears that read the same tensor from their first micro-batch
-        on (q/k/v, gate/up) share one matrix (the same object in ``RecordedInputs.hessian``);
-        one that later reads another input gets its own copy from then on."""
+        """Add this micro-batch's ``x^T x`` to ``name``'s sum, in place and chunk by chunk (no
+        [K, K] product beside the sum: 822 MB each for a 14336-wide input). Linears that read
+        the same tensor from their first micro-batch on (q/k/v, gate/up) share one matrix (the
+        same object in ``RecordedInputs.hessian``); one that later reads another input gets its
+        own copy from then on."""
         rec, m = self.recorded, self._batch
         first = self._shared_owner(x, name)  # the first linear that read x in this micro-batch
         owner = self._hessian_owner.get(name)
         if owner is not None and owner != name and owner == first:
             return  # the matrix is shared with `first`, which added this product
-        product = self._shared_result("hessian", x, lambda: input_hessian(x2d, self.hessian_dtype))
-        if owner is None:  # name's first product
-            if first != name and self._hessian_owner.get(first) == first and self._hessian_born[first] == m:
-                rec.hessian[name] = rec.hessian[first]  # same input since the same micro-batch
-                self._hessian_owner[name] = first
-            else:
-                rec.hessian[name] = product.clone()
-                self._hessian_owner[name], self._hessian_born[name] = name, m
+        # the same input as `first` since the micro-batch where first's matrix began
+        if (
+            owner is None
+            and first != name
+            and self._hessian_owner.get(first) == first
+            and self._hessian_born[first] == m
+        ):
+            rec.hessian[name] = rec.hessian[first]
+            self._hessian_owner[name] = first
             return
-        if owner != name:  # shared until now, another input from here on: its own copy
-            rec.hessian[name] = rec.hessian[name].clone()  # as of the last micro-batch (see below)
+        if owner is None:
+            k = x2d.shape[1]
+            rec.hessian[name] = torch.zeros(k, k, dtype=torch.float32, device=x2d.device)
+            self._hessian_owner[name], self._hessian_born[name] = name, m
+        elif owner != name:  # shared until now, another input from here on: its own copy
+            own = rec.hessian[name].clone()
+            if owner in self._hessian_inputs:  # without what its sharer added in this micro-batch
+                own.sub_(input_hessian(self._hessian_inputs[owner], self.hessian_dtype))
+            rec.hessian[name] = own
             self._hessian_owner[name] = name
-        # Added when the micro-batch ends, so that a copy taken above never holds the product a
-        # sharer added earlier in this micro-batch.
-        self._hessian_pending.append((rec.hessian[name], product))
+        input_hessian(x2d, self.hessian_dtype, out=rec.hessian[name])
+        self._hessian_inputs[name] = x2d
 
     def _shared_owner(self, x: torch.Tensor, name: str) -> str:
         return self._shared_result("owner", x, lambda: name)
@@ -611,9 +625,7 @@ class InputRecorder:
                 self._shared = {}
                 out = first_output(self.block(inputs.hidden_states[m], **inputs.kwargs[m]))
                 self.recorded.outputs.append(out)
-                for total, product in self._hessian_pending:
-                    total.add_(product)
-                self._hessian_pending = []
+                self._hessian_inputs = {}
         self._shared = {}
         self._concatenate_rows()
         return self.recorded

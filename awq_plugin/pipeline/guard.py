@@ -293,7 +293,7 @@ class GuardStreams:
     ) -> list[torch.Tensor]:
         outputs = []
         forwards = BlockForwards(block, inputs, self.dtype, names)
-        with fake_quantized(block, names, quant_config), forwards.lowered():
+        with fake_quantized(block, names, quant_config, self.dtype), forwards.lowered():
             for hidden, kwargs in zip(inputs.hidden_states, inputs.kwargs):
                 out = block(hidden, **kwargs)
                 self.output_arity = len(out) if isinstance(out, (tuple, list)) else None
