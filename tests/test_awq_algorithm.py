@@ -602,3 +602,25 @@ def test_a_block_that_fails_under_autocast_is_recorded_in_float32(toy, caplog) -
 
     with pytest.raises(RuntimeError, match="the block is broken"):  # float32 fails: the block's own error
         _record_forward(broken, forwards, {}, 7)
+
+
+def test_fake_quantized_copies_in_the_forward_dtype_give_the_same_outputs(toy) -> None:
+    """The held-out judge and the next-inputs pass fake-quantize straight into the forwards'
+    dtype: under autocast the outputs are bit for bit those of float32 copies (which autocast
+    casts on every call), and the block's own weights come back unchanged."""
+    from awq_plugin.algorithm.block import BlockForwards
+    from awq_plugin.algorithm.linears import fake_quantized
+
+    model, resolved, captured = toy
+    block = copy.deepcopy(model.model.layers[0]).float()
+    names = list(resolved.block(0).linears)
+    before = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    forwards = BlockForwards(block, captured.for_layer(0), torch.bfloat16)
+    with fake_quantized(block, names, QUANT):
+        wide = forwards.forward([0, 1])
+    with fake_quantized(block, names, QUANT, torch.bfloat16):
+        assert all(block.get_submodule(n).weight.dtype == torch.bfloat16 for n in names)
+        narrow = forwards.forward([0, 1])
+    assert all(torch.equal(a, b) for a, b in zip(wide, narrow, strict=True))
+    assert not torch.equal(wide[0], forwards.forward([0])[0])  # the quantization did change them
+    assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in before.items())
