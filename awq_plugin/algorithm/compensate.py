@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -138,28 +139,12 @@ def _largest_to_the_top_level(
     grouped[largest] = ((q_max - z) * s).expand_as(grouped)[largest]
 
 
-@torch.no_grad()
 def compensated_rounding(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int,
-    zero_point: bool = True,
-    damping: float = DAMPING,
-    column_block: int = COLUMN_BLOCK,
-    input_scale: torch.Tensor | None = None,
+    weight: torch.Tensor, hessian: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
-    """Round ``weight`` ``[N, K]`` to its group grid with GPTQ's error compensation.
-
-    ``hessian`` ``[K, K]`` is ``X^T X`` of the linear's calibration inputs (any positive
-    multiple: only its shape matters); with ``input_scale`` ``[K]``, of inputs that have since
-    been divided by it (an AWQ scale fold), applied to the working copy. Returns fp32 weights
-    on the grid that :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros` takes from
-    ``weight`` (a transposed view of the working copy: copy it where it is needed).
-    """
-    (rounded,) = compensated_rounding_shared(
-        [weight], hessian, bits, group_size, zero_point, damping, column_block, input_scale
-    )
+    """:func:`compensated_rounding_shared` of one linear ``weight`` ``[N, K]``: its weights on
+    the grid, a transposed view of the working copy (copy it where it is needed)."""
+    (rounded,) = compensated_rounding_shared([weight], hessian, *args, **kwargs)
     return rounded
 
 
@@ -174,9 +159,17 @@ def compensated_rounding_shared(
     column_block: int = COLUMN_BLOCK,
     input_scale: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """:func:`compensated_rounding` of linears that read one input (q/k/v, gate/up), in one
-    walk: compensation treats each output row on its own, so their rows stacked give each
-    linear's result, with one factorisation and one column loop instead of one per linear."""
+    """Round each of ``weights`` (``[N_i, K]``, linears that read one input: q/k/v, gate/up) to
+    its group grid with GPTQ's error compensation.
+
+    ``hessian`` ``[K, K]`` is ``X^T X`` of the linears' calibration inputs (any positive
+    multiple: only its shape matters); with ``input_scale`` ``[K]``, of inputs that have since
+    been divided by it (an AWQ scale fold), applied to the working copy. Returns per weight
+    fp32 weights on the grid that :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros`
+    takes from it (views of one working buffer). Compensation treats each output row on its
+    own, so the linears' rows stacked give each one's result, with one factorisation and one
+    column loop instead of one per linear.
+    """
     k = weights[0].shape[1]
     g = resolve_group_size(group_size, k)
     for weight in weights:
