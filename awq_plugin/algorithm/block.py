@@ -417,19 +417,19 @@ def _shared_inputs(
     """``names`` in runs that share one ``X^T X`` (the recorder's same matrix) and equal input
     scales: each run is rounded in one walk. Linears without recorded inputs (their weight
     read directly, never called as a module) are left out, and logged."""
-    runs: dict[tuple[int, int | None], list[str]] = {}
+    runs: list[list[str]] = []
     for name in names:
         if name not in hessians:
             logger.info("%s: no recorded inputs, rounded to nearest", name)
             continue
         scale = input_scales.get(name)
-        key = (id(hessians[name]), None if scale is None else id(scale))
-        for other_key, run in runs.items():  # equal scales held in two tensors
-            if other_key[0] == key[0] and _same_scale(input_scales.get(run[0]), scale):
-                key = other_key
+        for run in runs:  # the same matrix object; scales may be equal values in two tensors
+            if hessians[run[0]] is hessians[name] and _same_scale(input_scales.get(run[0]), scale):
+                run.append(name)
                 break
-        runs.setdefault(key, []).append(name)
-    return list(runs.values())
+        else:
+            runs.append([name])
+    return runs
 
 
 def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
