@@ -624,3 +624,36 @@ def test_fake_quantized_copies_in_the_forward_dtype_give_the_same_outputs(toy) -
     assert all(torch.equal(a, b) for a, b in zip(wide, narrow, strict=True))
     assert not torch.equal(wide[0], forwards.forward([0])[0])  # the quantization did change them
     assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in before.items())
+
+
+def test_a_panel_model_through_a_symmetric_grid_gets_the_full_search(default_model_dir) -> None:
+    """The same on a real model: the embedded default model (SmolLM2-135M, one of the quality
+    panel's models) with every linear of a block through a symmetric 4-bit grid, as a K-quant
+    GGUF or llm-awq's clip-and-round leaves it (the signature the retired switch took for an
+    earlier AWQ pass: max == -min in many groups). The block is searched in every group, clipped,
+    judged on its held-out micro-batch, and AWQ still finds a gain there."""
+    from transformers import AutoTokenizer
+
+    from awq_plugin.calibration.text import calibration_windows
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    resolved = resolve_template(model)
+    ids = calibration_windows(AutoTokenizer.from_pretrained(default_model_dir), n_samples=8, seq_len=64)
+    captured = capture_decoder_inputs(model, model.model.layers, ids, micro_batch_size=4)
+    groups = resolved.block(0)
+    block = model.model.layers[0]
+    for name in groups.linears:
+        through_a_symmetric_grid(block.get_submodule(name))
+    gridded = block.self_attn.q_proj.weight.detach().reshape(-1, 32)
+    # the signature is there, far above the retired switch's 5% threshold
+    assert (gridded.amax(-1) == -gridded.amin(-1)).float().mean() > 0.2
+    options = AwqOptions(**{**FAST.to_dict(), "search_tokens": 256})  # 1 of 2 micro-batches held out
+    with recording_phases() as phases:
+        result = run_awq_block(block, groups, captured.for_layer(0), QUANT, options)
+    searched = {
+        f"search {g.layers[0] if g.module2inspect is None else g.module2inspect}" for g in groups.groups
+    }
+    assert searched <= set(phases) and "clip search" in phases
+    assert result.held_out
+    assert any(g.alpha for g in result.groups)  # a non-trivial scale won somewhere
+    assert result.choice == "awq" and result.mse_awq < result.mse_rtn  # on tokens the search did not fit
