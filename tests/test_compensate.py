@@ -264,6 +264,19 @@ def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k
     assert torch.allclose(u, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize(("n", "k", "rows"), [(1, 5, 64), (130, 33, 64), (200, 70, 16)])
+def test_copy_transposed_equals_a_plain_transposing_copy(n, k, rows) -> None:
+    """Strip by strip, into a strided part of a wider buffer (as the column walk's), with strips
+    that do not divide the rows; bool too (the pinned mask)."""
+    from awq_plugin.algorithm.compensate import copy_transposed
+
+    for src in (torch.randn(n, k), torch.randn(n, k) > 0):
+        wide = torch.zeros(k, n + 3, dtype=src.dtype)
+        copy_transposed(wide[:, 2 : n + 2], src, rows)
+        assert torch.equal(wide[:, 2 : n + 2], src.t())
+        assert not wide[:, :2].any() and not wide[:, n + 2 :].any()  # nothing outside the slice
+
+
 def test_the_sweeps_reference_reaches_a_compensated_checkpoint(tiny_llama_fp, tiny_llama_compensated) -> None:
     """The architecture sweep's in-memory reference (its search run again on the same ids, as
     compensated integers are not in the saved results) equals what the pipeline packed."""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
-from awq_plugin.algorithm.compensate import compensated_rounding_shared
+from awq_plugin.algorithm.compensate import compensated_rounding_shared, copy_transposed
 from awq_plugin.algorithm.forward_dtype import resolve_search_dtype, warn_float32_fallback
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
@@ -397,7 +397,7 @@ def _compensate(
             input_scale=input_scales.get(together[0]),
         )
         for weight, result in zip(weights, rounded):
-            weight.data.copy_(result)
+            copy_transposed(weight.data, result.mT)  # result is a transposed view
         del rounded, result  # the working copy, before the next run's walk
     error = judge.error()
     if error < nearest_error:

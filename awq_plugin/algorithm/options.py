@@ -35,7 +35,9 @@ ROUNDINGS = ("nearest", "compensated")
 # 7: the compensation factor in place (its Cholesky factor on the transposed view), and linears
 #    that read one input compensated in one walk: the same arithmetic to rounding, which can
 #    flip a few integers on wide inputs.
-QUANTIZER_VERSION = 7
+# 8: compensation's triangular inverse by triangular solves, and its corrections within a column
+#    block applied a sub-block at a time: the same rounding in another order.
+QUANTIZER_VERSION = 8
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
 RETIRED_OPTIONS = frozenset({"prior_awq_share"})
