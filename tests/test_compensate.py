@@ -268,7 +268,7 @@ def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k
 def test_copy_transposed_equals_a_plain_transposing_copy(n, k, rows) -> None:
     """Strip by strip, into a strided part of a wider buffer (as the column walk's), with strips
     that do not divide the rows; bool too (the pinned mask)."""
-    from awq_plugin.algorithm.compensate import copy_transposed
+    from awq_plugin.numerics.dense import copy_transposed
 
     for src in (torch.randn(n, k), torch.randn(n, k) > 0):
         wide = torch.zeros(k, n + 3, dtype=src.dtype)
@@ -379,3 +379,31 @@ def test_linears_that_read_one_input_share_one_hessian_and_part_when_they_stop()
     parted = flat[0].t() @ flat[0] + sum((2 * f).t() @ (2 * f) for f in flat[1:])
     assert torch.allclose(recorded.hessian["a"], shared, rtol=1e-5)
     assert torch.allclose(recorded.hessian["c"], parted, rtol=1e-5)
+    for h in recorded.hessian.values():  # summed as upper triangles, completed after the pass
+        assert torch.equal(h, h.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_x_t_x_by_upper_panels(monkeypatch, dtype) -> None:
+    """Panels that do not divide the width and chunks that do not divide the rows: ``upper``
+    adds the upper triangle right and leaves what lies below the panels' diagonal blocks as it
+    was; the default completes it, symmetric bit for bit and the product to the dtype's accuracy."""
+    from awq_plugin.calibration import capture
+    from awq_plugin.numerics.dense import symmetrize_upper_
+
+    monkeypatch.setattr(capture, "HESSIAN_PANEL", 48)
+    monkeypatch.setattr(capture, "HESSIAN_CHUNK_ROWS", 70)
+    x = torch.randn(150, 200, generator=torch.Generator().manual_seed(1))
+    exact = (x.double().t() @ x.double()).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    start = torch.full((200, 200), 7.0)
+    upper = input_hessian(x, dtype, out=start.clone(), upper=True)
+    block = torch.arange(200) // 48
+    below = block[:, None] > block[None, :]
+    assert torch.equal(upper[below], start[below])  # below the diagonal blocks: untouched
+    assert torch.allclose(upper.triu(), (exact + 7.0).triu(), rtol=tolerance, atol=tolerance * 150)
+    full = input_hessian(x, dtype)
+    assert torch.equal(full, full.t())
+    assert float((full - exact).norm() / exact.norm()) < tolerance
+    m = torch.randn(101, 101)
+    assert torch.equal(symmetrize_upper_(m.clone(), 32), m.triu() + m.triu(1).t())

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
-from awq_plugin.algorithm.compensate import compensated_rounding_shared, copy_transposed
+from awq_plugin.algorithm.compensate import compensated_rounding_shared
 from awq_plugin.algorithm.forward_dtype import resolve_search_dtype, warn_float32_fallback
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
@@ -57,6 +57,7 @@ from awq_plugin.calibration.capture import (
 )
 from awq_plugin.errors import CheckpointError, TemplateError
 from awq_plugin.models.experts import RoutedExperts, routed_experts_in, row_positions_lookup
+from awq_plugin.numerics.dense import copy_transposed
 from awq_plugin.templates import BlockTemplate, ScalingGroup
 from awq_plugin.templates.folds import apply_group_scales, clamp_weight
 from awq_plugin.templates.verify import verify_block_folds_at_once

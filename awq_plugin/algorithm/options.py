@@ -35,8 +35,9 @@ ROUNDINGS = ("nearest", "compensated")
 # 7: the compensation factor in place (its Cholesky factor on the transposed view), and linears
 #    that read one input compensated in one walk: the same arithmetic to rounding, which can
 #    flip a few integers on wide inputs.
-# 8: compensation's triangular inverse by triangular solves, and its corrections within a column
-#    block applied a sub-block at a time: the same rounding in another order.
+# 8: compensation's triangular inverse by triangular solves, its corrections within a column
+#    block applied a sub-block at a time, and x^T x summed as upper triangles: the same rounding
+#    in another order.
 QUANTIZER_VERSION = 8
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
