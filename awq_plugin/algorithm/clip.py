@@ -147,6 +147,7 @@ def _fused_clip_search(
     grouped = w.reshape(n, n_groups, g)  # (N, K/G, G)
     best_lo = torch.empty((n_groups, n), dtype=torch.float32, device=w.device)  # (K/G, N)
     best_hi = torch.empty_like(best_lo)
+    product_gram = gram if product_dtype is None else gram.to(product_dtype)
     for rows in row_pieces(n, k):
         piece = grouped[rows].transpose(0, 1).contiguous()  # (K/G, R, G)
         top, bottom = piece.amax(dim=-1), piece.amin(dim=-1)  # (K/G, R) each
@@ -158,7 +159,6 @@ def _fused_clip_search(
         min_err = torch.full_like(top, float("inf"))
         delta = torch.empty_like(piece)  # (K/G, R, G): the candidate's q - w
         upper = torch.empty_like(piece)  # min(w, hi), shared by the candidates of one hi
-        product_gram = gram if product_dtype is None else gram.to(product_dtype)
         last_f_hi = None
         for f_hi, f_lo in factors:
             if symmetric_bound is None:
