@@ -53,6 +53,7 @@ import logging
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -311,6 +312,24 @@ def _avx2_vnni_here() -> bool:
     from awq_plugin.kernels.cpu import build
 
     return avx2_uses_avx_vnni(build.cpu_flags())
+
+
+@functools.cache
+def search_ops() -> ModuleType | None:
+    """The quantizer's fused CPU search steps (``cpu/search_ops.cpp``), built once; None where
+    they do not build (the search then runs the same steps in PyTorch, with a warning)."""
+    from awq_plugin.kernels.cpu import build
+
+    log.info("loading the quantizer's fused search steps (compiled on first use, about 30 s)")
+    try:
+        return build.load_search_extension()
+    except Exception as exc:  # a missing compiler costs time, never a result
+        import warnings
+
+        warnings.warn(
+            f"the quantizer's fused search steps failed to build, using PyTorch's: {exc}", stacklevel=2
+        )
+        return None
 
 
 @functools.cache

@@ -76,7 +76,9 @@ STAGE_RANK = {
     "templates": 3,  # which module feeds which linears
     "algorithm": 4,  # AWQ search / apply / clip on plain torch modules
     "format": 5,  # packing and the on-disk checkpoint
-    "kernels": 5,  # INT4 GEMM; imports only numerics and fsutil (KERNELS_MAY_IMPORT)
+    # compiled code: the INT4 GEMMs, and the quantizer's fused clip-search steps (which the
+    # algorithm calls); a leaf over the base modules (KERNELS_MAY_IMPORT), so it ranks just above them
+    "kernels": 1,
     "runtime": 6,  # loading for inference: AwqLinear on the kernels
     "pipeline": 7,  # the streaming, resumable quantizer
     "evaluate": 7,

@@ -21,6 +21,7 @@ every token.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -120,6 +121,15 @@ def search_clip_range(
     return best_lo.contiguous(), best_hi.contiguous()
 
 
+def _fused_steps(device: torch.device) -> Any:
+    """The compiled one-pass candidate steps for tensors on ``device``, or None (PyTorch's)."""
+    if device.type != "cpu":
+        return None
+    from awq_plugin.kernels import search_ops
+
+    return search_ops()
+
+
 def _fused_clip_search(
     w: torch.Tensor,
     gram: torch.Tensor,
@@ -127,6 +137,7 @@ def _fused_clip_search(
     factors: list[tuple[float, float | None]],
     symmetric_bound: torch.Tensor | None = None,
     product_dtype: torch.dtype | None = None,
+    use_fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The clip searches' candidates, piece by piece: best ``(lo, hi)`` ``[N, K/G]`` each.
 
@@ -141,6 +152,10 @@ def _fused_clip_search(
     products ``C d`` in that dtype instead (bf16: 2-3x faster matmuls where the device has bf16
     units); each group's ``d^T C d`` is still summed in fp32, ranking the candidates to about
     2^-8 relative, below the gaps that decide a clip.
+
+    On the CPU each candidate's clamp, rounding and difference run as one fused pass
+    (``kernels/cpu/search_ops.cpp``, the same IEEE steps: the tests compare bit for bit;
+    ``use_fused=False`` or a failed build: PyTorch's steps). 8B shapes, 1 thread: about 2x.
     """
     n, k = w.shape
     n_groups, g, _ = gram.shape
@@ -148,6 +163,9 @@ def _fused_clip_search(
     best_lo = torch.empty((n_groups, n), dtype=torch.float32, device=w.device)  # (K/G, N)
     best_hi = torch.empty_like(best_lo)
     product_gram = gram if product_dtype is None else gram.to(product_dtype)
+    # the compiled steps write float32 or bf16 differences (a float64 Gram keeps PyTorch's)
+    compiled = use_fused and product_gram.dtype in (torch.float32, torch.bfloat16)
+    fused = _fused_steps(w.device) if compiled else None
     for rows in row_pieces(n, k):
         piece = grouped[rows].transpose(0, 1).contiguous()  # (K/G, R, G)
         top, bottom = piece.amax(dim=-1), piece.amin(dim=-1)  # (K/G, R) each
@@ -158,29 +176,44 @@ def _fused_clip_search(
             lo_best, hi_best = bottom.clone(), top.clone()
         min_err = torch.full_like(top, float("inf"))
         delta = torch.empty_like(piece)  # (K/G, R, G): the candidate's q - w
-        upper = torch.empty_like(piece)  # min(w, hi), shared by the candidates of one hi
+        upper = None if fused is not None else torch.empty_like(piece)  # min(w, hi) for one hi
+        d_fused = None if fused is None else torch.empty_like(piece, dtype=product_gram.dtype)
+        err_fused = None if fused is None else torch.empty_like(top)
         last_f_hi = None
         for f_hi, f_lo in factors:
             if symmetric_bound is None:
                 hi, lo = top * f_hi, bottom * f_lo  # (K/G, R)
             else:
-                hi = bound * f_hi
+                hi = (bound * f_hi).contiguous()
                 lo = -hi
-            if f_hi != last_f_hi or symmetric_bound is not None:
-                torch.minimum(piece, hi.unsqueeze(-1), out=upper)
-                last_f_hi = f_hi
             # The clamped group's extremes, as the reference quantizer's amax/amin would find them.
             c_max = torch.maximum(torch.minimum(top, hi), lo)
             c_min = torch.maximum(torch.minimum(bottom, hi), lo)
             scales, zeros = scales_zeros_from_range(
                 c_max, c_min, quantizer.bits, quantizer.zero_point, quantizer.scale_dtype
             )
-            torch.maximum(upper, lo.unsqueeze(-1), out=delta)
-            quantize_grouped_(delta, scales.float(), zeros, quantizer.bits).sub_(piece)
-            d = delta.to(product_gram.dtype)  # no copy in the plain fp32 case
-            prod = torch.bmm(d, product_gram) * d  # (K/G, R, G)
-            # d^T C d per group, summed in fp32 (or as the plain paths do, then cast)
-            err = prod.sum(dim=-1).float() if product_dtype is None else prod.sum(dim=-1, dtype=torch.float32)
+            if fused is not None:  # the steps below in one pass, the same numbers
+                q_max = 2**quantizer.bits - 1
+                d = fused.clip_candidate_delta(
+                    piece, hi, lo, scales.float().contiguous(), zeros.float().contiguous(), q_max, d_fused
+                )
+            else:
+                if f_hi != last_f_hi or symmetric_bound is not None:
+                    torch.minimum(piece, hi.unsqueeze(-1), out=upper)
+                    last_f_hi = f_hi
+                torch.maximum(upper, lo.unsqueeze(-1), out=delta)
+                quantize_grouped_(delta, scales.float(), zeros, quantizer.bits).sub_(piece)
+                d = delta.to(product_gram.dtype)  # no copy in the plain fp32 case
+            if fused is not None:  # d^T C d per group, the product and the sum in one pass
+                err = fused.clip_candidate_error(torch.bmm(d, product_gram), d, err_fused)
+            else:
+                prod = torch.bmm(d, product_gram) * d  # (K/G, R, G)
+                # d^T C d per group, summed in fp32 (or as the plain paths do, then cast)
+                err = (
+                    prod.sum(dim=-1).float()
+                    if product_dtype is None
+                    else prod.sum(dim=-1, dtype=torch.float32)
+                )
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             lo_best = torch.where(better, lo, lo_best)

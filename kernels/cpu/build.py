@@ -33,6 +33,8 @@ AVX2_SOURCE = Path(__file__).with_name("awq_gemm_avx2.cpp")
 AVX2_EXTENSION_NAME = "awq_plugin_cpu_avx2_kernels"
 PORTABLE_SOURCE = Path(__file__).with_name("awq_gemm_portable.cpp")
 PORTABLE_EXTENSION_NAME = "awq_plugin_cpu_portable_kernels"
+SEARCH_SOURCE = Path(__file__).with_name("search_ops.cpp")
+SEARCH_EXTENSION_NAME = "awq_plugin_cpu_search_ops"
 TORCH_BATON = "lock"  # the file torch.utils.cpp_extension waits on while another build runs
 
 # The instruction sets the AVX-512 path needs (names as in /proc/cpuinfo).
@@ -164,6 +166,18 @@ def load_avx2_extension(verbose: bool = False) -> ModuleType:
 def load_portable_extension(verbose: bool = False) -> ModuleType:
     """Compile (first call per cache key) and import the generic C++ kernel (any CPU)."""
     return _build(PORTABLE_EXTENSION_NAME, PORTABLE_SOURCE, portable_compile_flags(), verbose)
+
+
+def search_compile_flags() -> list[str]:
+    """Compiler flags for ``search_ops.cpp``: the portable kernel's, and no contraction of a
+    multiply and an add into one rounding (its results must equal PyTorch's step by step)."""
+    return [*portable_compile_flags(), "-ffp-contract=off"]
+
+
+@functools.cache
+def load_search_extension(verbose: bool = False) -> ModuleType:
+    """Compile (first call per cache key) and import the quantizer's fused search steps (any CPU)."""
+    return _build(SEARCH_EXTENSION_NAME, SEARCH_SOURCE, search_compile_flags(), verbose)
 
 
 def _build(name: str, source: Path, cflags: list[str], verbose: bool) -> ModuleType:
