@@ -35,10 +35,10 @@ ROUNDINGS = ("nearest", "compensated")
 # 7: the compensation factor in place (its Cholesky factor on the transposed view), and linears
 #    that read one input compensated in one walk: the same arithmetic to rounding, which can
 #    flip a few integers on wide inputs.
-# 8: compensation's triangular inverse by triangular solves, its corrections within a column
-#    block applied a sub-block at a time, x^T x summed as upper triangles, and the clip
-#    candidates' per-group errors summed in another order (the fused CPU steps): the same
-#    rounding and clips in another order, which can flip near-ties.
+# 8: compensation's corrections within a column block applied a sub-block at a time, x^T x
+#    summed as upper triangles, and the clip candidates' per-group errors summed in another
+#    order (the fused CPU steps): the same rounding and clips in another order, which can flip
+#    near-ties.
 QUANTIZER_VERSION = 8
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
