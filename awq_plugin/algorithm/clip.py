@@ -175,10 +175,12 @@ def _fused_clip_search(
         else:
             lo_best, hi_best = bottom.clone(), top.clone()
         min_err = torch.full_like(top, float("inf"))
-        delta = torch.empty_like(piece)  # (K/G, R, G): the candidate's q - w
-        upper = None if fused is not None else torch.empty_like(piece)  # min(w, hi) for one hi
-        d_fused = None if fused is None else torch.empty_like(piece, dtype=product_gram.dtype)
-        err_fused = None if fused is None else torch.empty_like(top)
+        if fused is None:
+            delta = torch.empty_like(piece)  # (K/G, R, G): the candidate's q - w
+            upper = torch.empty_like(piece)  # min(w, hi), shared by the candidates of one hi
+        else:
+            d_fused = torch.empty_like(piece, dtype=product_gram.dtype)  # q - w for the products
+            err_fused = torch.empty_like(top)
         last_f_hi = None
         for f_hi, f_lo in factors:
             if symmetric_bound is None:
@@ -192,11 +194,12 @@ def _fused_clip_search(
             scales, zeros = scales_zeros_from_range(
                 c_max, c_min, quantizer.bits, quantizer.zero_point, quantizer.scale_dtype
             )
-            if fused is not None:  # the steps below in one pass, the same numbers
+            if fused is not None:  # PyTorch's steps below in one pass each, the same numbers
                 q_max = 2**quantizer.bits - 1
                 d = fused.clip_candidate_delta(
                     piece, hi, lo, scales.float().contiguous(), zeros.float().contiguous(), q_max, d_fused
                 )
+                err = fused.clip_candidate_error(torch.bmm(d, product_gram), d, err_fused)  # d^T C d
             else:
                 if f_hi != last_f_hi or symmetric_bound is not None:
                     torch.minimum(piece, hi.unsqueeze(-1), out=upper)
@@ -204,9 +207,6 @@ def _fused_clip_search(
                 torch.maximum(upper, lo.unsqueeze(-1), out=delta)
                 quantize_grouped_(delta, scales.float(), zeros, quantizer.bits).sub_(piece)
                 d = delta.to(product_gram.dtype)  # no copy in the plain fp32 case
-            if fused is not None:  # d^T C d per group, the product and the sum in one pass
-                err = fused.clip_candidate_error(torch.bmm(d, product_gram), d, err_fused)
-            else:
                 prod = torch.bmm(d, product_gram) * d  # (K/G, R, G)
                 # d^T C d per group, summed in fp32 (or as the plain paths do, then cast)
                 err = (
