@@ -48,9 +48,11 @@ RTN_WEIGHTS = "2d24086e5467fc1dbc1c4cc1dd69c3a30a248f9b12ed87cafad122b7ec7904c9"
 EXPECTED: dict[str, dict[str, str]] = {
     "awq": {
         **SIDE_FILES,
-        # The search's fp32 scales and clips; under REPRODUCIBLE_ENV since 2026-12-06 (recorded on an
-        # Intel Xeon; the packed weights below are the bytes an AMD EPYC wrote without it).
-        "awq_plugin/awq_results.safetensors": "9e9d53d0b5d199cb244fb970017895e5fb6af28862bc8eab2e1658e25dbf9a55",
+        # The search's fp32 scales and clips, and its losses; under REPRODUCIBLE_ENV since 2026-12-06
+        # (recorded on an Intel Xeon; the packed weights below are the bytes an AMD EPYC wrote
+        # without it). Since quantizer version 8 the recorded losses are summed per token in fp32
+        # (their last digits moved; the scales, clips and packed weights did not).
+        "awq_plugin/awq_results.safetensors": "abd4e5549b659f86d6fce37ee8fd6ba42786c2449b07b58f89b7117916d6f6b2",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
