@@ -16,7 +16,13 @@ import torch
 from test_awq_algorithm import FAST, HELD_OUT, QUANT, calib_ids, make_outlier_llama
 
 from awq_plugin.algorithm.awq import AwqOptions, apply_awq_block, run_awq_block
-from awq_plugin.algorithm.compensate import compensated_rounding, compensated_rounding_shared
+from awq_plugin.algorithm.compensate import (
+    _permuted_copy,
+    activation_order,
+    compensated_rounding,
+    compensated_rounding_shared,
+    permute_rows_,
+)
 from awq_plugin.calibration.capture import (
     BlockInputs,
     InputRecorder,
@@ -407,3 +413,91 @@ def test_x_t_x_by_upper_panels(monkeypatch, dtype) -> None:
     assert float((full - exact).norm() / exact.norm()) < tolerance
     m = torch.randn(101, 101)
     assert torch.equal(symmetrize_upper_(m.clone(), 32), m.triu() + m.triu(1).t())
+
+
+def test_rows_permute_in_place_along_the_cycles() -> None:
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(9, 5, generator=gen)
+    order = torch.tensor([3, 0, 6, 1, 2, 5, 8, 4, 7])  # a 6-cycle, a fixed point, a 2-cycle
+    expected = t[order]
+    assert permute_rows_(t, order) is t and torch.equal(t, expected)
+    permute_rows_(t, torch.argsort(order))
+    assert torch.equal(t[order], expected)  # and back
+    with pytest.raises(ValueError, match="not a permutation of 9 rows"):
+        permute_rows_(t, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7]))
+    h = torch.randn(70, 70, generator=gen)
+    o = torch.randperm(70, generator=gen)
+    assert torch.equal(_permuted_copy(h, o, slab=16), h[o][:, o])
+
+
+def test_act_order_puts_the_loudest_inputs_first() -> None:
+    h = torch.diag(torch.tensor([1.0, 9.0, 4.0, 9.0, 0.0]))
+    assert activation_order(h).tolist() == [1, 3, 2, 0, 4]  # ties in index order
+    # of the scaled inputs: x / s has second moment diag(H) / s^2
+    assert activation_order(h, torch.tensor([1.0, 3.0, 1.0, 1.0, 1.0])).tolist() == [3, 2, 0, 1, 4]
+
+
+@pytest.mark.parametrize(("n", "k", "group", "zero_point"), SHAPES)
+def test_act_order_keeps_the_grid_and_lowers_the_error_further(n, k, group, zero_point) -> None:
+    """The loud inputs moved to random columns: walked first, their rounding errors reach every
+    other column, and the layer's output error drops below the index-order walk's, on the same
+    grid (static groups: each column keeps its own group's scale and zero point)."""
+    w, x = _case(n, k, seed=5)
+    x = x[:, torch.randperm(k, generator=torch.Generator().manual_seed(6))]
+    h = x.t() @ x
+    ordered = compensated_rounding(w, h, 4, group, zero_point, act_order=True)
+    assert torch.equal(fake_quantize(ordered, 4, group, zero_point), ordered)
+    expected = compute_scales_zeros(w, 4, group, zero_point)
+    got = compute_scales_zeros(ordered, 4, group, zero_point)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    in_index_order = _output_error(x, w, compensated_rounding(w, h, 4, group, zero_point))
+    assert _output_error(x, w, ordered) < 0.9 * in_index_order
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_act_order_on_inputs_already_in_that_order_is_the_plain_walk(zero_point) -> None:
+    """A diagonal already decreasing: the permuted factor and walk are the plain ones bit for bit
+    (the permutation code moves values and never computes with them), scaled inputs included."""
+    w, x = _case(24, 200, seed=7)
+    scale = torch.rand(200, generator=torch.Generator().manual_seed(8)) + 0.5
+    loudness = (x / scale).square().sum(0)
+    order = torch.argsort(loudness, descending=True)
+    x, scale, w = x[:, order], scale[order], w[:, order]
+    h = x.t() @ x
+    assert torch.equal(activation_order(h, scale), torch.arange(200))
+    plain = compensated_rounding(w, h, 4, 40, zero_point, input_scale=scale)
+    assert torch.equal(
+        compensated_rounding(w, h, 4, 40, zero_point, input_scale=scale, act_order=True), plain
+    )
+
+
+def test_the_act_order_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="act_order must be True or False"):
+        AwqOptions(act_order="yes")
+    assert AwqOptions.from_dict({"act_order": True}).act_order is True
+
+
+def test_the_block_step_walks_in_act_order_when_asked(toy, monkeypatch) -> None:
+    """The option reaches the walk: the block step's compensation asks for act-order exactly
+    when the options do, and what it keeps is on the grid."""
+    from awq_plugin.algorithm import block as block_module
+
+    model, resolved, captured = toy
+    asked = []
+    walk = block_module.compensated_rounding_shared
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["act_order"])
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(block_module, "compensated_rounding_shared", spy)
+    for act_order in (False, True):
+        options = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated", "act_order": act_order})
+        block = copy.deepcopy(model.model.layers[0])
+        result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options)
+        assert asked and set(asked) == {act_order}
+        asked.clear()
+        if result.rounding == "compensated":
+            for name in resolved.block(0).linears:
+                weight = block.get_submodule(name).weight.float()
+                assert torch.equal(fake_quantize(weight, 4, QUANT.group_size), weight), name

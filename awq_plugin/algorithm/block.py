@@ -332,7 +332,15 @@ def awq_block_step(
 
             with phase("compensated rounding"):
                 rounding, mse_awq = _compensate(
-                    block, names, recorded.hessian, input_scales, judge, quant_config, mse_awq, restore
+                    block,
+                    names,
+                    recorded.hessian,
+                    input_scales,
+                    judge,
+                    quant_config,
+                    mse_awq,
+                    restore,
+                    act_order=options.act_order,
                 )
             logger.info("layer %d: %s rounding kept", groups.index, rounding)
         next_hidden = recorded.outputs
@@ -382,6 +390,7 @@ def _compensate(
     quant_config: QuantConfigLike,
     nearest_error: float,
     restore: Callable[[], None],
+    act_order: bool = False,
 ) -> tuple[str, float]:
     """Round ``names`` with error compensation (their weights end on their grids), keep it if the
     held-out block error beats nearest rounding's (``nearest_error``), else put the weights back
@@ -396,6 +405,7 @@ def _compensate(
             quant_config.group_size,
             quant_config.zero_point,
             input_scale=input_scales.get(together[0]),
+            act_order=act_order,
         )
         for weight, result in zip(weights, rounded):
             copy_transposed(weight.data, result.mT)  # result is a transposed view

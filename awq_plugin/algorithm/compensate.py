@@ -77,7 +77,10 @@ def _invert_lower_(lower: torch.Tensor, leaf: int = 512) -> None:
 
 
 def _reversed_inverse_factor(
-    hessian: torch.Tensor, damping: float, input_scale: torch.Tensor | None = None
+    hessian: torch.Tensor,
+    damping: float,
+    input_scale: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``M`` with ``U = J M J``: ``U`` the upper Cholesky factor of
     ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), ``J`` the order-reversing
@@ -89,12 +92,21 @@ def _reversed_inverse_factor(
     ``H``: one ``[K, K]`` matrix (822 MB for a 14336-wide input) plus a quarter of one as
     scratch. Inputs that never fired (a zero diagonal) get a unit diagonal: their columns are
     then rounded to nearest and receive no correction.
+
+    ``order`` (a permutation of ``K``): the factor of ``H`` with rows and columns taken in that
+    order (``H[order][:, order]``), for a walk over the columns in that order; the copy is made
+    permuted, the columns a slab of rows at a time, so the bound stays one ``[K, K]`` matrix
+    plus a slab.
     """
     scale = 1.0
     for _ in range(4):  # a near-singular H (few tokens, duplicate inputs) gets more damping
-        h = hessian.detach().float().flip(0, 1)  # J H J, the one copy
+        if order is None:
+            h = hessian.detach().float().flip(0, 1)  # J H J, the one copy
+        else:
+            h = _permuted_copy(hessian.detach(), order.flip(0))  # J P H P^T J, the one copy
         if input_scale is not None:  # the inputs divided by input_scale: H / (s s^T)
-            inv = 1.0 / input_scale.to(h).flip(0)
+            inv = 1.0 / input_scale.to(h)
+            inv = inv.flip(0) if order is None else inv[order.flip(0)]
             h.mul_(inv[:, None]).mul_(inv[None, :])
         diag = h.diagonal()
         diag[diag == 0] = 1.0
@@ -111,6 +123,54 @@ def _reversed_inverse_factor(
         del h
         scale *= 10.0
     raise ValueError(f"the inputs' second-moment matrix is not positive definite even with damping {damp:g}")
+
+
+def _permuted_copy(matrix: torch.Tensor, order: torch.Tensor, slab: int = 512) -> torch.Tensor:
+    """fp32 ``matrix[order][:, order]`` for a square ``matrix``: the rows gathered into one new
+    matrix, then its columns permuted in place a slab of rows at a time (one ``[slab, K]``
+    scratch instead of a second ``[K, K]``)."""
+    out = matrix.index_select(0, order.to(matrix.device)).float()
+    index = order.to(out.device)
+    for start in range(0, out.shape[0], slab):
+        rows = out[start : start + slab]
+        rows.copy_(rows.index_select(1, index))
+    return out
+
+
+def permute_rows_(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """In place, ``t[i] = t_before[order[i]]`` for every row ``i`` (``order`` a permutation of
+    ``t.shape[0]``), one row of scratch at a time: the rows move along the permutation's cycles.
+    Returns ``t``."""
+    perm = order.tolist()
+    if sorted(perm) != list(range(t.shape[0])):
+        raise ValueError(f"order is not a permutation of {t.shape[0]} rows")
+    done = [False] * len(perm)
+    for first in range(len(perm)):
+        if done[first] or perm[first] == first:
+            done[first] = True
+            continue
+        held = t[first].clone()
+        i = first
+        while True:
+            done[i] = True
+            source = perm[i]
+            if source == first:
+                t[i].copy_(held)
+                break
+            t[i].copy_(t[source])
+            i = source
+    return t
+
+
+def activation_order(hessian: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ's act-order: the input columns by decreasing second moment (the diagonal of ``X^T X``,
+    of the scaled inputs with ``input_scale``), ties in index order. Columns that carry most of
+    the input's energy are rounded first, while the most columns are left to absorb their
+    error. The groups stay where they are (static groups): the order changes only the walk."""
+    diag = hessian.diagonal().float()
+    if input_scale is not None:
+        diag = diag / input_scale.to(diag).square()
+    return torch.sort(diag, descending=True, stable=True).indices
 
 
 def _factor_rows(m: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -164,6 +224,7 @@ def compensated_rounding_shared(
     damping: float = DAMPING,
     column_block: int = COLUMN_BLOCK,
     input_scale: torch.Tensor | None = None,
+    act_order: bool = False,
 ) -> list[torch.Tensor]:
     """Round each of ``weights`` (``[N_i, K]``, linears that read one input: q/k/v, gate/up) to
     its group grid with GPTQ's error compensation.
@@ -174,7 +235,8 @@ def compensated_rounding_shared(
     fp32 weights on the grid that :func:`~awq_plugin.numerics.quant_ref.compute_scales_zeros`
     takes from it (views of one working buffer). Compensation treats each output row on its
     own, so the linears' rows stacked give each one's result, with one factorisation and one
-    column loop instead of one per linear.
+    column loop instead of one per linear. ``act_order``: walk the columns in
+    :func:`activation_order` instead of index order; each column keeps its own group's grid.
     """
     k = weights[0].shape[1]
     g = resolve_group_size(group_size, k)
@@ -186,7 +248,8 @@ def compensated_rounding_shared(
     device = weights[0].device
     # The factor first, while no copy of the weights is held: its [K, K] matrix is the largest.
     scale = None if input_scale is None else input_scale.to(device)
-    m = _reversed_inverse_factor(hessian.to(device), damping, scale)  # (K, K): U = J m J
+    order = activation_order(hessian, scale) if act_order else None
+    m = _reversed_inverse_factor(hessian.to(device), damping, scale, order)  # (K, K): U = J m J
     q_max = 2**bits - 1
     # Symmetric grids span -(2^(b-1) - 1) .. 2^(b-1) - 1 steps from the largest magnitude; the
     # extra level below (-2^(b-1)) is never reached by nearest rounding, and a weight moved there
@@ -214,6 +277,12 @@ def compensated_rounding_shared(
                 wt[:, columns], pinned[:, columns], scales_t[:, columns], zeros_t[:, columns], g, q_max
             )
         offset += size
+    if order is not None:  # walk position i holds input column order[i]
+        permute_rows_(wt, order)
+        permute_rows_(pinned, order)
+        group_of = (order // g).tolist()
+    else:
+        group_of = [j // g for j in range(k)]
     pinned_values = wt[pinned]
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
@@ -237,7 +306,7 @@ def compensated_rounding_shared(
         for sub in range(0, width, SUB_BLOCK):
             sub_end = min(sub + SUB_BLOCK, width)
             for i in range(sub, sub_end):
-                s, z = scales_t[(start + i) // g], zeros_t[(start + i) // g]  # (N,)
+                s, z = scales_t[group_of[start + i]], zeros_t[group_of[start + i]]  # (N,)
                 row = rows[i]
                 torch.where(keep[i], held[i], row, out=row)
                 on_grid = (torch.round(row / s) + z).clamp_(q_min, q_max).sub_(z).mul_(s)
@@ -250,5 +319,7 @@ def compensated_rounding_shared(
                 rows[sub_end:].addmm_(u[sub:sub_end, sub_end:width].t(), errors[sub:sub_end], alpha=-1.0)
         if end < k:
             wt[end:].addmm_(u[:, end - start :].t(), errors, alpha=-1.0)
+    if order is not None:
+        permute_rows_(wt, torch.argsort(order))
     rounded = wt.t()
     return [rounded[offset - size : offset] for offset, size in zip(itertools.accumulate(sizes), sizes)]
