@@ -17,6 +17,7 @@ from test_awq_algorithm import FAST, HELD_OUT, QUANT, calib_ids, make_outlier_ll
 
 from awq_plugin.algorithm.awq import AwqOptions, apply_awq_block, run_awq_block
 from awq_plugin.algorithm.compensate import (
+    NotPositiveDefinite,
     _permuted_copy,
     activation_order,
     compensated_rounding,
@@ -501,3 +502,59 @@ def test_the_block_step_walks_in_act_order_when_asked(toy, monkeypatch) -> None:
             for name in resolved.block(0).linears:
                 weight = block.get_submodule(name).weight.float()
                 assert torch.equal(fake_quantize(weight, 4, QUANT.group_size), weight), name
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_consumed_hessian_gives_the_same_rounding_and_holds_the_factor(act_order) -> None:
+    """Factoring in the caller's X^T X (reordered in place) instead of a copy: bit for bit the
+    same weights, scaled inputs included; the matrix is spent afterwards."""
+    w, x = _case(24, 200, seed=10)
+    scale = torch.rand(200, generator=torch.Generator().manual_seed(11)) + 0.5
+    h = x.t() @ x
+    kept = compensated_rounding(w, h.clone(), 4, 40, True, input_scale=scale, act_order=act_order)
+    spent = h.clone()
+    got = compensated_rounding(
+        w, spent, 4, 40, True, input_scale=scale, act_order=act_order, consume_hessian=True
+    )
+    assert torch.equal(got, kept)
+    assert not torch.equal(spent, h) and torch.equal(spent, spent.tril())  # now the factor
+
+
+def test_a_consumed_hessian_that_cannot_be_factored_raises_before_any_weight_moves() -> None:
+    w, _ = _case(8, 64, seed=12)
+    before = w.clone()
+    with pytest.raises(NotPositiveDefinite, match="not positive definite"):
+        compensated_rounding(w, -torch.eye(64), 4, 32, True, consume_hessian=True)
+    assert torch.equal(w, before)
+    # a copy can be damped further and retried: -I never factors, so the copy path raises too
+    with pytest.raises(NotPositiveDefinite):
+        compensated_rounding(w, -torch.eye(64), 4, 32, True)
+
+
+def test_the_block_step_factors_each_x_t_x_in_place_on_its_last_walk(toy, monkeypatch) -> None:
+    """q/k/v share one X^T X, gate/up another: each is consumed by its one walk (its last),
+    and the block ends bit for bit as it does when every walk factors a copy."""
+    from awq_plugin.algorithm import block as block_module
+
+    model, resolved, captured = toy
+    seen = []
+    walk = block_module.compensated_rounding_shared
+
+    def copying(weights, hessian, *args, **kwargs):
+        return walk(weights, hessian, *args, **{**kwargs, "consume_hessian": False})
+
+    def spy(weights, hessian, *args, **kwargs):
+        seen.append((len(weights), kwargs["consume_hessian"]))
+        return walk(weights, hessian, *args, **kwargs)
+
+    options = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated"})
+    reference = copy.deepcopy(model.model.layers[0])
+    monkeypatch.setattr(block_module, "compensated_rounding_shared", copying)
+    expected = run_awq_block(reference, resolved.block(0), captured.for_layer(0), QUANT, options)
+    monkeypatch.setattr(block_module, "compensated_rounding_shared", spy)
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options)
+    assert all(consumed for _, consumed in seen) and sorted(n for n, _ in seen) == [1, 1, 2, 3]
+    assert result.rounding == expected.rounding and result.mse_awq == expected.mse_awq
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(block.state_dict()[name], tensor), name

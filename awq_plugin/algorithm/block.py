@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from awq_plugin.algorithm.clip import search_clip_max, search_clip_range
-from awq_plugin.algorithm.compensate import compensated_rounding_shared
+from awq_plugin.algorithm.compensate import NotPositiveDefinite, compensated_rounding_shared
 from awq_plugin.algorithm.forward_dtype import resolve_search_dtype, warn_float32_fallback
 from awq_plugin.algorithm.linears import (
     QuantConfigLike,
@@ -384,7 +384,7 @@ def awq_block_step(
 def _compensate(
     block: nn.Module,
     names: Sequence[str],
-    hessians: Mapping[str, torch.Tensor],
+    hessians: dict[str, torch.Tensor],
     input_scales: Mapping[str, torch.Tensor],
     judge: _HeldOutJudge,
     quant_config: QuantConfigLike,
@@ -395,18 +395,35 @@ def _compensate(
     """Round ``names`` with error compensation (their weights end on their grids), keep it if the
     held-out block error beats nearest rounding's (``nearest_error``), else put the weights back
     with ``restore`` (from the block's original weights and the search's results: no copy of the
-    block's weights is held for it). Returns the rounding kept and its error."""
-    for together in _shared_inputs(names, hessians, input_scales):
+    block's weights is held for it). Returns the rounding kept and its error. ``hessians`` (the
+    recorder's) loses each ``X^T X`` as the last run reading it factors it in place."""
+    runs = _shared_inputs(names, hessians, input_scales)
+    last_use = {id(hessians[run[0]]): i for i, run in enumerate(runs)}
+    for i, together in enumerate(runs):
         weights = [block.get_submodule(name).weight for name in together]
-        rounded = compensated_rounding_shared(
-            weights,
-            hessians[together[0]],
-            quant_config.bits,
-            quant_config.group_size,
-            quant_config.zero_point,
-            input_scale=input_scales.get(together[0]),
-            act_order=act_order,
-        )
+        hessian = hessians[together[0]]
+        # The last run to read an X^T X factors it in place (one [K, K] less at the peak), and
+        # the recorder's entries for it go, so that it is freed after the walk.
+        consume = last_use[id(hessian)] == i
+        if consume:
+            for name in [n for n, h in hessians.items() if h is hessian]:
+                del hessians[name]
+        try:
+            rounded = compensated_rounding_shared(
+                weights,
+                hessian,
+                quant_config.bits,
+                quant_config.group_size,
+                quant_config.zero_point,
+                input_scale=input_scales.get(together[0]),
+                act_order=act_order,
+                consume_hessian=consume,
+            )
+        except NotPositiveDefinite as error:
+            logger.warning("%s: %s; rounded to nearest", ", ".join(together), error)
+            continue
+        finally:
+            del hessian
         for weight, result in zip(weights, rounded):
             copy_transposed(weight.data, result.mT)  # result is a transposed view
         del rounded, result  # the working copy, before the next run's walk

@@ -76,11 +76,16 @@ def _invert_lower_(lower: torch.Tensor, leaf: int = 512) -> None:
     b.neg_()
 
 
+class NotPositiveDefinite(ValueError):
+    """The damped ``X^T X`` has no Cholesky factor (raised where no retry is possible)."""
+
+
 def _reversed_inverse_factor(
     hessian: torch.Tensor,
     damping: float,
     input_scale: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
+    consume: bool = False,
 ) -> torch.Tensor:
     """``M`` with ``U = J M J``: ``U`` the upper Cholesky factor of
     ``(H + damping * mean(diag H) * I)^-1`` (``U^T U``), ``J`` the order-reversing
@@ -97,16 +102,24 @@ def _reversed_inverse_factor(
     order (``H[order][:, order]``), for a walk over the columns in that order; the copy is made
     permuted, the columns a slab of rows at a time, so the bound stays one ``[K, K]`` matrix
     plus a slab.
+
+    ``consume``: ``hessian`` (fp32, contiguous) is not needed afterwards, and the factor is
+    computed in it, reordered in place: no ``[K, K]`` copy at all. A failed factorisation has
+    then destroyed it, so instead of retrying with more damping this raises
+    :class:`NotPositiveDefinite`.
     """
+    reverse = torch.arange(hessian.shape[0] - 1, -1, -1, device=hessian.device)
+    walk_reversed = reverse if order is None else order.to(hessian.device).flip(0)
     scale = 1.0
-    for _ in range(4):  # a near-singular H (few tokens, duplicate inputs) gets more damping
-        if order is None:
+    for _ in range(1 if consume else 4):  # a near-singular H (few tokens, duplicate inputs) gets more damping
+        if consume:
+            h = _permute_square_(hessian.detach(), walk_reversed)  # J P H P^T J, in place
+        elif order is None:
             h = hessian.detach().float().flip(0, 1)  # J H J, the one copy
         else:
-            h = _permuted_copy(hessian.detach(), order.flip(0))  # J P H P^T J, the one copy
+            h = _permuted_copy(hessian.detach(), walk_reversed)  # J P H P^T J, the one copy
         if input_scale is not None:  # the inputs divided by input_scale: H / (s s^T)
-            inv = 1.0 / input_scale.to(h)
-            inv = inv.flip(0) if order is None else inv[order.flip(0)]
+            inv = (1.0 / input_scale.to(h))[walk_reversed]
             h.mul_(inv[:, None]).mul_(inv[None, :])
         diag = h.diagonal()
         diag[diag == 0] = 1.0
@@ -122,19 +135,31 @@ def _reversed_inverse_factor(
             return h
         del h
         scale *= 10.0
-    raise ValueError(f"the inputs' second-moment matrix is not positive definite even with damping {damp:g}")
+    message = f"the inputs' second-moment matrix is not positive definite even with damping {damp:g}"
+    raise NotPositiveDefinite(message)
+
+
+def _permute_columns_(matrix: torch.Tensor, order: torch.Tensor, slab: int = 512) -> torch.Tensor:
+    """In place, ``matrix[:, order]``, a slab of rows at a time (one ``[slab, K]`` scratch)."""
+    index = order.to(matrix.device)
+    for start in range(0, matrix.shape[0], slab):
+        rows = matrix[start : start + slab]
+        rows.copy_(rows.index_select(1, index))
+    return matrix
 
 
 def _permuted_copy(matrix: torch.Tensor, order: torch.Tensor, slab: int = 512) -> torch.Tensor:
     """fp32 ``matrix[order][:, order]`` for a square ``matrix``: the rows gathered into one new
-    matrix, then its columns permuted in place a slab of rows at a time (one ``[slab, K]``
-    scratch instead of a second ``[K, K]``)."""
+    matrix, then its columns permuted in place (no second ``[K, K]``)."""
     out = matrix.index_select(0, order.to(matrix.device)).float()
-    index = order.to(out.device)
-    for start in range(0, out.shape[0], slab):
-        rows = out[start : start + slab]
-        rows.copy_(rows.index_select(1, index))
-    return out
+    return _permute_columns_(out, order, slab)
+
+
+def _permute_square_(matrix: torch.Tensor, order: torch.Tensor, slab: int = 512) -> torch.Tensor:
+    """In place, fp32 contiguous square ``matrix`` becomes ``matrix[order][:, order]``."""
+    if matrix.dtype != torch.float32 or not matrix.is_contiguous():
+        raise ValueError(f"an in-place reorder needs a contiguous float32 matrix, got {matrix.dtype}")
+    return _permute_columns_(permute_rows_(matrix, order), order, slab)
 
 
 def permute_rows_(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -225,6 +250,7 @@ def compensated_rounding_shared(
     column_block: int = COLUMN_BLOCK,
     input_scale: torch.Tensor | None = None,
     act_order: bool = False,
+    consume_hessian: bool = False,
 ) -> list[torch.Tensor]:
     """Round each of ``weights`` (``[N_i, K]``, linears that read one input: q/k/v, gate/up) to
     its group grid with GPTQ's error compensation.
@@ -237,6 +263,9 @@ def compensated_rounding_shared(
     own, so the linears' rows stacked give each one's result, with one factorisation and one
     column loop instead of one per linear. ``act_order``: walk the columns in
     :func:`activation_order` instead of index order; each column keeps its own group's grid.
+    ``consume_hessian``: ``hessian`` is not needed afterwards and its storage holds the factor
+    (one ``[K, K]`` less at the peak; see :func:`_reversed_inverse_factor`, which then raises
+    :class:`NotPositiveDefinite` instead of retrying, before any weight is touched).
     """
     k = weights[0].shape[1]
     g = resolve_group_size(group_size, k)
@@ -249,7 +278,9 @@ def compensated_rounding_shared(
     # The factor first, while no copy of the weights is held: its [K, K] matrix is the largest.
     scale = None if input_scale is None else input_scale.to(device)
     order = activation_order(hessian, scale) if act_order else None
-    m = _reversed_inverse_factor(hessian.to(device), damping, scale, order)  # (K, K): U = J m J
+    consume = consume_hessian and hessian.device == device and hessian.dtype == torch.float32
+    consume = consume and hessian.is_contiguous()
+    m = _reversed_inverse_factor(hessian.to(device), damping, scale, order, consume)  # (K, K): U = J m J
     q_max = 2**bits - 1
     # Symmetric grids span -(2^(b-1) - 1) .. 2^(b-1) - 1 steps from the largest magnitude; the
     # extra level below (-2^(b-1)) is never reached by nearest rounding, and a weight moved there
