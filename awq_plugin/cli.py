@@ -71,6 +71,7 @@ def _awq_options(args: argparse.Namespace):
         seed=args.seed,
         search_dtype=args.search_dtype,
         rounding=args.rounding,
+        act_order=args.act_order,
         propagate=args.propagate,
     )
 
@@ -147,6 +148,13 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         help=f"how the weights go to their grid after the scales and clips (default {options.rounding}): "
         "each to its nearest level, or compensated (GPTQ's error compensation over the block's calibration "
         "inputs, kept in each block whose held-out error it lowers)",
+    )
+    p.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=options.act_order,
+        help="compensated rounding walks the input columns by decreasing second moment (GPTQ's "
+        f"act-order on static groups; the checkpoint layout is unchanged; default {options.act_order})",
     )
     p.add_argument(
         "--propagate",

@@ -112,6 +112,8 @@ class AwqConfig(HfAwqConfig):
         clip: run the clip (max-range shrink) search after scaling.
         rounding: ``"compensated"`` (default: GPTQ's error compensation after the scales and
             clips, kept per block where its held-out error is lower) or ``"nearest"``.
+        act_order: compensated rounding walks the input columns by decreasing second moment
+            (GPTQ's act-order; the groups stay contiguous, so the layout is unchanged).
         propagate: what feeds each next block: ``"quantized"`` (default) outputs of the block
             as quantized, or ``"fp"`` its full-precision outputs (one forward per block less).
         template: architecture template name, path or dict (default: the shipped one).
@@ -146,6 +148,7 @@ class AwqConfig(HfAwqConfig):
         duo_scaling: bool = AwqOptions.duo_scaling,
         clip: bool = AwqOptions.clip,
         rounding: str = AwqOptions.rounding,
+        act_order: bool = AwqOptions.act_order,
         propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
@@ -169,6 +172,7 @@ class AwqConfig(HfAwqConfig):
         self.duo_scaling = duo_scaling
         self.clip = clip
         self.rounding = rounding
+        self.act_order = act_order
         self.propagate = propagate
         self.template = template
         self.backend = backend
@@ -221,7 +225,11 @@ class AwqConfig(HfAwqConfig):
     def awq_options(self) -> AwqOptions:
         """The search knobs this config sets; the rest keep :class:`AwqOptions`' defaults."""
         return AwqOptions(
-            duo_scaling=self.duo_scaling, clip=self.clip, rounding=self.rounding, propagate=self.propagate
+            duo_scaling=self.duo_scaling,
+            clip=self.clip,
+            rounding=self.rounding,
+            act_order=self.act_order,
+            propagate=self.propagate,
         )
 
     @property
@@ -323,6 +331,7 @@ class AwqConfig(HfAwqConfig):
                 "duo_scaling",
                 "clip",
                 "rounding",
+                "act_order",
                 "propagate",
                 "template",
                 "backend",

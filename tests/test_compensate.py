@@ -472,10 +472,21 @@ def test_act_order_on_inputs_already_in_that_order_is_the_plain_walk(zero_point)
     )
 
 
-def test_the_act_order_option_is_checked() -> None:
+def test_the_act_order_option_is_checked_and_reaches_every_front_end() -> None:
+    from awq_plugin.cli import build_parser
+    from awq_plugin.integrations.transformers import AwqConfig
+    from awq_plugin.pipeline.cache import QuantizeRequest
+
     with pytest.raises(ConfigError, match="act_order must be True or False"):
         AwqOptions(act_order="yes")
     assert AwqOptions.from_dict({"act_order": True}).act_order is True
+    default = AwqOptions().act_order
+    parser = build_parser()
+    assert parser.parse_args(["quantize", "src", "out"]).act_order is default
+    assert parser.parse_args(["quantize", "src", "out", "--act-order"]).act_order is True
+    assert parser.parse_args(["quantize", "src", "out", "--no-act-order"]).act_order is False
+    assert AwqConfig(act_order=not default).awq_options().act_order is (not default)
+    assert QuantizeRequest.from_dict({"act_order": not default}).options["act_order"] is (not default)
 
 
 def test_the_block_step_walks_in_act_order_when_asked(toy, monkeypatch) -> None:
