@@ -32,7 +32,9 @@ RECIPES = ("gptq", "awq+gptq", "awq", "rtn")
 
 
 def load_dequantized(base: Any, checkpoint: Path) -> Any:
-    """A copy of ``base`` (fp32) whose quantized linears hold ``checkpoint``'s dequantized weights."""
+    """A copy of ``base`` (fp32) holding ``checkpoint``: its quantized linears dequantized, and
+    every other tensor it has (norm weights that AWQ's smoothing divided by its scales, biases,
+    embeddings) as written. A recipe that folds scales into the norms is only right with both."""
     import torch
 
     from awq_plugin.format.checkpoint import SafetensorsReader, read_json
@@ -42,11 +44,31 @@ def load_dequantized(base: Any, checkpoint: Path) -> Any:
     reader = SafetensorsReader(checkpoint)
     model = copy.deepcopy(base)
     names = quantized_linears(reader, scheme.layout)
+    linears = set(names)
+    state = model.state_dict()
+    other = unmatched = 0
     with torch.no_grad():
         for name in names:
             linear = model.get_submodule(name)
             linear.weight.copy_(read_linear(reader, name, scheme).dequantize(torch.float32))
-    log.info("%s: %d linears dequantized from %s", checkpoint.name, len(names), scheme.layout)
+        for key in reader:
+            if key.rsplit(".", 1)[0] in linears:
+                continue  # a quantized linear's own tensors
+            tensor = reader.get(key)
+            if key in state and state[key].shape == tensor.shape:
+                state[key].copy_(tensor)
+                other += 1
+            else:
+                unmatched += 1
+                log.warning("%s: tensor %s has no place in the model; not loaded", checkpoint.name, key)
+    log.info(
+        "%s: %d linears dequantized from %s, %d other tensors loaded, %d without a place",
+        checkpoint.name,
+        len(names),
+        scheme.layout,
+        other,
+        unmatched,
+    )
     return model
 
 
