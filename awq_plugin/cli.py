@@ -71,9 +71,13 @@ def _awq_options(args: argparse.Namespace):
         seed=args.seed,
         search_dtype=args.search_dtype,
         rounding=args.rounding,
-        act_order=args.act_order,
+        act_order={v: k for k, v in _ACT_ORDER_NAMES.items()}[args.act_order],
         propagate=args.propagate,
     )
+
+
+#: ``AwqOptions.act_order`` by its command-line name.
+_ACT_ORDER_NAMES = {False: "off", True: "on", "auto": "auto"}
 
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -151,10 +155,12 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--act-order",
-        action=argparse.BooleanOptionalAction,
-        default=options.act_order,
-        help="compensated rounding walks the input columns by decreasing second moment (GPTQ's "
-        f"act-order on static groups; the checkpoint layout is unchanged; default {options.act_order})",
+        choices=("off", "on", "auto"),
+        default=_ACT_ORDER_NAMES[options.act_order],
+        help="compensated rounding's column order: index order (off), by decreasing second moment of "
+        "the inputs (on: GPTQ's act-order on static groups; the checkpoint layout is unchanged), or "
+        f"both, each block keeping the one with the lower held-out error (auto; default "
+        f"{_ACT_ORDER_NAMES[options.act_order]})",
     )
     p.add_argument(
         "--propagate",

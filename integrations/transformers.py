@@ -113,7 +113,8 @@ class AwqConfig(HfAwqConfig):
         rounding: ``"compensated"`` (default: GPTQ's error compensation after the scales and
             clips, kept per block where its held-out error is lower) or ``"nearest"``.
         act_order: compensated rounding walks the input columns by decreasing second moment
-            (GPTQ's act-order; the groups stay contiguous, so the layout is unchanged).
+            (GPTQ's act-order; the groups stay contiguous, so the layout is unchanged);
+            ``"auto"``: each block walks both orders and keeps the better on held-out tokens.
         propagate: what feeds each next block: ``"quantized"`` (default) outputs of the block
             as quantized, or ``"fp"`` its full-precision outputs (one forward per block less).
         template: architecture template name, path or dict (default: the shipped one).
@@ -148,7 +149,7 @@ class AwqConfig(HfAwqConfig):
         duo_scaling: bool = AwqOptions.duo_scaling,
         clip: bool = AwqOptions.clip,
         rounding: str = AwqOptions.rounding,
-        act_order: bool = AwqOptions.act_order,
+        act_order: bool | str = AwqOptions.act_order,
         propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,

@@ -473,18 +473,19 @@ def test_act_order_on_inputs_already_in_that_order_is_the_plain_walk(zero_point)
 
 
 def test_the_act_order_option_is_checked_and_reaches_every_front_end() -> None:
-    from awq_plugin.cli import build_parser
+    from awq_plugin.cli import _awq_options, build_parser
     from awq_plugin.integrations.transformers import AwqConfig
     from awq_plugin.pipeline.cache import QuantizeRequest
 
-    with pytest.raises(ConfigError, match="act_order must be True or False"):
+    with pytest.raises(ConfigError, match="act_order must be True, False or 'auto'"):
         AwqOptions(act_order="yes")
+    assert AwqOptions(act_order="auto").act_order == "auto"
     assert AwqOptions.from_dict({"act_order": True}).act_order is True
     default = AwqOptions().act_order
     parser = build_parser()
-    assert parser.parse_args(["quantize", "src", "out"]).act_order is default
-    assert parser.parse_args(["quantize", "src", "out", "--act-order"]).act_order is True
-    assert parser.parse_args(["quantize", "src", "out", "--no-act-order"]).act_order is False
+    for flag, value in (([], default), (["--act-order", "on"], True), (["--act-order", "off"], False)):
+        assert _awq_options(parser.parse_args(["quantize", "src", "out", *flag])).act_order == value
+    assert _awq_options(parser.parse_args(["quantize", "--act-order", "auto", "s", "o"])).act_order == "auto"
     assert AwqConfig(act_order=not default).awq_options().act_order is (not default)
     assert QuantizeRequest.from_dict({"act_order": not default}).options["act_order"] is (not default)
 
@@ -513,6 +514,49 @@ def test_the_block_step_walks_in_act_order_when_asked(toy, monkeypatch) -> None:
             for name in resolved.block(0).linears:
                 weight = block.get_submodule(name).weight.float()
                 assert torch.equal(fake_quantize(weight, 4, QUANT.group_size), weight), name
+
+
+@pytest.mark.parametrize("handicap", ["index", "activation"])
+def test_auto_order_keeps_the_walk_the_held_out_error_prefers_bit_for_bit(toy, monkeypatch, handicap):
+    """``act_order="auto"`` walks both orders and keeps the one with the lower held-out error,
+    the block ending bit for bit as the run with that order alone. The judge is handicapped
+    against one order so that each outcome is reached, the index walk's (held as levels while
+    the second walk runs, then put back) included."""
+    from awq_plugin.algorithm import block as block_module
+
+    model, resolved, captured = toy
+    plain = {}
+    for act_order in (False, True):
+        options = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated", "act_order": act_order})
+        block = copy.deepcopy(model.model.layers[0])
+        plain[act_order] = (
+            run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options),
+            block,
+        )
+    last_walk = []
+    walk = block_module.compensated_rounding_shared
+
+    def spy(*args, **kwargs):
+        last_walk[:] = [kwargs["act_order"]]
+        return walk(*args, **kwargs)
+
+    error = block_module._HeldOutJudge.error
+
+    def judged(self):
+        handicapped = bool(last_walk) and last_walk[0] == (handicap == "activation")
+        return error(self) + (1.0 if handicapped else 0.0)
+
+    monkeypatch.setattr(block_module, "compensated_rounding_shared", spy)
+    monkeypatch.setattr(block_module._HeldOutJudge, "error", judged)
+    options = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated", "act_order": "auto"})
+    block = copy.deepcopy(model.model.layers[0])
+    result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options)
+    winner = handicap == "index"  # the order not handicapped
+    expected, expected_block = plain[winner]
+    assert expected.rounding.startswith("compensated"), "the toy block must keep compensation"
+    assert result.rounding == expected.rounding and result.mse_awq == expected.mse_awq
+    for name, tensor in expected_block.state_dict().items():
+        assert torch.equal(block.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("act_order", [False, True])

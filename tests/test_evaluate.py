@@ -70,3 +70,22 @@ def test_compare_pairs_rows_by_model_and_scheme() -> None:
     other["rows"][0]["window_nll"]["awq"] = [1.0]
     with pytest.raises(SystemExit, match="evaluation windows"):
         compare(base, other)
+
+
+def test_the_quality_bench_scores_every_variant_on_the_same_windows_and_counts_what_blocks_kept(
+    tiny_llama_fp,
+) -> None:
+    """``bench quality``'s measurement on a tiny model: full precision, rounding and AWQ scored on
+    the same windows (one loss per window each), the gap arithmetic, and every block's choice
+    and rounding counted once."""
+    from awq_plugin.algorithm.options import AwqOptions
+    from awq_plugin.tools.bench_quality import measure
+
+    options = AwqOptions(n_grid=4, clip_grid=4, rounding="compensated", act_order="auto")
+    (row,) = measure(tiny_llama_fp, ["uint4_wo_64"], n_samples=8, seq_len=64, windows=3, options=options)
+    assert {len(v) for v in row["window_nll"].values()} == {3}
+    assert row["ppl_fp"] == pytest.approx(math.exp(sum(row["window_nll"]["fp"]) / 3), rel=1e-6)
+    gap = row["ppl_rtn"] - row["ppl_fp"]
+    assert row["gap_closed"] == pytest.approx((row["ppl_rtn"] - row["ppl_awq"]) / gap)
+    assert sum(row["blocks"]["choice"].values()) == sum(row["blocks"]["rounding"].values()) == 2
+    assert set(row["blocks"]["rounding"]) <= {"nearest", "compensated", "compensated, activation order"}

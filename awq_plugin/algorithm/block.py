@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -58,6 +59,7 @@ from awq_plugin.calibration.capture import (
 from awq_plugin.errors import CheckpointError, TemplateError
 from awq_plugin.models.experts import RoutedExperts, routed_experts_in, row_positions_lookup
 from awq_plugin.numerics.dense import copy_transposed
+from awq_plugin.numerics.quant_ref import compute_scales_zeros, resolve_group_size
 from awq_plugin.templates import BlockTemplate, ScalingGroup
 from awq_plugin.templates.folds import apply_group_scales, clamp_weight
 from awq_plugin.templates.verify import verify_block_folds_at_once
@@ -390,22 +392,64 @@ def _compensate(
     quant_config: QuantConfigLike,
     nearest_error: float,
     restore: Callable[[], None],
-    act_order: bool = False,
+    act_order: bool | str = False,
 ) -> tuple[str, float]:
     """Round ``names`` with error compensation (their weights end on their grids), keep it if the
     held-out block error beats nearest rounding's (``nearest_error``), else put the weights back
     with ``restore`` (from the block's original weights and the search's results: no copy of the
     block's weights is held for it). Returns the rounding kept and its error. ``hessians`` (the
-    recorder's) loses each ``X^T X`` as the last run reading it factors it in place."""
+    recorder's) loses each ``X^T X`` as the last run reading it factors it in place.
+
+    ``act_order="auto"``: the block is walked in index order, then in activation order, and
+    keeps whichever of the two (or nearest rounding) has the lowest held-out error. The first
+    walk factors copies of the ``X^T X`` matrices (the second consumes them), and its result is
+    held as integer levels on its grids (one byte per weight) until the second is judged."""
     runs = _shared_inputs(names, hessians, input_scales)
+    orders = [False, True] if act_order == "auto" else [bool(act_order)]
+    best, best_error, best_levels = "nearest", nearest_error, None
+    for attempt, ordered in enumerate(orders):
+        last = attempt == len(orders) - 1
+        if attempt:
+            restore()
+        grids = {} if last else _grids_of(block, runs, quant_config)
+        _walk(block, runs, hessians, input_scales, quant_config, ordered, consume=last)
+        error = judge.error()
+        label = "compensated, activation order" if ordered else "compensated"
+        logger.info("held-out block error with %s rounding: %.4g", label, error)
+        if error < best_error:
+            best, best_error = label, error
+            best_levels = None if last else _levels_of(block, grids)
+        del grids
+    if best == label:  # the weights as the last walk left them
+        return best, best_error
+    restore()
+    if best_levels is not None:
+        _put_levels(block, best_levels)
+    else:
+        logger.info("held-out block error: nearest rounding kept (%.4g)", nearest_error)
+    return best, best_error
+
+
+def _walk(
+    block: nn.Module,
+    runs: Sequence[Sequence[str]],
+    hessians: dict[str, torch.Tensor],
+    input_scales: Mapping[str, torch.Tensor],
+    quant_config: QuantConfigLike,
+    act_order: bool,
+    consume: bool,
+) -> None:
+    """One compensation walk per run of linears that share an input, in place on the block's
+    weights. ``consume``: the last run reading each ``X^T X`` factors it in place and the
+    recorder's entries for it go."""
     last_use = {id(hessians[run[0]]): i for i, run in enumerate(runs)}
     for i, together in enumerate(runs):
         weights = [block.get_submodule(name).weight for name in together]
         hessian = hessians[together[0]]
         # The last run to read an X^T X factors it in place (one [K, K] less at the peak), and
         # the recorder's entries for it go, so that it is freed after the walk.
-        consume = last_use[id(hessian)] == i
-        if consume:
+        consumed = consume and last_use[id(hessian)] == i
+        if consumed:
             for name in [n for n, h in hessians.items() if h is hessian]:
                 del hessians[name]
         try:
@@ -417,7 +461,7 @@ def _compensate(
                 quant_config.zero_point,
                 input_scale=input_scales.get(together[0]),
                 act_order=act_order,
-                consume_hessian=consume,
+                consume_hessian=consumed,
             )
         except NotPositiveDefinite as error:
             logger.warning("%s: %s; rounded to nearest", ", ".join(together), error)
@@ -427,16 +471,44 @@ def _compensate(
         for weight, result in zip(weights, rounded):
             copy_transposed(weight.data, result.mT)  # result is a transposed view
         del rounded, result  # the working copy, before the next run's walk
-    error = judge.error()
-    if error < nearest_error:
-        return "compensated", error
-    logger.info(
-        "held-out block error with compensated rounding %.4g >= %.4g with nearest: nearest kept",
-        error,
-        nearest_error,
-    )
-    restore()
-    return "nearest", nearest_error
+
+
+def _grids_of(
+    block: nn.Module, runs: Sequence[Sequence[str]], quant_config: QuantConfigLike
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each walked linear's group scales and zero points as the walk will take them (from its
+    weights before the walk): ``(scales, zeros)``, ``[N, K/G]`` each."""
+    grids = {}
+    for name in itertools.chain.from_iterable(runs):
+        w = block.get_submodule(name).weight.detach()
+        g = resolve_group_size(quant_config.group_size, w.shape[1])
+        grids[name] = compute_scales_zeros(w.float(), quant_config.bits, g, quant_config.zero_point)
+    return grids
+
+
+def _levels_of(
+    block: nn.Module, grids: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The walked weights as uint8 levels on ``grids`` (every walked weight is ``(q - z) * s``)."""
+    levels = {}
+    for name, (scales, zeros) in grids.items():
+        w = block.get_submodule(name).weight.detach()
+        n, k = w.shape
+        grouped = w.float().view(n, scales.shape[1], -1)
+        q = torch.div(grouped, scales[..., None]).round_().add_(zeros[..., None])
+        levels[name] = (q.to(torch.uint8).view(n, k), scales, zeros)
+    return levels
+
+
+def _put_levels(
+    block: nn.Module, levels: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> None:
+    """The weights :func:`_levels_of` took, back bit for bit: ``(q - z) * s`` as the walk wrote them."""
+    for name, (q, scales, zeros) in levels.items():
+        weight = block.get_submodule(name).weight
+        n, k = weight.shape
+        value = q.view(n, scales.shape[1], -1).float().sub_(zeros[..., None]).mul_(scales[..., None])
+        weight.data.copy_(value.view(n, k))
 
 
 def _shared_inputs(

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +172,15 @@ def measure(
         resolved = resolve_template(awq, template)
         dtype = resolve_search_dtype(options.search_dtype, next(awq.parameters()).device)
         watch = None if held is None else InMemoryGuard(awq, resolved, quant, held, False, dtype)
-        run_awq(awq, quant, calib, dict(resolved.data), options=options, progress=False, observer=watch)
+        results = run_awq(
+            awq, quant, calib, dict(resolved.data), options=options, progress=False, observer=watch
+        )
         row["awq_seconds"] = round(time.perf_counter() - started, 1)
+        # What each block kept: AWQ or rounding, and its rounding (nearest, compensated, in which order).
+        row["blocks"] = {
+            "choice": dict(Counter(b.choice for b in results.blocks)),
+            "rounding": dict(Counter(b.rounding for b in results.blocks)),
+        }
         fake_quantize_linears(awq, quant)
         row["ppl_awq"] = ppl(awq, "awq")
         gap = row["ppl_rtn"] - ppl_fp
