@@ -412,13 +412,13 @@ def _compensate(
         if attempt:
             restore()
         grids = {} if last else _grids_of(block, runs, quant_config)
-        _walk(block, runs, hessians, input_scales, quant_config, ordered, consume=last)
+        walked = _walk(block, runs, hessians, input_scales, quant_config, ordered, consume=last)
         error = judge.error()
         label = "compensated, activation order" if ordered else "compensated"
         logger.info("held-out block error with %s rounding: %.4g", label, error)
         if error < best_error:
             best, best_error = label, error
-            best_levels = None if last else _levels_of(block, grids)
+            best_levels = None if last else _levels_of(block, {n: grids[n] for n in walked})
         del grids
     if best == label:  # the weights as the last walk left them
         return best, best_error
@@ -438,10 +438,12 @@ def _walk(
     quant_config: QuantConfigLike,
     act_order: bool,
     consume: bool,
-) -> None:
+) -> list[str]:
     """One compensation walk per run of linears that share an input, in place on the block's
-    weights. ``consume``: the last run reading each ``X^T X`` factors it in place and the
+    weights; returns the linears rounded (a run whose ``X^T X`` will not factor keeps its
+    weights). ``consume``: the last run reading each ``X^T X`` factors it in place and the
     recorder's entries for it go."""
+    walked: list[str] = []
     last_use = {id(hessians[run[0]]): i for i, run in enumerate(runs)}
     for i, together in enumerate(runs):
         weights = [block.get_submodule(name).weight for name in together]
@@ -471,6 +473,8 @@ def _walk(
         for weight, result in zip(weights, rounded):
             copy_transposed(weight.data, result.mT)  # result is a transposed view
         del rounded, result  # the working copy, before the next run's walk
+        walked.extend(together)
+    return walked
 
 
 def _grids_of(
@@ -489,7 +493,8 @@ def _grids_of(
 def _levels_of(
     block: nn.Module, grids: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The walked weights as uint8 levels on ``grids`` (every walked weight is ``(q - z) * s``)."""
+    """The walked weights as uint8 levels on ``grids`` (every walked weight is ``(q - z) * s``);
+    linears left out of ``grids`` get their searched weights back from the block's restore."""
     levels = {}
     for name, (scales, zeros) in grids.items():
         w = block.get_submodule(name).weight.detach()
