@@ -72,6 +72,7 @@ def _awq_options(args: argparse.Namespace):
         search_dtype=args.search_dtype,
         rounding=args.rounding,
         act_order={v: k for k, v in _ACT_ORDER_NAMES.items()}[args.act_order],
+        fit_to=args.fit_to,
         propagate=args.propagate,
     )
 
@@ -83,7 +84,7 @@ _ACT_ORDER_NAMES = {False: "off", True: "on", "auto": "auto"}
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     # Defaults come from the library's owners (both torch-free), so the CLI and the Python API
     # write the same checkpoint and building the parser does not import torch.
-    from awq_plugin.algorithm.options import PROPAGATE_CHOICES, ROUNDINGS, AwqOptions
+    from awq_plugin.algorithm.options import FIT_TO_CHOICES, PROPAGATE_CHOICES, ROUNDINGS, AwqOptions
     from awq_plugin.calibration.settings import DEFAULTS
 
     options = AwqOptions()
@@ -161,6 +162,15 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         "the inputs (on: GPTQ's act-order on static groups; the checkpoint layout is unchanged), or "
         f"both, each block keeping the one with the lower held-out error (auto; default "
         f"{_ACT_ORDER_NAMES[options.act_order]})",
+    )
+    p.add_argument(
+        "--fit-to",
+        choices=FIT_TO_CHOICES,
+        default=options.fit_to,
+        help=f"what each block is judged against and compensated rounding fits (default {options.fit_to}): "
+        "its full-precision output on the quantized inputs (block), or the full-precision model's own "
+        "(model: asymmetric calibration, which also works off the error of the blocks before it; one more "
+        "forward per block; the same as block under --propagate fp)",
     )
     p.add_argument(
         "--propagate",

@@ -117,6 +117,9 @@ class AwqConfig(HfAwqConfig):
             ``"auto"``: each block walks both orders and keeps the better on held-out tokens.
         propagate: what feeds each next block: ``"quantized"`` (default) outputs of the block
             as quantized, or ``"fp"`` its full-precision outputs (one forward per block less).
+        fit_to: what each block is judged against and compensation fits: ``"block"`` its
+            full-precision output on the quantized inputs, or ``"model"`` the full-precision
+            model's own (default; asymmetric calibration; the same under ``propagate="fp"``).
         template: architecture template name, path or dict (default: the shipped one).
         backend: kernel, ``"auto"`` (default: CPU kernel or Triton by device), ``"cpu"``,
             ``"triton"`` or ``"reference"``.
@@ -150,6 +153,7 @@ class AwqConfig(HfAwqConfig):
         clip: bool = AwqOptions.clip,
         rounding: str = AwqOptions.rounding,
         act_order: bool | str = AwqOptions.act_order,
+        fit_to: str = AwqOptions.fit_to,
         propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
@@ -174,6 +178,7 @@ class AwqConfig(HfAwqConfig):
         self.clip = clip
         self.rounding = rounding
         self.act_order = act_order
+        self.fit_to = fit_to
         self.propagate = propagate
         self.template = template
         self.backend = backend
@@ -230,6 +235,7 @@ class AwqConfig(HfAwqConfig):
             clip=self.clip,
             rounding=self.rounding,
             act_order=self.act_order,
+            fit_to=self.fit_to,
             propagate=self.propagate,
         )
 
@@ -333,6 +339,7 @@ class AwqConfig(HfAwqConfig):
                 "clip",
                 "rounding",
                 "act_order",
+                "fit_to",
                 "propagate",
                 "template",
                 "backend",

@@ -72,3 +72,32 @@ def test_tiny_block_run_writes_consistent_json_and_a_png(
     assert run["unaccounted_seconds"] >= -1e-3  # the phases do not overlap
     assert run["mse_awq"] <= run["mse_rtn"]
     assert png.stat().st_size > 0
+
+
+def test_fitting_the_model_times_a_block_with_both_streams(tmp_path: Path, monkeypatch) -> None:
+    """With ``fit_to="model"`` the bench's block gets a full-precision stream beside its inputs,
+    as every block after the first does, so its reference forward is in the time."""
+    from awq_plugin.calibration.capture import InputRecorder
+
+    real, seen = InputRecorder.run, []
+
+    def spy(self, inputs, reference=None):
+        seen.append(
+            reference is not None and not all(r.equal(h) for r, h in zip(reference, inputs.hidden_states))
+        )
+        return real(self, inputs, reference)
+
+    monkeypatch.setattr(InputRecorder, "run", spy)
+    options = {"n_grid": 4, "clip_grid": 4, "search_dtype": "float32", "fit_to": "model"}
+    argv = ["--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2", "--vocab", "64"]
+    argv += ["--n-samples", "4", "--seq-len", "16", "--scheme", "uint4_wo_32", "--threads", "1"]
+    argv += [
+        "--options",
+        json.dumps(options),
+        "--json",
+        str(tmp_path / "c.json"),
+        "--png",
+        str(tmp_path / "c.png"),
+    ]
+    assert bench.main(argv) == 0
+    assert seen == [True]

@@ -498,3 +498,38 @@ def test_report_marks_the_blocks_that_did_not_keep_awq() -> None:
     (first,) = [line for line in lines if line.lstrip().startswith("layer   0")]
     (second,) = [line for line in lines if line.lstrip().startswith("layer   1")]
     assert "(" not in first and "AWQ lost" in second
+
+
+def test_a_run_fit_to_the_model_resumes_with_both_streams(tmp_path: Path, source: Path, monkeypatch) -> None:
+    """``fit_to="model"`` carries the full-precision model's hidden states beside the quantized
+    ones; a run stopped after block 1's inputs were saved resumes from both to the same bytes
+    (and a resume that lost the full-precision stream would not: the check can fail)."""
+    import awq_plugin.pipeline.quantize as pipeline
+    from awq_plugin.algorithm.options import AwqOptions
+
+    torch.set_num_threads(1)
+    run = dict(n_samples=16, options=AwqOptions(fit_to="model", search_tokens=256))
+    whole = tmp_path / "whole"
+    _quantize(source, whole, **run)
+    real = pipeline.WorkDir.save_hidden
+    streams = []
+
+    def stop_after_block_1(self, next_layer, hidden, extra=None, reference=None):
+        real(self, next_layer, hidden, extra, reference)
+        streams.append(reference is not None)
+        if next_layer == 2:
+            raise KeyboardInterrupt
+
+    for lose_the_stream in (False, True):
+        out = tmp_path / f"out-{lose_the_stream}"
+        with monkeypatch.context() as patch:
+            patch.setattr(pipeline.WorkDir, "save_hidden", stop_after_block_1)
+            with pytest.raises(KeyboardInterrupt):
+                _quantize(source, out, **run)
+        assert streams == [True, True]
+        streams.clear()
+        with monkeypatch.context() as patch:
+            if lose_the_stream:
+                patch.setattr(pipeline.WorkDir, "load_reference", lambda self, *args: None)
+            _quantize(source, out, **run)
+        assert (_tree_bytes(out) == _tree_bytes(whole)) != lose_the_stream

@@ -112,18 +112,18 @@ def run_awq(
     layers = model.get_submodule(resolved.decoder_layers)
     model.eval()
     captured = capture_decoder_inputs(model, layers, calib_input_ids, options.micro_batch_size)
-    hidden = captured.hidden_states
+    hidden, reference = captured.hidden_states, None
     results = []
     for i, block in enumerate(tqdm(layers, desc="AWQ blocks", unit="block", disable=not progress)):
         if observer is not None:
             observer.before_block(i, block)
         result, next_inputs = awq_block_step(
-            block, resolved.block(i), captured.for_layer(i, hidden), quant_config, options
+            block, resolved.block(i), captured.for_layer(i, hidden, reference), quant_config, options
         )
         if observer is not None:
             observer.after_block(i, block)
         results.append(result)
-        hidden = next_inputs.hidden_states
+        hidden, reference = next_inputs.hidden_states, next_inputs.reference
     return AwqResults(
         blocks=results,
         template=dict(resolved.data),

@@ -137,13 +137,14 @@ def _record_forward(
     forwards: BlockForwards,
     experts: Mapping[str, RoutedExperts],
     index: int,
+    reference: Sequence[torch.Tensor] | None = None,
 ) -> tuple[RecordedInputs, BlockForwards]:
     """The recording pass in the forwards' dtype; a block whose own code cannot run under that
     autocast (it writes a lower-precision result into a float32 tensor, say) runs every forward
     in float32 instead, with a warning. Returns what was recorded and the forwards used."""
     try:
         with forwards.lowered():
-            recorded = recorder().run(forwards.inputs)
+            recorded = recorder().run(forwards.inputs, reference)
     except RuntimeError as exc:
         if forwards.dtype == torch.float32:
             raise
@@ -151,8 +152,9 @@ def _record_forward(
         forwards = BlockForwards(forwards.block, forwards.inputs, torch.float32, forwards.names)
         for routed in experts.values():
             routed.reset_token_counts()
-        recorded = recorder().run(forwards.inputs)
+        recorded = recorder().run(forwards.inputs, reference)
     recorded.outputs = [out.float() for out in recorded.outputs]
+    recorded.reference_outputs = [out.float() for out in recorded.reference_outputs]
     return recorded, forwards
 
 
@@ -245,6 +247,13 @@ def awq_block_step(
         )
         inspect_names = [g.layers[0] if g.module2inspect is None else g.module2inspect for g in groups.groups]
         experts = routed_experts_in(block, groups.experts)
+        # Asymmetric calibration: the block's error is measured against the full-precision
+        # model's own outputs, and compensation fits them (from the reference stream's inputs,
+        # paired token by token). Block 0's two streams are one.
+        # (Routing differs between the streams: experts get no paired inputs, and the reference
+        # forward's routed tokens are not counted.)
+        two_streams = options.fit_to == "model" and options.propagate == "quantized"
+        reference = inputs.reference if two_streams else None
         for routed in experts.values():
             routed.reset_token_counts()
         record = functools.partial(
@@ -254,6 +263,7 @@ def awq_block_step(
             group_size=quant_config.group_size,
             row_positions=row_positions_lookup(experts) if experts else None,
             hessian_dtype=forwards.dtype,
+            uncounted=list(experts.values()),
         )
         stat_names = [g.inp for g in groups.groups]
         # Compensation fits the calibration tokens closely; it is kept only where micro-batches it
@@ -265,15 +275,27 @@ def awq_block_step(
                 "layer %d: no held-out micro-batch to judge compensation by: nearest rounding", groups.index
             )
         hessian_names = list(names) if compensate else []
+        # Only the linears of the first scaling group (those reading the block's input through its
+        # first norm) fit the reference outputs: the inputs of the later ones were recorded with
+        # the full-precision linears before them, so a drift those already correct would be
+        # corrected twice. Measured on the default model: adding gate/up (fed by the residual
+        # stream too) cost 4 points of the gap, adding every linear lost to nearest rounding.
+        cross_names = [n for n in groups.groups[0].layers if n in names] if groups.groups else []
         recorder = functools.partial(
             record,
             stat_names=stat_names,
             call_names=inspect_names,
             gram_names=clip_names,
             hessian_names=hessian_names,
+            cross_names=cross_names,
         )
         with phase("record forward"):
-            recorded, forwards = _record_forward(recorder, forwards, experts, groups.index)
+            recorded, forwards = _record_forward(recorder, forwards, experts, groups.index, reference)
+        reference_outputs = None
+        if reference is not None:
+            reference_outputs = recorded.reference_outputs
+        elif two_streams:
+            reference_outputs = recorded.outputs  # one stream so far (block 0)
         if experts:
             with forwards.autocast():
                 calibrate_underused_experts(
@@ -292,7 +314,14 @@ def awq_block_step(
         # that its bf16 copies of the weights never sit beside this one.
         original = {k: v.clone() for k, v in block.state_dict().items()}
         # The block's variants are compared on micro-batches no search saw (plan.holdout_batches).
-        judge = _HeldOutJudge(forwards, recorded, plan.decision_batches, names, quant_config, options)
+        judge = _HeldOutJudge(
+            forwards,
+            recorded.outputs if reference_outputs is None else reference_outputs,
+            plan.decision_batches,
+            names,
+            quant_config,
+            options,
+        )
         with phase("rounding error forward"):
             mse_rtn = judge.error()
 
@@ -337,6 +366,7 @@ def awq_block_step(
                     block,
                     names,
                     recorded.hessian,
+                    recorded.cross,
                     input_scales,
                     judge,
                     quant_config,
@@ -380,13 +410,14 @@ def awq_block_step(
         choice,
         [g.alpha for g in result.groups],
     )
-    return result, inputs.with_hidden_states(next_hidden)
+    return result, inputs.with_hidden_states(next_hidden, reference_outputs)
 
 
 def _compensate(
     block: nn.Module,
     names: Sequence[str],
     hessians: dict[str, torch.Tensor],
+    crosses: dict[str, torch.Tensor],
     input_scales: Mapping[str, torch.Tensor],
     judge: _HeldOutJudge,
     quant_config: QuantConfigLike,
@@ -412,7 +443,7 @@ def _compensate(
         if attempt:
             restore()
         grids = {} if last else _grids_of(block, runs, quant_config)
-        walked = _walk(block, runs, hessians, input_scales, quant_config, ordered, consume=last)
+        walked = _walk(block, runs, hessians, crosses, input_scales, quant_config, ordered, consume=last)
         error = judge.error()
         label = "compensated, activation order" if ordered else "compensated"
         logger.info("held-out block error with %s rounding: %.4g", label, error)
@@ -434,6 +465,7 @@ def _walk(
     block: nn.Module,
     runs: Sequence[Sequence[str]],
     hessians: dict[str, torch.Tensor],
+    crosses: dict[str, torch.Tensor],
     input_scales: Mapping[str, torch.Tensor],
     quant_config: QuantConfigLike,
     act_order: bool,
@@ -448,12 +480,14 @@ def _walk(
     for i, together in enumerate(runs):
         weights = [block.get_submodule(name).weight for name in together]
         hessian = hessians[together[0]]
+        cross = crosses.get(together[0])  # (X_ref - X)^T X: asymmetric calibration
         # The last run to read an X^T X factors it in place (one [K, K] less at the peak), and
-        # the recorder's entries for it go, so that it is freed after the walk.
+        # the recorder's entries for it (and its cross term's) go, so that it is freed after the walk.
         consumed = consume and last_use[id(hessian)] == i
         if consumed:
             for name in [n for n, h in hessians.items() if h is hessian]:
                 del hessians[name]
+                crosses.pop(name, None)
         try:
             rounded = compensated_rounding_shared(
                 weights,
@@ -464,12 +498,13 @@ def _walk(
                 input_scale=input_scales.get(together[0]),
                 act_order=act_order,
                 consume_hessian=consumed,
+                cross=cross,
             )
         except NotPositiveDefinite as error:
             logger.warning("%s: %s; rounded to nearest", ", ".join(together), error)
             continue
         finally:
-            del hessian
+            del hessian, cross
         for weight, result in zip(weights, rounded):
             copy_transposed(weight.data, result.mT)  # result is a transposed view
         del rounded, result  # the working copy, before the next run's walk
@@ -542,20 +577,21 @@ def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 class _HeldOutJudge:
-    """The block's output error against its full-precision output on ``batches`` (the held-out
+    """The block's output error against ``outputs`` (its full-precision output, or the
+    full-precision model's with asymmetric calibration) on ``batches`` (the held-out
     micro-batches where there are any), with the quantized linears fake-quantized as they stand."""
 
     def __init__(
         self,
         forwards: BlockForwards,
-        recorded: RecordedInputs,
+        outputs: Sequence[torch.Tensor],
         batches: Sequence[int],
         names: Sequence[str],
         quant_config: QuantConfigLike,
         options: AwqOptions,
     ) -> None:
         self.forwards, self.batches, self.names, self.quant_config = forwards, batches, names, quant_config
-        self.targets = [recorded.outputs[m] for m in batches]
+        self.targets = [outputs[m] for m in batches]
         self.weights = token_loss_weights(self.targets, options.outlier_token_ratio)
 
     def error(self) -> float:

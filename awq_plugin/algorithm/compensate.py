@@ -230,6 +230,34 @@ def _largest_to_the_top_level(
     grouped[largest] = ((q_max - z) * s).expand_as(grouped)[largest]
 
 
+def _asymmetric_shift(
+    wt: torch.Tensor,
+    cross: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    m: torch.Tensor,
+    order: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(W cross H^-1)^T`` in walk order, ``[K, N]``: the move from the transposed weights
+    ``wt`` (walk order) to the least-squares fit of the full-precision model's outputs
+    (:func:`compensated_rounding_shared`'s ``cross``). ``H^-1`` is the damped inverse ``U^T U``
+    whose reversed factor is ``m`` (``U = J m J``); with ``input_scale`` the inputs were divided by
+    it, and so are both sides of ``cross``."""
+    back = None if order is None else torch.argsort(order.to(wt.device))
+    w_index = wt if back is None else wt.index_select(0, back)  # (K, N), input-column order
+    cross = cross.float()
+    if input_scale is not None:  # (X_ref - X)^T X of the scaled inputs: cross / (s s^T)
+        inv = 1.0 / input_scale.to(cross)
+        rhs = cross.t() @ (w_index * inv[:, None]) * inv[:, None]  # cross_s^T W_s^T
+    else:
+        rhs = cross.t() @ w_index
+    del w_index
+    if order is not None:
+        rhs = rhs.index_select(0, order.to(wt.device))
+    # H^-1 rhs = U^T (U rhs), with U = J m J (J reverses the rows)
+    u_rhs = (m @ rhs.flip(0)).flip(0)
+    return (m.t() @ u_rhs.flip(0)).flip(0)
+
+
 def compensated_rounding(
     weight: torch.Tensor, hessian: torch.Tensor, *args: Any, **kwargs: Any
 ) -> torch.Tensor:
@@ -251,6 +279,7 @@ def compensated_rounding_shared(
     input_scale: torch.Tensor | None = None,
     act_order: bool = False,
     consume_hessian: bool = False,
+    cross: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Round each of ``weights`` (``[N_i, K]``, linears that read one input: q/k/v, gate/up) to
     its group grid with GPTQ's error compensation.
@@ -266,6 +295,13 @@ def compensated_rounding_shared(
     ``consume_hessian``: ``hessian`` is not needed afterwards and its storage holds the factor
     (one ``[K, K]`` less at the peak; see :func:`_reversed_inverse_factor`, which then raises
     :class:`NotPositiveDefinite` instead of retrying, before any weight is touched).
+
+    ``cross`` ``[K, K]``: ``(X_ref - X)^T X``, with ``X_ref`` the inputs the full-precision model
+    gives these linears on the same tokens (GPTAQ's asymmetric calibration): the walk then
+    approaches ``X_ref W^T`` instead of ``X W^T``. On a fixed input ``X`` that is the same as
+    walking the least-squares weights ``W' = W + W cross H^-1`` (the part of the target outside
+    ``X``'s span cannot be reached by any weights), so the weights are moved there first, with
+    the damped inverse the walk itself uses; the range-setting weights keep their places.
     """
     k = weights[0].shape[1]
     g = resolve_group_size(group_size, k)
@@ -315,6 +351,8 @@ def compensated_rounding_shared(
     else:
         group_of = [j // g for j in range(k)]
     pinned_values = wt[pinned]
+    if cross is not None:
+        wt.add_(_asymmetric_shift(wt, cross.to(device), scale, m, order))
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
         u = _factor_rows(m, start, end)  # (B, K - start): U[start:end, start:]

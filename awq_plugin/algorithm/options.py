@@ -21,6 +21,8 @@ GUARD_MODES = ("fallback", "warn", "off")
 # nearest level, or GPTQ's error compensation over the block's calibration inputs
 # (algorithm.compensate), kept per block only where its held-out error is lower.
 ROUNDINGS = ("nearest", "compensated")
+# What each block is fit to (AwqOptions.fit_to).
+FIT_TO_CHOICES = ("block", "model")
 
 # The quantizer's output version: bump it whenever the bytes written for the same source,
 # request and options can change (an algorithm or format change). The quantize-on-start cache
@@ -39,7 +41,8 @@ ROUNDINGS = ("nearest", "compensated")
 #    summed as upper triangles, and the clip candidates' per-group errors summed in another
 #    order (the fused CPU steps): the same rounding and clips in another order, which can flip
 #    near-ties.
-QUANTIZER_VERSION = 8
+# 9: each block fit to the full-precision model's outputs (fit_to="model") by default.
+QUANTIZER_VERSION = 9
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
 RETIRED_OPTIONS = frozenset({"prior_awq_share"})
@@ -103,6 +106,16 @@ class AwqOptions:
     # unchanged) instead of index order; "auto": each block walks both orders and keeps the one
     # with the lower held-out error (one more walk and one more held-out forward per block).
     act_order: bool | str = False
+    # What each block's error is measured against, and what compensated rounding fits: "model",
+    # the full-precision model's own block output (GPTAQ's asymmetric calibration, Li et al.,
+    # ICML 2025), so that the linears reading the block's input also work off what the blocks
+    # before them got wrong, or "block", the full-precision block's output on the quantized
+    # inputs (GPTQ). "model" carries the full-precision hidden states beside the quantized ones:
+    # one more forward of each block (1.17x the time on the default model). It closed 5-9 more
+    # points of rounding's gap on every panel row it ran on (docs/results.md, "Fitting the
+    # full-precision model"). With propagate="fp" the block's inputs are the model's: the two
+    # are one.
+    fit_to: str = "model"
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -132,6 +145,8 @@ class AwqOptions:
             raise ConfigError(f"rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
         if self.propagate not in PROPAGATE_CHOICES:
             raise ConfigError(f"propagate must be one of {PROPAGATE_CHOICES}, got {self.propagate!r}")
+        if self.fit_to not in FIT_TO_CHOICES:
+            raise ConfigError(f"fit_to must be one of {list(FIT_TO_CHOICES)}, got {self.fit_to!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

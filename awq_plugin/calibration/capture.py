@@ -70,11 +70,19 @@ class BlockInputs:
 
     hidden_states: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    # The hidden states the full-precision model gives this block on the same tokens, where they
+    # differ from ``hidden_states`` (the quantized model's): asymmetric calibration's target.
+    reference: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if len(self.hidden_states) != len(self.kwargs):
             raise ValueError(
                 f"BlockInputs: {len(self.hidden_states)} hidden-state micro-batches but {len(self.kwargs)} kwargs"
+            )
+        if self.reference is not None and len(self.reference) != len(self.hidden_states):
+            raise ValueError(
+                f"BlockInputs: {len(self.reference)} reference micro-batches but "
+                f"{len(self.hidden_states)} hidden-state ones"
             )
 
     @property
@@ -84,9 +92,15 @@ class BlockInputs:
     def tokens_per_batch(self) -> list[int]:
         return [h.shape[0] * h.shape[1] for h in self.hidden_states]
 
-    def with_hidden_states(self, hidden_states: list[torch.Tensor]) -> BlockInputs:
+    def with_hidden_states(
+        self, hidden_states: list[torch.Tensor], reference: list[torch.Tensor] | None = None
+    ) -> BlockInputs:
         """The same kwargs with new hidden states (e.g. the previous block's outputs)."""
-        return BlockInputs(hidden_states=list(hidden_states), kwargs=self.kwargs)
+        return BlockInputs(
+            hidden_states=list(hidden_states),
+            kwargs=self.kwargs,
+            reference=None if reference is None else list(reference),
+        )
 
     def first_sequence(self) -> BlockInputs | None:
         """Micro-batch 0 cut to its first sequence (None when it holds only one).
@@ -111,6 +125,7 @@ class BlockInputs:
         return BlockInputs(
             hidden_states=[_to_float_dtype(h, dtype) for h in self.hidden_states],
             kwargs=[_map_tensors(kw, lambda t: _to_float_dtype(t, dtype)) for kw in self.kwargs],
+            reference=None if self.reference is None else [_to_float_dtype(h, dtype) for h in self.reference],
         )
 
 
@@ -121,10 +136,20 @@ class CapturedInputs:
     hidden_states: list[torch.Tensor]
     layer_kwargs: list[list[dict[str, Any]]]
 
-    def for_layer(self, index: int, hidden_states: list[torch.Tensor] | None = None) -> BlockInputs:
-        """Inputs of layer ``index``: given hidden states (default: layer 0's) with that layer's kwargs."""
+    def for_layer(
+        self,
+        index: int,
+        hidden_states: list[torch.Tensor] | None = None,
+        reference: list[torch.Tensor] | None = None,
+    ) -> BlockInputs:
+        """Inputs of layer ``index``: given hidden states (default: layer 0's) with that layer's
+        kwargs, and the full-precision model's where they differ (``reference``)."""
         hs = self.hidden_states if hidden_states is None else hidden_states
-        return BlockInputs(hidden_states=list(hs), kwargs=self.layer_kwargs[index])
+        return BlockInputs(
+            hidden_states=list(hs),
+            kwargs=self.layer_kwargs[index],
+            reference=None if reference is None else list(reference),
+        )
 
 
 def _passthrough(*args: Any, **kwargs: Any) -> Any:
@@ -408,7 +433,12 @@ class RecordedInputs:
     # (applied where the matrix is used, not stored twice)
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_scale: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> float32 [K]
+    # name -> float32 [K, K], sum (x_ref - x)^T x over the same tokens as its hessian, x_ref the
+    # input the full-precision model gives it (asymmetric calibration; shared as the hessian is)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: list[torch.Tensor] = field(default_factory=list)  # block output per micro-batch
+    # the block's output on the reference inputs per micro-batch (asymmetric calibration)
+    reference_outputs: list[torch.Tensor] = field(default_factory=list)
 
     def mean_abs(self, name: str) -> torch.Tensor:
         """AWQ's activation statistic: mean ``|x|`` per input channel over all tokens, fp32."""
@@ -486,6 +516,27 @@ def input_hessian(
     return total
 
 
+def cross_product(
+    reference: torch.Tensor,
+    x2d: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(reference - x)^T x`` (``[K, K]``, fp32) of paired rows ``[n, K]``, with its matmuls in
+    ``dtype`` (the difference itself taken in fp32, in chunks of :data:`HESSIAN_CHUNK_ROWS`
+    rows); added to ``out`` in place when given (and returned). Not symmetric: computed whole."""
+    k = x2d.shape[1]
+    total = torch.zeros(k, k, dtype=torch.float32, device=x2d.device) if out is None else out
+    for start in range(0, x2d.shape[0], HESSIAN_CHUNK_ROWS):
+        x = x2d[start : start + HESSIAN_CHUNK_ROWS].float()
+        delta = reference[start : start + HESSIAN_CHUNK_ROWS].float() - x
+        if dtype == torch.float32:
+            total.addmm_(delta.t(), x)
+        else:
+            total.add_(delta.to(dtype).t().contiguous() @ x.to(dtype))
+    return total
+
+
 class InputRecorder:
     """Record module inputs while a block runs over all its calibration micro-batches.
 
@@ -516,8 +567,13 @@ class InputRecorder:
         row_positions: Callable[[str], torch.Tensor | None] | None = None,
         hessian_names: Sequence[str] = (),
         hessian_dtype: torch.dtype = torch.float32,
+        cross_names: Sequence[str] | None = None,
+        uncounted: Sequence[Any] = (),
     ) -> None:
         self.block = block
+        # modules that count the tokens routed through them (``token_counts``, MoE experts): the
+        # reference forward's routing is not theirs to count
+        self.uncounted = list(uncounted)
         self.hessian_dtype = hessian_dtype
         self.row_positions = row_positions
         self.plan = plan
@@ -525,6 +581,10 @@ class InputRecorder:
         self.call_names = set(call_names)
         self.gram_names = set(gram_names)
         self.hessian_names = set(hessian_names)
+        # with reference hidden states: the linears whose (x_ref - x)^T x is summed (all by default)
+        self.cross_names = (
+            self.hessian_names if cross_names is None else set(cross_names) & self.hessian_names
+        )
         self.group_size = group_size
         self.names = sorted(self.stat_names | self.call_names | self.gram_names | self.hessian_names)
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
@@ -537,6 +597,9 @@ class InputRecorder:
         self._hessian_owner: dict[str, str] = {}
         self._hessian_born: dict[str, int] = {}
         self._hessian_inputs: dict[str, torch.Tensor] = {}  # owner -> its input in this micro-batch
+        # asymmetric calibration: name -> its input in this micro-batch's reference forward
+        self._reference_inputs: dict[str, torch.Tensor] | None = None
+        self._in_reference = False
         self.recorded = RecordedInputs()
 
     def _shared_result(self, kind: str, x: torch.Tensor, compute: Any) -> Any:
@@ -564,20 +627,41 @@ class InputRecorder:
             and self._hessian_born[first] == m
         ):
             rec.hessian[name] = rec.hessian[first]
+            if first in rec.cross:
+                rec.cross[name] = rec.cross[first]
             self._hessian_owner[name] = first
             return
+        k = x2d.shape[1]
         if owner is None:
-            k = x2d.shape[1]
             rec.hessian[name] = torch.zeros(k, k, dtype=torch.float32, device=x2d.device)
             self._hessian_owner[name], self._hessian_born[name] = name, m
+            if self._reference_inputs is not None and name in self.cross_names:
+                rec.cross[name] = torch.zeros(k, k, dtype=torch.float32, device=x2d.device)
         elif owner != name:  # shared until now, another input from here on: its own copy
             own = rec.hessian[name].clone()
             if owner in self._hessian_inputs:  # without what its sharer added in this micro-batch
                 own.sub_(input_hessian(self._hessian_inputs[owner], self.hessian_dtype, upper=True))
             rec.hessian[name] = own
             self._hessian_owner[name] = name
+            rec.cross.pop(name, None)  # its cross term was its sharer's: asymmetric no more
         input_hessian(x2d, self.hessian_dtype, out=rec.hessian[name], upper=True)
         self._hessian_inputs[name] = x2d
+        if name in rec.cross:
+            reference = self._reference_inputs.get(name) if self._reference_inputs is not None else None
+            if reference is None or reference.shape != x2d.shape:
+                # no paired full-precision input (a linear the reference forward did not reach
+                # with the same tokens): the symmetric objective for this linear
+                logger.debug("%s: no paired reference input; symmetric calibration", name)
+                del rec.cross[name]
+            else:
+                cross_product(reference, x2d, self.hessian_dtype, out=rec.cross[name])
+
+    def _pairs(self, name: str) -> bool:
+        """Whether ``name``'s reference input is kept in this micro-batch: it has an ``x^T x``,
+        the micro-batch is not held out, and it sees every token (not a routed expert)."""
+        if name not in self.cross_names or self._batch in self.plan.holdout_batches:
+            return False
+        return self.row_positions is None or self.row_positions(name) is None
 
     def _shared_owner(self, x: torch.Tensor, name: str) -> str:
         return self._shared_result("owner", x, lambda: name)
@@ -585,6 +669,10 @@ class InputRecorder:
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x, keyword = _main_input(args, kwargs)
+            if self._in_reference:  # the reference forward: keep the inputs to pair, nothing else
+                if self._pairs(name):
+                    self._reference_inputs[name] = x.detach().reshape(-1, x.shape[-1])
+                return
             # The forward may run its matmuls in bf16 under autocast; the statistics (Gram
             # products included) are always computed in fp32 / fp64.
             with torch.autocast(x.device.type, enabled=False):
@@ -638,15 +726,37 @@ class InputRecorder:
                 handle.remove()
 
     @torch.no_grad()
-    def run(self, inputs: BlockInputs) -> RecordedInputs:
-        """One pass over all micro-batches; returns what was recorded (and the block outputs)."""
+    def run(self, inputs: BlockInputs, reference: Sequence[torch.Tensor] | None = None) -> RecordedInputs:
+        """One pass over all micro-batches; returns what was recorded (and the block outputs).
+
+        ``reference``: the hidden states the full-precision model gives this block, per
+        micro-batch (asymmetric calibration). Each micro-batch then runs on them first, and the
+        linears with a recorded ``x^T x`` also accumulate ``(x_ref - x)^T x`` (``cross``) from
+        their paired inputs; the block's outputs on them are ``reference_outputs``.
+        """
+        if reference is not None and len(reference) != len(inputs.hidden_states):
+            raise ValueError(
+                f"{len(reference)} reference micro-batches for {len(inputs.hidden_states)} input ones"
+            )
         with self._hooks():
             for m in range(len(inputs.hidden_states)):
                 self._batch = m
                 self._shared = {}
+                if reference is not None:
+                    self._reference_inputs, self._in_reference = {}, True
+                    counts = [list(module.token_counts) for module in self.uncounted]
+                    try:
+                        out = first_output(self.block(reference[m], **inputs.kwargs[m]))
+                    finally:
+                        self._in_reference = False
+                        for module, before in zip(self.uncounted, counts):
+                            module.token_counts = before
+                    self.recorded.reference_outputs.append(out)
                 out = first_output(self.block(inputs.hidden_states[m], **inputs.kwargs[m]))
                 self.recorded.outputs.append(out)
                 self._hessian_inputs = {}
+                if reference is not None:
+                    self._reference_inputs = {}
         self._shared = {}
         self._concatenate_rows()
         for matrix in {id(m): m for m in self.recorded.hessian.values()}.values():

@@ -344,6 +344,8 @@ def _quantize_blocks(
             streams.restore(*work.load_extra(done), device)
     release_non_layer(src.model, layers_path)  # from here on memory holds one block and the activations
     hidden = captured.hidden_states if done == 0 else [h.to(device) for h in work.load_hidden(done)]
+    # asymmetric calibration: the full-precision model's hidden states (None while one stream)
+    reference = None if done == 0 else work.load_reference(done, device)
     bar = tqdm(
         total=len(layers), initial=done, desc=f"{method.upper()} blocks", unit="block", disable=not progress
     )
@@ -352,13 +354,13 @@ def _quantize_blocks(
         block = load_block(src.model, resolved, i, src.reader, device)
         groups = resolved.block(i)
         names = block_linear_names(block, groups, quant)
-        inputs = captured.for_layer(i, hidden)
+        inputs = captured.for_layer(i, hidden, reference)
         if streams is not None:  # plain rounding's view of this block, before the search moves weights
             streams.advance("rtn", i, block, names, quant)
         if method == "awq":
             with recording_phases() as phases:
                 result, next_inputs = awq_block_step(block, groups, inputs, quant, options)
-            hidden = next_inputs.hidden_states
+            hidden, reference = next_inputs.hidden_states, next_inputs.reference
             work.save_result(result)
             bar.set_postfix(mse_rtn=f"{result.mse_rtn:.3g}", mse_awq=f"{result.mse_awq:.3g}")
         else:
@@ -370,7 +372,7 @@ def _quantize_blocks(
         work.save_block(i, pack_block(block, f"{layers_path}.{i}.", names, quant, resolved))
         if method == "awq":
             costs.append(BlockCost(i, time.perf_counter() - started, phases.get("record forward", math.nan)))
-        work.save_hidden(i + 1, hidden, streams.state() if streams is not None else None)
+        work.save_hidden(i + 1, hidden, streams.state() if streams is not None else None, reference)
         work.mark_done(i + 1)
         block.to("meta")  # free the block's weights; the next block is read fresh from the shards
         release_freed_memory()  # else heap fragmentation makes the peak creep up block after block

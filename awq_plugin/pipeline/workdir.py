@@ -105,14 +105,18 @@ class WorkDir:
         next_layer: int,
         hidden: Sequence[torch.Tensor],
         extra: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
+        reference: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Store block ``next_layer``'s inputs beside the previous block's, with ``extra`` tensors
-        and metadata (the end-to-end guard's streams, :meth:`GuardStreams.state`).
+        and metadata (the end-to-end guard's streams, :meth:`GuardStreams.state`) and the
+        full-precision model's inputs of the block (``reference``, asymmetric calibration).
 
         The previous file is dropped only by :meth:`mark_done`, after the marker moved on: a
         kill between this write and the marker's finds the inputs the marker points at.
         """
         tensors = {f"hidden.{m}": h.detach().cpu().contiguous() for m, h in enumerate(hidden)}
+        for m, h in enumerate(reference or ()):
+            tensors[f"reference.{m}"] = h.detach().cpu().contiguous()
         metadata = {"next_layer": str(next_layer)}
         if extra is not None:
             tensors.update(extra[0])
@@ -124,10 +128,20 @@ class WorkDir:
         count = sum(name.startswith("hidden.") for name in tensors)
         return [tensors[f"hidden.{m}"] for m in range(count)]
 
+    def load_reference(
+        self, next_layer: int, device: torch.device | str = "cpu"
+    ) -> list[torch.Tensor] | None:
+        """The ``reference`` hidden states :meth:`save_hidden` stored for block ``next_layer``
+        (None if it stored none)."""
+        tensors = self._hidden_file(next_layer)[0]
+        count = sum(name.startswith("reference.") for name in tensors)
+        return [tensors[f"reference.{m}"].to(device) for m in range(count)] if count else None
+
     def load_extra(self, next_layer: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What :meth:`save_hidden` stored beside block ``next_layer``'s inputs as ``extra``."""
         tensors, metadata = self._hidden_file(next_layer)
-        return {k: v for k, v in tensors.items() if not k.startswith("hidden.")}, dict(metadata or {})
+        own = ("hidden.", "reference.")
+        return {k: v for k, v in tensors.items() if not k.startswith(own)}, dict(metadata or {})
 
     def _hidden_file(self, next_layer: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         path = self.hidden_file(next_layer)
