@@ -578,7 +578,7 @@ def test_a_block_that_fails_under_autocast_is_recorded_in_float32(toy, caplog) -
 
     def recorder():
         class Recorder:
-            def run(self, _inputs):
+            def run(self, _inputs, _reference=None):
                 calls.append(torch.is_autocast_enabled("cpu"))
                 if calls[-1]:
                     raise RuntimeError("Index put requires the source and destination dtypes match")
@@ -595,7 +595,7 @@ def test_a_block_that_fails_under_autocast_is_recorded_in_float32(toy, caplog) -
 
     def broken():
         class Recorder:
-            def run(self, _inputs):
+            def run(self, _inputs, _reference=None):
                 raise RuntimeError("the block is broken")
 
         return Recorder()

@@ -322,6 +322,8 @@ def awq_block_step(
             quant_config,
             options,
         )
+        if reference is not None:  # the targets are the model's outputs: free the block's own
+            recorded.outputs = []
         with phase("rounding error forward"):
             mse_rtn = judge.error()
 

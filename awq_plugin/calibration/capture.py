@@ -652,7 +652,9 @@ class InputRecorder:
                 # no paired full-precision input (a linear the reference forward did not reach
                 # with the same tokens): the symmetric objective for this linear
                 logger.debug("%s: no paired reference input; symmetric calibration", name)
-                del rec.cross[name]
+                matrix = rec.cross[name]
+                for sharer in [n for n, c in rec.cross.items() if c is matrix]:
+                    del rec.cross[sharer]
             else:
                 cross_product(reference, x2d, self.hessian_dtype, out=rec.cross[name])
 
