@@ -124,18 +124,15 @@ class WorkDir:
         write_tensor_file(self.hidden_file(next_layer), tensors, metadata)
 
     def load_hidden(self, next_layer: int) -> list[torch.Tensor]:
-        tensors = self._hidden_file(next_layer)[0]
-        count = sum(name.startswith("hidden.") for name in tensors)
-        return [tensors[f"hidden.{m}"] for m in range(count)]
+        return _numbered(self._hidden_file(next_layer)[0], "hidden.")
 
     def load_reference(
         self, next_layer: int, device: torch.device | str = "cpu"
     ) -> list[torch.Tensor] | None:
         """The ``reference`` hidden states :meth:`save_hidden` stored for block ``next_layer``
         (None if it stored none)."""
-        tensors = self._hidden_file(next_layer)[0]
-        count = sum(name.startswith("reference.") for name in tensors)
-        return [tensors[f"reference.{m}"].to(device) for m in range(count)] if count else None
+        reference = _numbered(self._hidden_file(next_layer)[0], "reference.")
+        return [h.to(device) for h in reference] if reference else None
 
     def load_extra(self, next_layer: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What :meth:`save_hidden` stored beside block ``next_layer``'s inputs as ``extra``."""
@@ -148,3 +145,9 @@ class WorkDir:
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the work dir {self.path} is damaged; delete it")
         return read_tensor_file(path)
+
+
+def _numbered(tensors: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
+    """``tensors[prefix + "0"]``, ``tensors[prefix + "1"]``, ...: the micro-batches stored so."""
+    count = sum(name.startswith(prefix) for name in tensors)
+    return [tensors[f"{prefix}{m}"] for m in range(count)]
