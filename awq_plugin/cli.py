@@ -73,6 +73,7 @@ def _awq_options(args: argparse.Namespace):
         rounding=args.rounding,
         act_order={v: k for k, v in _ACT_ORDER_NAMES.items()}[args.act_order],
         fit_to=args.fit_to,
+        sequential=args.sequential == "on",
         propagate=args.propagate,
     )
 
@@ -171,6 +172,16 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         "its full-precision output on the quantized inputs (block), or the full-precision model's own "
         "(model: asymmetric calibration, which also works off the error of the blocks before it; one more "
         "forward per block; the same as block under --propagate fp)",
+    )
+    p.add_argument(
+        "--sequential",
+        choices=("on", "off"),
+        default="on" if options.sequential else "off",
+        help="compensated rounding, true-sequential: each run of linears after the first (o_proj, then "
+        "gate/up, then down_proj) is fitted on its inputs recorded again with the linears before it "
+        "rounded, toward the inputs the full-precision target gives it (on), or all of them on one "
+        f"recording (off; default {'on' if options.sequential else 'off'}; on costs partial forwards "
+        "of the block per run)",
     )
     p.add_argument(
         "--propagate",

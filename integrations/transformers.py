@@ -120,6 +120,8 @@ class AwqConfig(HfAwqConfig):
         fit_to: what each block is judged against and compensation fits: ``"block"`` its
             full-precision output on the quantized inputs, or ``"model"`` the full-precision
             model's own (default; asymmetric calibration; the same under ``propagate="fp"``).
+        sequential: compensated rounding refits each run of linears after the first on its
+            inputs recorded again with the linears before it rounded (true-sequential).
         template: architecture template name, path or dict (default: the shipped one).
         backend: kernel, ``"auto"`` (default: CPU kernel or Triton by device), ``"cpu"``,
             ``"triton"`` or ``"reference"``.
@@ -154,6 +156,7 @@ class AwqConfig(HfAwqConfig):
         rounding: str = AwqOptions.rounding,
         act_order: bool | str = AwqOptions.act_order,
         fit_to: str = AwqOptions.fit_to,
+        sequential: bool = AwqOptions.sequential,
         propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
@@ -179,6 +182,7 @@ class AwqConfig(HfAwqConfig):
         self.rounding = rounding
         self.act_order = act_order
         self.fit_to = fit_to
+        self.sequential = sequential
         self.propagate = propagate
         self.template = template
         self.backend = backend
@@ -236,6 +240,7 @@ class AwqConfig(HfAwqConfig):
             rounding=self.rounding,
             act_order=self.act_order,
             fit_to=self.fit_to,
+            sequential=self.sequential,
             propagate=self.propagate,
         )
 
@@ -340,6 +345,7 @@ class AwqConfig(HfAwqConfig):
                 "rounding",
                 "act_order",
                 "fit_to",
+                "sequential",
                 "propagate",
                 "template",
                 "backend",

@@ -52,6 +52,7 @@ from awq_plugin.calibration.capture import (
     BlockInputs,
     InputRecorder,
     RecordedInputs,
+    SamplePlan,
     first_output,
     forward_block,
     plan_samples,
@@ -275,6 +276,11 @@ def awq_block_step(
                 "layer %d: no held-out micro-batch to judge compensation by: nearest rounding", groups.index
             )
         hessian_names = list(names) if compensate else []
+        # True-sequential: the linears after the first scaling group are recorded again before
+        # their walk (with those before them rounded), not in this pass.
+        refit_runs = _refit_runs(groups, names, experts) if compensate and options.sequential else []
+        deferred = set(itertools.chain.from_iterable(refit_runs))
+        hessian_names = [n for n in hessian_names if n not in deferred]
         # Only the linears of the first scaling group (those reading the block's input through its
         # first norm) fit the reference outputs: the inputs of the later ones were recorded with
         # the full-precision linears before them, so a drift those already correct would be
@@ -354,7 +360,7 @@ def awq_block_step(
             )
             mse_awq = mse_rtn
         rounding = "nearest"
-        if hessian_names:
+        if hessian_names or refit_runs:
             # the inputs' scales, unless the block went back to rounding (its weights unscaled)
             input_scales = {} if choice == "rounding" else recorded.hessian_scale
 
@@ -375,6 +381,20 @@ def awq_block_step(
                     mse_awq,
                     restore,
                     act_order=options.act_order,
+                    refit=_Refitter(
+                        refit_runs,
+                        block,
+                        inputs,
+                        # the target's inputs: the model's (reference stream), or the block's own
+                        reference if reference is not None else inputs.hidden_states,
+                        original,
+                        plan,
+                        experts,
+                        quant_config,
+                        forwards,
+                    )
+                    if refit_runs
+                    else None,
                 )
             logger.info("layer %d: %s rounding kept", groups.index, rounding)
         next_hidden = recorded.outputs
@@ -426,6 +446,7 @@ def _compensate(
     nearest_error: float,
     restore: Callable[[], None],
     act_order: bool | str = False,
+    refit: _Refitter | None = None,
 ) -> tuple[str, float]:
     """Round ``names`` with error compensation (their weights end on their grids), keep it if the
     held-out block error beats nearest rounding's (``nearest_error``), else put the weights back
@@ -433,11 +454,18 @@ def _compensate(
     block's weights is held for it). Returns the rounding kept and its error. ``hessians`` (the
     recorder's) loses each ``X^T X`` as the last run reading it factors it in place.
 
+    ``refit`` (true-sequential): its runs of linears, left out of ``hessians``, are walked in
+    their place in ``names``'s order, on inputs recorded again just before their walk.
+
     ``act_order="auto"``: the block is walked in index order, then in activation order, and
     keeps whichever of the two (or nearest rounding) has the lowest held-out error. The first
     walk factors copies of the ``X^T X`` matrices (the second consumes them), and its result is
     held as integer levels on its grids (one byte per weight) until the second is judged."""
-    runs = _shared_inputs(names, hessians, input_scales)
+    deferred = set() if refit is None else set(itertools.chain.from_iterable(refit.runs))
+    runs = _shared_inputs([n for n in names if n not in deferred], hessians, input_scales)
+    if refit is not None:  # in the block's order: a run is refit after the ones before it are walked
+        position = {name: i for i, name in enumerate(names)}
+        runs = sorted([*runs, *refit.runs], key=lambda run: min(position[n] for n in run))
     orders = [False, True] if act_order == "auto" else [bool(act_order)]
     best, best_error, best_levels = "nearest", nearest_error, None
     for attempt, ordered in enumerate(orders):
@@ -445,7 +473,9 @@ def _compensate(
         if attempt:
             restore()
         grids = {} if last else _grids_of(block, runs, quant_config)
-        walked = _walk(block, runs, hessians, crosses, input_scales, quant_config, ordered, consume=last)
+        walked = _walk(
+            block, runs, hessians, crosses, input_scales, quant_config, ordered, consume=last, refit=refit
+        )
         error = judge.error()
         label = "compensated, activation order" if ordered else "compensated"
         logger.info("held-out block error with %s rounding: %.4g", label, error)
@@ -472,15 +502,23 @@ def _walk(
     quant_config: QuantConfigLike,
     act_order: bool,
     consume: bool,
+    refit: _Refitter | None = None,
 ) -> list[str]:
     """One compensation walk per run of linears that share an input, in place on the block's
     weights; returns the linears rounded (a run whose ``X^T X`` will not factor keeps its
     weights). ``consume``: the last run reading each ``X^T X`` factors it in place and the
-    recorder's entries for it go."""
+    recorder's entries for it go. The runs of ``refit`` record their inputs first."""
     walked: list[str] = []
-    last_use = {id(hessians[run[0]]): i for i, run in enumerate(runs)}
+    last_use = {id(hessians[run[0]]): i for i, run in enumerate(runs) if run[0] in hessians}
     for i, together in enumerate(runs):
-        weights = [block.get_submodule(name).weight for name in together]
+        if refit is not None and together[0] in refit.names:
+            before = list(itertools.chain.from_iterable(runs[:i]))
+            # the inputs as they are now, the block scaled: no input scale to apply
+            for part, hessian, cross in refit.record(together, before, input_scales.get(together[0])):
+                if _walk_run(block, part, hessian, cross, None, quant_config, act_order, consumed=True):
+                    walked.extend(part)
+                del hessian, cross
+            continue
         hessian = hessians[together[0]]
         cross = crosses.get(together[0])  # (X_ref - X)^T X: asymmetric calibration
         # The last run to read an X^T X factors it in place (one [K, K] less at the peak), and
@@ -490,28 +528,126 @@ def _walk(
             for name in [n for n, h in hessians.items() if h is hessian]:
                 del hessians[name]
                 crosses.pop(name, None)
-        try:
-            rounded = compensated_rounding_shared(
-                weights,
-                hessian,
-                quant_config.bits,
-                quant_config.group_size,
-                quant_config.zero_point,
-                input_scale=input_scales.get(together[0]),
-                act_order=act_order,
-                consume_hessian=consumed,
-                cross=cross,
-            )
-        except NotPositiveDefinite as error:
-            logger.warning("%s: %s; rounded to nearest", ", ".join(together), error)
-            continue
-        finally:
-            del hessian, cross
-        for weight, result in zip(weights, rounded):
-            copy_transposed(weight.data, result.mT)  # result is a transposed view
-        del rounded, result  # the working copy, before the next run's walk
-        walked.extend(together)
+        input_scale = input_scales.get(together[0])
+        if _walk_run(block, together, hessian, cross, input_scale, quant_config, act_order, consumed):
+            walked.extend(together)
+        del hessian, cross
     return walked
+
+
+def _walk_run(
+    block: nn.Module,
+    names: Sequence[str],
+    hessian: torch.Tensor,
+    cross: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+    quant_config: QuantConfigLike,
+    act_order: bool,
+    consumed: bool,
+) -> bool:
+    """One walk over the linears ``names`` (one input), in place; False where ``X^T X`` will not
+    factor (their weights are left as they are, to be rounded to nearest)."""
+    weights = [block.get_submodule(name).weight for name in names]
+    try:
+        rounded = compensated_rounding_shared(
+            weights,
+            hessian,
+            quant_config.bits,
+            quant_config.group_size,
+            quant_config.zero_point,
+            input_scale=input_scale,
+            act_order=act_order,
+            consume_hessian=consumed,
+            cross=cross,
+        )
+    except NotPositiveDefinite as error:
+        logger.warning("%s: %s; rounded to nearest", ", ".join(names), error)
+        return False
+    for weight, result in zip(weights, rounded):
+        copy_transposed(weight.data, result.mT)  # result is a transposed view
+    return True
+
+
+class _Refitter:
+    """True-sequential recording: a run of linears' ``x^T x`` and ``(x_ref - x)^T x`` recorded
+    again just before its walk, with the linears walked before it rounded. ``x`` comes from the
+    block's inputs through the block as it stands; ``x_ref`` from the target's inputs (the
+    reference stream, or the block's own inputs) through the block's full-precision ``weights``
+    (from before the scale folds: each ``x_ref`` is divided by its linear's input scale). Each
+    forward stops once the run's inputs are recorded; held-out micro-batches are skipped.
+
+    ``runs``: the linears recorded so, each run one scaling group's linears that see every
+    token (routed experts keep the recording pass's matrices: their tokens differ between
+    the streams)."""
+
+    def __init__(
+        self,
+        runs: Sequence[Sequence[str]],
+        block: nn.Module,
+        inputs: BlockInputs,
+        target: Sequence[torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
+        plan: SamplePlan,
+        experts: Mapping[str, RoutedExperts],
+        quant_config: QuantConfigLike,
+        forwards: BlockForwards,
+    ) -> None:
+        self.runs = [list(run) for run in runs]
+        self.names = set(itertools.chain.from_iterable(self.runs))
+        self.block, self.inputs, self.target, self.weights = block, inputs, target, weights
+        self.plan, self.experts, self.quant_config, self.forwards = plan, experts, quant_config, forwards
+        self.batches = [m for m in range(len(inputs.hidden_states)) if m not in plan.holdout_batches]
+
+    def record(
+        self, run: Sequence[str], before: Sequence[str], scale: torch.Tensor | None
+    ) -> list[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
+        """``run``'s inputs with ``before`` fake-quantized (those walked are on their grids
+        already), as walks: ``(linears, x^T x, cross term)`` per distinct input."""
+        recorder = InputRecorder(
+            self.block,
+            self.plan,
+            stat_names=(),
+            call_names=(),
+            hessian_names=run,
+            hessian_dtype=self.forwards.dtype,
+            stop_after=run,
+            reference_scales={} if scale is None else dict.fromkeys(run, scale),
+        )
+        counts = {path: list(routed.token_counts) for path, routed in self.experts.items()}
+        try:
+            with (
+                phase("sequential recording"),
+                fake_quantized(self.block, before, self.quant_config, self.forwards.dtype),
+                self.forwards.autocast(),
+            ):
+                got = recorder.run(self.inputs, self.target, self.weights, self.batches)
+        finally:  # the experts count the calibration's routing, not these forwards'
+            for path, before_counts in counts.items():
+                self.experts[path].token_counts = before_counts
+        walks: dict[int, tuple[list[str], torch.Tensor, torch.Tensor | None]] = {}
+        for name in run:
+            if name not in got.hessian:
+                logger.info("%s: not reached by the block's forward, rounded to nearest", name)
+                continue
+            matrix = got.hessian[name]
+            walks.setdefault(id(matrix), ([], matrix, got.cross.get(name)))[0].append(name)
+        return list(walks.values())
+
+
+def _refit_runs(
+    groups: BlockTemplate, names: Sequence[str], experts: Mapping[str, RoutedExperts]
+) -> list[list[str]]:
+    """The runs true-sequential recording refits: per scaling group after the first, its
+    quantized linears outside routed experts."""
+    inside = tuple(f"{path}." for path in experts)
+    quantized = set(names)
+    first = set(groups.groups[0].layers) if groups.groups else set()
+    runs = []
+    for group in groups.groups[1:]:
+        run = [n for n in group.layers if n in quantized and n not in first and not n.startswith(inside)]
+        if run:
+            runs.append(run)
+    return runs
 
 
 def _grids_of(

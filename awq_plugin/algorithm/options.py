@@ -116,6 +116,11 @@ class AwqOptions:
     # full-precision model"). With propagate="fp" the block's inputs are the model's: the two
     # are one.
     fit_to: str = "model"
+    # Compensated rounding, true-sequential: each run of linears after the first (o_proj, then
+    # gate/up, then down_proj in a Llama block) is fitted on its inputs recorded again with the
+    # linears before it rounded, against the inputs the target (fit_to) gives it, so that it
+    # works off what those got wrong. One partial forward of each stream per run.
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -141,6 +146,8 @@ class AwqOptions:
             )
         if not isinstance(self.act_order, bool) and self.act_order != "auto":
             raise ConfigError(f"act_order must be True, False or 'auto', got {self.act_order!r}")
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
         if self.propagate not in PROPAGATE_CHOICES:

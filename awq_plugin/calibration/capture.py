@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook after the last decoder layer's inputs are recorded."""
+    """Raised by a hook once everything a forward was run for is recorded (the rest is skipped)."""
 
 
 def _map_tensors(obj: Any, fn: Any) -> Any:
@@ -454,15 +454,15 @@ class RecordedInputs:
 
     def fold_input_scales(self, names: Sequence[str], s_cols: torch.Tensor) -> None:
         """After a scale fold the inputs of ``names`` are ``x / s_cols``: turn their Gram matrices
-        into those of the scaled inputs, and multiply ``s_cols`` into their Hessians' scales."""
+        into those of the scaled inputs, and multiply ``s_cols`` into their input scales (which
+        their Hessians, recorded before the fold, are read with)."""
+        scale = s_cols.to(torch.float32)
         for name in names:
             if name in self.gram:
                 self.gram[name] = rescale_gram(self.gram[name], s_cols)
-            if name in self.hessian:
-                scale = s_cols.to(torch.float32)
-                self.hessian_scale[name] = (
-                    self.hessian_scale[name] * scale if name in self.hessian_scale else scale
-                )
+            self.hessian_scale[name] = (
+                self.hessian_scale[name] * scale if name in self.hessian_scale else scale
+            )
 
 
 # Rows per bf16 product in input_hessian: each chunk's sum is rounded to bf16 once (relative
@@ -569,8 +569,16 @@ class InputRecorder:
         hessian_dtype: torch.dtype = torch.float32,
         cross_names: Sequence[str] | None = None,
         uncounted: Sequence[Any] = (),
+        stop_after: Sequence[str] = (),
+        reference_scales: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.block = block
+        # name -> s: the reference forward's input of ``name`` is compared as x_ref / s (a
+        # reference run through weights from before a scale fold that divides its input by s)
+        self.reference_scales = dict(reference_scales or {})
+        # each forward ends once all of these modules' inputs are recorded (no outputs are kept)
+        self.stop_after = set(stop_after)
+        self._seen: set[str] = set()
         # modules that count the tokens routed through them (``token_counts``, MoE experts): the
         # reference forward's routing is not theirs to count
         self.uncounted = list(uncounted)
@@ -673,12 +681,19 @@ class InputRecorder:
             x, keyword = _main_input(args, kwargs)
             if self._in_reference:  # the reference forward: keep the inputs to pair, nothing else
                 if self._pairs(name):
-                    self._reference_inputs[name] = x.detach().reshape(-1, x.shape[-1])
-                return
-            # The forward may run its matmuls in bf16 under autocast; the statistics (Gram
-            # products included) are always computed in fp32 / fp64.
-            with torch.autocast(x.device.type, enabled=False):
-                self._record(name, x.detach(), keyword, args, kwargs)
+                    x_ref = x.detach().reshape(-1, x.shape[-1])
+                    if name in self.reference_scales:
+                        x_ref = x_ref.float() / self.reference_scales[name]
+                    self._reference_inputs[name] = x_ref
+            else:
+                # The forward may run its matmuls in bf16 under autocast; the statistics (Gram
+                # products included) are always computed in fp32 / fp64.
+                with torch.autocast(x.device.type, enabled=False):
+                    self._record(name, x.detach(), keyword, args, kwargs)
+            if self.stop_after:
+                self._seen.add(name)
+                if self.stop_after <= self._seen:
+                    raise _StopForward
 
         return hook
 
@@ -728,34 +743,45 @@ class InputRecorder:
                 handle.remove()
 
     @torch.no_grad()
-    def run(self, inputs: BlockInputs, reference: Sequence[torch.Tensor] | None = None) -> RecordedInputs:
-        """One pass over all micro-batches; returns what was recorded (and the block outputs).
+    def run(
+        self,
+        inputs: BlockInputs,
+        reference: Sequence[torch.Tensor] | None = None,
+        reference_weights: Mapping[str, torch.Tensor] | None = None,
+        batches: Sequence[int] | None = None,
+    ) -> RecordedInputs:
+        """One pass over all micro-batches (or ``batches``); returns what was recorded (and the
+        block outputs, unless ``stop_after`` cut the forwards short).
 
         ``reference``: the hidden states the full-precision model gives this block, per
         micro-batch (asymmetric calibration). Each micro-batch then runs on them first, and the
         linears with a recorded ``x^T x`` also accumulate ``(x_ref - x)^T x`` (``cross``) from
         their paired inputs; the block's outputs on them are ``reference_outputs``.
+        ``reference_weights``: the block's parameters and buffers for the reference forward
+        (its full-precision state, where the block itself has been changed since).
         """
         if reference is not None and len(reference) != len(inputs.hidden_states):
             raise ValueError(
                 f"{len(reference)} reference micro-batches for {len(inputs.hidden_states)} input ones"
             )
         with self._hooks():
-            for m in range(len(inputs.hidden_states)):
+            for m in range(len(inputs.hidden_states)) if batches is None else batches:
                 self._batch = m
                 self._shared = {}
                 if reference is not None:
                     self._reference_inputs, self._in_reference = {}, True
                     counts = [list(module.token_counts) for module in self.uncounted]
                     try:
-                        out = first_output(self.block(reference[m], **inputs.kwargs[m]))
+                        out = self._forward(reference[m], inputs.kwargs[m], reference_weights)
                     finally:
                         self._in_reference = False
                         for module, before in zip(self.uncounted, counts):
                             module.token_counts = before
-                    self.recorded.reference_outputs.append(out)
-                out = first_output(self.block(inputs.hidden_states[m], **inputs.kwargs[m]))
-                self.recorded.outputs.append(out)
+                    if out is not None:
+                        self.recorded.reference_outputs.append(out)
+                out = self._forward(inputs.hidden_states[m], inputs.kwargs[m])
+                if out is not None:
+                    self.recorded.outputs.append(out)
                 self._hessian_inputs = {}
                 if reference is not None:
                     self._reference_inputs = {}
@@ -764,6 +790,24 @@ class InputRecorder:
         for matrix in {id(m): m for m in self.recorded.hessian.values()}.values():
             symmetrize_upper_(matrix, HESSIAN_PANEL)  # the sums above added upper triangles only
         return self.recorded
+
+    def _forward(
+        self,
+        hidden: torch.Tensor,
+        kwargs: Mapping[str, Any],
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor | None:
+        """The block's output on ``hidden`` (with ``weights`` in place of its own where given);
+        ``None`` where the forward stopped once ``stop_after`` was recorded."""
+        self._seen = set()
+        try:
+            if weights is None:
+                return first_output(self.block(hidden, **kwargs))
+            return first_output(
+                torch.func.functional_call(self.block, dict(weights), (hidden,), dict(kwargs))
+            )
+        except _StopForward:
+            return None
 
     def _concatenate_rows(self) -> None:
         # Modules that read the same tensor share one concatenated copy.
