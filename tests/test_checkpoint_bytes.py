@@ -52,8 +52,9 @@ EXPECTED: dict[str, dict[str, str]] = {
         # (recorded on an Intel Xeon; the packed weights below are the bytes an AMD EPYC wrote
         # without it). Since quantizer version 8 the recorded losses are summed per token in fp32
         # (their last digits moved; the scales, clips and packed weights did not). Since version 9
-        # the options saved with them name fit_to (under --propagate fp the weights are the same).
-        "awq_plugin/awq_results.safetensors": "9b1aed73357512d08931741624953010d71e57b4f44685fecc351089717e6e60",
+        # the options saved with them name fit_to (under --propagate fp the weights are the same),
+        # and since the opt-in true-sequential mode, sequential (off: the same weights).
+        "awq_plugin/awq_results.safetensors": "a643c4d2c63dbacdb7d6d90b6c6a0cce8ff3fb559722c525779e8b6206ecc12a",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
