@@ -554,6 +554,9 @@ class InputRecorder:
     ``row_positions(name)``: for modules that see a subset of a micro-batch's
     tokens (MoE experts), the micro-batch rows of the current input, so the
     samples keep exactly the sampled tokens routed there; ``None`` = every row.
+    ``stop_after``: each forward ends once these modules' inputs are recorded (true-sequential
+    recording needs a run's inputs, not the rest of the block). ``reference_scales``: per
+    module, the scale its reference-forward inputs are divided by before pairing.
     """
 
     def __init__(
