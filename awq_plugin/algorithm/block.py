@@ -461,7 +461,7 @@ def _compensate(
     keeps whichever of the two (or nearest rounding) has the lowest held-out error. The first
     walk factors copies of the ``X^T X`` matrices (the second consumes them), and its result is
     held as integer levels on its grids (one byte per weight) until the second is judged."""
-    deferred = set() if refit is None else set(itertools.chain.from_iterable(refit.runs))
+    deferred = set() if refit is None else refit.names
     runs = _shared_inputs([n for n in names if n not in deferred], hessians, input_scales)
     if refit is not None:  # in the block's order: a run is refit after the ones before it are walked
         position = {name: i for i, name in enumerate(names)}
