@@ -180,8 +180,8 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         help="compensated rounding, true-sequential: each run of linears after the first (o_proj, then "
         "gate/up, then down_proj) is fitted on its inputs recorded again with the linears before it "
         "rounded, toward the inputs the full-precision target gives it (on), or all of them on one "
-        f"recording (off; default {'on' if options.sequential else 'off'}; on costs partial forwards "
-        "of the block per run)",
+        f"recording (off; default {'on' if options.sequential else 'off'}; on costs a partial forward "
+        "of the block per run, and holds the target's inputs of those linears for the block)",
     )
     p.add_argument(
         "--propagate",

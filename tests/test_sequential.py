@@ -41,8 +41,9 @@ def _inputs_of(block, name, hidden, kwargs, batches):
 
 def test_a_stopped_forward_records_what_a_whole_one_does() -> None:
     """``stop_after`` ends each forward at the last module it names (no outputs kept) with the
-    same ``x^T x``; ``batches`` limits the micro-batches; ``reference_weights`` runs the
-    reference stream through other weights and ``reference_scales`` divides its inputs."""
+    same ``x^T x``; ``batches`` limits the micro-batches; ``keep_targets`` keeps the target
+    stream's inputs (the reference forward's where one runs, else the block's own) outside the
+    held-out micro-batches, and ``paired`` pairs them, divided by ``reference_scales``."""
     model = make_outlier_llama()
     block = model.model.layers[0]
     inputs = capture_decoder_inputs(model, model.model.layers, calib_ids(n=8), micro_batch_size=4).for_layer(
@@ -51,22 +52,23 @@ def test_a_stopped_forward_records_what_a_whole_one_does() -> None:
     plan = plan_samples(inputs.tokens_per_batch(), 64, None, 0)
     used = [m for m in range(2) if m not in plan.holdout_batches]
     names = ["self_attn.o_proj"]
-    other = copy.deepcopy(block)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(1.1)
-    weights = dict(other.state_dict())
-    scale = torch.rand(128, generator=torch.Generator().manual_seed(0)) + 0.5
+    gen = torch.Generator().manual_seed(0)
+    drifted = [h + 0.05 * torch.randn(h.shape, generator=gen) for h in inputs.hidden_states]
+    scale = torch.rand(128, generator=gen) + 0.5
     whole = InputRecorder(block, plan, [], [], hessian_names=names).run(inputs)
-    with torch.no_grad():
-        stopped = InputRecorder(
-            block, plan, [], [], hessian_names=names, stop_after=names, reference_scales={names[0]: scale}
-        ).run(inputs, inputs.hidden_states, weights, used)
+    own = InputRecorder(block, plan, [], [], keep_targets=names).run(inputs)
+    x = _inputs_of(block, names[0], inputs.hidden_states, inputs.kwargs, used)
+    assert sorted(own.target_inputs) == used
+    torch.testing.assert_close(torch.cat([own.target_inputs[m][names[0]] for m in used]), x)
+    kept = InputRecorder(block, plan, [], [], keep_targets=names).run(inputs, drifted).target_inputs
+    x_ref = _inputs_of(block, names[0], drifted, inputs.kwargs, used)
+    torch.testing.assert_close(torch.cat([kept[m][names[0]] for m in used]), x_ref)
+    stopped = InputRecorder(
+        block, plan, [], [], hessian_names=names, stop_after=names, reference_scales={names[0]: scale}
+    ).run(inputs, batches=used, paired=kept)
     assert stopped.outputs == [] and stopped.reference_outputs == []
     torch.testing.assert_close(stopped.hessian[names[0]], whole.hessian[names[0]])
-    x = _inputs_of(block, names[0], inputs.hidden_states, inputs.kwargs, used)
-    x_ref = _inputs_of(other, names[0], inputs.hidden_states, inputs.kwargs, used) / scale
-    torch.testing.assert_close(stopped.cross[names[0]], (x_ref - x).T @ x, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(stopped.cross[names[0]], (x_ref / scale - x).T @ x, rtol=1e-4, atol=1e-3)
 
 
 def test_the_runs_after_the_first_group_are_refit_and_experts_are_not() -> None:
@@ -161,8 +163,8 @@ def test_an_moe_block_keeps_its_expert_counts_and_pairs_only_dense_linears(fit_t
     record = block_module._Refitter.record
     counts = []
 
-    def spy(self, run, before, scale):
-        out = record(self, run, before, scale)
+    def spy(self, run, before, scale, consume=True):
+        out = record(self, run, before, scale, consume)
         counts.append([list(r.token_counts) for r in experts.values()])
         return out
 

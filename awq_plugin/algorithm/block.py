@@ -294,6 +294,8 @@ def awq_block_step(
             gram_names=clip_names,
             hessian_names=hessian_names,
             cross_names=cross_names,
+            # the target stream's inputs of the refit linears, paired when their runs are recorded
+            keep_targets=sorted(deferred),
         )
         with phase("record forward"):
             recorded, forwards = _record_forward(recorder, forwards, experts, groups.index, reference)
@@ -385,9 +387,7 @@ def awq_block_step(
                         refit_runs,
                         block,
                         inputs,
-                        # the target's inputs: the model's (reference stream), or the block's own
-                        reference if reference is not None else inputs.hidden_states,
-                        original,
+                        recorded.target_inputs,
                         plan,
                         experts,
                         quant_config,
@@ -514,7 +514,9 @@ def _walk(
         if refit is not None and together[0] in refit.names:
             before = list(itertools.chain.from_iterable(runs[:i]))
             # the inputs as they are now, the block scaled: no input scale to apply
-            for part, hessian, cross in refit.record(together, before, input_scales.get(together[0])):
+            for part, hessian, cross in refit.record(
+                together, before, input_scales.get(together[0]), consume
+            ):
                 if _walk_run(block, part, hessian, cross, None, quant_config, act_order, consumed=True):
                     walked.extend(part)
                 del hessian, cross
@@ -571,10 +573,11 @@ def _walk_run(
 class _Refitter:
     """True-sequential recording: a run of linears' ``x^T x`` and ``(x_ref - x)^T x`` recorded
     again just before its walk, with the linears walked before it rounded. ``x`` comes from the
-    block's inputs through the block as it stands; ``x_ref`` from the target's inputs (the
-    reference stream, or the block's own inputs) through the block's full-precision ``weights``
-    (from before the scale folds: each ``x_ref`` is divided by its linear's input scale). Each
-    forward stops once the run's inputs are recorded; held-out micro-batches are skipped.
+    block's inputs through the block as it stands (each forward stops once the run's inputs are
+    recorded; held-out micro-batches are skipped); ``x_ref`` is the target stream's input the
+    recording pass kept (``targets``: micro-batch -> linear -> rows, from the full-precision
+    block before the scale folds, so each is divided by its linear's input scale). A run's
+    kept inputs are dropped once it is recorded.
 
     ``runs``: the linears recorded so, each run one scaling group's linears that see every
     token (routed experts keep the recording pass's matrices: their tokens differ between
@@ -585,8 +588,7 @@ class _Refitter:
         runs: Sequence[Sequence[str]],
         block: nn.Module,
         inputs: BlockInputs,
-        target: Sequence[torch.Tensor],
-        weights: Mapping[str, torch.Tensor],
+        targets: dict[int, dict[str, torch.Tensor]],
         plan: SamplePlan,
         experts: Mapping[str, RoutedExperts],
         quant_config: QuantConfigLike,
@@ -594,15 +596,16 @@ class _Refitter:
     ) -> None:
         self.runs = [list(run) for run in runs]
         self.names = set(itertools.chain.from_iterable(self.runs))
-        self.block, self.inputs, self.target, self.weights = block, inputs, target, weights
+        self.block, self.inputs, self.targets = block, inputs, targets
         self.plan, self.experts, self.quant_config, self.forwards = plan, experts, quant_config, forwards
         self.batches = [m for m in range(len(inputs.hidden_states)) if m not in plan.holdout_batches]
 
     def record(
-        self, run: Sequence[str], before: Sequence[str], scale: torch.Tensor | None
+        self, run: Sequence[str], before: Sequence[str], scale: torch.Tensor | None, consume: bool = True
     ) -> list[tuple[list[str], torch.Tensor, torch.Tensor | None]]:
         """``run``'s inputs with ``before`` fake-quantized (those walked are on their grids
-        already), as walks: ``(linears, x^T x, cross term)`` per distinct input."""
+        already), as walks: ``(linears, x^T x, cross term)`` per distinct input. ``consume``:
+        the run's kept target inputs go (no later walk records it again)."""
         recorder = InputRecorder(
             self.block,
             self.plan,
@@ -620,7 +623,12 @@ class _Refitter:
                 fake_quantized(self.block, before, self.quant_config, self.forwards.dtype),
                 self.forwards.autocast(),
             ):
-                got = recorder.run(self.inputs, self.target, self.weights, self.batches)
+                take = dict.pop if consume else dict.get
+                kept = {m: self.targets.get(m, {}) for m in self.batches}
+                # a linear without a kept input (not reached) gets no cross term: the symmetric fit
+                paired = {m: {n: x for n in run if (x := take(kept[m], n, None)) is not None} for m in kept}
+                got = recorder.run(self.inputs, batches=self.batches, paired=paired)
+                del paired
         finally:  # the experts count the calibration's routing, not these forwards'
             for path, before_counts in counts.items():
                 self.experts[path].token_counts = before_counts

@@ -119,7 +119,8 @@ class AwqOptions:
     # Compensated rounding, true-sequential: each run of linears after the first (o_proj, then
     # gate/up, then down_proj in a Llama block) is fitted on its inputs recorded again with the
     # linears before it rounded, against the inputs the target (fit_to) gives it, so that it
-    # works off what those got wrong. One partial forward of each stream per run.
+    # works off what those got wrong. One partial forward per run; the target stream's inputs
+    # of those linears are kept from the recording pass (tokens x their input widths, per block).
     sequential: bool = False
 
     def __post_init__(self) -> None:

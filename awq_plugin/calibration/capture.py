@@ -439,6 +439,9 @@ class RecordedInputs:
     outputs: list[torch.Tensor] = field(default_factory=list)  # block output per micro-batch
     # the block's output on the reference inputs per micro-batch (asymmetric calibration)
     reference_outputs: list[torch.Tensor] = field(default_factory=list)
+    # micro-batch -> name -> the input the target stream gives ``name`` (``[n, K]``, as the forward
+    # made it, before any scale fold): kept for true-sequential refits (``keep_targets``)
+    target_inputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def mean_abs(self, name: str) -> torch.Tensor:
         """AWQ's activation statistic: mean ``|x|`` per input channel over all tokens, fp32."""
@@ -556,7 +559,10 @@ class InputRecorder:
     samples keep exactly the sampled tokens routed there; ``None`` = every row.
     ``stop_after``: each forward ends once these modules' inputs are recorded (true-sequential
     recording needs a run's inputs, not the rest of the block). ``reference_scales``: per
-    module, the scale its reference-forward inputs are divided by before pairing.
+    module, the scale its reference inputs are divided by before pairing.
+    ``keep_targets``: modules whose inputs in the target stream (the reference forward where
+    one runs, else the block's own) are kept per micro-batch outside the held-out ones
+    (``RecordedInputs.target_inputs``), to be paired later through ``run(paired=...)``.
     """
 
     def __init__(
@@ -574,8 +580,11 @@ class InputRecorder:
         uncounted: Sequence[Any] = (),
         stop_after: Sequence[str] = (),
         reference_scales: Mapping[str, torch.Tensor] | None = None,
+        keep_targets: Sequence[str] = (),
     ) -> None:
         self.block = block
+        self.keep_targets = set(keep_targets)
+        self._target_stream = True  # whether the forward running is the target stream
         # name -> s: the reference forward's input of ``name`` is compared as x_ref / s (a
         # reference run through weights from before a scale fold that divides its input by s)
         self.reference_scales = dict(reference_scales or {})
@@ -597,7 +606,9 @@ class InputRecorder:
             self.hessian_names if cross_names is None else set(cross_names) & self.hessian_names
         )
         self.group_size = group_size
-        self.names = sorted(self.stat_names | self.call_names | self.gram_names | self.hessian_names)
+        self.names = sorted(
+            self.stat_names | self.call_names | self.gram_names | self.hessian_names | self.keep_targets
+        )
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
         # Per micro-batch work shared by modules that read the same tensor, keyed by its data
         # (_same_tensor_key). x itself is kept in the entry: freed memory could hold the next input.
@@ -676,18 +687,31 @@ class InputRecorder:
             return False
         return self.row_positions is None or self.row_positions(name) is None
 
+    def _as_reference(self, name: str, x_ref: torch.Tensor) -> torch.Tensor:
+        """``x_ref`` as paired with ``name``'s input: divided by its reference scale, if any."""
+        if name in self.reference_scales:
+            return x_ref.float() / self.reference_scales[name]
+        return x_ref
+
     def _shared_owner(self, x: torch.Tensor, name: str) -> str:
         return self._shared_result("owner", x, lambda: name)
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x, keyword = _main_input(args, kwargs)
+            if (
+                self._target_stream
+                and name in self.keep_targets
+                and self._batch not in self.plan.holdout_batches
+            ):
+                # a copy: the block's code may write into a tensor after a module read it
+                kept = x.detach().reshape(-1, x.shape[-1]).clone()
+                self.recorded.target_inputs.setdefault(self._batch, {})[name] = kept
             if self._in_reference:  # the reference forward: keep the inputs to pair, nothing else
                 if self._pairs(name):
-                    x_ref = x.detach().reshape(-1, x.shape[-1])
-                    if name in self.reference_scales:
-                        x_ref = x_ref.float() / self.reference_scales[name]
-                    self._reference_inputs[name] = x_ref
+                    self._reference_inputs[name] = self._as_reference(
+                        name, x.detach().reshape(-1, x.shape[-1])
+                    )
             else:
                 # The forward may run its matmuls in bf16 under autocast; the statistics (Gram
                 # products included) are always computed in fp32 / fp64.
@@ -750,8 +774,8 @@ class InputRecorder:
         self,
         inputs: BlockInputs,
         reference: Sequence[torch.Tensor] | None = None,
-        reference_weights: Mapping[str, torch.Tensor] | None = None,
         batches: Sequence[int] | None = None,
+        paired: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     ) -> RecordedInputs:
         """One pass over all micro-batches (or ``batches``); returns what was recorded (and the
         block outputs, unless ``stop_after`` cut the forwards short).
@@ -760,33 +784,41 @@ class InputRecorder:
         micro-batch (asymmetric calibration). Each micro-batch then runs on them first, and the
         linears with a recorded ``x^T x`` also accumulate ``(x_ref - x)^T x`` (``cross``) from
         their paired inputs; the block's outputs on them are ``reference_outputs``.
-        ``reference_weights``: the block's parameters and buffers for the reference forward
-        (its full-precision state, where the block itself has been changed since).
+        ``paired``: instead of a reference forward, the reference inputs themselves, per
+        micro-batch and module (``target_inputs`` kept by an earlier pass).
         """
         if reference is not None and len(reference) != len(inputs.hidden_states):
             raise ValueError(
                 f"{len(reference)} reference micro-batches for {len(inputs.hidden_states)} input ones"
             )
+        if reference is not None and paired is not None:
+            raise ValueError("a reference stream or paired reference inputs, not both")
         with self._hooks():
             for m in range(len(inputs.hidden_states)) if batches is None else batches:
                 self._batch = m
                 self._shared = {}
+                if paired is not None:
+                    self._reference_inputs = {n: self._as_reference(n, x) for n, x in paired[m].items()}
                 if reference is not None:
                     self._reference_inputs, self._in_reference = {}, True
                     counts = [list(module.token_counts) for module in self.uncounted]
                     try:
-                        out = self._forward(reference[m], inputs.kwargs[m], reference_weights)
+                        out = self._forward(reference[m], inputs.kwargs[m])
                     finally:
                         self._in_reference = False
                         for module, before in zip(self.uncounted, counts):
                             module.token_counts = before
                     if out is not None:
                         self.recorded.reference_outputs.append(out)
-                out = self._forward(inputs.hidden_states[m], inputs.kwargs[m])
+                self._target_stream = reference is None  # the reference forward was the target
+                try:
+                    out = self._forward(inputs.hidden_states[m], inputs.kwargs[m])
+                finally:
+                    self._target_stream = True
                 if out is not None:
                     self.recorded.outputs.append(out)
                 self._hessian_inputs = {}
-                if reference is not None:
+                if reference is not None or paired is not None:
                     self._reference_inputs = {}
         self._shared = {}
         self._concatenate_rows()
@@ -794,21 +826,12 @@ class InputRecorder:
             symmetrize_upper_(matrix, HESSIAN_PANEL)  # the sums above added upper triangles only
         return self.recorded
 
-    def _forward(
-        self,
-        hidden: torch.Tensor,
-        kwargs: Mapping[str, Any],
-        weights: Mapping[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor | None:
-        """The block's output on ``hidden`` (with ``weights`` in place of its own where given);
-        ``None`` where the forward stopped once ``stop_after`` was recorded."""
+    def _forward(self, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+        """The block's output on ``hidden``; ``None`` where the forward stopped once
+        ``stop_after`` was recorded."""
         self._seen = set()
         try:
-            if weights is None:
-                return first_output(self.block(hidden, **kwargs))
-            return first_output(
-                torch.func.functional_call(self.block, dict(weights), (hidden,), dict(kwargs))
-            )
+            return first_output(self.block(hidden, **kwargs))
         except _StopForward:
             return None
 
