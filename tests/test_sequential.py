@@ -56,9 +56,11 @@ def test_a_stopped_forward_records_what_a_whole_one_does() -> None:
     drifted = [h + 0.05 * torch.randn(h.shape, generator=gen) for h in inputs.hidden_states]
     scale = torch.rand(128, generator=gen) + 0.5
     whole = InputRecorder(block, plan, [], [], hessian_names=names).run(inputs)
-    own = InputRecorder(block, plan, [], [], keep_targets=names).run(inputs)
+    mlp = ["mlp.gate_proj", "mlp.up_proj"]
+    own = InputRecorder(block, plan, [], [], keep_targets=[*names, *mlp]).run(inputs)
     x = _inputs_of(block, names[0], inputs.hidden_states, inputs.kwargs, used)
     assert sorted(own.target_inputs) == used
+    assert all(own.target_inputs[m][mlp[0]] is own.target_inputs[m][mlp[1]] for m in used)  # one copy
     torch.testing.assert_close(torch.cat([own.target_inputs[m][names[0]] for m in used]), x)
     kept = InputRecorder(block, plan, [], [], keep_targets=names).run(inputs, drifted).target_inputs
     x_ref = _inputs_of(block, names[0], drifted, inputs.kwargs, used)

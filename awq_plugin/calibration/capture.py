@@ -704,8 +704,9 @@ class InputRecorder:
                 and name in self.keep_targets
                 and self._batch not in self.plan.holdout_batches
             ):
-                # a copy: the block's code may write into a tensor after a module read it
-                kept = x.detach().reshape(-1, x.shape[-1]).clone()
+                # a copy (the block's code may write into a tensor after a module read it), one
+                # per tensor: linears reading the same input (gate/up) share it
+                kept = self._shared_result("kept", x, lambda: x.detach().reshape(-1, x.shape[-1]).clone())
                 self.recorded.target_inputs.setdefault(self._batch, {})[name] = kept
             if self._in_reference:  # the reference forward: keep the inputs to pair, nothing else
                 if self._pairs(name):
