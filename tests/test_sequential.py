@@ -190,3 +190,38 @@ def test_the_sequential_option_is_checked_and_reaches_every_front_end() -> None:
         assert _awq_options(parser.parse_args(["quantize", "src", "out", *flag])).sequential is value
     assert AwqConfig(sequential=not default).awq_options().sequential is (not default)
     assert QuantizeRequest.from_dict({"sequential": not default}).options["sequential"] is (not default)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt_neox", "opt", "phi3"])
+def test_other_block_layouts_pair_every_refit_run_and_free_the_kept_inputs(model_type, monkeypatch) -> None:
+    """Sandwich norms (Gemma 3), a parallel residual (GPT-NeoX), fc1/fc2 (OPT), a fused
+    gate_up (Phi-3): each refit run's walk gets a cross term against the kept target inputs,
+    and none of those inputs is left once the block is done."""
+    from awq_plugin.algorithm import block as block_module
+    from awq_plugin.tools.bench_architectures import build_tiny_model
+
+    model = build_tiny_model(model_type, "causal-lm").float().eval()
+    resolved = resolve_template(model)
+    layers = model.get_submodule(resolved.decoder_layers)
+    ids = torch.randint(1, 400, (32, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_decoder_inputs(model, layers, ids, micro_batch_size=4).for_layer(0)
+    kept, crosses = [], {}
+    refitter, walk = block_module._Refitter.__init__, block_module.compensated_rounding_shared
+
+    def keep(self, runs, block, inputs, targets, *args, **kwargs):
+        kept.append((runs, targets))
+        refitter(self, runs, block, inputs, targets, *args, **kwargs)
+
+    def spy(weights, hessian, *args, **kwargs):
+        crosses[id(weights[0])] = kwargs.get("cross")
+        return walk(weights, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(block_module._Refitter, "__init__", keep)
+    monkeypatch.setattr(block_module, "compensated_rounding_shared", spy)
+    block = layers[0]
+    awq_block_step(block, resolved.block(0), inputs, QUANT, SEQUENTIAL)
+    ((runs, targets),) = kept
+    assert runs and targets and all(not by_name for by_name in targets.values())
+    for run in runs:
+        cross = crosses[id(block.get_submodule(run[0]).weight)]
+        assert cross is not None and float(cross.abs().sum()) > 0, run

@@ -392,6 +392,7 @@ def awq_block_step(
                         experts,
                         quant_config,
                         forwards,
+                        recorded.call_order,
                     )
                     if refit_runs
                     else None,
@@ -463,8 +464,9 @@ def _compensate(
     held as integer levels on its grids (one byte per weight) until the second is judged."""
     deferred = set() if refit is None else refit.names
     runs = _shared_inputs([n for n in names if n not in deferred], hessians, input_scales)
-    if refit is not None:  # in the block's order: a run is refit after the ones before it are walked
-        position = {name: i for i, name in enumerate(names)}
+    if refit is not None:  # in the forward's order: a run is refit after the ones before it are walked
+        reached = {name: i for i, name in enumerate(refit.call_order)}
+        position = {name: reached.get(name, len(reached) + i) for i, name in enumerate(names)}
         runs = sorted([*runs, *refit.runs], key=lambda run: min(position[n] for n in run))
     orders = [False, True] if act_order == "auto" else [bool(act_order)]
     best, best_error, best_levels = "nearest", nearest_error, None
@@ -581,7 +583,8 @@ class _Refitter:
 
     ``runs``: the linears recorded so, each run one scaling group's linears that see every
     token (routed experts keep the recording pass's matrices: their tokens differ between
-    the streams)."""
+    the streams). ``call_order``: the block's linears in the order its forward reaches them
+    (the recording pass's), which the walks follow."""
 
     def __init__(
         self,
@@ -593,10 +596,12 @@ class _Refitter:
         experts: Mapping[str, RoutedExperts],
         quant_config: QuantConfigLike,
         forwards: BlockForwards,
+        call_order: Sequence[str] = (),
     ) -> None:
         self.runs = [list(run) for run in runs]
         self.names = set(itertools.chain.from_iterable(self.runs))
         self.block, self.inputs, self.targets = block, inputs, targets
+        self.call_order = list(call_order)
         self.plan, self.experts, self.quant_config, self.forwards = plan, experts, quant_config, forwards
         self.batches = [m for m in range(len(inputs.hidden_states)) if m not in plan.holdout_batches]
 

@@ -442,6 +442,9 @@ class RecordedInputs:
     # micro-batch -> name -> the input the target stream gives ``name`` (``[n, K]``, as the forward
     # made it, before any scale fold): kept for true-sequential refits (``keep_targets``)
     target_inputs: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # the hooked modules in the order the block's forward first reached them (its data flow,
+    # which the order the modules were registered in need not follow: Phi-3's o_proj is first)
+    call_order: list[str] = field(default_factory=list)
 
     def mean_abs(self, name: str) -> torch.Tensor:
         """AWQ's activation statistic: mean ``|x|`` per input channel over all tokens, fp32."""
@@ -585,6 +588,7 @@ class InputRecorder:
         self.block = block
         self.keep_targets = set(keep_targets)
         self._target_stream = True  # whether the forward running is the target stream
+        self._reached: set[str] = set()  # modules in recorded.call_order
         # name -> s: the reference forward's input of ``name`` is compared as x_ref / s (a
         # reference run through weights from before a scale fold that divides its input by s)
         self.reference_scales = dict(reference_scales or {})
@@ -714,6 +718,9 @@ class InputRecorder:
                         name, x.detach().reshape(-1, x.shape[-1])
                     )
             else:
+                if name not in self._reached:
+                    self._reached.add(name)
+                    self.recorded.call_order.append(name)
                 # The forward may run its matmuls in bf16 under autocast; the statistics (Gram
                 # products included) are always computed in fp32 / fp64.
                 with torch.autocast(x.device.type, enabled=False):
