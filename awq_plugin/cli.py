@@ -74,6 +74,7 @@ def _awq_options(args: argparse.Namespace):
         act_order={v: k for k, v in _ACT_ORDER_NAMES.items()}[args.act_order],
         fit_to=args.fit_to,
         sequential=args.sequential == "on",
+        fit_norms=args.fit_norms == "on",
         propagate=args.propagate,
     )
 
@@ -182,6 +183,15 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         "rounded, toward the inputs the full-precision target gives it (on), or all of them on one "
         f"recording (off; default {'on' if options.sequential else 'off'}; on costs a partial forward "
         "of the block per run, and holds the target's inputs of those linears for the block)",
+    )
+    p.add_argument(
+        "--fit-norms",
+        choices=("on", "off"),
+        default="on" if options.fit_norms else "off",
+        help="compensated rounding: once the linears a norm feeds (q/k/v, gate/up) are rounded, refit "
+        "the norm's per-channel weight so their outputs come closest to the target (on), or leave it "
+        f"as the scale fold left it (off; default {'on' if options.fit_norms else 'off'}; judged with "
+        "the block's compensation on held-out micro-batches)",
     )
     p.add_argument(
         "--propagate",

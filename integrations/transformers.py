@@ -122,6 +122,8 @@ class AwqConfig(HfAwqConfig):
             model's own (default; asymmetric calibration; the same under ``propagate="fp"``).
         sequential: compensated rounding refits each run of linears after the first on its
             inputs recorded again with the linears before it rounded (true-sequential).
+        fit_norms: compensated rounding refits the norm feeding each rounded run of linears
+            (q/k/v, gate/up) to their rounded weights.
         template: architecture template name, path or dict (default: the shipped one).
         backend: kernel, ``"auto"`` (default: CPU kernel or Triton by device), ``"cpu"``,
             ``"triton"`` or ``"reference"``.
@@ -157,6 +159,7 @@ class AwqConfig(HfAwqConfig):
         act_order: bool | str = AwqOptions.act_order,
         fit_to: str = AwqOptions.fit_to,
         sequential: bool = AwqOptions.sequential,
+        fit_norms: bool = AwqOptions.fit_norms,
         propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
@@ -183,6 +186,7 @@ class AwqConfig(HfAwqConfig):
         self.act_order = act_order
         self.fit_to = fit_to
         self.sequential = sequential
+        self.fit_norms = fit_norms
         self.propagate = propagate
         self.template = template
         self.backend = backend
@@ -241,6 +245,7 @@ class AwqConfig(HfAwqConfig):
             act_order=self.act_order,
             fit_to=self.fit_to,
             sequential=self.sequential,
+            fit_norms=self.fit_norms,
             propagate=self.propagate,
         )
 
@@ -346,6 +351,7 @@ class AwqConfig(HfAwqConfig):
                 "act_order",
                 "fit_to",
                 "sequential",
+                "fit_norms",
                 "propagate",
                 "template",
                 "backend",

@@ -38,6 +38,7 @@ from awq_plugin.algorithm.linears import (
     quantized_linear_names,
 )
 from awq_plugin.algorithm.moe_fallback import calibrate_underused_experts
+from awq_plugin.algorithm.norm_fit import NormRefit
 from awq_plugin.algorithm.options import SEARCH_DTYPE_NAMES, AwqOptions
 from awq_plugin.algorithm.phases import phase
 from awq_plugin.algorithm.results import BlockAwqResult, GroupScaleResult
@@ -383,6 +384,7 @@ def awq_block_step(
                     mse_awq,
                     restore,
                     act_order=options.act_order,
+                    norms=NormRefit(groups, searches, original) if options.fit_norms else None,
                     refit=_Refitter(
                         refit_runs,
                         block,
@@ -447,6 +449,7 @@ def _compensate(
     nearest_error: float,
     restore: Callable[[], None],
     act_order: bool | str = False,
+    norms: NormRefit | None = None,
     refit: _Refitter | None = None,
 ) -> tuple[str, float]:
     """Round ``names`` with error compensation (their weights end on their grids), keep it if the
@@ -457,6 +460,9 @@ def _compensate(
 
     ``refit`` (true-sequential): its runs of linears, left out of ``hessians``, are walked in
     their place in ``names``'s order, on inputs recorded again just before their walk.
+
+    ``norms``: after each run whose producer is a norm is walked, the norm is refit to the run's
+    rounded linears (:mod:`~awq_plugin.algorithm.norm_fit`); judged with the walk, undone with it.
 
     ``act_order="auto"``: the block is walked in index order, then in activation order, and
     keeps whichever of the two (or nearest rounding) has the lowest held-out error. The first
@@ -469,14 +475,23 @@ def _compensate(
         position = {name: reached.get(name, len(reached) + i) for i, name in enumerate(names)}
         runs = sorted([*runs, *refit.runs], key=lambda run: min(position[n] for n in run))
     orders = [False, True] if act_order == "auto" else [bool(act_order)]
-    best, best_error, best_levels = "nearest", nearest_error, None
+    best, best_error, best_levels, best_norms = "nearest", nearest_error, None, None
     for attempt, ordered in enumerate(orders):
         last = attempt == len(orders) - 1
         if attempt:
             restore()
         grids = {} if last else _grids_of(block, runs, quant_config)
         walked = _walk(
-            block, runs, hessians, crosses, input_scales, quant_config, ordered, consume=last, refit=refit
+            block,
+            runs,
+            hessians,
+            crosses,
+            input_scales,
+            quant_config,
+            ordered,
+            consume=last,
+            refit=refit,
+            norms=norms,
         )
         error = judge.error()
         label = "compensated, activation order" if ordered else "compensated"
@@ -484,12 +499,15 @@ def _compensate(
         if error < best_error:
             best, best_error = label, error
             best_levels = None if last else _levels_of(block, {n: grids[n] for n in walked})
+            best_norms = None if last or norms is None else norms.snapshot(block)
         del grids
     if best == label:  # the weights as the last walk left them
         return best, best_error
     restore()
     if best_levels is not None:
         _put_levels(block, best_levels)
+        if best_norms is not None:
+            NormRefit.put(block, best_norms)
     else:
         logger.info("held-out block error: nearest rounding kept (%.4g)", nearest_error)
     return best, best_error
@@ -505,6 +523,7 @@ def _walk(
     act_order: bool,
     consume: bool,
     refit: _Refitter | None = None,
+    norms: NormRefit | None = None,
 ) -> list[str]:
     """One compensation walk per run of linears that share an input, in place on the block's
     weights; returns the linears rounded (a run whose ``X^T X`` will not factor keeps its
@@ -519,7 +538,7 @@ def _walk(
             for part, hessian, cross in refit.record(
                 together, before, input_scales.get(together[0]), consume
             ):
-                if _walk_run(block, part, hessian, cross, None, quant_config, act_order, consumed=True):
+                if _walk_run(block, part, hessian, cross, None, quant_config, act_order, True, norms):
                     walked.extend(part)
                 del hessian, cross
             continue
@@ -533,7 +552,7 @@ def _walk(
                 del hessians[name]
                 crosses.pop(name, None)
         input_scale = input_scales.get(together[0])
-        if _walk_run(block, together, hessian, cross, input_scale, quant_config, act_order, consumed):
+        if _walk_run(block, together, hessian, cross, input_scale, quant_config, act_order, consumed, norms):
             walked.extend(together)
         del hessian, cross
     return walked
@@ -548,10 +567,15 @@ def _walk_run(
     quant_config: QuantConfigLike,
     act_order: bool,
     consumed: bool,
+    norms: NormRefit | None = None,
 ) -> bool:
     """One walk over the linears ``names`` (one input), in place; False where ``X^T X`` will not
-    factor (their weights are left as they are, to be rounded to nearest)."""
+    factor (their weights are left as they are, to be rounded to nearest). With ``norms``, a run
+    fed by a norm has the norm refit to it afterwards."""
     weights = [block.get_submodule(name).weight for name in names]
+    group = None if norms is None else norms.group_of(names)
+    # the walk factors a consumed X^T X in place; the refit needs it after the walk
+    kept = hessian.detach().float().clone() if group is not None and consumed else hessian
     try:
         rounded = compensated_rounding_shared(
             weights,
@@ -569,6 +593,9 @@ def _walk_run(
         return False
     for weight, result in zip(weights, rounded):
         copy_transposed(weight.data, result.mT)  # result is a transposed view
+    del rounded
+    if group is not None:
+        norms.apply(block, group, kept, cross, input_scale)
     return True
 
 

@@ -122,6 +122,10 @@ class AwqOptions:
     # works off what those got wrong. One partial forward per run; the target stream's inputs
     # of those linears are kept from the recording pass (tokens x their input widths, per block).
     sequential: bool = False
+    # Compensated rounding: after the linears a norm feeds are walked (q/k/v, gate/up), the norm's
+    # per-channel weight is refit in closed form so that their rounded outputs come closest to
+    # the walk's target (algorithm.norm_fit); kept with the walk where the held-out error says so.
+    fit_norms: bool = False
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -147,8 +151,9 @@ class AwqOptions:
             )
         if not isinstance(self.act_order, bool) and self.act_order != "auto":
             raise ConfigError(f"act_order must be True, False or 'auto', got {self.act_order!r}")
-        if not isinstance(self.sequential, bool):
-            raise ConfigError(f"sequential must be True or False, got {self.sequential!r}")
+        for name in ("sequential", "fit_norms"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
         if self.propagate not in PROPAGATE_CHOICES:
