@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 from test_awq_algorithm import HELD_OUT, QUANT, calib_ids, make_outlier_llama
 from torch import nn
@@ -163,3 +164,65 @@ def test_a_norm_refit_keeps_its_readers_outputs() -> None:
     refit.apply(block, group, h_in.T @ h_in, None, None)
     assert not torch.equal(norm.weight, torch.ones(8))
     torch.testing.assert_close(router(norm(x)), before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fit_norms_option_is_checked_and_reaches_every_front_end() -> None:
+    from awq_plugin.cli import _awq_options, build_parser
+    from awq_plugin.errors import ConfigError
+    from awq_plugin.integrations.transformers import AwqConfig
+    from awq_plugin.pipeline.cache import QuantizeRequest
+
+    with pytest.raises(ConfigError, match="fit_norms must be True or False"):
+        AwqOptions(fit_norms=1)
+    default = AwqOptions().fit_norms
+    parser = build_parser()
+    for flag, value in (([], default), (["--fit-norms", "on"], True), (["--fit-norms", "off"], False)):
+        assert _awq_options(parser.parse_args(["quantize", "src", "out", *flag])).fit_norms is value
+    assert AwqConfig(fit_norms=not default).awq_options().fit_norms is (not default)
+    assert QuantizeRequest.from_dict({"fit_norms": not default}).options["fit_norms"] is (not default)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt_neox", "opt", "phi3", "llama"])
+def test_each_norm_kind_is_scaled_by_the_fitted_factors(model_type, monkeypatch) -> None:
+    """Gemma's ``1 + w`` weights, LayerNorm's bias (OPT, GPT-NeoX), RMSNorm (Phi-3, Llama): once
+    refit, each norm's output is its output before times the factors the fit chose, per
+    channel, and the block's output stays finite."""
+    from awq_plugin.algorithm import norm_fit
+    from awq_plugin.tools.bench_architectures import build_tiny_model
+
+    model = build_tiny_model(model_type, "causal-lm").float().eval()
+    resolved = resolve_template(model)
+    layers = model.get_submodule(resolved.decoder_layers)
+    ids = torch.randint(1, 400, (32, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_decoder_inputs(model, layers, ids, micro_batch_size=4).for_layer(0)
+    probe = torch.randn(5, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    seen, fit = [], norm_fit.fit_channel_factors
+
+    def spy_fit(*args, **kwargs):
+        found = fit(*args, **kwargs)
+        seen.append(found)
+        return found
+
+    apply = norm_fit.NormRefit.apply
+
+    def spy_apply(self, block, group, *args):
+        norm = block.get_submodule(group.prev_op)
+        with torch.no_grad():
+            before = norm(probe)
+        count = len(seen)
+        apply(self, block, group, *args)
+        if len(seen) > count and seen[-1] is not None:
+            with torch.no_grad():
+                torch.testing.assert_close(norm(probe), before * seen[-1][0], rtol=1e-4, atol=1e-5)
+            checked.append(group.prev_op)
+
+    checked: list[str] = []
+    monkeypatch.setattr(norm_fit, "fit_channel_factors", spy_fit)
+    monkeypatch.setattr(norm_fit.NormRefit, "apply", spy_apply)
+    block = layers[0]
+    options = AwqOptions(**{**BASE, "fit_norms": True})
+    awq_block_step(block, resolved.block(0), inputs, QUANT, options)
+    assert checked, "no norm was refit"
+    with torch.no_grad():
+        out = first_output(block(inputs.hidden_states[0], **inputs.kwargs[0]))
+    assert torch.isfinite(out).all()
