@@ -53,8 +53,9 @@ EXPECTED: dict[str, dict[str, str]] = {
         # without it). Since quantizer version 8 the recorded losses are summed per token in fp32
         # (their last digits moved; the scales, clips and packed weights did not). Since version 9
         # the options saved with them name fit_to (under --propagate fp the weights are the same),
-        # and since the opt-in true-sequential mode, sequential (off: the same weights).
-        "awq_plugin/awq_results.safetensors": "a643c4d2c63dbacdb7d6d90b6c6a0cce8ff3fb559722c525779e8b6206ecc12a",
+        # and since the opt-in true-sequential mode, sequential (off: the same weights), and since
+        # the opt-in norm refit, fit_norms (off: the same weights).
+        "awq_plugin/awq_results.safetensors": "2110481f226503fca40d6f33912d23d8ad543e056fbe9f246ea561bf80d3338c",
         "model.safetensors": "76b99e6ee2523ae2476becba6c48276d1220b4ff20337ecf8aabfa1b6efdae5a",
     },
     # Plain rounding streamed by the pipeline and packed in memory give the same bytes.
