@@ -60,6 +60,16 @@ def _add_guard_arg(p: argparse.ArgumentParser, fallback: str) -> None:
     )
 
 
+def _add_switch(p: argparse.ArgumentParser, flag: str, default: bool, help_text: str) -> None:
+    """An ``on|off`` option whose default is the :class:`AwqOptions` field's."""
+    p.add_argument(
+        flag,
+        choices=("on", "off"),
+        default="on" if default else "off",
+        help=f"{help_text} (default {'on' if default else 'off'})",
+    )
+
+
 def _awq_options(args: argparse.Namespace):
     from awq_plugin.algorithm.options import AwqOptions
 
@@ -174,24 +184,24 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         "(model: asymmetric calibration, which also works off the error of the blocks before it; one more "
         "forward per block; the same as block under --propagate fp)",
     )
-    p.add_argument(
+    _add_switch(
+        p,
         "--sequential",
-        choices=("on", "off"),
-        default="on" if options.sequential else "off",
-        help="compensated rounding, true-sequential: each run of linears after the first (o_proj, then "
+        options.sequential,
+        "compensated rounding, true-sequential: each run of linears after the first (o_proj, then "
         "gate/up, then down_proj) is fitted on its inputs recorded again with the linears before it "
         "rounded, toward the inputs the full-precision target gives it (on), or all of them on one "
-        f"recording (off; default {'on' if options.sequential else 'off'}; on costs a partial forward "
-        "of the block per run, and holds the target's inputs of those linears for the block)",
+        "recording (off); on costs a partial forward of the block per run, and holds the target's "
+        "inputs of those linears for the block",
     )
-    p.add_argument(
+    _add_switch(
+        p,
         "--fit-norms",
-        choices=("on", "off"),
-        default="on" if options.fit_norms else "off",
-        help="compensated rounding: once the linears a norm feeds (q/k/v, gate/up) are rounded, refit "
+        options.fit_norms,
+        "compensated rounding: once the linears a norm feeds (q/k/v, gate/up) are rounded, refit "
         "the norm's per-channel weight so their outputs come closest to the target (on), or leave it "
-        f"as the scale fold left it (off; default {'on' if options.fit_norms else 'off'}; judged with "
-        "the block's compensation on held-out micro-batches)",
+        "as the scale fold left it (off); judged with the block's compensation on held-out "
+        "micro-batches",
     )
     p.add_argument(
         "--propagate",
