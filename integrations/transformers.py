@@ -121,7 +121,7 @@ class AwqConfig(HfAwqConfig):
             full-precision output on the quantized inputs, or ``"model"`` the full-precision
             model's own (default; asymmetric calibration; the same under ``propagate="fp"``).
         sequential: compensated rounding refits each run of linears after the first on its
-            inputs recorded again with the linears before it rounded (true-sequential).
+            inputs recorded again with the linears before it rounded (true-sequential; default).
         fit_norms: compensated rounding refits the norm feeding each rounded run of linears
             (q/k/v, gate/up) to their rounded weights.
         template: architecture template name, path or dict (default: the shipped one).

@@ -203,6 +203,9 @@ def tiny_llama_compensated(tmp_path_factory: pytest.TempPathFactory, tiny_llama_
         clip_tokens=256,
         micro_batch_size=4,
         rounding="compensated",
+        # the one-recording walk: on this random toy the re-recorded runs lose to nearest rounding
+        # in every block, and this fixture must hold compensated integers (the stock-vLLM tests)
+        sequential=False,
     )
     out = tmp_path_factory.mktemp("tiny") / "tiny-llama-compensated"
     quantize_checkpoint(

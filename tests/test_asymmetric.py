@@ -34,8 +34,16 @@ from awq_plugin.errors import ConfigError
 from awq_plugin.numerics.quant_ref import fake_quantize
 from awq_plugin.templates import resolve_template
 
+# The one-recording walk (sequential off), which these tests are about; tests/test_sequential.py
+# covers the runs recorded again before their walk.
 ASYMMETRIC = AwqOptions(
-    **{**HELD_OUT.to_dict(), "rounding": "compensated", "propagate": "quantized", "fit_to": "model"}
+    **{
+        **HELD_OUT.to_dict(),
+        "rounding": "compensated",
+        "propagate": "quantized",
+        "fit_to": "model",
+        "sequential": False,
+    }
 )
 SYMMETRIC = AwqOptions(**{**ASYMMETRIC.to_dict(), "fit_to": "block"})
 

@@ -42,7 +42,8 @@ FIT_TO_CHOICES = ("block", "model")
 #    order (the fused CPU steps): the same rounding and clips in another order, which can flip
 #    near-ties.
 # 9: each block fit to the full-precision model's outputs (fit_to="model") by default.
-QUANTIZER_VERSION = 9
+# 10: true-sequential compensation (sequential=True) by default.
+QUANTIZER_VERSION = 10
 
 # Options earlier releases had; saved results that carry them still load (the value is ignored).
 RETIRED_OPTIONS = frozenset({"prior_awq_share"})
@@ -121,7 +122,10 @@ class AwqOptions:
     # linears before it rounded, against the inputs the target (fit_to) gives it, so that it
     # works off what those got wrong. One partial forward per run; the target stream's inputs
     # of those linears are kept from the recording pass (tokens x their input widths, per block).
-    sequential: bool = False
+    # On by default since quantizer version 10: it won on two of the three panel models (by 2-52
+    # points of rounding's gap) and tied on the third, for 1.4x the time (docs/results.md,
+    # "Fitting the full-precision model").
+    sequential: bool = True
     # Compensated rounding: after the linears a norm feeds are walked (q/k/v, gate/up), the norm's
     # per-channel weight is refit in closed form so that their rounded outputs come closest to
     # the walk's target (algorithm.norm_fit); kept with the walk where the held-out error says so.
