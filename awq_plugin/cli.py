@@ -85,6 +85,7 @@ def _awq_options(args: argparse.Namespace):
         fit_to=args.fit_to,
         sequential=args.sequential == "on",
         fit_norms=args.fit_norms == "on",
+        refine_passes=args.refine_passes,
         propagate=args.propagate,
     )
 
@@ -202,6 +203,15 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         "the norm's per-channel weight so their outputs come closest to the target (on), or leave it "
         "as the scale fold left it (off); judged with the block's compensation on held-out "
         "micro-batches",
+    )
+    p.add_argument(
+        "--refine-passes",
+        type=int,
+        default=options.refine_passes,
+        metavar="N",
+        help="compensated rounding: passes of coordinate descent over each walk's integers, every "
+        "column moved to the level nearest its best value with the others fixed (never raises the "
+        f"walk's objective; each pass about two walks' arithmetic; default {options.refine_passes})",
     )
     p.add_argument(
         "--propagate",

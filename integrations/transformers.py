@@ -124,6 +124,8 @@ class AwqConfig(HfAwqConfig):
             inputs recorded again with the linears before it rounded (true-sequential; default).
         fit_norms: compensated rounding refits the norm feeding each rounded run of linears
             (q/k/v, gate/up) to their rounded weights.
+        refine_passes: compensated rounding: passes of coordinate descent over each walk's
+            integers (each column moved to its best level with the others fixed).
         template: architecture template name, path or dict (default: the shipped one).
         backend: kernel, ``"auto"`` (default: CPU kernel or Triton by device), ``"cpu"``,
             ``"triton"`` or ``"reference"``.
@@ -160,6 +162,7 @@ class AwqConfig(HfAwqConfig):
         fit_to: str = AwqOptions.fit_to,
         sequential: bool = AwqOptions.sequential,
         fit_norms: bool = AwqOptions.fit_norms,
+        refine_passes: int = AwqOptions.refine_passes,
         propagate: str = AwqOptions.propagate,
         template: str | Path | Mapping[str, Any] | None = None,
         backend: str | None = None,
@@ -187,6 +190,7 @@ class AwqConfig(HfAwqConfig):
         self.fit_to = fit_to
         self.sequential = sequential
         self.fit_norms = fit_norms
+        self.refine_passes = refine_passes
         self.propagate = propagate
         self.template = template
         self.backend = backend
@@ -246,6 +250,7 @@ class AwqConfig(HfAwqConfig):
             fit_to=self.fit_to,
             sequential=self.sequential,
             fit_norms=self.fit_norms,
+            refine_passes=self.refine_passes,
             propagate=self.propagate,
         )
 
@@ -352,6 +357,7 @@ class AwqConfig(HfAwqConfig):
                 "fit_to",
                 "sequential",
                 "fit_norms",
+                "refine_passes",
                 "propagate",
                 "template",
                 "backend",

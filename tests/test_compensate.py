@@ -516,6 +516,32 @@ def test_the_block_step_walks_in_act_order_when_asked(toy, monkeypatch) -> None:
                 assert torch.equal(fake_quantize(weight, 4, QUANT.group_size), weight), name
 
 
+def test_the_block_step_refines_every_walk_when_asked(toy, monkeypatch) -> None:
+    """The option reaches every walk of the block step (true-sequential runs included), and
+    what the block keeps is on the grid."""
+    from awq_plugin.algorithm import block as block_module
+
+    model, resolved, captured = toy
+    asked = []
+    walk = block_module.compensated_rounding_shared
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["refine_passes"])
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(block_module, "compensated_rounding_shared", spy)
+    for passes in (0, 2):
+        options = AwqOptions(**{**HELD_OUT.to_dict(), "rounding": "compensated", "refine_passes": passes})
+        block = copy.deepcopy(model.model.layers[0])
+        result = run_awq_block(block, resolved.block(0), captured.for_layer(0), QUANT, options)
+        assert len(asked) == 4 and set(asked) == {passes}  # q/k/v, o_proj, gate/up, down_proj
+        asked.clear()
+        if result.rounding == "compensated":
+            for name in resolved.block(0).linears:
+                weight = block.get_submodule(name).weight.float()
+                assert torch.equal(fake_quantize(weight, 4, QUANT.group_size), weight), name
+
+
 @pytest.mark.parametrize("handicap", ["index", "activation"])
 def test_auto_order_keeps_the_walk_the_held_out_error_prefers_bit_for_bit(toy, monkeypatch, handicap):
     """``act_order="auto"`` walks both orders and keeps the one with the lower held-out error,

@@ -384,6 +384,7 @@ def awq_block_step(
                     mse_awq,
                     restore,
                     act_order=options.act_order,
+                    refine_passes=options.refine_passes,
                     norms=NormRefit(groups, searches, original) if options.fit_norms else None,
                     refit=_Refitter(
                         refit_runs,
@@ -449,6 +450,7 @@ def _compensate(
     nearest_error: float,
     restore: Callable[[], None],
     act_order: bool | str = False,
+    refine_passes: int = 0,
     norms: NormRefit | None = None,
     refit: _Refitter | None = None,
 ) -> tuple[str, float]:
@@ -492,6 +494,7 @@ def _compensate(
             consume=last,
             refit=refit,
             norms=norms,
+            refine_passes=refine_passes,
         )
         error = judge.error()
         label = "compensated, activation order" if ordered else "compensated"
@@ -524,6 +527,7 @@ def _walk(
     consume: bool,
     refit: _Refitter | None = None,
     norms: NormRefit | None = None,
+    refine_passes: int = 0,
 ) -> list[str]:
     """One compensation walk per run of linears that share an input, in place on the block's
     weights; returns the linears rounded (a run whose ``X^T X`` will not factor keeps its
@@ -538,7 +542,9 @@ def _walk(
             for part, hessian, cross in refit.record(
                 together, before, input_scales.get(together[0]), consume
             ):
-                if _walk_run(block, part, hessian, cross, None, quant_config, act_order, True, norms):
+                if _walk_run(
+                    block, part, hessian, cross, None, quant_config, act_order, True, norms, refine_passes
+                ):
                     walked.extend(part)
                 del hessian, cross
             continue
@@ -552,7 +558,18 @@ def _walk(
                 del hessians[name]
                 crosses.pop(name, None)
         input_scale = input_scales.get(together[0])
-        if _walk_run(block, together, hessian, cross, input_scale, quant_config, act_order, consumed, norms):
+        if _walk_run(
+            block,
+            together,
+            hessian,
+            cross,
+            input_scale,
+            quant_config,
+            act_order,
+            consumed,
+            norms,
+            refine_passes,
+        ):
             walked.extend(together)
         del hessian, cross
     return walked
@@ -568,6 +585,7 @@ def _walk_run(
     act_order: bool,
     consumed: bool,
     norms: NormRefit | None = None,
+    refine_passes: int = 0,
 ) -> bool:
     """One walk over the linears ``names`` (one input), in place; False where ``X^T X`` will not
     factor (their weights are left as they are, to be rounded to nearest). With ``norms``, a run
@@ -587,6 +605,7 @@ def _walk_run(
             act_order=act_order,
             consume_hessian=consumed,
             cross=cross,
+            refine_passes=refine_passes,
         )
     except NotPositiveDefinite as error:
         logger.warning("%s: %s; rounded to nearest", ", ".join(names), error)

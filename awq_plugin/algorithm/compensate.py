@@ -20,6 +20,11 @@ scale stored in fp16), and is then placed on the top level instead, an error of 
 most one step that compensation spreads like any other. (A group whose zero point is
 clamped, all of one sign, may re-derive another grid; it is then quantized as the
 reference quantizer sees it, which is what gets judged and written.)
+
+The walk is greedy: each column is rounded once, knowing only the columns before it.
+``refine_passes`` then revisits the result by coordinate descent on the same objective
+(QuantEase, Behdin et al., 2023): each column in turn moves to the grid level nearest its
+least-squares optimum with every other column fixed, which never raises the objective.
 """
 
 from __future__ import annotations
@@ -280,6 +285,7 @@ def compensated_rounding_shared(
     act_order: bool = False,
     consume_hessian: bool = False,
     cross: torch.Tensor | None = None,
+    refine_passes: int = 0,
 ) -> list[torch.Tensor]:
     """Round each of ``weights`` (``[N_i, K]``, linears that read one input: q/k/v, gate/up) to
     its group grid with GPTQ's error compensation.
@@ -302,6 +308,10 @@ def compensated_rounding_shared(
     walking the least-squares weights ``W' = W + W cross H^-1`` (the part of the target outside
     ``X``'s span cannot be reached by any weights), so the weights are moved there first, with
     the damped inverse the walk itself uses; the range-setting weights keep their places.
+
+    ``refine_passes``: passes of :func:`_refine_` over the walk's result. They need the damped
+    ``X^T X`` itself, in walk order, beside the factor: one more ``[K, K]`` matrix (a consumed
+    ``hessian`` then saves nothing) and one ``[K, N]``.
     """
     k = weights[0].shape[1]
     g = resolve_group_size(group_size, k)
@@ -316,6 +326,8 @@ def compensated_rounding_shared(
     order = activation_order(hessian, scale) if act_order else None
     consume = consume_hessian and hessian.device == device and hessian.dtype == torch.float32
     consume = consume and hessian.is_contiguous()
+    # refining needs the damped X^T X in walk order after the walk: made first, the original can go
+    walk_hessian = _walk_order_hessian(hessian.to(device), damping, scale, order) if refine_passes else None
     m = _reversed_inverse_factor(hessian.to(device), damping, scale, order, consume)  # (K, K): U = J m J
     q_max = 2**bits - 1
     # Symmetric grids span -(2^(b-1) - 1) .. 2^(b-1) - 1 steps from the largest magnitude; the
@@ -353,6 +365,7 @@ def compensated_rounding_shared(
     pinned_values = wt[pinned]
     if cross is not None:
         wt.add_(_asymmetric_shift(wt, cross.to(device), scale, m, order))
+    residual = wt.clone() if refine_passes else None  # the walk's target, less its result below
     for start in range(0, k, column_block):
         end = min(start + column_block, k)
         u = _factor_rows(m, start, end)  # (B, K - start): U[start:end, start:]
@@ -388,7 +401,92 @@ def compensated_rounding_shared(
                 rows[sub_end:].addmm_(u[sub:sub_end, sub_end:width].t(), errors[sub:sub_end], alpha=-1.0)
         if end < k:
             wt[end:].addmm_(u[:, end - start :].t(), errors, alpha=-1.0)
+    del m
+    if walk_hessian is not None:
+        residual.sub_(wt)
+        _refine_(wt, residual, walk_hessian, pinned, scales_t, zeros_t, group_of, q_min, q_max, refine_passes)
+        del residual, walk_hessian
     if order is not None:
         permute_rows_(wt, torch.argsort(order))
     rounded = wt.t()
     return [rounded[offset - size : offset] for offset, size in zip(itertools.accumulate(sizes), sizes)]
+
+
+def _walk_order_hessian(
+    hessian: torch.Tensor, damping: float, input_scale: torch.Tensor | None, order: torch.Tensor | None
+) -> torch.Tensor:
+    """The walk's objective as :func:`_reversed_inverse_factor` first damps it: fp32 ``H`` of the
+    scaled inputs, rows and columns in walk order, unit diagonal where an input never fired,
+    plus ``damping`` times its mean diagonal. A new ``[K, K]`` matrix."""
+    h = hessian.detach().float().clone() if order is None else _permuted_copy(hessian.detach(), order)
+    if input_scale is not None:  # the inputs divided by input_scale: H / (s s^T)
+        inv = 1.0 / input_scale.to(h)
+        if order is not None:
+            inv = inv[order.to(h.device)]
+        h.mul_(inv[:, None]).mul_(inv[None, :])
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag.add_(damping * diag.mean())
+    return h
+
+
+@torch.no_grad()
+def _refine_(
+    wt: torch.Tensor,
+    residual: torch.Tensor,
+    h: torch.Tensor,
+    pinned: torch.Tensor,
+    scales_t: torch.Tensor,
+    zeros_t: torch.Tensor,
+    group_of: Sequence[int],
+    q_min: int,
+    q_max: int,
+    passes: int,
+    column_block: int = COLUMN_BLOCK,
+    slab: int = 4096,
+) -> None:
+    """Coordinate descent on rounded transposed weights ``wt`` ``[K, N]`` (walk order), in place,
+    on ``tr(R^T H R)`` with ``R`` = target - ``wt`` (``residual``, consumed) and ``h`` the damped
+    ``X^T X`` in walk order. Column ``j``'s optimum with the others fixed is ``wt[j] + G[j] /
+    H[j, j]`` (``G = H R``); the nearest level to it on the column's own grid is the best level
+    there, so no move raises the objective. Every output row descends on its own; the rows of one
+    column move together. Range-setting weights (``pinned``) stay. ``G`` is kept current as the
+    walk does its updates: within a sub-block column by column, within a block per sub-block,
+    across blocks per block, so most of the work is matmuls; the last pass skips the updates of
+    columns it has already passed (the rest still need them)."""
+    k, n = wt.shape
+    # G = H R, a slab of columns at a time, written over R: no second [K, N] matrix
+    for first in range(0, n, slab):
+        part = residual[:, first : first + slab]
+        part.copy_(h @ part)
+    grad = residual
+    diagonal = h.diagonal().tolist()
+    for sweep in range(passes):
+        last = sweep == passes - 1
+        for start in range(0, k, column_block):
+            end = min(start + column_block, k)
+            width = end - start
+            rows, g, keep = wt[start:end], grad[start:end], pinned[start:end]
+            h_block = h[start:end, start:end]
+            moves = torch.empty(width, n, dtype=wt.dtype, device=wt.device)
+            for sub in range(0, width, SUB_BLOCK):
+                sub_end = min(sub + SUB_BLOCK, width)
+                for i in range(sub, sub_end):
+                    s, z = scales_t[group_of[start + i]], zeros_t[group_of[start + i]]  # (N,)
+                    row = rows[i]
+                    best = torch.div(g[i], diagonal[start + i]).add_(row).div_(s).round_()
+                    best.add_(z).clamp_(q_min, q_max).sub_(z).mul_(s)
+                    move = moves[i]
+                    torch.sub(best, row, out=move).masked_fill_(keep[i], 0.0)
+                    row.add_(move)
+                    first_row = sub if not last else i + 1
+                    if first_row < sub_end:
+                        g[first_row:sub_end].addr_(h_block[i, first_row:sub_end], move, alpha=-1.0)
+                if sub and not last:  # the block's earlier sub-blocks
+                    g[:sub].addmm_(h_block[sub:sub_end, :sub].t(), moves[sub:sub_end], alpha=-1.0)
+                if sub_end < width:
+                    g[sub_end:].addmm_(h_block[sub:sub_end, sub_end:].t(), moves[sub:sub_end], alpha=-1.0)
+            if start and not last:
+                grad[:start].addmm_(h[start:end, :start].t(), moves, alpha=-1.0)
+            if end < k:
+                grad[end:].addmm_(h[start:end, end:].t(), moves, alpha=-1.0)

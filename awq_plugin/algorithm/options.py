@@ -130,6 +130,11 @@ class AwqOptions:
     # per-channel weight is refit in closed form so that their rounded outputs come closest to
     # the walk's target (algorithm.norm_fit); kept with the walk where the held-out error says so.
     fit_norms: bool = False
+    # Compensated rounding: passes of coordinate descent over each walk's result (QuantEase):
+    # every column in turn moved to the level nearest its least-squares optimum with the others
+    # fixed. Each pass costs about two walks' arithmetic (the first three) and one more [K, K]
+    # matrix beside the factor while a walk runs; 0: the walk's rounding as it ends.
+    refine_passes: int = 0
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1:
@@ -158,6 +163,12 @@ class AwqOptions:
         for name in ("sequential", "fit_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if (
+            isinstance(self.refine_passes, bool)
+            or not isinstance(self.refine_passes, int)
+            or self.refine_passes < 0
+        ):
+            raise ConfigError(f"refine_passes must be a whole number >= 0, got {self.refine_passes!r}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {list(ROUNDINGS)}, got {self.rounding!r}")
         if self.propagate not in PROPAGATE_CHOICES:
