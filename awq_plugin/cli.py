@@ -211,7 +211,7 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="compensated rounding: passes of coordinate descent over each walk's integers, every "
         "column moved to the level nearest its best value with the others fixed (never raises the "
-        f"walk's objective; each pass about two walks' arithmetic; default {options.refine_passes})",
+        f"walk's objective; each pass takes about as long as the walk; default {options.refine_passes})",
     )
     p.add_argument(
         "--propagate",

@@ -535,6 +535,10 @@ def _walk(
     recorder's entries for it go. The runs of ``refit`` record their inputs first."""
     walked: list[str] = []
     last_use = {id(hessians[run[0]]): i for i, run in enumerate(runs) if run[0] in hessians}
+
+    def settings(consumed: bool) -> tuple[object, ...]:  # _walk_run's arguments after the input scale
+        return quant_config, act_order, consumed, norms, refine_passes
+
     for i, together in enumerate(runs):
         if refit is not None and together[0] in refit.names:
             before = list(itertools.chain.from_iterable(runs[:i]))
@@ -542,9 +546,7 @@ def _walk(
             for part, hessian, cross in refit.record(
                 together, before, input_scales.get(together[0]), consume
             ):
-                if _walk_run(
-                    block, part, hessian, cross, None, quant_config, act_order, True, norms, refine_passes
-                ):
+                if _walk_run(block, part, hessian, cross, None, *settings(True)):
                     walked.extend(part)
                 del hessian, cross
             continue
@@ -558,18 +560,7 @@ def _walk(
                 del hessians[name]
                 crosses.pop(name, None)
         input_scale = input_scales.get(together[0])
-        if _walk_run(
-            block,
-            together,
-            hessian,
-            cross,
-            input_scale,
-            quant_config,
-            act_order,
-            consumed,
-            norms,
-            refine_passes,
-        ):
+        if _walk_run(block, together, hessian, cross, input_scale, *settings(consumed)):
             walked.extend(together)
         del hessian, cross
     return walked

@@ -132,8 +132,10 @@ class AwqOptions:
     fit_norms: bool = False
     # Compensated rounding: passes of coordinate descent over each walk's result (QuantEase):
     # every column in turn moved to the level nearest its least-squares optimum with the others
-    # fixed. Each pass costs about two walks' arithmetic (the first three) and one more [K, K]
-    # matrix beside the factor while a walk runs; 0: the walk's rounding as it ends.
+    # fixed. Each pass takes about as long again as the walk (4096 x 4096, 1 thread: 3.7 s, 7.0 s
+    # with one pass, 9.5 s with two) and holds one more [K, K] matrix beside the factor while a
+    # walk runs; 0: the walk's rounding as it ends. Not the default: one pass gained within the
+    # noise on the panel, three lost (docs/results.md, "Coordinate descent after the walk").
     refine_passes: int = 0
 
     def __post_init__(self) -> None:
